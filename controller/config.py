@@ -1,0 +1,132 @@
+"""The controller's settings: one typed object, built once from flags and environment.
+
+Every field can be set by an environment variable ``A67_<FIELD>`` (upper case)
+and most by a command-line flag of ``a67 serve``; flags win over environment.
+With nothing set at all the controller runs on embedded defaults: an SQLite
+file and development keys in ``data_dir``, and the in-process cache.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+Environment = Literal["development", "production"]
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "automator67"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the controller needs to start."""
+
+    listen_address: str = "127.0.0.1:50051"
+    """Host and port of the user-facing gRPC port (what Envoy and grpcurl use)."""
+
+    data_dir: Path = field(default_factory=_default_data_dir)
+    """Directory for the embedded SQLite store and the development keys."""
+
+    store_url: str = ""
+    """SQLAlchemy URL of the store; empty means ``sqlite:///<data_dir>/controller.db``.
+    PostgreSQL: ``postgresql+psycopg://user@host:5432/db``."""
+
+    cache_url: str = "memory://"
+    """``memory://`` for the in-process TTL cache, or ``redis://host:6379/0``."""
+
+    environment: Environment = "development"
+    """``production`` refuses to start without explicit key material and never
+    generates development keys."""
+
+    master_keys: str = ""
+    """Vault keyring: comma-separated ``key_id:base64(32 bytes)`` entries; the last
+    one encrypts new secrets, all of them decrypt. Empty in development means
+    keys generated once into ``data_dir/keys``."""
+
+    jwt_private_key_file: str = ""
+    """PEM file of the Ed25519 key that signs tokens; empty in development means a
+    key generated once into ``data_dir/keys``."""
+
+    jwt_issuer: str = "automator67-controller"
+    """The ``iss`` claim written into and required of every token."""
+
+    jwt_audience: str = "automator67-api"
+    """The ``aud`` claim written into and required of every token."""
+
+    access_token_ttl_seconds: int = 3600
+    """Lifetime of access tokens (spec §5.1: 1 hour)."""
+
+    refresh_token_ttl_seconds: int = 7 * 24 * 3600
+    """Lifetime of refresh tokens (spec §5.1: 7 days)."""
+
+    drain_grace_seconds: float = 10.0
+    """On SIGTERM, how long in-flight RPCs may take to finish before they are cancelled."""
+
+    auto_migrate: bool = True
+    """Migrate an out-of-date embedded SQLite store at start-up. Other stores are
+    never migrated implicitly: ``a67 migrate`` does it."""
+
+    log_level: str = "INFO"
+    """Python logging level name."""
+
+    @property
+    def effective_store_url(self) -> str:
+        """The store URL with the embedded default filled in."""
+        return self.store_url or f"sqlite:///{self.data_dir / 'controller.db'}"
+
+    @property
+    def keys_dir(self) -> Path:
+        """Where development keys live."""
+        return self.data_dir / "keys"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``A67_*`` variables, then apply non-None ``overrides``."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"A67_{f.name.upper()}")
+            if raw is not None and raw != "":
+                values[f.name] = _coerce(f.name, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """A copy with some fields replaced."""
+        return replace(self, **overrides)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the bad setting."""
+        if self.environment not in ("development", "production"):
+            raise ValueError(f"A67_ENVIRONMENT must be development or production, not {self.environment!r}")
+        if self.access_token_ttl_seconds <= 0 or self.refresh_token_ttl_seconds <= 0:
+            raise ValueError("token lifetimes must be positive")
+        if self.access_token_ttl_seconds >= self.refresh_token_ttl_seconds:
+            raise ValueError("the access token lifetime must be shorter than the refresh token lifetime")
+        if ":" not in self.listen_address:
+            raise ValueError(f"A67_LISTEN_ADDRESS must be host:port, not {self.listen_address!r}")
+        if not (self.cache_url.startswith("memory://") or self.cache_url.startswith(("redis://", "rediss://"))):
+            raise ValueError(f"A67_CACHE_URL must be memory:// or redis://…, not {self.cache_url!r}")
+
+
+_TYPES = {f.name: f.type for f in fields(Settings)}
+
+
+def _coerce(name: str, raw: str) -> Any:
+    kind = _TYPES[name]
+    if kind in ("int", int):
+        return int(raw)
+    if kind in ("float", float):
+        return float(raw)
+    if kind in ("bool", bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if kind in ("Path", Path):
+        return Path(raw).expanduser()
+    return raw
