@@ -112,7 +112,9 @@ class Settings:
             raise ValueError("the access token lifetime must be shorter than the refresh token lifetime")
         if ":" not in self.listen_address:
             raise ValueError(f"A67_LISTEN_ADDRESS must be host:port, not {self.listen_address!r}")
-        if not (self.cache_url.startswith("memory://") or self.cache_url.startswith(("redis://", "rediss://"))):
+        if not (
+            self.cache_url.startswith("memory://") or self.cache_url.startswith(("redis://", "rediss://"))
+        ):
             raise ValueError(f"A67_CACHE_URL must be memory:// or redis://…, not {self.cache_url!r}")
 
 

@@ -22,8 +22,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from google.api import annotations_pb2  # googleapis-common-protos
 import grpc_tools
+from google.api import annotations_pb2  # googleapis-common-protos
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +84,9 @@ def main() -> None:
         ]
     )
     for package in {p.parent for p in OUT.rglob("*_pb2.py")} | {OUT / "automator67"}:
-        (package / "__init__.py").write_text('"""Generated from proto/ by scripts/gen_protos.py; do not edit."""\n')
+        (package / "__init__.py").write_text(
+            '"""Generated from proto/ by scripts/gen_protos.py; do not edit."""\n'
+        )
     print(f"generated {len(protos)} proto files into {OUT.relative_to(ROOT)}/")
 
 

@@ -1,0 +1,49 @@
+# The README's commands: `make up` installs and starts the system on embedded
+# defaults; `make test` runs the tests. Everything installs into .venv/ (Python)
+# and .tools/ (buf from npm).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+BUF := .tools/node_modules/.bin/buf
+
+.PHONY: up serve test install tools gen check-generated lint bench clean
+
+up: install
+	$(BIN)/a67 up
+
+serve: install
+	$(BIN)/a67 serve
+
+test: install
+	$(BIN)/pytest -q
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+tools: $(BUF)
+
+$(BUF):
+	npm install --silent --no-save --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0
+
+gen: install
+	$(BIN)/python scripts/gen_protos.py
+
+# Regenerate and fail if anything committed differs.
+check-generated: gen
+	git diff --exit-code -- generated third_party
+	@test -z "$$(git status --porcelain -- generated third_party)" || (git status --porcelain -- generated third_party; echo "untracked generated files"; exit 1)
+
+lint: install tools
+	$(BUF) lint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy controller
+
+clean:
+	rm -rf $(VENV) .tools

@@ -1,0 +1,195 @@
+"""Accounts and sessions: register, login, refresh rotation, logout (spec §5.1).
+
+A *session* is a refresh-token family. Every refresh token is single-use: using
+it consumes it atomically and issues its successor in the same family, so of
+many concurrent refreshes with one token exactly one wins. Presenting a token
+that was already used means it leaked: the whole family is revoked, and with it
+every access token of the session (access tokens carry the family id as
+``sid``, which :meth:`AuthService.authenticate` checks).
+
+Failed logins are throttled per account (the normalised email, whether or not
+an account exists, so throttling reveals nothing): from the
+``THROTTLE_FREE_FAILURES``-th failure within ``THROTTLE_WINDOW_SECONDS`` on, the
+account is locked for a delay that doubles with every further failure (1 s,
+2 s, 4 s, …) up to ``THROTTLE_MAX_DELAY_SECONDS``; attempts while locked are
+refused with ``RESOURCE_EXHAUSTED`` and ``RetryInfo``, without checking the
+password. Locks and windows expire on their own, so an account is never locked
+for ever.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from controller.api.context import Principal
+from controller.auth.passwords import PasswordHasher
+from controller.auth.tokens import IssuedToken, TokenService
+from controller.auth.validation import normalise_email, validate_credentials
+from controller.cache.base import Cache
+from controller.errors import ResourceExhausted, Unauthenticated, require_fields
+from controller.store.repositories import AuthFailureRepository, RefreshTokenRepository, UserRepository
+
+log = logging.getLogger(__name__)
+
+# Failures allowed in a window before attempts are delayed.
+THROTTLE_FREE_FAILURES = 5
+# How long failures are remembered.
+THROTTLE_WINDOW_SECONDS = 15 * 60
+# Upper bound of the delay between attempts once throttled.
+THROTTLE_MAX_DELAY_SECONDS = 15 * 60
+# How long a checked session stays trusted in the cache before the store is asked again.
+SESSION_CACHE_SECONDS = 30.0
+
+INVALID_CREDENTIALS = "The email or password is not correct"
+
+
+@dataclass(frozen=True)
+class Session:
+    """Tokens handed to a client after register, login or refresh."""
+
+    user_id: str
+    access: IssuedToken
+    refresh: IssuedToken
+
+
+class AuthService:
+    """The account and session logic behind ``AuthService`` (transport-free)."""
+
+    def __init__(
+        self,
+        *,
+        users: UserRepository,
+        refresh_tokens: RefreshTokenRepository,
+        failures: AuthFailureRepository,
+        tokens: TokenService,
+        passwords: PasswordHasher,
+        cache: Cache,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._users = users
+        self._refresh_tokens = refresh_tokens
+        self._failures = failures
+        self._tokens = tokens
+        self._passwords = passwords
+        self._cache = cache
+        self._clock = clock
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), UTC)
+
+    async def register(self, email: str, password_hash: str) -> Session:
+        """Create an account and sign it in; ``AlreadyExists`` if the email is taken."""
+        require_fields(validate_credentials(email, password_hash))
+        stored = await self._passwords.hash(password_hash)
+        user = await self._users.create(normalise_email(email), stored)
+        log.info("registered user %s", user.id)
+        return await self._start_session(user.id)
+
+    async def login(self, email: str, password_hash: str) -> Session:
+        """Verify credentials and start a session; the same error for any mismatch."""
+        require_fields(validate_credentials(email, password_hash))
+        key = f"login:{normalise_email(email)}"
+        await self._check_throttle(key)
+        user = await self._users.get_by_email(normalise_email(email))
+        if user is None or not user.active:
+            await self._passwords.dummy_verify(password_hash)
+            ok = False
+        else:
+            ok = await self._passwords.verify(user.password_hash, password_hash)
+        if not ok or user is None:
+            await self._record_failure(key)
+            raise Unauthenticated(INVALID_CREDENTIALS, reason="INVALID_CREDENTIALS")
+        await self._failures.reset(key)
+        if self._passwords.needs_rehash(user.password_hash):
+            await self._users.update_password_hash(user.id, await self._passwords.hash(password_hash))
+        await self._users.touch_last_login(user.id, self._now())
+        return await self._start_session(user.id)
+
+    async def refresh(self, refresh_token: str) -> Session:
+        """Rotate a refresh token; reuse of a spent one revokes its session."""
+        claims = self._tokens.verify_refresh(refresh_token)
+        successor = self._tokens.issue_refresh(claims.user_id, claims.session_id)
+        result = await self._refresh_tokens.consume(claims.jti, successor.jti, self._now())
+        if result.outcome == "reused":
+            await self._revoke_session(claims.session_id, "refresh token reuse")
+            log.warning(
+                "refresh token reuse for user %s: session %s revoked", claims.user_id, claims.session_id
+            )
+            raise Unauthenticated(
+                "This refresh token was already used; the session has been ended for safety",
+                reason="REFRESH_TOKEN_REUSED",
+            )
+        if result.outcome != "ok":
+            raise Unauthenticated("This session has ended; sign in again", reason="SESSION_REVOKED")
+        user = await self._users.get(claims.user_id)
+        if user is None or not user.active:
+            raise Unauthenticated("This account is not active", reason="ACCOUNT_INACTIVE")
+        await self._refresh_tokens.add_token(
+            successor.jti,
+            claims.session_id,
+            claims.user_id,
+            self._now(),
+            datetime.fromtimestamp(successor.expires_at, UTC),
+        )
+        access = self._tokens.issue_access(claims.user_id, claims.session_id)
+        return Session(user_id=claims.user_id, access=access, refresh=successor)
+
+    async def logout(self, principal: Principal) -> None:
+        """End the caller's session."""
+        await self._revoke_session(principal.session_id, "logout")
+
+    async def authenticate(self, token: str) -> Principal:
+        """Verify an access token and that its session is still open."""
+        claims = self._tokens.verify_access(token)
+        cache_key = f"auth:session:{claims.session_id}"
+        cached = await self._cache.get(cache_key)
+        if cached is None:
+            revoked = await self._refresh_tokens.is_family_revoked(claims.session_id)
+            cached = b"revoked" if revoked else b"open"
+            await self._cache.set(cache_key, cached, SESSION_CACHE_SECONDS)
+        if cached == b"revoked":
+            raise Unauthenticated("This session has ended; sign in again", reason="SESSION_REVOKED")
+        return Principal(user_id=claims.user_id, session_id=claims.session_id, token_id=claims.jti)
+
+    async def _start_session(self, user_id: str) -> Session:
+        session_id = await self._refresh_tokens.create_family(user_id)
+        refresh = self._tokens.issue_refresh(user_id, session_id)
+        await self._refresh_tokens.add_token(
+            refresh.jti, session_id, user_id, self._now(), datetime.fromtimestamp(refresh.expires_at, UTC)
+        )
+        access = self._tokens.issue_access(user_id, session_id)
+        return Session(user_id=user_id, access=access, refresh=refresh)
+
+    async def _revoke_session(self, session_id: str, reason: str) -> None:
+        await self._refresh_tokens.revoke_family(session_id, reason, self._now())
+        await self._cache.set(f"auth:session:{session_id}", b"revoked", SESSION_CACHE_SECONDS)
+
+    async def _check_throttle(self, key: str) -> None:
+        record = await self._failures.get(key)
+        if record is None or record.locked_until is None:
+            return
+        wait = (record.locked_until - self._now()).total_seconds()
+        if wait > 0:
+            raise ResourceExhausted(
+                f"Too many failed sign-in attempts for this account; try again in {max(wait, 1):.0f} s",
+                reason="LOGIN_THROTTLED",
+                retry_after=wait,
+            )
+
+    async def _record_failure(self, key: str) -> None:
+        now = self._now()
+        failures = await self._failures.record_failure(key, now, THROTTLE_WINDOW_SECONDS)
+        excess = failures - THROTTLE_FREE_FAILURES
+        if excess >= 0:
+            delay = min(float(2**excess), THROTTLE_MAX_DELAY_SECONDS)
+            await self._failures.lock(key, now + timedelta(seconds=delay), now)
+
+
+def new_id() -> str:
+    """A random identifier."""
+    return str(uuid.uuid4())

@@ -1,0 +1,104 @@
+"""The ``a67`` command line.
+
+::
+
+    a67 serve      run the controller (gRPC) on embedded defaults or the given settings
+    a67 migrate    bring the store's schema up to date
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from controller.config import Settings
+from controller.errors import ControllerError
+
+log = logging.getLogger("a67")
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--listen", dest="listen_address", help="host:port of the gRPC port (A67_LISTEN_ADDRESS)"
+    )
+    parser.add_argument("--data-dir", type=Path, help="data directory (A67_DATA_DIR)")
+    parser.add_argument("--store-url", help="SQLAlchemy URL of the store (A67_STORE_URL)")
+    parser.add_argument("--cache-url", help="memory:// or redis://host:port/db (A67_CACHE_URL)")
+    parser.add_argument("--environment", choices=("development", "production"), help="(A67_ENVIRONMENT)")
+    parser.add_argument("--log-level", help="logging level (A67_LOG_LEVEL)")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(
+        listen_address=args.listen_address,
+        data_dir=args.data_dir,
+        store_url=args.store_url,
+        cache_url=args.cache_url,
+        environment=args.environment,
+        log_level=args.log_level,
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from controller.server import serve
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    return asyncio.run(serve(settings))
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from controller.store.migrate import current_revision, upgrade
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.effective_store_url
+    before = current_revision(url)
+    upgrade(url)
+    after = current_revision(url)
+    print(f"store schema: {before or 'empty'} -> {after}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="a67", description="Automator67 controller")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the controller")
+    _add_settings_flags(serve)
+    serve.set_defaults(func=_cmd_serve)
+    migrate = sub.add_parser("migrate", help="upgrade the store schema to the newest revision")
+    _add_settings_flags(migrate)
+    migrate.set_defaults(func=_cmd_migrate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ControllerError as exc:
+        print(f"a67: {exc.message}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"a67: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

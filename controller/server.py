@@ -1,0 +1,194 @@
+"""The controller process: one ``grpc.aio`` server hosting every service.
+
+:func:`start_controller` builds the whole object graph from :class:`Settings`
+(store, cache, keys, services), binds the port and starts serving;
+:meth:`Controller.stop` drains: health goes ``NOT_SERVING``, streams are told
+to finish, in-flight RPCs get ``drain_grace_seconds`` and are then cancelled.
+:func:`serve` runs it until SIGTERM or SIGINT and returns the exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from automator67.v1 import (
+    auth_pb2,
+    auth_pb2_grpc,
+    deployment_pb2,
+    deployment_pb2_grpc,
+    metrics_pb2,
+    metrics_pb2_grpc,
+    node_pb2,
+    node_pb2_grpc,
+    query_pb2,
+    query_pb2_grpc,
+    storage_pb2,
+    storage_pb2_grpc,
+)
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from controller.api.auth_servicer import AuthServicer
+from controller.api.interceptors import ControllerInterceptor
+from controller.auth.passwords import PasswordHasher
+from controller.auth.service import AuthService
+from controller.auth.tokens import TokenService
+from controller.cache import open_cache
+from controller.cache.base import Cache
+from controller.config import Settings
+from controller.errors import Unavailable
+from controller.keys import KeyMaterial, load_key_material
+from controller.store.db import Store
+from controller.store.migrate import ensure_schema
+from controller.store.repositories import AuthFailureRepository, RefreshTokenRepository, UserRepository
+
+log = logging.getLogger("a67.server")
+
+SERVICE_NAMES = tuple(
+    module.DESCRIPTOR.services_by_name[name].full_name
+    for module, name in (
+        (auth_pb2, "AuthService"),
+        (node_pb2, "NodeService"),
+        (deployment_pb2, "DeploymentService"),
+        (query_pb2, "QueryService"),
+        (storage_pb2, "StorageService"),
+        (metrics_pb2, "MetricsService"),
+    )
+)
+
+# The largest request message accepted (gRPC's default is 4 MiB).
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class Controller:
+    """A running controller and everything it owns."""
+
+    settings: Settings
+    server: grpc.aio.Server
+    port: int
+    store: Store
+    cache: Cache
+    keys: KeyMaterial
+    auth: AuthService
+    health: health.aio.HealthServicer
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def address(self) -> str:
+        host = self.settings.listen_address.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop: NOT_SERVING, finish in-flight RPCs within ``grace``, close resources."""
+        if self.draining.is_set():
+            return
+        self.draining.set()
+        await self.health.enter_graceful_shutdown()
+        grace = self.settings.drain_grace_seconds if grace is None else grace
+        log.info("draining: health is NOT_SERVING; in-flight calls have %.1f s to finish", grace)
+        await self.server.stop(grace)
+        await self.cache.close()
+        await self.store.close()
+        log.info("stopped")
+
+
+async def start_controller(settings: Settings) -> Controller:
+    """Build every component from ``settings``, bind the port and start serving."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    keys = load_key_material(settings)
+    await ensure_schema(settings)
+    store = await Store.open(settings.effective_store_url)
+    cache = open_cache(settings.cache_url)
+    tokens = TokenService(
+        signing_key=keys.jwt_signing_key,
+        key_id=keys.jwt_key_id,
+        verification_keys=keys.verification_keys,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        access_ttl=settings.access_token_ttl_seconds,
+        refresh_ttl=settings.refresh_token_ttl_seconds,
+    )
+    users = UserRepository(store)
+    auth = AuthService(
+        users=users,
+        refresh_tokens=RefreshTokenRepository(store),
+        failures=AuthFailureRepository(store),
+        tokens=tokens,
+        passwords=PasswordHasher(),
+        cache=cache,
+    )
+    server = grpc.aio.server(
+        interceptors=[ControllerInterceptor(auth)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(auth, users), server)
+    # Services that later work fills in: their generated base classes answer
+    # UNIMPLEMENTED (through the interceptor, with an ErrorInfo detail).
+    node_pb2_grpc.add_NodeServiceServicer_to_server(node_pb2_grpc.NodeServiceServicer(), server)  # type: ignore[abstract]
+    deployment_pb2_grpc.add_DeploymentServiceServicer_to_server(
+        deployment_pb2_grpc.DeploymentServiceServicer(),  # type: ignore[abstract]
+        server,
+    )
+    query_pb2_grpc.add_QueryServiceServicer_to_server(query_pb2_grpc.QueryServiceServicer(), server)  # type: ignore[abstract]
+    storage_pb2_grpc.add_StorageServiceServicer_to_server(storage_pb2_grpc.StorageServiceServicer(), server)  # type: ignore[abstract]
+    metrics_pb2_grpc.add_MetricsServiceServicer_to_server(metrics_pb2_grpc.MetricsServiceServicer(), server)  # type: ignore[abstract]
+
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    try:
+        port = server.add_insecure_port(settings.listen_address)
+    except RuntimeError as exc:
+        await cache.close()
+        await store.close()
+        raise Unavailable(f"Cannot listen on {settings.listen_address}: {exc}", reason="BIND_FAILED") from exc
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    controller = Controller(
+        settings=settings,
+        server=server,
+        port=port,
+        store=store,
+        cache=cache,
+        keys=keys,
+        auth=auth,
+        health=health_servicer,
+    )
+    log.info(
+        "serving on %s (store %s, cache %s)",
+        controller.address,
+        _describe_store(settings),
+        settings.cache_url.split("@")[-1],
+    )
+    return controller
+
+
+def _describe_store(settings: Settings) -> str:
+    """The store URL without credentials, for the log."""
+    url = settings.effective_store_url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rsplit('@', 1)[-1]}"
+
+
+async def serve(settings: Settings) -> int:
+    """Run the controller until SIGTERM/SIGINT, then drain; the process exit code."""
+    controller = await start_controller(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("received a stop signal")
+    await controller.stop()
+    return 0

@@ -1,0 +1,252 @@
+"""Engines and sessions of the store: one async facade over SQLite and PostgreSQL.
+
+Settings keep plain SQLAlchemy URLs (``sqlite:///path``, ``postgresql+psycopg://…``);
+this module picks the async driver for the running controller (``aiosqlite``, or
+psycopg 3 in async mode) and the sync driver for migrations (``pysqlite``, psycopg 3).
+
+SQLite connections are set up for a server with concurrent writers: WAL journal,
+foreign keys on, and a busy timeout so that writers queue instead of failing.
+
+Connection failures surface as :class:`controller.errors.Unavailable` with reason
+``STORE_UNAVAILABLE`` and never leak the URL (which may hold a password).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+from controller.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+SQLITE_BUSY_TIMEOUT_SECONDS = 15.0
+"""How long an SQLite writer waits for the write lock before giving up."""
+
+CONNECT_TIMEOUT_SECONDS = 5
+"""How long a PostgreSQL connection attempt may take."""
+
+STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+
+_ASYNC_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+pysqlite": "sqlite+aiosqlite",
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+    "postgres": "postgresql+psycopg",
+    "postgresql": "postgresql+psycopg",
+    "postgresql+psycopg": "postgresql+psycopg",
+    "postgresql+psycopg_async": "postgresql+psycopg",
+}
+_SYNC_DRIVERS = {
+    "sqlite": "sqlite+pysqlite",
+    "sqlite+pysqlite": "sqlite+pysqlite",
+    "sqlite+aiosqlite": "sqlite+pysqlite",
+    "postgres": "postgresql+psycopg",
+    "postgresql": "postgresql+psycopg",
+    "postgresql+psycopg": "postgresql+psycopg",
+    "postgresql+psycopg_async": "postgresql+psycopg",
+}
+
+
+def _as_url(url: str | URL) -> URL:
+    return url if isinstance(url, URL) else make_url(url)
+
+
+def is_sqlite_url(url: str | URL) -> bool:
+    """Whether ``url`` names an SQLite database (any driver)."""
+    return _as_url(url).get_backend_name() == "sqlite"
+
+
+def async_url(url: str | URL) -> URL:
+    """``url`` with the async driver the controller uses for its backend."""
+    parsed = _as_url(url)
+    driver = _ASYNC_DRIVERS.get(parsed.drivername)
+    return parsed.set(drivername=driver) if driver else parsed
+
+
+def sync_url(url: str | URL) -> URL:
+    """``url`` with the sync driver that migrations use for its backend."""
+    parsed = _as_url(url)
+    driver = _SYNC_DRIVERS.get(parsed.drivername)
+    return parsed.set(drivername=driver) if driver else parsed
+
+
+def redact(url: str | URL) -> str:
+    """``url`` as text with any password masked, for logs and messages."""
+    return _as_url(url).render_as_string(hide_password=True)
+
+
+def is_memory_sqlite(url: str | URL) -> bool:
+    """Whether ``url`` is an in-memory SQLite database (nothing on disk)."""
+    parsed = _as_url(url)
+    return is_sqlite_url(parsed) and (
+        parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory"
+    )
+
+
+def ensure_sqlite_parent(url: str | URL) -> None:
+    """Create the directory that will hold an SQLite file, if ``url`` names one."""
+    parsed = _as_url(url)
+    if is_sqlite_url(parsed) and not is_memory_sqlite(parsed) and parsed.database:
+        database = parsed.database
+        if database.startswith("file:"):
+            database = database[len("file:") :].split("?", 1)[0]
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_SECONDS * 1000)}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def _engine_options(url: URL) -> dict[str, Any]:
+    if is_sqlite_url(url):
+        options: dict[str, Any] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}}
+        if is_memory_sqlite(url):
+            # One shared connection, or every connection would see its own empty database.
+            options["poolclass"] = StaticPool
+            options["connect_args"]["check_same_thread"] = False
+        return options
+    if url.get_backend_name() == "postgresql":
+        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_SECONDS}}
+    return {}
+
+
+def create_engine_for(url: str | URL) -> AsyncEngine:
+    """The async engine for the store at ``url`` (a plain sync-style URL is fine)."""
+    parsed = async_url(url)
+    ensure_sqlite_parent(parsed)
+    engine = create_async_engine(parsed, **_engine_options(parsed))
+    if is_sqlite_url(parsed):
+        event.listen(engine.sync_engine, "connect", _set_sqlite_pragmas)
+    return engine
+
+
+def create_sync_engine_for(url: str | URL) -> Engine:
+    """The sync engine for the store at ``url``, for migrations and tooling."""
+    parsed = sync_url(url)
+    ensure_sqlite_parent(parsed)
+    engine = create_engine(parsed, **_engine_options(parsed))
+    if is_sqlite_url(parsed):
+        event.listen(engine, "connect", _set_sqlite_pragmas)
+    return engine
+
+
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+)
+"""SQLAlchemy errors that mean "the store cannot be reached or is too busy right now"."""
+
+
+def is_unavailable_error(exc: BaseException) -> bool:
+    """Whether ``exc`` means the store is unreachable rather than that the request is wrong."""
+    if isinstance(exc, UNAVAILABLE_ERRORS):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+
+
+def store_unavailable(exc: BaseException) -> Unavailable:
+    """The caller-facing error for a store failure (logged here, without the URL)."""
+    log.warning("the store is unavailable: %s: %s", type(exc).__name__, getattr(exc, "orig", exc))
+    return Unavailable("The store is unavailable; try again", reason=STORE_UNAVAILABLE)
+
+
+class Store:
+    """The controller's handle on its relational store.
+
+    Use :meth:`open` to make one and :meth:`close` when done. :meth:`session` is the
+    unit of work: it commits when its block ends normally and rolls back otherwise.
+    Objects loaded in a session stay usable after it (``expire_on_commit=False``).
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False, class_=AsyncSession)
+
+    @classmethod
+    async def open(cls, url: str | URL, *, check: bool = True) -> Store:
+        """Open the store at ``url``; with ``check`` (default), fail now if it is unreachable.
+
+        Raises :class:`controller.errors.Unavailable` (``STORE_UNAVAILABLE``).
+        """
+        store = cls(create_engine_for(url))
+        if check:
+            try:
+                await store.ping()
+            except BaseException:
+                await store.close()
+                raise
+        return store
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The underlying async engine."""
+        return self._engine
+
+    @property
+    def dialect_name(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self._engine.dialect.name
+
+    @property
+    def url(self) -> str:
+        """The store's URL with any password masked."""
+        return redact(self._engine.url)
+
+    async def close(self) -> None:
+        """Close every pooled connection."""
+        await self._engine.dispose()
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """A session inside a transaction: committed on normal exit, rolled back on error."""
+        try:
+            async with self._sessions.begin() as session:
+                yield session
+        except Exception as exc:
+            if is_unavailable_error(exc):
+                raise store_unavailable(exc) from exc
+            raise
+
+    async def ping(self) -> None:
+        """Round-trip to the store; raises ``Unavailable`` if it cannot be reached."""
+        try:
+            async with self._engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            if is_unavailable_error(exc):
+                raise store_unavailable(exc) from exc
+            raise
+
+
+__all__ = [
+    "STORE_UNAVAILABLE",
+    "Store",
+    "async_url",
+    "create_engine_for",
+    "create_sync_engine_for",
+    "ensure_sqlite_parent",
+    "is_memory_sqlite",
+    "is_sqlite_url",
+    "is_unavailable_error",
+    "redact",
+    "store_unavailable",
+    "sync_url",
+]

@@ -1,0 +1,303 @@
+"""SQLAlchemy 2 models of the store (spec §3 and §6), portable across PostgreSQL and SQLite.
+
+Conventions:
+
+* ids are UUID strings (``String(36)``), generated in Python so both backends agree;
+* JSON columns are ``JSON`` (``JSONB`` on PostgreSQL);
+* every timestamp is a :class:`UTCDateTime`: it refuses naive datetimes on the way in
+  and always hands back timezone-aware UTC datetimes, also on SQLite (which keeps no
+  offset);
+* constraint and index names follow :data:`NAMING_CONVENTION`, so later migrations
+  (batch mode on SQLite) can address them by name.
+
+The Alembic migrations in ``migrations/versions`` create exactly this schema; a test
+compares the two.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+    false,
+    true,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """The current time as an aware UTC datetime (the default of timestamp columns)."""
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """A fresh random UUID as a string (the default of id columns)."""
+    return str(uuid.uuid4())
+
+
+def normalise_email(email: str) -> str:
+    """The form in which emails are stored and looked up: trimmed and lower-case."""
+    return email.strip().lower()
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """``DateTime(timezone=True)`` that stores UTC and always returns aware UTC datetimes."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError("naive datetimes cannot be stored: pass an aware (UTC) datetime")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            # SQLite keeps no offset: store the UTC wall time, so comparisons are correct.
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+JSONType: TypeEngine[Any] = JSON().with_variant(JSONB(), "postgresql")
+"""Portable JSON: ``JSONB`` on PostgreSQL, ``JSON`` (text) elsewhere."""
+
+ID = String(36)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table of the store."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSONType,
+        list[Any]: JSONType,
+    }
+
+
+class User(Base):
+    """An account (spec §3.1). ``email`` is stored normalised (see :func:`normalise_email`)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True, default=new_id)
+    email: Mapped[str] = mapped_column(String(255), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_login: Mapped[datetime | None] = mapped_column(default=None)
+    mfa_enabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+
+    @validates("email")
+    def _normalise_email(self, _key: str, value: str) -> str:
+        return normalise_email(value)
+
+
+class Node(Base):
+    """A node registered by a user (spec §3.2). ``credentials`` only ever holds ciphertext."""
+
+    __tablename__ = "nodes"
+    __table_args__ = (
+        UniqueConstraint("user_id", "provider", "id"),
+        UniqueConstraint("user_id", "fingerprint"),
+        Index(None, "status"),
+        Index(None, "provider"),
+        Index(None, "last_heartbeat"),
+        Index(None, "user_id"),
+    )
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id", ondelete="CASCADE"))
+    provider: Mapped[str] = mapped_column(String(50))
+    endpoint: Mapped[str] = mapped_column(String(500))
+    region: Mapped[str | None] = mapped_column(String(100), default=None)
+    status: Mapped[str] = mapped_column(String(50), default="initializing", server_default="initializing")
+    capabilities: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    metrics_current: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    credentials: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    fingerprint: Mapped[str | None] = mapped_column(String(128), default=None)
+    cert_serial: Mapped[str | None] = mapped_column(String(128), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_heartbeat: Mapped[datetime | None] = mapped_column(default=None)
+    last_metrics_update: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Deployment(Base):
+    """An application deployment (spec §3.3)."""
+
+    __tablename__ = "deployments"
+    __table_args__ = (
+        UniqueConstraint("user_id", "name"),
+        UniqueConstraint("user_id", "request_id"),
+        Index(None, "status"),
+        Index(None, "user_id"),
+    )
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(255))
+    app_type: Mapped[str] = mapped_column(String(50))
+    status: Mapped[str] = mapped_column(String(50), default="pending", server_default="pending")
+    manifest: Mapped[dict[str, Any]] = mapped_column()
+    node_assignments: Mapped[list[Any]] = mapped_column(default=list)
+    current_replicas: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    desired_replicas: Mapped[int] = mapped_column(Integer)
+    endpoints: Mapped[list[Any]] = mapped_column(default=list)
+    request_id: Mapped[str | None] = mapped_column(String(255), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    deployed_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_scaled_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class DatabaseInstance(Base):
+    """A user's database federated by the controller (spec §3.4)."""
+
+    __tablename__ = "database_instances"
+    __table_args__ = (
+        UniqueConstraint("user_id", "name"),
+        Index(None, "user_id"),
+    )
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(255))
+    provider: Mapped[str] = mapped_column(String(100))
+    provider_specific_id: Mapped[str | None] = mapped_column(String(255), default=None)
+    connection: Mapped[dict[str, Any]] = mapped_column()
+    sharding: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    replication: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    schema_info: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_synced: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class StorageFile(Base):
+    """Metadata of a file stored across nodes (spec §3.5); its placement lives in JSON."""
+
+    __tablename__ = "storage_files"
+    __table_args__ = (
+        UniqueConstraint("user_id", "path"),
+        Index(None, "user_id"),
+    )
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(String(1024))
+    size: Mapped[int] = mapped_column(BigInteger)
+    mime_type: Mapped[str] = mapped_column(String(255), default="application/octet-stream")
+    distribution: Mapped[list[Any]] = mapped_column(default=list)
+    chunks: Mapped[list[Any]] = mapped_column(default=list)
+    checksum: Mapped[str | None] = mapped_column(String(64), default=None)
+    encryption: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    replicas: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    replication_status: Mapped[str] = mapped_column(
+        String(50), default="replicating", server_default="replicating"
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    modified_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_accessed: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class RefreshTokenFamily(Base):
+    """One login's chain of rotated refresh tokens; revoking it ends the whole chain."""
+
+    __tablename__ = "refresh_token_families"
+    __table_args__ = (Index(None, "user_id"),)
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    revoked_reason: Mapped[str | None] = mapped_column(String(100), default=None)
+
+
+class RefreshToken(Base):
+    """One issued refresh token, by its JWT id; ``used_at`` is set once, when it is rotated."""
+
+    __tablename__ = "refresh_tokens"
+    __table_args__ = (Index(None, "family_id"), Index(None, "user_id"))
+
+    jti: Mapped[str] = mapped_column(String(64), primary_key=True)
+    family_id: Mapped[str] = mapped_column(ID, ForeignKey("refresh_token_families.id", ondelete="CASCADE"))
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id", ondelete="CASCADE"))
+    issued_at: Mapped[datetime] = mapped_column()
+    expires_at: Mapped[datetime] = mapped_column()
+    used_at: Mapped[datetime | None] = mapped_column(default=None)
+    replaced_by: Mapped[str | None] = mapped_column(String(64), default=None)
+
+
+class AuthFailure(Base):
+    """Failed login attempts counted per key (e.g. an account) in a fixed window."""
+
+    __tablename__ = "auth_failures"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    window_started_at: Mapped[datetime] = mapped_column()
+    locked_until: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class NodeEnrollmentToken(Base):
+    """A one-or-few-use token with which a user's node registers; only its hash is stored."""
+
+    __tablename__ = "node_enrollment_tokens"
+    __table_args__ = (Index(None, "user_id"),)
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id", ondelete="CASCADE"))
+    token_hash: Mapped[str] = mapped_column(String(128), unique=True)
+    expires_at: Mapped[datetime] = mapped_column()
+    max_uses: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    uses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+__all__ = [
+    "NAMING_CONVENTION",
+    "AuthFailure",
+    "Base",
+    "DatabaseInstance",
+    "Deployment",
+    "JSONType",
+    "Node",
+    "NodeEnrollmentToken",
+    "RefreshToken",
+    "RefreshTokenFamily",
+    "StorageFile",
+    "UTCDateTime",
+    "User",
+    "new_id",
+    "normalise_email",
+    "utcnow",
+]

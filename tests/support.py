@@ -1,0 +1,44 @@
+"""Helpers shared by tests that talk to a real controller."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from automator67.v1 import auth_pb2, auth_pb2_grpc
+
+from controller.config import Settings
+from controller.server import Controller, start_controller
+
+PASSWORD = "c2FsdGVkLWNsaWVudC1oYXNoLW9mLWEtcGFzc3dvcmQ="
+
+
+def controller_settings(data_dir: Path, **overrides: object) -> Settings:
+    """Settings for a test controller: port 0, its own data dir, short drain."""
+    values: dict[str, object] = {
+        "listen_address": "127.0.0.1:0",
+        "data_dir": data_dir,
+        "drain_grace_seconds": 2.0,
+    }
+    values.update(overrides)
+    return Settings.from_env({}, **values)
+
+
+@contextlib.asynccontextmanager
+async def running_controller(settings: Settings) -> AsyncIterator[Controller]:
+    controller = await start_controller(settings)
+    try:
+        yield controller
+    finally:
+        await controller.stop(grace=0.5)
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+async def register(
+    stub: auth_pb2_grpc.AuthServiceStub, email: str = "ada@example.com"
+) -> auth_pb2.RegisterResponse:
+    return await stub.Register(auth_pb2.RegisterRequest(email=email, password_hash=PASSWORD))
