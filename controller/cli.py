@@ -33,6 +33,17 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--listen", dest="listen_address", help="host:port of the gRPC port (A67_LISTEN_ADDRESS)"
     )
+    parser.add_argument(
+        "--node-listen",
+        dest="node_listen_address",
+        help="host:port of the node port, mutual TLS (A67_NODE_LISTEN_ADDRESS)",
+    )
+    parser.add_argument(
+        "--heartbeat-interval",
+        dest="heartbeat_interval_seconds",
+        type=float,
+        help="seconds between node heartbeats (A67_HEARTBEAT_INTERVAL_SECONDS)",
+    )
     parser.add_argument("--data-dir", type=Path, help="data directory (A67_DATA_DIR)")
     parser.add_argument("--store-url", help="SQLAlchemy URL of the store (A67_STORE_URL)")
     parser.add_argument("--cache-url", help="memory:// or redis://host:port/db (A67_CACHE_URL)")
@@ -43,6 +54,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 def _settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env(
         listen_address=args.listen_address,
+        node_listen_address=args.node_listen_address,
+        heartbeat_interval_seconds=args.heartbeat_interval_seconds,
         data_dir=args.data_dir,
         store_url=args.store_url,
         cache_url=args.cache_url,

@@ -29,6 +29,18 @@ class Settings:
     listen_address: str = "127.0.0.1:50051"
     """Host and port of the user-facing gRPC port (what Envoy and grpcurl use)."""
 
+    node_listen_address: str = "127.0.0.1:50052"
+    """Host and port of the node-facing port: mutual TLS only, where agents hold
+    their ``NodeService.Connect`` streams. Empty disables it."""
+
+    node_advertise_address: str = ""
+    """The node port's address as nodes should dial it (returned by RegisterNode);
+    empty means ``node_listen_address``."""
+
+    heartbeat_interval_seconds: float = 30.0
+    """How often nodes send a heartbeat (spec §4.4: 30 s). A node is suspect after
+    one missed interval and failed after three."""
+
     data_dir: Path = field(default_factory=_default_data_dir)
     """Directory for the embedded SQLite store and the development keys."""
 

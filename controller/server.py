@@ -34,6 +34,8 @@ from grpc_reflection.v1alpha import reflection
 
 from controller.api.auth_servicer import AuthServicer
 from controller.api.interceptors import ControllerInterceptor
+from controller.api.metrics_servicer import MetricsServicer
+from controller.api.node_servicer import NodeServicer
 from controller.auth.passwords import PasswordHasher
 from controller.auth.service import AuthService
 from controller.auth.tokens import TokenService
@@ -42,9 +44,16 @@ from controller.cache.base import Cache
 from controller.config import Settings
 from controller.errors import Unavailable
 from controller.keys import KeyMaterial, load_key_material
+from controller.nodes.ca import CertificateAuthority
+from controller.nodes.enrollment import EnrollmentTokens
+from controller.nodes.fleet import Fleet
+from controller.nodes.health import HealthConfig
+from controller.nodes.registration import NodeRegistrar
+from controller.nodes.repository import NodeRepository
 from controller.store.db import Store
 from controller.store.migrate import ensure_schema
 from controller.store.repositories import AuthFailureRepository, RefreshTokenRepository, UserRepository
+from controller.vault import Vault
 
 log = logging.getLogger("a67.server")
 
@@ -64,6 +73,23 @@ SERVICE_NAMES = tuple(
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
+def keepalive_options(interval_ms: int) -> list[tuple[str, int]]:
+    """Server keepalive, agreeing with the agent's (``controller.agent.client.keepalive_options``).
+
+    The server pings every connection once per heartbeat interval and drops it if
+    the ping is not answered within half an interval, so a dead TCP connection is
+    noticed within about 1.5 intervals even when nothing else is sent; it accepts
+    the agent's pings (one per interval) without counting them as abuse.
+    """
+    return [
+        ("grpc.keepalive_time_ms", interval_ms),
+        ("grpc.keepalive_timeout_ms", max(500, interval_ms // 2)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", max(100, interval_ms // 2)),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
 @dataclass
 class Controller:
     """A running controller and everything it owns."""
@@ -76,6 +102,9 @@ class Controller:
     keys: KeyMaterial
     auth: AuthService
     health: health.aio.HealthServicer
+    fleet: Fleet
+    ca: CertificateAuthority
+    node_port: int | None
     draining: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -89,6 +118,7 @@ class Controller:
             return
         self.draining.set()
         await self.health.enter_graceful_shutdown()
+        await self.fleet.stop()
         grace = self.settings.drain_grace_seconds if grace is None else grace
         log.info("draining: health is NOT_SERVING; in-flight calls have %.1f s to finish", grace)
         await self.server.stop(grace)
@@ -113,6 +143,24 @@ async def start_controller(settings: Settings) -> Controller:
         access_ttl=settings.access_token_ttl_seconds,
         refresh_ttl=settings.refresh_token_ttl_seconds,
     )
+    interval_ms = round(settings.heartbeat_interval_seconds * 1000)
+    ca = CertificateAuthority.load_or_create(settings.keys_dir)
+    nodes = NodeRepository(store)
+    enrollment = EnrollmentTokens(store)
+    fleet = Fleet(
+        nodes=nodes,
+        cache=cache,
+        health_config=HealthConfig(interval_seconds=settings.heartbeat_interval_seconds),
+    )
+    registrar = NodeRegistrar(
+        store,
+        enrollment,
+        nodes,
+        ca,
+        Vault(keys.keyring),
+        controller_endpoint=settings.node_advertise_address or settings.node_listen_address,
+        heartbeat_interval_ms=interval_ms,
+    )
     users = UserRepository(store)
     auth = AuthService(
         users=users,
@@ -127,32 +175,53 @@ async def start_controller(settings: Settings) -> Controller:
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *keepalive_options(interval_ms),
         ],
     )
     auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(auth, users), server)
     # Services that later work fills in: their generated base classes answer
     # UNIMPLEMENTED (through the interceptor, with an ErrorInfo detail).
-    node_pb2_grpc.add_NodeServiceServicer_to_server(node_pb2_grpc.NodeServiceServicer(), server)  # type: ignore[abstract]
+    node_pb2_grpc.add_NodeServiceServicer_to_server(
+        NodeServicer(
+            fleet=fleet,
+            nodes=nodes,
+            enrollment=enrollment,
+            registrar=registrar,
+            ca=ca,
+            heartbeat_interval_ms=interval_ms,
+        ),
+        server,
+    )
     deployment_pb2_grpc.add_DeploymentServiceServicer_to_server(
         deployment_pb2_grpc.DeploymentServiceServicer(),  # type: ignore[abstract]
         server,
     )
     query_pb2_grpc.add_QueryServiceServicer_to_server(query_pb2_grpc.QueryServiceServicer(), server)  # type: ignore[abstract]
     storage_pb2_grpc.add_StorageServiceServicer_to_server(storage_pb2_grpc.StorageServiceServicer(), server)  # type: ignore[abstract]
-    metrics_pb2_grpc.add_MetricsServiceServicer_to_server(metrics_pb2_grpc.MetricsServiceServicer(), server)  # type: ignore[abstract]
 
+    draining = asyncio.Event()
+    metrics_pb2_grpc.add_MetricsServiceServicer_to_server(MetricsServicer(fleet, nodes, draining), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    node_port: int | None = None
     try:
         port = server.add_insecure_port(settings.listen_address)
+        if settings.node_listen_address:
+            host = settings.node_listen_address.rsplit(":", 1)[0].strip("[]")
+            key_pem, cert_pem = ca.server_certificate([host, "localhost"])
+            credentials = grpc.ssl_server_credentials(
+                [(key_pem, cert_pem)], root_certificates=ca.ca_cert_pem, require_client_auth=True
+            )
+            node_port = server.add_secure_port(settings.node_listen_address, credentials)
     except RuntimeError as exc:
         await cache.close()
         await store.close()
-        raise Unavailable(f"Cannot listen on {settings.listen_address}: {exc}", reason="BIND_FAILED") from exc
+        raise Unavailable(f"Cannot listen: {exc}", reason="BIND_FAILED") from exc
     await server.start()
+    await fleet.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     controller = Controller(
@@ -164,10 +233,15 @@ async def start_controller(settings: Settings) -> Controller:
         keys=keys,
         auth=auth,
         health=health_servicer,
+        fleet=fleet,
+        ca=ca,
+        node_port=node_port,
+        draining=draining,
     )
     log.info(
-        "serving on %s (store %s, cache %s)",
+        "serving on %s, nodes on %s (mutual TLS) (store %s, cache %s)",
         controller.address,
+        f"{settings.node_listen_address.rsplit(':', 1)[0]}:{node_port}" if node_port else "-",
         _describe_store(settings),
         settings.cache_url.split("@")[-1],
     )

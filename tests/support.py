@@ -18,6 +18,7 @@ def controller_settings(data_dir: Path, **overrides: object) -> Settings:
     """Settings for a test controller: port 0, its own data dir, short drain."""
     values: dict[str, object] = {
         "listen_address": "127.0.0.1:0",
+        "node_listen_address": "127.0.0.1:0",
         "data_dir": data_dir,
         "drain_grace_seconds": 2.0,
     }

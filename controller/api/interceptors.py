@@ -28,7 +28,7 @@ import grpc
 from grpc_status import rpc_status
 
 from controller.api.context import Principal, _principal, bearer_token
-from controller.errors import ControllerError, Internal, Unauthenticated, Unimplemented
+from controller.errors import ControllerError, Internal, PermissionDenied, Unauthenticated, Unimplemented
 
 log = logging.getLogger("a67.access")
 errors_log = logging.getLogger("a67.errors")
@@ -46,6 +46,8 @@ PUBLIC_METHODS = frozenset(
     }
 )
 PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+# The only methods a caller holding a node certificate (mutual TLS) may call.
+NODE_METHODS = frozenset({"/automator67.v1.NodeService/Connect", "/grpc.health.v1.Health/Check"})
 
 
 class AccessVerifier(Protocol):
@@ -88,6 +90,21 @@ class ControllerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler._replace(unary_stream=self._streaming(method, needs_auth, handler.unary_stream))
         return handler._replace(stream_stream=self._streaming(method, needs_auth, handler.stream_stream))
 
+    async def _admit(
+        self, method: str, needs_auth: bool, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Principal | None:
+        """Check who may call ``method``; the principal for user RPCs."""
+        if "x509_pem_cert" in (context.auth_context() or {}) and method not in NODE_METHODS:
+            raise PermissionDenied(
+                "A node certificate may only hold the node stream (NodeService/Connect)",
+                reason="NODE_CERTIFICATE_NOT_ALLOWED",
+            )
+        if not needs_auth:
+            return None
+        principal = await self._authenticate(context)
+        _principal.set(principal)
+        return principal
+
     async def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
         token = bearer_token(context.invocation_metadata())
         if token is None:
@@ -101,9 +118,7 @@ class ControllerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             started = time.perf_counter()
             principal: Principal | None = None
             try:
-                if needs_auth:
-                    principal = await self._authenticate(context)
-                    _principal.set(principal)
+                principal = await self._admit(method, needs_auth, context)
                 result = inner(request, context)
                 if inspect.isawaitable(result):
                     result = await result
@@ -121,9 +136,7 @@ class ControllerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             started = time.perf_counter()
             principal: Principal | None = None
             try:
-                if needs_auth:
-                    principal = await self._authenticate(context)
-                    _principal.set(principal)
+                principal = await self._admit(method, needs_auth, context)
                 result = inner(request, context)
                 if inspect.isawaitable(result):
                     # A servicer that writes with context.write() and returns.

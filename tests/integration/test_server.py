@@ -69,6 +69,8 @@ def _start_serve(data_dir: Path, port: int, *extra: str) -> subprocess.Popen[str
             f"127.0.0.1:{port}",
             "--data-dir",
             str(data_dir),
+            "--node-listen",
+            "127.0.0.1:0",
             *extra,
         ],
         stdout=subprocess.PIPE,

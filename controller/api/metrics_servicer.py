@@ -1,0 +1,135 @@
+"""``automator67.v1.MetricsService``: fleet aggregates for polling and live pushes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any, TypeAlias
+
+import grpc
+from automator67.v1 import common_pb2, metrics_pb2, metrics_pb2_grpc
+from google.protobuf import timestamp_pb2
+
+from controller.api.context import current_principal
+from controller.errors import FieldViolation, InvalidArgument, NotFound
+from controller.nodes.fleet import Fleet
+from controller.nodes.health import is_routable
+from controller.nodes.repository import NodeRepository
+
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+# Live pushes: no faster than this, and at least this often even without changes.
+MIN_PUSH_INTERVAL_MS = 200
+DEFAULT_PUSH_INTERVAL_MS = 1000
+KEEPALIVE_PUSH_SECONDS = 15.0
+# Aggregates are cached per user for this long (spec §7: system:metrics:latest, 1 minute).
+SYSTEM_METRICS_TTL_SECONDS = 60.0
+
+
+def system_metrics(fleet: Fleet, user_id: str, now: float) -> metrics_pb2.SystemMetrics:
+    """Aggregates over the user's monitored nodes.
+
+    Averages (CPU, memory, error rate, latency) are over nodes that are alive
+    (routable: ready, busy, degraded or draining) and have reported metrics;
+    totals (cores, memory) are over the same nodes' capabilities.
+    """
+    healths = fleet.monitor.nodes_of(user_id)
+    alive = [
+        (node_id, fleet.live[node_id])
+        for node_id, health in healths.items()
+        if is_routable(health.state) and node_id in fleet.live
+    ]
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(datetime.fromtimestamp(now, UTC))
+    result = metrics_pb2.SystemMetrics(time=stamp, total_nodes=len(healths), healthy_nodes=len(alive))
+    if alive:
+        count = len(alive)
+        result.cpu_percent = sum(live.metrics.cpu_percent for _, live in alive) / count
+        result.memory_percent = sum(live.metrics.memory_percent for _, live in alive) / count
+        result.error_rate = sum(live.metrics.error_rate for _, live in alive) / count
+        result.avg_response_time_ms = sum(live.metrics.avg_response_time_ms for _, live in alive) / count
+        result.total_cpu_cores = sum(live.capabilities.cpu_cores for _, live in alive if live.capabilities)
+        result.total_memory_gb = sum(live.capabilities.memory_gb for _, live in alive if live.capabilities)
+    return result
+
+
+class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, fleet: Fleet, nodes: NodeRepository, draining: asyncio.Event) -> None:
+        self._fleet = fleet
+        self._nodes = nodes
+        self._draining = draining
+
+    async def GetSystemMetrics(
+        self, request: metrics_pb2.GetSystemMetricsRequest, context: Context
+    ) -> metrics_pb2.GetSystemMetricsResponse:
+        user_id = current_principal().user_id
+        metrics = system_metrics(self._fleet, user_id, self._fleet.clock())
+        await self._fleet.cache.set(
+            f"system:metrics:latest:{user_id}",
+            json.dumps(
+                {
+                    "cpu": metrics.cpu_percent,
+                    "memory": metrics.memory_percent,
+                    "error_rate": metrics.error_rate,
+                    "latency": metrics.avg_response_time_ms,
+                }
+            ).encode(),
+            SYSTEM_METRICS_TTL_SECONDS,
+        )
+        return metrics_pb2.GetSystemMetricsResponse(metrics=metrics)
+
+    async def WatchSystemMetrics(
+        self, request: metrics_pb2.WatchSystemMetricsRequest, context: Context
+    ) -> AsyncIterator[metrics_pb2.WatchSystemMetricsResponse]:
+        if request.min_interval_ms and request.min_interval_ms < MIN_PUSH_INTERVAL_MS:
+            raise InvalidArgument(
+                f"min_interval_ms must be at least {MIN_PUSH_INTERVAL_MS}",
+                field_violations=[
+                    FieldViolation("min_interval_ms", f"must be 0 or at least {MIN_PUSH_INTERVAL_MS}")
+                ],
+            )
+        interval = (request.min_interval_ms or DEFAULT_PUSH_INTERVAL_MS) / 1000
+        user_id = current_principal().user_id
+        last: metrics_pb2.SystemMetrics | None = None
+        last_sent = 0.0
+        while not self._draining.is_set():
+            now = self._fleet.clock()
+            current = system_metrics(self._fleet, user_id, now)
+            comparable = metrics_pb2.SystemMetrics()
+            comparable.CopyFrom(current)
+            comparable.ClearField("time")
+            if last is None or comparable != last or now - last_sent >= KEEPALIVE_PUSH_SECONDS:
+                last, last_sent = comparable, now
+                yield metrics_pb2.WatchSystemMetricsResponse(metrics=current)
+            self._fleet.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._draining.wait(), interval)
+
+    async def GetNodeMetrics(
+        self, request: metrics_pb2.GetNodeMetricsRequest, context: Context
+    ) -> metrics_pb2.GetNodeMetricsResponse:
+        if not 0 <= request.hours <= 168:
+            raise InvalidArgument(
+                "hours must be between 1 and 168",
+                field_violations=[FieldViolation("hours", "must be between 1 and 168 (0 means 24)")],
+            )
+        node = (
+            await self._nodes.get_for_user(current_principal().user_id, request.node_id)
+            if request.node_id
+            else None
+        )
+        if node is None:
+            raise NotFound(f"Node {request.node_id!r} was not found", reason="NODE_NOT_FOUND")
+        live = self._fleet.live.get(node.id)
+        current = live.metrics if live else common_pb2.NodeMetrics(**(node.metrics_current or {}))
+        history = []
+        for sample in await self._fleet.history(node.id, request.hours or 24):
+            stamp = timestamp_pb2.Timestamp()
+            stamp.FromDatetime(datetime.fromtimestamp(sample.pop("t"), UTC))
+            history.append(
+                metrics_pb2.NodeMetricsSample(time=stamp, metrics=common_pb2.NodeMetrics(**sample))
+            )
+        return metrics_pb2.GetNodeMetricsResponse(current=current, history=history)

@@ -1,0 +1,228 @@
+"""``automator67.v1.NodeService``: enrollment, registration, the node stream, node management."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
+
+import grpc
+from automator67.v1 import common_pb2, node_pb2, node_pb2_grpc
+from google.protobuf import timestamp_pb2
+
+from controller.api.context import current_principal
+from controller.api.http import set_http_status
+from controller.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from controller.nodes.ca import CertificateAuthority
+from controller.nodes.enrollment import EnrollmentTokens
+from controller.nodes.fleet import STATUS_ENUM, Fleet
+from controller.nodes.health import NodeState
+from controller.nodes.registration import NodeRegistrar
+from controller.nodes.repository import NodeRepository
+from controller.nodes.sessions import NodeSession
+from controller.store.models import Node
+
+log = logging.getLogger("a67.nodes")
+
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+# How long a new stream may take to send its hello.
+HELLO_TIMEOUT_SECONDS = 10.0
+
+PROVIDER_NAMES = {
+    value: name.removeprefix("PROVIDER_").lower() for name, value in common_pb2.Provider.items()
+}
+PROVIDER_VALUES = {name: value for value, name in PROVIDER_NAMES.items()}
+
+
+def _timestamp(value: Any) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+class NodeServicer(node_pb2_grpc.NodeServiceServicer):
+    def __init__(
+        self,
+        *,
+        fleet: Fleet,
+        nodes: NodeRepository,
+        enrollment: EnrollmentTokens,
+        registrar: NodeRegistrar,
+        ca: CertificateAuthority,
+        heartbeat_interval_ms: int,
+        deployments_on: Any = None,
+    ) -> None:
+        self._fleet = fleet
+        self._nodes = nodes
+        self._enrollment = enrollment
+        self._registrar = registrar
+        self._ca = ca
+        self._interval_ms = heartbeat_interval_ms
+        self._deployments_on = deployments_on
+
+    # -- user RPCs ----------------------------------------------------------------------
+
+    async def CreateEnrollmentToken(
+        self, request: node_pb2.CreateEnrollmentTokenRequest, context: Context
+    ) -> node_pb2.CreateEnrollmentTokenResponse:
+        issued = await self._enrollment.create(
+            current_principal().user_id, ttl_seconds=request.ttl_seconds, max_uses=request.max_uses
+        )
+        await set_http_status(context, 201)
+        return node_pb2.CreateEnrollmentTokenResponse(
+            token=issued.token, expires_at=_timestamp(issued.expires_at), max_uses=issued.max_uses
+        )
+
+    async def ListNodes(
+        self, request: node_pb2.ListNodesRequest, context: Context
+    ) -> node_pb2.ListNodesResponse:
+        if request.page_size < 0:
+            raise InvalidArgument("page_size must not be negative", field_violations=())
+        nodes, next_token = await self._nodes.list_for_user(
+            current_principal().user_id, request.page_size, request.page_token
+        )
+        return node_pb2.ListNodesResponse(
+            nodes=[await self._to_proto(node) for node in nodes], next_page_token=next_token
+        )
+
+    async def GetNode(self, request: node_pb2.GetNodeRequest, context: Context) -> node_pb2.GetNodeResponse:
+        return node_pb2.GetNodeResponse(node=await self._to_proto(await self._owned(request.node_id)))
+
+    async def DrainNode(
+        self, request: node_pb2.DrainNodeRequest, context: Context
+    ) -> node_pb2.DrainNodeResponse:
+        node = await self._owned(request.node_id)
+        if node.id in self._fleet.monitor:
+            await self._fleet.drain(node.id)
+        else:
+            await self._nodes.update_status(node.id, str(NodeState.DRAINING), now=None)
+        return node_pb2.DrainNodeResponse(node=await self._to_proto(await self._owned(node.id)))
+
+    async def DeregisterNode(
+        self, request: node_pb2.DeregisterNodeRequest, context: Context
+    ) -> node_pb2.DeregisterNodeResponse:
+        node = await self._owned(request.node_id)
+        await self._nodes.mark_removed(node.id, None)
+        await self._fleet.remove(node.id)
+        log.info("node %s deregistered", node.id)
+        return node_pb2.DeregisterNodeResponse()
+
+    # -- node RPCs ----------------------------------------------------------------------
+
+    async def RegisterNode(
+        self, request: node_pb2.RegisterNodeRequest, context: Context
+    ) -> node_pb2.RegisterNodeResponse:
+        response = await self._registrar.register(request)
+        node = await self._nodes.get(response.node_id)
+        if node is not None:
+            self._fleet.track(node.id, node.user_id)
+        await set_http_status(context, 201)
+        return response
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[node_pb2.ConnectRequest], context: Context
+    ) -> AsyncIterator[node_pb2.ConnectResponse]:
+        identity = self._ca.node_id_from_auth_context(context.auth_context())
+        if identity is None:
+            raise Unauthenticated(
+                "Connect needs the node's client certificate: use the node port (mutual TLS)",
+                reason="NODE_CERTIFICATE_REQUIRED",
+            )
+        node_id, serial = identity
+        node = await self._nodes.get(node_id)
+        if node is None or node.status == str(NodeState.REMOVED) or node.cert_serial != serial:
+            raise PermissionDenied(
+                "This node certificate is no longer accepted", reason="NODE_CERTIFICATE_REVOKED"
+            )
+        try:
+            first = await asyncio.wait_for(anext(aiter(request_iterator)), HELLO_TIMEOUT_SECONDS)
+        except (TimeoutError, StopAsyncIteration) as exc:
+            raise InvalidArgument("A node stream must start with a hello", reason="HELLO_EXPECTED") from exc
+        if first.WhichOneof("message") != "hello":
+            raise InvalidArgument("A node stream must start with a hello", reason="HELLO_EXPECTED")
+
+        self._fleet.track(node.id, node.user_id)
+        session = self._fleet.streams.open(node.id, node.user_id)
+        self._fleet.set_capabilities(node.id, first.hello.capabilities)
+        self._fleet.stream_connected(node.id)
+        log.info("node %s connected (generation %d)", node.id, session.generation)
+        yield node_pb2.ConnectResponse(
+            hello_ack=node_pb2.HelloAck(
+                generation=session.generation, heartbeat_interval_ms=self._interval_ms
+            )
+        )
+        reader = asyncio.create_task(self._read(session, request_iterator))
+        try:
+            while True:
+                message = await session.outbound.get()
+                if message is None:
+                    break
+                yield message
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            reason = session.close_reason or "stream ended"
+            if self._fleet.streams.release(session, reason) and reason != "controller draining":
+                self._fleet.stream_broken(node.id)
+            log.info("node %s stream closed (generation %d): %s", node.id, session.generation, reason)
+
+    async def _read(self, session: NodeSession, requests: AsyncIterator[node_pb2.ConnectRequest]) -> None:
+        """Consume what the node sends until its stream ends or is replaced."""
+        try:
+            async for request in requests:
+                if not self._fleet.streams.is_current(session):
+                    return  # a replaced stream: anything it still sends is stale
+                kind = request.WhichOneof("message")
+                if kind == "heartbeat":
+                    state = self._fleet.heartbeat(session.node_id, request.heartbeat.metrics)
+                    session.send(
+                        node_pb2.ConnectResponse(
+                            heartbeat_ack=node_pb2.HeartbeatAck(
+                                sequence=request.heartbeat.sequence, status=STATUS_ENUM[state]
+                            )
+                        )
+                    )
+                elif kind == "result":
+                    session.resolve(request.result)
+            session.close("node closed its stream")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the transport broke
+            session.close(f"stream error: {type(exc).__name__}")
+
+    # -- helpers ------------------------------------------------------------------------
+
+    async def _owned(self, node_id: str) -> Node:
+        """The caller's node; another user's node looks exactly like a missing one."""
+        node = await self._nodes.get_for_user(current_principal().user_id, node_id) if node_id else None
+        if node is None:
+            raise NotFound(f"Node {node_id!r} was not found", reason="NODE_NOT_FOUND")
+        return node
+
+    async def _to_proto(self, node: Node) -> node_pb2.Node:
+        live = self._fleet.live.get(node.id)
+        state = self._fleet.state_of(node.id)
+        status = STATUS_ENUM.get(state) if state else None
+        if status is None:
+            status = STATUS_ENUM.get(NodeState(node.status), common_pb2.NODE_STATUS_UNSPECIFIED)
+        capabilities = common_pb2.NodeCapabilities(**(node.capabilities or {}))
+        metrics = live.metrics if live else common_pb2.NodeMetrics(**(node.metrics_current or {}))
+        deployments = await self._deployments_on(node.id) if self._deployments_on else 0
+        return node_pb2.Node(
+            id=node.id,
+            user_id=node.user_id,
+            provider=PROVIDER_VALUES.get(node.provider, common_pb2.PROVIDER_UNSPECIFIED),
+            endpoint=node.endpoint,
+            region=node.region or "",
+            status=status,
+            capabilities=capabilities,
+            metrics=metrics,
+            deployments=deployments,
+            created_at=_timestamp(node.created_at),
+            last_heartbeat=_timestamp(node.last_heartbeat),
+            last_metrics_update=_timestamp(node.last_metrics_update),
+        )

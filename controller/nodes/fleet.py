@@ -1,0 +1,303 @@
+"""The live fleet: node streams, the health monitor, live metrics, and their persistence.
+
+This is the edge between the pure health logic (:mod:`controller.nodes.health`,
+:mod:`controller.nodes.monitor`) and the outside world:
+
+* a heartbeat updates **memory** (the monitor and the live metrics) at once;
+  the **cache** key ``node:health:{node_id}`` (TTL 60 s) at most every
+  ``CACHE_REFRESH_SECONDS`` per node and on every state change; the **store**
+  on state changes and, for metrics, at most every ``STORE_METRICS_SECONDS``
+  per node — never once per heartbeat;
+* hourly history: one sample per node per ``HISTORY_SAMPLE_SECONDS`` appended to
+  ``node:metrics:history:{node_id}:{hour}`` (TTL 7 days);
+* a node that becomes failed triggers the recovery hook (the deployments work
+  fills it in; until then it records the event), except during a mass failure,
+  when the monitor freezes recovery and raises an alert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from automator67.v1 import common_pb2
+
+from controller.cache.base import Cache
+from controller.nodes.health import HealthConfig, Metrics, NodeState
+from controller.nodes.monitor import HealthMonitor, MonitorConfig, StateChange
+from controller.nodes.repository import NodeRepository
+from controller.nodes.sessions import StreamRegistry
+
+log = logging.getLogger("a67.nodes")
+
+# How often a node's cache entry is refreshed between state changes.
+CACHE_REFRESH_SECONDS = 15.0
+# TTL of node:health:{id} (spec §7: 1 minute).
+CACHE_HEALTH_TTL_SECONDS = 60.0
+# How often a node's metrics are written to the store between state changes.
+STORE_METRICS_SECONDS = 60.0
+# One history sample per node per this many seconds.
+HISTORY_SAMPLE_SECONDS = 60.0
+# TTL of node:metrics:history:{id}:{hour} (spec §7: 7 days).
+HISTORY_TTL_SECONDS = 7 * 24 * 3600.0
+# Recent fleet events kept in memory (state changes, failures, alerts).
+EVENT_LOG_SIZE = 1000
+
+STATUS_ENUM = {
+    NodeState.INITIALIZING: common_pb2.NODE_STATUS_INITIALIZING,
+    NodeState.READY: common_pb2.NODE_STATUS_READY,
+    NodeState.BUSY: common_pb2.NODE_STATUS_BUSY,
+    NodeState.DEGRADED: common_pb2.NODE_STATUS_DEGRADED,
+    NodeState.SUSPECT: common_pb2.NODE_STATUS_SUSPECT,
+    NodeState.FAILED: common_pb2.NODE_STATUS_FAILED,
+    NodeState.DRAINING: common_pb2.NODE_STATUS_DRAINING,
+    NodeState.REMOVED: common_pb2.NODE_STATUS_REMOVED,
+}
+
+RecoveryHandler = Callable[[str, str], Awaitable[None]]
+
+
+@dataclass
+class LiveMetrics:
+    """The latest heartbeat of a node, in memory."""
+
+    metrics: common_pb2.NodeMetrics
+    received_at: float
+    capabilities: common_pb2.NodeCapabilities | None = None
+
+
+@dataclass(frozen=True)
+class FleetEvent:
+    """Something that happened to the fleet, for operators and tests."""
+
+    at: float
+    kind: str  # "state", "recovery", "alert"
+    node_id: str
+    user_id: str
+    message: str
+
+
+@dataclass
+class Fleet:
+    """Everything the controller knows live about nodes."""
+
+    nodes: NodeRepository
+    cache: Cache
+    health_config: HealthConfig
+    clock: Callable[[], float] = time.time
+    recovery_handler: RecoveryHandler | None = None
+    streams: StreamRegistry = field(default_factory=StreamRegistry)
+    live: dict[str, LiveMetrics] = field(default_factory=dict)
+    events: deque[FleetEvent] = field(default_factory=lambda: deque(maxlen=EVENT_LOG_SIZE))
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.monitor = HealthMonitor(
+            MonitorConfig(health=self.health_config),
+            on_transition=self._on_transition,
+            recovery_hook=self._on_failure,
+            on_alert=self._on_alert,
+        )
+        self._cache_refreshed: dict[str, float] = {}
+        self._history_sampled: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._runner: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Load every known node with a fresh grace period and start sweeping."""
+        now = self.clock()
+        for node in await self.nodes.list_active():
+            state = (
+                NodeState(node.status) if node.status in NodeState.__members__.values() else NodeState.SUSPECT
+            )
+            self.monitor.load(
+                node.id,
+                node.user_id,
+                state,
+                node.last_heartbeat.timestamp() if node.last_heartbeat else None,
+                now,
+                draining=state == NodeState.DRAINING,
+            )
+        log.info("monitoring %d nodes (each with a fresh grace period)", len(self.monitor))
+        self._runner = asyncio.create_task(self.monitor.run(self.clock, asyncio.sleep))
+
+    async def stop(self) -> None:
+        self.streams.close_all("controller draining")
+        self.monitor.stop()
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _background(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- events from streams and RPCs -------------------------------------------------
+
+    def track(self, node_id: str, user_id: str) -> None:
+        """Start monitoring a newly registered node."""
+        if node_id not in self.monitor:
+            self.monitor.add(node_id, user_id, self.clock())
+
+    def heartbeat(self, node_id: str, metrics: common_pb2.NodeMetrics) -> NodeState:
+        """Apply a heartbeat; returns the node's state after it."""
+        now = self.clock()
+        self.live[node_id] = LiveMetrics(
+            metrics=metrics,
+            received_at=now,
+            capabilities=self.live.get(node_id, LiveMetrics(metrics, now)).capabilities,
+        )
+        result = self.monitor.heartbeat(
+            node_id,
+            now,
+            Metrics(
+                cpu_percent=metrics.cpu_percent,
+                memory_percent=metrics.memory_percent,
+                disk_percent=metrics.disk_percent,
+                active_requests=metrics.active_requests,
+                error_rate=metrics.error_rate,
+                avg_response_time_ms=metrics.avg_response_time_ms,
+            ),
+        )
+        self.changed.set()
+        if self.monitor.pending():
+            self._background(self.monitor.flush())
+        if now - self._cache_refreshed.get(node_id, 0.0) >= CACHE_REFRESH_SECONDS:
+            self._cache_refreshed[node_id] = now
+            self._background(self._write_cache(node_id))
+        if now - self._history_sampled.get(node_id, 0.0) >= HISTORY_SAMPLE_SECONDS:
+            self._history_sampled[node_id] = now
+            self._background(self._append_history(node_id, now, metrics))
+        if self.monitor.should_persist_metrics(node_id, now, STORE_METRICS_SECONDS):
+            self.monitor.mark_persisted(node_id, now)
+            self._background(self._persist_metrics(node_id, now, metrics))
+        return result.new.state
+
+    def set_capabilities(self, node_id: str, capabilities: common_pb2.NodeCapabilities) -> None:
+        live = self.live.get(node_id)
+        if live is not None:
+            live.capabilities = capabilities
+
+    def stream_connected(self, node_id: str) -> None:
+        self.monitor.stream_connected(node_id, self.clock())
+
+    def stream_broken(self, node_id: str) -> None:
+        if node_id in self.monitor:
+            self.monitor.stream_broken(node_id, self.clock())
+            self._background(self.monitor.flush())
+
+    async def drain(self, node_id: str) -> None:
+        self.monitor.drain(node_id, self.clock())
+        await self.monitor.flush()
+
+    async def remove(self, node_id: str) -> None:
+        self.streams.disconnect(node_id, "node deregistered")
+        if node_id in self.monitor:
+            self.monitor.remove(node_id, self.clock())
+            await self.monitor.flush()
+        self.live.pop(node_id, None)
+        await self.cache.delete(f"node:health:{node_id}")
+
+    def state_of(self, node_id: str) -> NodeState | None:
+        health = self.monitor.get(node_id)
+        return health.state if health else None
+
+    # -- callbacks from the monitor -----------------------------------------------------
+
+    async def _on_transition(self, change: StateChange) -> None:
+        self.events.append(
+            FleetEvent(
+                change.at,
+                "state",
+                change.node_id,
+                change.user_id,
+                f"{change.old} -> {change.new}: {change.reason}",
+            )
+        )
+        log.info("node %s: %s -> %s (%s)", change.node_id, change.old, change.new, change.reason)
+        self.changed.set()
+        last = change.health.last_heartbeat_at
+        await self.nodes.update_status(
+            change.node_id, str(change.new), now=datetime.fromtimestamp(change.at, UTC)
+        )
+        if last is not None:
+            live = self.live.get(change.node_id)
+            await self.nodes.record_heartbeat(
+                change.node_id,
+                last_heartbeat=datetime.fromtimestamp(last, UTC),
+                metrics=_metrics_dict(live.metrics) if live else None,
+            )
+        await self._write_cache(change.node_id)
+
+    async def _on_failure(self, node_id: str, user_id: str) -> None:
+        self.events.append(
+            FleetEvent(self.clock(), "recovery", node_id, user_id, "node failed: recovery triggered")
+        )
+        log.warning("node %s failed: recovery triggered", node_id)
+        if self.recovery_handler is not None:
+            await self.recovery_handler(node_id, user_id)
+
+    async def _on_alert(self, user_id: str, message: str) -> None:
+        self.events.append(FleetEvent(self.clock(), "alert", "", user_id, message))
+        log.error("ALERT for user %s: %s", user_id, message)
+
+    # -- cache and store writes -----------------------------------------------------------
+
+    async def _write_cache(self, node_id: str) -> None:
+        health = self.monitor.get(node_id)
+        if health is None:
+            return
+        live = self.live.get(node_id)
+        value = {
+            "status": str(health.state),
+            "metrics": _metrics_dict(live.metrics) if live else None,
+            "last_update": live.received_at if live else None,
+        }
+        await self.cache.set(f"node:health:{node_id}", json.dumps(value).encode(), CACHE_HEALTH_TTL_SECONDS)
+
+    async def _append_history(self, node_id: str, now: float, metrics: common_pb2.NodeMetrics) -> None:
+        hour = int(now // 3600)
+        key = f"node:metrics:history:{node_id}:{hour}"
+        raw = await self.cache.get(key)
+        samples = json.loads(raw) if raw else []
+        samples.append({"t": now, **_metrics_dict(metrics)})
+        await self.cache.set(key, json.dumps(samples).encode(), HISTORY_TTL_SECONDS)
+
+    async def history(self, node_id: str, hours: int) -> list[dict[str, float]]:
+        """Samples of the last ``hours`` hours, oldest first."""
+        current = int(self.clock() // 3600)
+        samples: list[dict[str, float]] = []
+        for hour in range(current - hours + 1, current + 1):
+            raw = await self.cache.get(f"node:metrics:history:{node_id}:{hour}")
+            if raw:
+                samples.extend(json.loads(raw))
+        return samples
+
+    async def _persist_metrics(self, node_id: str, now: float, metrics: common_pb2.NodeMetrics) -> None:
+        try:
+            await self.nodes.record_heartbeat(
+                node_id, last_heartbeat=datetime.fromtimestamp(now, UTC), metrics=_metrics_dict(metrics)
+            )
+        except Exception:  # the store being briefly down must not break a stream
+            log.warning("could not persist metrics of node %s", node_id, exc_info=True)
+
+
+def _metrics_dict(metrics: common_pb2.NodeMetrics) -> dict[str, float]:
+    return {
+        "cpu_percent": metrics.cpu_percent,
+        "memory_percent": metrics.memory_percent,
+        "disk_percent": metrics.disk_percent,
+        "active_requests": metrics.active_requests,
+        "error_rate": metrics.error_rate,
+        "avg_response_time_ms": metrics.avg_response_time_ms,
+        "uptime_seconds": metrics.uptime_seconds,
+    }

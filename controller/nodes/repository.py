@@ -1,0 +1,373 @@
+"""The node registry in the store: the ``nodes`` table behind one repository.
+
+Each method is its own unit of work (one transaction) unless it takes a
+``session``, and returns model objects detached from their session. Races are
+settled by the database: the unique ``(user_id, fingerprint)`` constraint decides
+which of two concurrent registrations of one installation wins.
+
+* Ownership is checked in the query (:meth:`NodeRepository.get_for_user`), so
+  another user's node and a missing node look the same.
+* :meth:`NodeRepository.list_for_user` pages by keyset over ``(created_at, id)``;
+  the page token is opaque (url-safe base64 of the last row's key).
+* ``removed`` is terminal: :meth:`NodeRepository.update_status` and
+  :meth:`NodeRepository.record_heartbeat` leave removed nodes alone, and
+  :meth:`NodeRepository.mark_removed` clears the certificate serial, so the node's
+  certificate is no longer accepted.
+* Heartbeats are written at a bounded rate by the caller (see
+  :meth:`controller.nodes.HealthMonitor.should_persist_metrics`), never once per heartbeat.
+
+Example::
+
+    nodes = NodeRepository(store)
+    page, next_token = await nodes.list_for_user(user_id, page_size=50, page_token="")
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, and_, delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.dml import Update
+
+from controller.errors import AlreadyExists, FieldViolation, InvalidArgument
+from controller.store.db import Store
+from controller.store.models import Node, new_id, utcnow
+
+log = logging.getLogger(__name__)
+
+STATUS_INITIALIZING = "initializing"
+STATUS_REMOVED = "removed"
+STATUSES = frozenset(
+    {"initializing", "ready", "busy", "degraded", "suspect", "failed", "draining", STATUS_REMOVED}
+)
+"""The values of ``nodes.status`` (spec §3.2 plus ``suspect`` and ``draining``)."""
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+
+REASON_ALREADY_REGISTERED = "NODE_ALREADY_REGISTERED"
+
+
+async def _execute_update(session: AsyncSession, statement: Update) -> int:
+    result = cast(
+        CursorResult[Any], await session.execute(statement.execution_options(synchronize_session=False))
+    )
+    return result.rowcount
+
+
+def _page_token_error() -> InvalidArgument:
+    return InvalidArgument(
+        "The page token is invalid",
+        field_violations=[FieldViolation("page_token", "not a page token returned by this list")],
+    )
+
+
+def encode_page_token(created_at: datetime, node_id: str) -> str:
+    """The opaque token for the page after the node with this key."""
+    raw = json.dumps([created_at.astimezone(UTC).isoformat(), node_id], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode("utf-8")).rstrip(b"=").decode("ascii")
+
+
+def decode_page_token(token: str) -> tuple[datetime, str]:
+    """The key in a page token; ``InvalidArgument`` (field ``page_token``) if it is not one."""
+    try:
+        if len(token) > 512:
+            raise ValueError("too long")
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        value = json.loads(raw.decode("utf-8"))
+        if not (
+            isinstance(value, list)
+            and len(value) == 2
+            and isinstance(value[0], str)
+            and isinstance(value[1], str)
+            and 0 < len(value[1]) <= 36
+        ):
+            raise ValueError("wrong shape")
+        created_at = datetime.fromisoformat(value[0])
+        if created_at.tzinfo is None:
+            raise ValueError("naive time")
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise _page_token_error() from None
+    return created_at.astimezone(UTC), value[1]
+
+
+def _check_status(status: str) -> None:
+    if status not in STATUSES:
+        raise ValueError(f"unknown node status {status!r}")
+
+
+class NodeRepository:
+    """Nodes: registration, lookups by owner, status and heartbeat writes, removal."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    # -- creating -------------------------------------------------------------------------------
+
+    async def create(
+        self,
+        *,
+        user_id: str,
+        provider: str,
+        endpoint: str,
+        region: str | None,
+        capabilities: dict[str, Any],
+        fingerprint: str | None = None,
+        credentials: dict[str, Any] | None = None,
+        cert_serial: str | None = None,
+        node_id: str | None = None,
+        status: str = STATUS_INITIALIZING,
+        created_at: datetime | None = None,
+        session: AsyncSession | None = None,
+    ) -> Node:
+        """Insert a node and return it.
+
+        Without ``session``: its own transaction, and a node of this user with the
+        same ``fingerprint`` raises ``AlreadyExists`` (``NODE_ALREADY_REGISTERED``,
+        metadata ``node_id`` = the existing node). With ``session``: the insert is
+        flushed in that transaction and an ``IntegrityError`` propagates; the caller
+        turns it into the error with :meth:`already_registered` once its
+        transaction has rolled back.
+        """
+        _check_status(status)
+        node = Node(
+            id=node_id or new_id(),
+            user_id=user_id,
+            provider=provider,
+            endpoint=endpoint,
+            region=region,
+            status=status,
+            capabilities=capabilities,
+            metrics_current=None,
+            credentials=credentials or {},
+            fingerprint=fingerprint,
+            cert_serial=cert_serial,
+            created_at=created_at or utcnow(),
+        )
+        if session is not None:
+            session.add(node)
+            await session.flush()
+            return node
+        try:
+            async with self._store.session() as own:
+                own.add(node)
+        except IntegrityError:
+            error = await self.already_registered(user_id, fingerprint)
+            if error is None:
+                raise
+            raise error from None
+        return node
+
+    async def already_registered(self, user_id: str, fingerprint: str | None) -> AlreadyExists | None:
+        """The ``AlreadyExists`` error for a second registration of ``fingerprint``, or None."""
+        if not fingerprint:
+            return None
+        existing = await self.get_by_fingerprint(user_id, fingerprint)
+        if existing is None:
+            return None
+        return AlreadyExists(
+            "This node is already registered",
+            reason=REASON_ALREADY_REGISTERED,
+            metadata={"node_id": existing.id},
+        )
+
+    async def delete(self, node_id: str) -> bool:
+        """Delete a node row outright (undoing a failed registration); True if it existed."""
+        async with self._store.session() as session:
+            result = cast(
+                CursorResult[Any],
+                await session.execute(
+                    delete(Node).where(Node.id == node_id).execution_options(synchronize_session=False)
+                ),
+            )
+        return result.rowcount == 1
+
+    # -- reading --------------------------------------------------------------------------------
+
+    async def get(self, node_id: str) -> Node | None:
+        """The node with this id, whoever owns it (for node-authenticated calls), or None."""
+        async with self._store.session() as session:
+            return await session.get(Node, node_id)
+
+    async def get_for_user(self, user_id: str, node_id: str) -> Node | None:
+        """The node if it exists *and* belongs to ``user_id``; None otherwise (indistinguishable)."""
+        async with self._store.session() as session:
+            result = await session.execute(select(Node).where(Node.id == node_id, Node.user_id == user_id))
+            return result.scalar_one_or_none()
+
+    async def get_by_fingerprint(self, user_id: str, fingerprint: str) -> Node | None:
+        """``user_id``'s node registered with this installation fingerprint, or None."""
+        async with self._store.session() as session:
+            result = await session.execute(
+                select(Node).where(Node.user_id == user_id, Node.fingerprint == fingerprint)
+            )
+            return result.scalar_one_or_none()
+
+    async def get_by_certificate(self, node_id: str, cert_serial: str) -> Node | None:
+        """The node if it is not removed and ``cert_serial`` is its current certificate, else None.
+
+        What the node-facing port checks after the TLS handshake proved ``node_id``.
+        """
+        if not cert_serial:
+            return None
+        async with self._store.session() as session:
+            result = await session.execute(
+                select(Node).where(
+                    Node.id == node_id, Node.cert_serial == cert_serial, Node.status != STATUS_REMOVED
+                )
+            )
+            return result.scalar_one_or_none()
+
+    async def list_for_user(
+        self,
+        user_id: str,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+        *,
+        include_removed: bool = False,
+    ) -> tuple[list[Node], str]:
+        """One page of ``user_id``'s nodes, oldest first, and the token of the next page.
+
+        ``page_size`` 0 means 50; above 500 it is clamped to 500; negative is
+        ``InvalidArgument`` (field ``page_size``). An empty next token means this was
+        the last page. Removed nodes are left out unless ``include_removed``.
+        """
+        if page_size < 0:
+            raise InvalidArgument(
+                "The page size is invalid",
+                field_violations=[FieldViolation("page_size", "must not be negative")],
+            )
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        statement = select(Node).where(Node.user_id == user_id)
+        if not include_removed:
+            statement = statement.where(Node.status != STATUS_REMOVED)
+        if page_token:
+            after_created, after_id = decode_page_token(page_token)
+            statement = statement.where(
+                or_(
+                    Node.created_at > after_created,
+                    and_(Node.created_at == after_created, Node.id > after_id),
+                )
+            )
+        statement = statement.order_by(Node.created_at, Node.id).limit(size + 1)
+        async with self._store.session() as session:
+            rows = list((await session.execute(statement)).scalars())
+        if len(rows) <= size:
+            return rows, ""
+        page = rows[:size]
+        last = page[-1]
+        return page, encode_page_token(last.created_at, last.id)
+
+    async def list_active(self) -> list[Node]:
+        """Every node that is not removed (for the health monitor at start-up)."""
+        async with self._store.session() as session:
+            result = await session.execute(
+                select(Node).where(Node.status != STATUS_REMOVED).order_by(Node.created_at, Node.id)
+            )
+            return list(result.scalars())
+
+    async def count_for_user(self, user_id: str, statuses: Sequence[str] | None = None) -> int:
+        """How many of ``user_id``'s nodes there are (optionally only in ``statuses``)."""
+        statement = select(func.count()).select_from(Node).where(Node.user_id == user_id)
+        if statuses is not None:
+            statement = statement.where(Node.status.in_(list(statuses)))
+        async with self._store.session() as session:
+            return int(await session.scalar(statement) or 0)
+
+    # -- writing --------------------------------------------------------------------------------
+
+    async def update_status(self, node_id: str, status: str, *, now: datetime | None = None) -> bool:
+        """Set the node's status; False if there is no such node or it is removed.
+
+        ``removed`` is terminal: use :meth:`mark_removed` to remove a node. ``now`` is
+        the time of the change (default: the current time), for the log; the schema
+        keeps no status timestamp.
+        """
+        _check_status(status)
+        if status == STATUS_REMOVED:
+            return await self.mark_removed(node_id, now)
+        async with self._store.session() as session:
+            changed = await _execute_update(
+                session,
+                update(Node).where(Node.id == node_id, Node.status != STATUS_REMOVED).values(status=status),
+            )
+        if changed:
+            log.debug("node %s is now %s (at %s)", node_id, status, (now or utcnow()).isoformat())
+        return changed == 1
+
+    async def record_heartbeat(
+        self, node_id: str, *, last_heartbeat: datetime, metrics: dict[str, Any] | None = None
+    ) -> bool:
+        """Write the node's latest heartbeat time and, if given, its current metrics.
+
+        Never moves ``last_heartbeat`` backwards (an older write arriving late is
+        ignored) and never touches a removed node; False in those cases.
+        """
+        values: dict[str, Any] = {"last_heartbeat": last_heartbeat}
+        if metrics is not None:
+            values["metrics_current"] = metrics
+            values["last_metrics_update"] = last_heartbeat
+        async with self._store.session() as session:
+            changed = await _execute_update(
+                session,
+                update(Node)
+                .where(
+                    Node.id == node_id,
+                    Node.status != STATUS_REMOVED,
+                    or_(Node.last_heartbeat.is_(None), Node.last_heartbeat <= last_heartbeat),
+                )
+                .values(**values),
+            )
+        return changed == 1
+
+    async def set_certificate(self, node_id: str, serial: str) -> bool:
+        """Record the serial (hex) of the node's current certificate; False if no such live node."""
+        async with self._store.session() as session:
+            changed = await _execute_update(
+                session,
+                update(Node)
+                .where(Node.id == node_id, Node.status != STATUS_REMOVED)
+                .values(cert_serial=serial),
+            )
+        return changed == 1
+
+    async def mark_removed(self, node_id: str, now: datetime | None = None) -> bool:
+        """Remove the node: status ``removed``, certificate serial and fingerprint cleared.
+
+        Clearing the serial makes the node's certificate unacceptable; clearing the
+        fingerprint lets the same installation enroll again later (as a new node, with
+        a new token) instead of being told forever that it is already registered.
+        Idempotent; False if there is no such node. ``now`` is the time of removal
+        (default: the current time), for the log.
+        """
+        async with self._store.session() as session:
+            changed = await _execute_update(
+                session,
+                update(Node)
+                .where(Node.id == node_id)
+                .values(status=STATUS_REMOVED, cert_serial=None, fingerprint=None),
+            )
+        if changed:
+            log.info("node %s removed at %s", node_id, (now or utcnow()).isoformat())
+        return changed == 1
+
+
+__all__ = [
+    "DEFAULT_PAGE_SIZE",
+    "MAX_PAGE_SIZE",
+    "REASON_ALREADY_REGISTERED",
+    "STATUSES",
+    "STATUS_INITIALIZING",
+    "STATUS_REMOVED",
+    "NodeRepository",
+    "decode_page_token",
+    "encode_page_token",
+]
