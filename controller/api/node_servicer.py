@@ -191,7 +191,8 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             session.close("node closed its stream")
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the transport broke
+        except Exception as exc:  # the transport broke, or a bug: never take the server down
+            log.warning("node %s stream failed", session.node_id, exc_info=True)
             session.close(f"stream error: {type(exc).__name__}")
 
     # -- helpers ------------------------------------------------------------------------

@@ -169,7 +169,7 @@ class Fleet:
             ),
         )
         self.changed.set()
-        if self.monitor.pending():
+        if self.monitor.pending:
             self._background(self.monitor.flush())
         if now - self._cache_refreshed.get(node_id, 0.0) >= CACHE_REFRESH_SECONDS:
             self._cache_refreshed[node_id] = now

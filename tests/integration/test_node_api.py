@@ -1,0 +1,343 @@
+"""NodeService over a real server: enrollment, registration, the mutual-TLS stream, management.
+
+The node side here is a minimal hand-written client (not the agent), so each
+protocol rule can be exercised directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from automator67.v1 import (
+    auth_pb2_grpc,
+    common_pb2,
+    metrics_pb2,
+    metrics_pb2_grpc,
+    node_pb2,
+    node_pb2_grpc,
+)
+from controller.nodes.ca import SERVER_NAME
+from controller.server import Controller
+from tests.support import bearer, controller_settings, register, running_controller
+
+INTERVAL = 0.2
+
+
+@pytest.fixture
+async def controller(tmp_path: Path) -> AsyncIterator[Controller]:
+    settings = controller_settings(tmp_path, heartbeat_interval_seconds=INTERVAL)
+    async with running_controller(settings) as running:
+        yield running
+
+
+def _reason(err: grpc.aio.AioRpcError) -> str:
+    status = rpc_status.from_call(err)
+    assert status is not None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return ""
+
+
+class FakeNode:
+    """A node's key, CSR and certificate."""
+
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        spki = self.key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self.fingerprint = hashlib.sha256(spki).hexdigest()
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node")]))
+            .sign(self.key, hashes.SHA256())
+        )
+        self.csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode()
+        self.reply: node_pb2.RegisterNodeResponse | None = None
+
+    def request(self, token: str, **overrides: object) -> node_pb2.RegisterNodeRequest:
+        fields: dict[str, object] = {
+            "enrollment_token": token,
+            "provider": common_pb2.PROVIDER_RENDER,
+            "endpoint": "https://node-1.onrender.com",
+            "region": "eu-west",
+            "capabilities": common_pb2.NodeCapabilities(cpu_cores=2, memory_gb=4, disk_gb=20),
+            "csr_pem": self.csr_pem,
+            "fingerprint": self.fingerprint,
+            "oauth_token": "gho_super_secret_oauth_token",
+        }
+        fields.update(overrides)
+        return node_pb2.RegisterNodeRequest(**fields)  # type: ignore[arg-type]
+
+    def channel(self, controller: Controller) -> grpc.aio.Channel:
+        assert self.reply is not None
+        key_pem = self.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.reply.ca_certificate_pem.encode(),
+            private_key=key_pem,
+            certificate_chain=self.reply.certificate_pem.encode(),
+        )
+        return grpc.aio.secure_channel(
+            f"127.0.0.1:{controller.node_port}",
+            credentials,
+            options=[("grpc.ssl_target_name_override", SERVER_NAME)],
+        )
+
+
+async def _user(channel: grpc.aio.Channel, email: str = "ada@example.com") -> str:
+    return (await register(auth_pb2_grpc.AuthServiceStub(channel), email=email)).access_token
+
+
+async def _enroll(
+    stub: node_pb2_grpc.NodeServiceStub, token: str, node: FakeNode, max_uses: int = 1
+) -> node_pb2.RegisterNodeResponse:
+    enrollment = await stub.CreateEnrollmentToken(
+        node_pb2.CreateEnrollmentTokenRequest(max_uses=max_uses), metadata=bearer(token)
+    )
+    node.reply = await stub.RegisterNode(node.request(enrollment.token))
+    return node.reply
+
+
+async def _wait_status(
+    stub: node_pb2_grpc.NodeServiceStub, token: str, node_id: str, status: int, timeout: float = 10.0
+) -> node_pb2.Node:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        node = (await stub.GetNode(node_pb2.GetNodeRequest(node_id=node_id), metadata=bearer(token))).node
+        if node.status == status:
+            return node
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"node stayed {common_pb2.NodeStatus.Name(node.status)}")
+        await asyncio.sleep(0.05)
+
+
+class Stream:
+    """A node stream driven by hand."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.outbox: asyncio.Queue[node_pb2.ConnectRequest | None] = asyncio.Queue()
+        self.call = node_pb2_grpc.NodeServiceStub(channel).Connect(self._requests())
+
+    async def _requests(self) -> AsyncIterator[node_pb2.ConnectRequest]:
+        while (message := await self.outbox.get()) is not None:
+            yield message
+
+    async def hello(self) -> node_pb2.HelloAck:
+        await self.outbox.put(node_pb2.ConnectRequest(hello=node_pb2.NodeHello(agent_version="test")))
+        return (await self.call.read()).hello_ack
+
+    async def heartbeat(self, sequence: int, cpu: float = 10.0) -> node_pb2.HeartbeatAck:
+        metrics = common_pb2.NodeMetrics(cpu_percent=cpu, memory_percent=20, disk_percent=30)
+        await self.outbox.put(
+            node_pb2.ConnectRequest(heartbeat=node_pb2.Heartbeat(sequence=sequence, metrics=metrics))
+        )
+        return (await self.call.read()).heartbeat_ack
+
+
+async def test_register_connect_heartbeat_list_drain_deregister(
+    controller: Controller, channel: grpc.aio.Channel
+) -> None:
+    token = await _user(channel)
+    stub = node_pb2_grpc.NodeServiceStub(channel)
+    node = FakeNode()
+    reply = await _enroll(stub, token, node)
+    assert reply.heartbeat_interval_ms == round(INTERVAL * 1000)
+    assert "BEGIN CERTIFICATE" in reply.certificate_pem
+    listed = await stub.ListNodes(node_pb2.ListNodesRequest(), metadata=bearer(token))
+    assert [n.id for n in listed.nodes] == [reply.node_id]
+    assert listed.nodes[0].status == common_pb2.NODE_STATUS_INITIALIZING
+
+    async with node.channel(controller) as node_channel:
+        stream = Stream(node_channel)
+        ack = await stream.hello()
+        assert ack.generation >= 1
+        assert (await stream.heartbeat(1)).status == common_pb2.NODE_STATUS_READY
+        got = await _wait_status(stub, token, reply.node_id, common_pb2.NODE_STATUS_READY)
+        assert got.metrics.cpu_percent == 10.0
+        assert (await stream.heartbeat(2, cpu=95)).status == common_pb2.NODE_STATUS_BUSY
+
+        system = await metrics_pb2_grpc.MetricsServiceStub(channel).GetSystemMetrics(
+            metrics_pb2.GetSystemMetricsRequest(), metadata=bearer(token)
+        )
+        assert system.metrics.total_nodes == 1
+        assert system.metrics.cpu_percent == 95.0
+
+        drained = await stub.DrainNode(
+            node_pb2.DrainNodeRequest(node_id=reply.node_id), metadata=bearer(token)
+        )
+        assert drained.node.status == common_pb2.NODE_STATUS_DRAINING
+        assert (await stream.heartbeat(3)).status == common_pb2.NODE_STATUS_DRAINING
+
+        await stub.DeregisterNode(
+            node_pb2.DeregisterNodeRequest(node_id=reply.node_id), metadata=bearer(token)
+        )
+        # The stream is closed and the certificate no longer accepted.
+        assert await stream.call.read() == grpc.aio.EOF
+        again = Stream(node_channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await again.hello()
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        await stream.outbox.put(None)
+        await again.outbox.put(None)
+    listed = await stub.ListNodes(node_pb2.ListNodesRequest(), metadata=bearer(token))
+    assert list(listed.nodes) == []
+
+
+async def test_broken_stream_is_suspect_then_failed_then_ready_again(
+    controller: Controller, channel: grpc.aio.Channel
+) -> None:
+    token = await _user(channel)
+    stub = node_pb2_grpc.NodeServiceStub(channel)
+    node = FakeNode()
+    reply = await _enroll(stub, token, node)
+    async with node.channel(controller) as node_channel:
+        stream = Stream(node_channel)
+        await stream.hello()
+        await stream.heartbeat(1)
+        stream.call.cancel()
+        await _wait_status(stub, token, reply.node_id, common_pb2.NODE_STATUS_SUSPECT, timeout=2)
+        await _wait_status(stub, token, reply.node_id, common_pb2.NODE_STATUS_FAILED, timeout=5)
+        # Recovery is held one mass-failure window (one interval) after the failure.
+        for _ in range(100):
+            if any(e.kind == "recovery" and e.node_id == reply.node_id for e in controller.fleet.events):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the recovery hook was not called")
+        back = Stream(node_channel)
+        await back.hello()
+        assert (await back.heartbeat(1)).status == common_pb2.NODE_STATUS_READY
+        await back.outbox.put(None)
+
+
+async def test_second_connection_replaces_the_first(
+    controller: Controller, channel: grpc.aio.Channel
+) -> None:
+    token = await _user(channel)
+    stub = node_pb2_grpc.NodeServiceStub(channel)
+    node = FakeNode()
+    await _enroll(stub, token, node)
+    async with node.channel(controller) as node_channel:
+        first = Stream(node_channel)
+        first_ack = await first.hello()
+        second = Stream(node_channel)
+        second_ack = await second.hello()
+        assert second_ack.generation > first_ack.generation
+        # The old stream ends cleanly; the new one works.
+        assert await first.call.read() == grpc.aio.EOF
+        assert (await second.heartbeat(1)).status == common_pb2.NODE_STATUS_READY
+        await first.outbox.put(None)
+        await second.outbox.put(None)
+
+
+async def test_registration_errors(controller: Controller, channel: grpc.aio.Channel) -> None:
+    token = await _user(channel)
+    stub = node_pb2_grpc.NodeServiceStub(channel)
+    node = FakeNode()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.RegisterNode(node.request("a67e_" + "x" * 43))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    enrollment = await stub.CreateEnrollmentToken(
+        node_pb2.CreateEnrollmentTokenRequest(max_uses=2), metadata=bearer(token)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.RegisterNode(node.request(enrollment.token, provider=0, endpoint="ftp://x"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    first = await stub.RegisterNode(node.request(enrollment.token))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.RegisterNode(node.request(enrollment.token))
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert first.node_id in (info.value.details() or "") or _reason(info.value)
+    # Without a token, user RPCs are refused.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.CreateEnrollmentToken(node_pb2.CreateEnrollmentTokenRequest())
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_node_certificate_acts_only_as_itself(
+    controller: Controller, channel: grpc.aio.Channel
+) -> None:
+    token = await _user(channel)
+    stub = node_pb2_grpc.NodeServiceStub(channel)
+    node = FakeNode()
+    reply = await _enroll(stub, token, node)
+    async with node.channel(controller) as node_channel:
+        node_stub = node_pb2_grpc.NodeServiceStub(node_channel)
+        for call in (
+            node_stub.GetNode(node_pb2.GetNodeRequest(node_id=reply.node_id)),
+            node_stub.ListNodes(node_pb2.ListNodesRequest()),
+            node_stub.DeregisterNode(node_pb2.DeregisterNodeRequest(node_id=reply.node_id)),
+            metrics_pb2_grpc.MetricsServiceStub(node_channel).GetSystemMetrics(
+                metrics_pb2.GetSystemMetricsRequest()
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert _reason(info.value) == "NODE_CERTIFICATE_NOT_ALLOWED"
+    # Connect on the user port has no certificate: refused.
+    plain = Stream(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await plain.hello()
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    await plain.outbox.put(None)
+
+
+async def test_another_users_node_looks_missing(controller: Controller, channel: grpc.aio.Channel) -> None:
+    owner = await _user(channel)
+    stranger = await _user(channel, email="eve@example.com")
+    stub = node_pb2_grpc.NodeServiceStub(channel)
+    reply = await _enroll(stub, owner, FakeNode())
+    for call in (
+        stub.GetNode(node_pb2.GetNodeRequest(node_id=reply.node_id), metadata=bearer(stranger)),
+        stub.DrainNode(node_pb2.DrainNodeRequest(node_id=reply.node_id), metadata=bearer(stranger)),
+        stub.DeregisterNode(node_pb2.DeregisterNodeRequest(node_id=reply.node_id), metadata=bearer(stranger)),
+        stub.GetNode(
+            node_pb2.GetNodeRequest(node_id="00000000-0000-0000-0000-000000000000"), metadata=bearer(owner)
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    listed = await stub.ListNodes(node_pb2.ListNodesRequest(), metadata=bearer(stranger))
+    assert list(listed.nodes) == []
+
+
+async def test_watch_system_metrics_pushes_updates(controller: Controller, channel: grpc.aio.Channel) -> None:
+    token = await _user(channel)
+    stub = node_pb2_grpc.NodeServiceStub(channel)
+    node = FakeNode()
+    await _enroll(stub, token, node)
+    watch = metrics_pb2_grpc.MetricsServiceStub(channel).WatchSystemMetrics(
+        metrics_pb2.WatchSystemMetricsRequest(min_interval_ms=200), metadata=bearer(token)
+    )
+    first = await watch.read()
+    assert first.metrics.healthy_nodes == 0
+    async with node.channel(controller) as node_channel:
+        stream = Stream(node_channel)
+        await stream.hello()
+        await stream.heartbeat(1, cpu=42)
+        while True:
+            update = await asyncio.wait_for(watch.read(), 5)
+            if update.metrics.healthy_nodes == 1:
+                break
+        assert update.metrics.cpu_percent == 42
+        watch.cancel()
+        await stream.outbox.put(None)
