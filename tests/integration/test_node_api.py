@@ -13,13 +13,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
-
 from automator67.v1 import (
     auth_pb2_grpc,
     common_pb2,
@@ -28,6 +21,13 @@ from automator67.v1 import (
     node_pb2,
     node_pb2_grpc,
 )
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
 from controller.nodes.ca import SERVER_NAME
 from controller.server import Controller
 from tests.support import bearer, controller_settings, register, running_controller
@@ -116,9 +116,9 @@ async def _enroll(
 
 
 async def _wait_status(
-    stub: node_pb2_grpc.NodeServiceStub, token: str, node_id: str, status: int, timeout: float = 10.0
+    stub: node_pb2_grpc.NodeServiceStub, token: str, node_id: str, status: int, within: float = 10.0
 ) -> node_pb2.Node:
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         node = (await stub.GetNode(node_pb2.GetNodeRequest(node_id=node_id), metadata=bearer(token))).node
         if node.status == status:
@@ -212,8 +212,8 @@ async def test_broken_stream_is_suspect_then_failed_then_ready_again(
         await stream.hello()
         await stream.heartbeat(1)
         stream.call.cancel()
-        await _wait_status(stub, token, reply.node_id, common_pb2.NODE_STATUS_SUSPECT, timeout=2)
-        await _wait_status(stub, token, reply.node_id, common_pb2.NODE_STATUS_FAILED, timeout=5)
+        await _wait_status(stub, token, reply.node_id, common_pb2.NODE_STATUS_SUSPECT, within=2)
+        await _wait_status(stub, token, reply.node_id, common_pb2.NODE_STATUS_FAILED, within=5)
         # Recovery is held one mass-failure window (one interval) after the failure.
         for _ in range(100):
             if any(e.kind == "recovery" and e.node_id == reply.node_id for e in controller.fleet.events):
