@@ -4,6 +4,7 @@
 
     a67 serve      run the controller (gRPC) on embedded defaults or the given settings
     a67 migrate    bring the store's schema up to date
+    a67 agent      run the reference node agent (enrolls once, then streams heartbeats)
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="upgrade the store schema to the newest revision")
     _add_settings_flags(migrate)
     migrate.set_defaults(func=_cmd_migrate)
+    from controller.agent.cli import add_agent_parser
+
+    add_agent_parser(sub)
     return parser
 
 

@@ -83,9 +83,9 @@ def keepalive_options(interval_ms: int) -> list[tuple[str, int]]:
     """
     return [
         ("grpc.keepalive_time_ms", interval_ms),
-        ("grpc.keepalive_timeout_ms", max(500, interval_ms // 2)),
+        ("grpc.keepalive_timeout_ms", max(1000, interval_ms // 2)),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", max(100, interval_ms // 2)),
+        ("grpc.http2.min_ping_interval_without_data_ms", max(100, interval_ms // 2)),
         ("grpc.http2.max_ping_strikes", 0),
     ]
 
@@ -216,6 +216,11 @@ async def start_controller(settings: Settings) -> Controller:
                 [(key_pem, cert_pem)], root_certificates=ca.ca_cert_pem, require_client_auth=True
             )
             node_port = server.add_secure_port(settings.node_listen_address, credentials)
+            if not settings.node_advertise_address:
+                # Advertise the port really bound (the setting may say port 0).
+                registrar.controller_endpoint = (
+                    f"{settings.node_listen_address.rsplit(':', 1)[0]}:{node_port}"
+                )
     except RuntimeError as exc:
         await cache.close()
         await store.close()

@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from automator67.v1 import common_pb2
 
@@ -272,10 +273,10 @@ class Fleet:
         samples.append({"t": now, **_metrics_dict(metrics)})
         await self.cache.set(key, json.dumps(samples).encode(), HISTORY_TTL_SECONDS)
 
-    async def history(self, node_id: str, hours: int) -> list[dict[str, float]]:
+    async def history(self, node_id: str, hours: int) -> list[dict[str, Any]]:
         """Samples of the last ``hours`` hours, oldest first."""
         current = int(self.clock() // 3600)
-        samples: list[dict[str, float]] = []
+        samples: list[dict[str, Any]] = []
         for hour in range(current - hours + 1, current + 1):
             raw = await self.cache.get(f"node:metrics:history:{node_id}:{hour}")
             if raw:
@@ -291,7 +292,7 @@ class Fleet:
             log.warning("could not persist metrics of node %s", node_id, exc_info=True)
 
 
-def _metrics_dict(metrics: common_pb2.NodeMetrics) -> dict[str, float]:
+def _metrics_dict(metrics: common_pb2.NodeMetrics) -> dict[str, Any]:
     return {
         "cpu_percent": metrics.cpu_percent,
         "memory_percent": metrics.memory_percent,

@@ -165,7 +165,7 @@ class NodeRegistrar:
         self._nodes = nodes
         self._ca = ca
         self._vault = vault
-        self._controller_endpoint = controller_endpoint
+        self.controller_endpoint = controller_endpoint
         self._heartbeat_interval_ms = heartbeat_interval_ms
         self._clock = clock
 
@@ -225,7 +225,7 @@ class NodeRegistrar:
         )
         return node_pb2.RegisterNodeResponse(
             node_id=node_id,
-            controller_endpoint=self._controller_endpoint,
+            controller_endpoint=self.controller_endpoint,
             certificate_pem=signed.cert_pem,
             ca_certificate_pem=self._ca.ca_cert_pem,
             heartbeat_interval_ms=self._heartbeat_interval_ms,

@@ -178,6 +178,11 @@ async def test_register_connect_heartbeat_list_drain_deregister(
         )
         assert system.metrics.total_nodes == 1
         assert system.metrics.cpu_percent == 95.0
+        node_metrics = await metrics_pb2_grpc.MetricsServiceStub(channel).GetNodeMetrics(
+            metrics_pb2.GetNodeMetricsRequest(node_id=reply.node_id), metadata=bearer(token)
+        )
+        assert node_metrics.current.cpu_percent == 95.0
+        assert [sample.metrics.cpu_percent for sample in node_metrics.history] == [10.0]
 
         drained = await stub.DrainNode(
             node_pb2.DrainNodeRequest(node_id=reply.node_id), metadata=bearer(token)
