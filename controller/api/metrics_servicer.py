@@ -104,7 +104,6 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
             if last is None or comparable != last or now - last_sent >= KEEPALIVE_PUSH_SECONDS:
                 last, last_sent = comparable, now
                 yield metrics_pb2.WatchSystemMetricsResponse(metrics=current)
-            self._fleet.changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._draining.wait(), interval)
 

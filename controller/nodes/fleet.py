@@ -96,7 +96,6 @@ class Fleet:
     streams: StreamRegistry = field(default_factory=StreamRegistry)
     live: dict[str, LiveMetrics] = field(default_factory=dict)
     events: deque[FleetEvent] = field(default_factory=lambda: deque(maxlen=EVENT_LOG_SIZE))
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.monitor = HealthMonitor(
@@ -169,7 +168,6 @@ class Fleet:
                 avg_response_time_ms=metrics.avg_response_time_ms,
             ),
         )
-        self.changed.set()
         if self.monitor.pending:
             self._background(self.monitor.flush())
         if now - self._cache_refreshed.get(node_id, 0.0) >= CACHE_REFRESH_SECONDS:
@@ -225,7 +223,6 @@ class Fleet:
             )
         )
         log.info("node %s: %s -> %s (%s)", change.node_id, change.old, change.new, change.reason)
-        self.changed.set()
         last = change.health.last_heartbeat_at
         await self.nodes.update_status(
             change.node_id, str(change.new), now=datetime.fromtimestamp(change.at, UTC)
