@@ -35,8 +35,10 @@ from controller.agent.client import (
     detect_provider,
     provider_value,
 )
+from controller.agent.handlers import CommandHandlers
 from controller.agent.identity import DEFAULT_DATA_DIR
 from controller.agent.metrics import NODE_TYPES
+from controller.agent.shards import ShardStore, register_shard_handlers
 
 log = logging.getLogger("controller.agent")
 
@@ -139,6 +141,12 @@ def add_agent_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help=f"where the key, certificates and node.json live (default ${DATA_DIR_ENV} or {DEFAULT_DATA_DIR})",
     )
+    parser.add_argument(
+        "--shard-postgres-url",
+        default=os.environ.get("A67_AGENT_SHARD_POSTGRES_URL", ""),
+        help="serve database shards from this PostgreSQL database, one schema per shard "
+        "(default: SQLite files in the data dir; env A67_AGENT_SHARD_POSTGRES_URL)",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.set_defaults(func=run_agent_command)
     return parser
@@ -175,8 +183,11 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     )
 
 
-async def run_agent(config: AgentConfig) -> int:
+async def run_agent(config: AgentConfig, *, shard_postgres_url: str = "") -> int:
     """Run an :class:`Agent` until SIGTERM or SIGINT; its exit code."""
+    handlers = CommandHandlers()
+    shards = ShardStore(config.data_dir, shard_postgres_url)
+    register_shard_handlers(handlers, shards)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
@@ -185,8 +196,9 @@ async def run_agent(config: AgentConfig) -> int:
             loop.add_signal_handler(sig, stop.set)
             installed.append(sig)
     try:
-        return await Agent(config).run(stop)
+        return await Agent(config, handlers=handlers).run(stop)
     finally:
+        await shards.close()
         for sig in installed:
             loop.remove_signal_handler(sig)
 
@@ -201,4 +213,4 @@ def run_agent_command(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     provider, source = _resolve_provider(args.provider)
     log.info("provider %s (from %s)", provider, source)
-    return asyncio.run(run_agent(config))
+    return asyncio.run(run_agent(config, shard_postgres_url=args.shard_postgres_url))

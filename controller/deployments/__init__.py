@@ -1,0 +1,52 @@
+"""Deployments: manifest validation and packaging (pure), then rollout and recovery.
+
+::
+
+    CreateDeploymentRequest ─► validate_manifest ─► ValidManifest ─► build_package ─► Package
+                                  (manifest.py)                        (package.py)     data, sha256
+                                                 └─► replica_request() ─► controller.scheduling.place
+
+Agents call :func:`verify_package` and :func:`unpack_package` on what they receive.
+"""
+
+from controller.deployments.manifest import (
+    APP_TYPES,
+    MAX_SOURCE_BYTES,
+    RUNTIMES,
+    HealthCheckSpec,
+    Runtime,
+    ValidManifest,
+    parse_cpu,
+    parse_size_mb,
+    validate_manifest,
+)
+from controller.deployments.package import (
+    MAX_MEMBERS,
+    MAX_UNPACKED_BYTES,
+    Package,
+    PackageLimits,
+    build_package,
+    render_dockerfile,
+    unpack_package,
+    verify_package,
+)
+
+__all__ = [
+    "APP_TYPES",
+    "MAX_MEMBERS",
+    "MAX_SOURCE_BYTES",
+    "MAX_UNPACKED_BYTES",
+    "RUNTIMES",
+    "HealthCheckSpec",
+    "Package",
+    "PackageLimits",
+    "Runtime",
+    "ValidManifest",
+    "build_package",
+    "parse_cpu",
+    "parse_size_mb",
+    "render_dockerfile",
+    "unpack_package",
+    "validate_manifest",
+    "verify_package",
+]

@@ -1,0 +1,251 @@
+"""The read-only picture of one user's nodes that placement works on.
+
+Placement never reads the store, the cache or a stream: the caller builds a
+:class:`Snapshot` from what the fleet holds in memory (node state, capabilities,
+last metrics, stream round-trip time, heartbeat and replica history, resources
+reserved by replicas already placed) and hands it to
+:func:`controller.scheduling.select.place`. A snapshot never changes, so
+anything derived from it (scores, the placement index) is computed once and
+reused by every placement over it.
+
+Units: CPU in cores (``0.5``), memory and disk in MB where **1 MB = 1 MiB =
+2^20 bytes** and 1 GB = 1024 MB, as container runtimes count them (Docker's
+``512m`` is 512 MiB). Node capabilities arrive in GB (spec §3.2) and are
+converted with :data:`MB_PER_GB`.
+
+Example::
+
+    >>> from controller.nodes.health import NodeState
+    >>> node = NodeView(node_id="n1", user_id="u1", region="eu-west", state=NodeState.READY,
+    ...                 capabilities=Capabilities(cpu_cores=2.0, memory_gb=1.0, disk_gb=10.0),
+    ...                 reserved=Resources(cpu_cores=0.5, memory_mb=256, disk_mb=1024))
+    >>> node.free_cpu_cores, node.free_memory_mb, node.free_disk_mb
+    (1.5, 768.0, 9216.0)
+    >>> Snapshot((node,)).node("n1") is node
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TypeVar, cast
+
+from controller.nodes.health import Metrics, NodeState
+from controller.scheduling.score import NodeScore, score_node
+
+MB_PER_GB = 1024
+"""Megabytes (MiB) per gigabyte (GiB): capabilities are in GB, requests in MB."""
+
+DEFAULT_NODE_TYPE = "compute"
+"""The node type a replica needs unless it says otherwise (spec §3.2 node types)."""
+
+_T = TypeVar("_T")
+
+PlacementRow = tuple[float, str, str, float, float, float]
+"""``(-score, node_id, region, free CPU cores, free memory MB, free disk MB)``: one node
+as placement's index reads it (see :attr:`NodeView.placement_row`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a node offers in total (spec §3.2 ``capabilities``)."""
+
+    cpu_cores: float
+    """CPU cores of the node."""
+
+    memory_gb: float
+    """Memory of the node, in GB (GiB)."""
+
+    disk_gb: float
+    """Disk of the node, in GB (GiB)."""
+
+    max_concurrent_requests: int = 0
+    """How many requests the node serves at once; 0 means unknown, which makes the
+    connection score neutral (see :mod:`controller.scheduling.score`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """An amount of CPU, memory and disk: what replicas reserve on a node."""
+
+    cpu_cores: float = 0.0
+    """CPU cores."""
+
+    memory_mb: int = 0
+    """Memory in MB (MiB)."""
+
+    disk_mb: int = 0
+    """Disk in MB (MiB)."""
+
+    def __add__(self, other: Resources) -> Resources:
+        return Resources(
+            cpu_cores=self.cpu_cores + other.cpu_cores,
+            memory_mb=self.memory_mb + other.memory_mb,
+            disk_mb=self.disk_mb + other.disk_mb,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Reliability:
+    """The history that the reliability factor is computed from.
+
+    ``heartbeats_expected`` and ``heartbeats_received`` cover one recent window
+    (the fleet chooses it, e.g. the last hour at the heartbeat interval);
+    ``replica_failures`` counts replicas that failed on the node over a recent
+    window. All zero means no history: the factor is then 1.0.
+    """
+
+    heartbeats_expected: int = 0
+    """Heartbeats the node should have sent in the window."""
+
+    heartbeats_received: int = 0
+    """Heartbeats that arrived in the window."""
+
+    replica_failures: int = 0
+    """Replicas that failed on this node recently."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeView:
+    """One node as placement sees it. Immutable; its score is computed once, on first use."""
+
+    node_id: str
+    """The node's id."""
+
+    user_id: str
+    """The owner; a snapshot holds one user's nodes only."""
+
+    region: str
+    """Where the node runs; replicas spread across regions."""
+
+    state: NodeState
+    """The health state; only ready and busy nodes take new replicas."""
+
+    capabilities: Capabilities
+    """What the node offers in total."""
+
+    node_types: frozenset[str] = frozenset({DEFAULT_NODE_TYPE})
+    """Node types it serves: ``compute``, ``database``, ``storage``."""
+
+    metrics: Metrics | None = None
+    """The metrics of its last valid heartbeat; ``None`` before the first."""
+
+    rtt_ms: float | None = None
+    """Round-trip time of heartbeat acknowledgements on its stream, in ms; ``None``
+    until one has been measured."""
+
+    reliability: Reliability = Reliability()
+    """Heartbeat and replica history."""
+
+    reserved: Resources = Resources()
+    """Resources already reserved by replicas placed on the node."""
+
+    @property
+    def free_cpu_cores(self) -> float:
+        """CPU cores not yet reserved (may be negative if over-committed)."""
+        return self.capabilities.cpu_cores - self.reserved.cpu_cores
+
+    @property
+    def free_memory_mb(self) -> float:
+        """Memory in MB not yet reserved."""
+        return self.capabilities.memory_gb * MB_PER_GB - self.reserved.memory_mb
+
+    @property
+    def free_disk_mb(self) -> float:
+        """Disk in MB not yet reserved."""
+        return self.capabilities.disk_gb * MB_PER_GB - self.reserved.disk_mb
+
+    @cached_property
+    def score(self) -> NodeScore:
+        """The node's §4.2 score (see :mod:`controller.scheduling.score`), computed once."""
+        return score_node(self)
+
+    @cached_property
+    def placement_row(self) -> PlacementRow:
+        """The node as placement's index reads it, computed once per view (a snapshot
+        rebuilt from the same views reuses it): see :data:`PlacementRow`."""
+        return (
+            -self.score.total,
+            self.node_id,
+            self.region,
+            self.free_cpu_cores,
+            self.free_memory_mb,
+            self.free_disk_mb,
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReplicaRequest:
+    """What one replica needs from a node."""
+
+    cpu_cores: float
+    """CPU cores, e.g. 0.5."""
+
+    memory_mb: int
+    """Memory in MB (MiB)."""
+
+    disk_mb: int
+    """Disk in MB (MiB)."""
+
+    node_type: str = DEFAULT_NODE_TYPE
+    """The node type it must run on."""
+
+
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    """An immutable set of one user's nodes.
+
+    Construction checks the invariants placement relies on: node ids are unique,
+    and every node belongs to one user (``user_id`` if given, else the first
+    node's owner). A snapshot holding another user's node is a programming error
+    and raises ``ValueError``: placement must never see it.
+    """
+
+    nodes: tuple[NodeView, ...]
+    """The nodes, in any order (placement does not depend on it)."""
+
+    user_id: str | None = None
+    """The owner every node must have; ``None`` checks only that there is one owner."""
+
+    _by_id: dict[str, NodeView] = field(init=False, repr=False, compare=False)
+    _memo: dict[str, object] = field(init=False, repr=False, compare=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        nodes = self.nodes if isinstance(self.nodes, tuple) else tuple(cast(Iterable[NodeView], self.nodes))
+        object.__setattr__(self, "nodes", nodes)
+        owner = self.user_id if self.user_id is not None else (nodes[0].user_id if nodes else None)
+        strangers = [node for node in nodes if node.user_id != owner]
+        if strangers:
+            raise ValueError(
+                f"snapshot of user {owner!r} holds node {strangers[0].node_id!r} of user {strangers[0].user_id!r}"
+            )
+        by_id = {node.node_id: node for node in nodes}
+        if len(by_id) != len(nodes):
+            seen: set[str] = set()
+            for node in nodes:
+                if node.node_id in seen:
+                    raise ValueError(f"snapshot holds node {node.node_id!r} twice")
+                seen.add(node.node_id)
+        object.__setattr__(self, "_by_id", by_id)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def node(self, node_id: str) -> NodeView | None:
+        """The node with this id, or ``None``."""
+        return self._by_id.get(node_id)
+
+    def memo(self, key: str, build: Callable[[Snapshot], _T]) -> _T:
+        """``build(self)``, computed once per snapshot and key (a snapshot never changes).
+
+        Placement keeps its per-node-type index here, so many placements over one
+        snapshot pay for the index once.
+        """
+        try:
+            return cast(_T, self._memo[key])
+        except KeyError:
+            value = build(self)
+            self._memo[key] = value
+            return value

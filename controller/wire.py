@@ -1,0 +1,67 @@
+"""Row values on the node stream: a JSON encoding that keeps SQL values exact.
+
+JSON has integers, floats, strings, booleans and null; SQL values that JSON
+cannot hold exactly travel tagged:
+
+* ``bytes`` → ``{"$b64": "<base64>"}``
+* ``decimal.Decimal`` → ``{"$dec": "<digits>"}``
+* dates and times → their ISO 8601 text (the column type says what it was)
+
+>>> decode_value(encode_value(b"\\x00\\x01"))
+b'\\x00\\x01'
+>>> decode_value(encode_value(Decimal("1.10")))
+Decimal('1.10')
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from decimal import Decimal
+from typing import Any
+
+
+def encode_value(value: Any) -> Any:
+    """A JSON-ready form of one SQL value."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"$b64": base64.b64encode(bytes(value)).decode()}
+    if isinstance(value, Decimal):
+        return {"$dec": str(value)}
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    return str(value)
+
+
+def decode_value(value: Any) -> Any:
+    """The SQL value an :func:`encode_value` result stands for."""
+    if isinstance(value, dict):
+        if "$b64" in value:
+            return base64.b64decode(value["$b64"])
+        if "$dec" in value:
+            return Decimal(value["$dec"])
+    return value
+
+
+def encode_result(columns: list[tuple[str, str]], rows: list[tuple[Any, ...]], rowcount: int) -> bytes:
+    """The payload of a shard statement's result."""
+    return json.dumps(
+        {
+            "columns": [list(c) for c in columns],
+            "rows": [[encode_value(v) for v in row] for row in rows],
+            "rowcount": rowcount,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode_result(payload: bytes) -> tuple[list[tuple[str, str]], list[tuple[Any, ...]], int]:
+    """Columns, rows and rowcount from :func:`encode_result`."""
+    data = json.loads(payload)
+    columns = [(str(name), str(kind)) for name, kind in data["columns"]]
+    rows = [tuple(decode_value(v) for v in row) for row in data["rows"]]
+    return columns, rows, int(data.get("rowcount", -1))

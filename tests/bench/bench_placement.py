@@ -1,0 +1,267 @@
+#!/usr/bin/env python3
+"""Placement speed: one placement of 3 replicas over a 10,000-node snapshot.
+
+    .venv/bin/python tests/bench/bench_placement.py
+    .venv/bin/python tests/bench/bench_placement.py --nodes 10000 --placements 1000 --replicas 3
+
+Builds one snapshot of ``--nodes`` nodes of one user with a realistic mix
+(seeded, so every run sees the same fleet):
+
+* 8 regions of uneven size (from 30 % of the nodes down to 2 %);
+* states: 80 % ready, 8 % busy, 4 % draining, 3 % suspect, 2 % failed,
+  2 % degraded, 1 % initializing;
+* node types: 85 % compute, 10 % compute+database, 5 % storage;
+* capabilities 0.5 to 4 cores, 0.5 to 8 GB memory, 1 to 40 GB disk, with 0 to
+  90 % of it already reserved by placed replicas;
+* metrics with one-decimal CPU and memory percentages (so equal scores happen),
+  stream RTT 5 to 400 ms (none yet on 5 % of nodes), heartbeat and replica
+  history.
+
+Then times ``--placements`` calls of ``place()`` with requests drawn from three
+sizes (0.25 CPU/256 MB, 0.5 CPU/512 MB, 1 CPU/1 GB), a different deployment id
+as seed each time, and on one call in four an ``exclude`` and ``avoid`` set of
+three nodes each. Figures are per call, in ms.
+
+Also reported, because they are paid outside ``place()``:
+
+* **cold**: the first placement on a snapshot of freshly built nodes, which
+  scores every node and builds the per-type index (once per snapshot);
+* **rebuild**: a new ``Snapshot`` of the same (already scored) node views, and
+  its first placement: what a caller pays when it rebuilds the snapshot after
+  each placement;
+* **explain**: ``Placement.explanations()`` with every rejected node's reason;
+* **worst walk**: every node of the largest region (30 %) is full, so the walk
+  of that region cannot stop early and visits all of its nodes;
+* **all tied**: 10,000 identical nodes in one region (one tie group).
+
+Not a test: pytest does not collect it. Absolute times drift on a shared
+machine; compare figures from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from controller.nodes.health import Metrics, NodeState  # noqa: E402
+from controller.scheduling import (  # noqa: E402
+    Capabilities,
+    NodeView,
+    Reliability,
+    ReplicaRequest,
+    Resources,
+    Snapshot,
+    place,
+)
+
+REGIONS = (
+    ("us-east", 30),
+    ("eu-west", 22),
+    ("us-west", 16),
+    ("eu-central", 12),
+    ("ap-south", 8),
+    ("ap-northeast", 6),
+    ("sa-east", 4),
+    ("af-south", 2),
+)
+STATES = (
+    (NodeState.READY, 80),
+    (NodeState.BUSY, 8),
+    (NodeState.DRAINING, 4),
+    (NodeState.SUSPECT, 3),
+    (NodeState.FAILED, 2),
+    (NodeState.DEGRADED, 2),
+    (NodeState.INITIALIZING, 1),
+)
+TYPES = (
+    (frozenset({"compute"}), 85),
+    (frozenset({"compute", "database"}), 10),
+    (frozenset({"storage"}), 5),
+)
+REQUESTS = (
+    ReplicaRequest(cpu_cores=0.25, memory_mb=256, disk_mb=512),
+    ReplicaRequest(cpu_cores=0.5, memory_mb=512, disk_mb=1024),
+    ReplicaRequest(cpu_cores=1.0, memory_mb=1024, disk_mb=2048),
+)
+
+
+def weighted(rng: random.Random, table: tuple[tuple[object, int], ...]) -> object:
+    return rng.choices([value for value, _ in table], weights=[weight for _, weight in table])[0]
+
+
+def make_nodes(count: int, rng: random.Random) -> list[NodeView]:
+    nodes = []
+    for i in range(count):
+        cpu = rng.choice((0.5, 1.0, 2.0, 4.0))
+        memory = rng.choice((0.5, 1.0, 2.0, 4.0, 8.0))
+        disk = rng.choice((1.0, 5.0, 10.0, 20.0, 40.0))
+        used = rng.random() * 0.9
+        expected = rng.choice((0, 3600))
+        nodes.append(
+            NodeView(
+                node_id=f"node-{i:05d}",
+                user_id="user-1",
+                region=str(weighted(rng, REGIONS)),
+                state=weighted(rng, STATES),  # type: ignore[arg-type]
+                node_types=weighted(rng, TYPES),  # type: ignore[arg-type]
+                capabilities=Capabilities(
+                    cpu_cores=cpu, memory_gb=memory, disk_gb=disk, max_concurrent_requests=100
+                ),
+                metrics=Metrics(
+                    cpu_percent=round(rng.uniform(0, 100), 1),
+                    memory_percent=round(rng.uniform(0, 100), 1),
+                    disk_percent=round(rng.uniform(0, 100), 1),
+                    active_requests=rng.randrange(0, 120),
+                    error_rate=0.0,
+                    avg_response_time_ms=rng.uniform(5, 200),
+                ),
+                rtt_ms=None if rng.random() < 0.05 else round(rng.uniform(5, 400)),
+                reliability=Reliability(
+                    heartbeats_expected=expected,
+                    heartbeats_received=expected - rng.randrange(0, 30) if expected else 0,
+                    replica_failures=rng.choice((0, 0, 0, 0, 1, 2)),
+                ),
+                reserved=Resources(
+                    cpu_cores=round(cpu * used, 2),
+                    memory_mb=int(memory * 1024 * used),
+                    disk_mb=int(disk * 1024 * used),
+                ),
+            )
+        )
+    return nodes
+
+
+def ms(samples_ns: list[int]) -> dict[str, float]:
+    ordered = sorted(samples_ns)
+
+    def pct(p: float) -> float:
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] / 1e6
+
+    return {"p50": pct(50), "p99": pct(99), "max": ordered[-1] / 1e6, "mean": statistics.fmean(ordered) / 1e6}
+
+
+def show(label: str, figures: dict[str, float]) -> None:
+    print(f"  {label:<34}" + "  ".join(f"{key} {value:7.3f} ms" for key, value in figures.items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nodes", type=int, default=10_000)
+    parser.add_argument("--placements", type=int, default=1_000)
+    parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=67)
+    args = parser.parse_args()
+
+    rng = random.Random(args.seed)
+    nodes = make_nodes(args.nodes, rng)
+    ids = [node.node_id for node in nodes]
+    print(
+        f"placement benchmark: {args.nodes} nodes, {args.placements} placements of {args.replicas} "
+        f"replicas; Python {platform.python_version()} on {platform.machine()}"
+    )
+
+    # Cold: fresh node views (nothing scored yet), fresh snapshot, first placement.
+    started = time.perf_counter_ns()
+    snapshot = Snapshot(tuple(nodes), user_id="user-1")
+    built = time.perf_counter_ns()
+    place(snapshot, REQUESTS[1], args.replicas, seed="warm-up")
+    cold = time.perf_counter_ns()
+    print(
+        f"  cold: Snapshot() {(built - started) / 1e6:.1f} ms, first place() "
+        f"(scores {args.nodes} nodes + index) {(cold - built) / 1e6:.1f} ms"
+    )
+    for request in REQUESTS:  # the other request sizes share the compute index
+        place(snapshot, request, args.replicas, seed="warm-up")
+
+    samples: list[int] = []
+    for i in range(args.placements):
+        request = REQUESTS[i % len(REQUESTS)]
+        exclude: frozenset[str] = frozenset()
+        avoid: frozenset[str] = frozenset()
+        if i % 4 == 0:
+            exclude = frozenset(rng.sample(ids, 3))
+            avoid = frozenset(rng.sample(ids, 3))
+        seed = f"deployment-{rng.getrandbits(64):016x}"
+        start = time.perf_counter_ns()
+        place(snapshot, request, args.replicas, seed, exclude=exclude, avoid=avoid)
+        samples.append(time.perf_counter_ns() - start)
+    print("per placement (snapshot already indexed):")
+    show("place()", ms(samples))
+
+    rebuild: list[int] = []
+    for i in range(min(200, args.placements)):
+        start = time.perf_counter_ns()
+        fresh = Snapshot(snapshot.nodes, user_id="user-1")
+        place(fresh, REQUESTS[i % len(REQUESTS)], args.replicas, seed=f"rebuild-{i}")
+        rebuild.append(time.perf_counter_ns() - start)
+    show("rebuild Snapshot + place()", ms(rebuild))
+
+    explain: list[int] = []
+    for i in range(20):
+        placement = place(snapshot, REQUESTS[i % len(REQUESTS)], args.replicas, seed=f"explain-{i}")
+        start = time.perf_counter_ns()
+        explanations = placement.explanations()
+        explain.append(time.perf_counter_ns() - start)
+    show(f"explanations() ({len(explanations)} entries)", ms(explain))
+
+    # Worst walk: no node of the largest region can take any request, so the walk of
+    # that region cannot stop early and visits every one of its nodes.
+    small = {node.node_id for node in snapshot.nodes if node.region == REGIONS[0][0]}
+    starved = Snapshot(
+        tuple(
+            replace(node, reserved=Resources(cpu_cores=node.capabilities.cpu_cores))
+            if node.node_id in small
+            else node
+            for node in snapshot.nodes
+        ),
+        user_id="user-1",
+    )
+    place(starved, REQUESTS[0], args.replicas, seed="warm-up")
+    walk: list[int] = []
+    for i in range(min(200, args.placements)):
+        start = time.perf_counter_ns()
+        place(starved, REQUESTS[i % len(REQUESTS)], args.replicas, seed=f"walk-{i}")
+        walk.append(time.perf_counter_ns() - start)
+    show(f"worst walk ({len(small)} nodes full)", ms(walk))
+
+    template = nodes[0]
+    tied_nodes = tuple(
+        replace(
+            template,
+            node_id=f"tied-{i:05d}",
+            region="us-east",
+            state=NodeState.READY,
+            node_types=frozenset({"compute"}),
+            capabilities=Capabilities(cpu_cores=4, memory_gb=8, disk_gb=40, max_concurrent_requests=100),
+            reserved=Resources(),
+        )
+        for i in range(args.nodes)
+    )
+    tied = Snapshot(tied_nodes, user_id="user-1")
+    place(tied, REQUESTS[0], args.replicas, seed="warm-up")
+    ties: list[int] = []
+    for i in range(min(200, args.placements)):
+        start = time.perf_counter_ns()
+        place(tied, REQUESTS[i % len(REQUESTS)], args.replicas, seed=f"tie-{i}")
+        ties.append(time.perf_counter_ns() - start)
+    show(f"all {args.nodes} nodes tied", ms(ties))
+
+    for label, figures in (
+        ("place() on an indexed snapshot", ms(samples)),
+        ("rebuild Snapshot + place()", ms(rebuild)),
+    ):
+        verdict = "PASS" if figures["p50"] <= 5.0 and figures["p99"] <= 20.0 else "FAIL"
+        print(f"goal (issue 4) p50 <= 5 ms, p99 <= 20 ms, {label}: {verdict}")
+
+
+if __name__ == "__main__":
+    main()
