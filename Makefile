@@ -33,11 +33,12 @@ $(BUF):
 
 gen: install
 	$(BIN)/python scripts/gen_protos.py
+	$(BIN)/python scripts/gen_openapi.py
 
 # Regenerate and fail if anything committed differs.
 check-generated: gen
-	git diff --exit-code -- generated third_party
-	@test -z "$$(git status --porcelain -- generated third_party)" || (git status --porcelain -- generated third_party; echo "untracked generated files"; exit 1)
+	git diff --exit-code -- generated third_party docs/openapi.json
+	@test -z "$$(git status --porcelain -- generated third_party docs/openapi.json)" || (git status --porcelain -- generated third_party docs/openapi.json; echo "untracked generated files"; exit 1)
 
 lint: install tools
 	$(BUF) lint

@@ -5,6 +5,8 @@
     a67 serve      run the controller (gRPC) on embedded defaults or the given settings
     a67 migrate    bring the store's schema up to date
     a67 agent      run the reference node agent (enrolls once, then streams heartbeats)
+    a67 gateway    run Envoy: REST/JSON for the dashboard, transcoded to the controller's gRPC
+    a67 up         the controller and the gateway together, on embedded defaults
 """
 
 from __future__ import annotations
@@ -97,8 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(migrate)
     migrate.set_defaults(func=_cmd_migrate)
     from controller.agent.cli import add_agent_parser
+    from controller.gateway.cli import add_gateway_parser, add_up_parser
 
     add_agent_parser(sub)
+    add_gateway_parser(sub)
+    add_up_parser(sub)
     return parser
 
 

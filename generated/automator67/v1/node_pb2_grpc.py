@@ -78,7 +78,7 @@ class NodeServiceServicer:
 
     def CreateEnrollmentToken(self, request, context):
         """Creates a short-lived, bounded-use enrollment token for new nodes. The
-        token is shown once and stored only as a hash.
+        token is shown once and stored only as a hash. HTTP 201.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

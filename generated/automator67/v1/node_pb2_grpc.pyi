@@ -35,7 +35,7 @@ class NodeServiceStub:
     def __new__(cls, channel: _aio.Channel) -> NodeServiceAsyncStub: ...
     CreateEnrollmentToken: _grpc.UnaryUnaryMultiCallable[_node_pb2.CreateEnrollmentTokenRequest, _node_pb2.CreateEnrollmentTokenResponse]
     """Creates a short-lived, bounded-use enrollment token for new nodes. The
-    token is shown once and stored only as a hash.
+    token is shown once and stored only as a hash. HTTP 201.
     """
     RegisterNode: _grpc.UnaryUnaryMultiCallable[_node_pb2.RegisterNodeRequest, _node_pb2.RegisterNodeResponse]
     """Registers a node with an enrollment token and signs its CSR. HTTP 201."""
@@ -59,7 +59,7 @@ class NodeServiceAsyncStub(NodeServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateEnrollmentToken: _aio.UnaryUnaryMultiCallable[_node_pb2.CreateEnrollmentTokenRequest, _node_pb2.CreateEnrollmentTokenResponse]  # type: ignore[assignment]
     """Creates a short-lived, bounded-use enrollment token for new nodes. The
-    token is shown once and stored only as a hash.
+    token is shown once and stored only as a hash. HTTP 201.
     """
     RegisterNode: _aio.UnaryUnaryMultiCallable[_node_pb2.RegisterNodeRequest, _node_pb2.RegisterNodeResponse]  # type: ignore[assignment]
     """Registers a node with an enrollment token and signs its CSR. HTTP 201."""
@@ -86,7 +86,7 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.CreateEnrollmentTokenResponse, _abc.Awaitable[_node_pb2.CreateEnrollmentTokenResponse]]:
         """Creates a short-lived, bounded-use enrollment token for new nodes. The
-        token is shown once and stored only as a hash.
+        token is shown once and stored only as a hash. HTTP 201.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,142 @@
+"""Render the Envoy configuration template, and have Envoy validate the result.
+
+>>> from controller.gateway.config import GatewaySettings
+>>> yaml_text = render(GatewaySettings(listen_address="127.0.0.1:9090"))
+>>> "port_value: 9090" in yaml_text
+True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from string import Template
+
+from google.protobuf import descriptor_pb2
+
+from controller.gateway.config import GatewaySettings
+from controller.gateway.process import envoy_binary
+
+API_PACKAGE = "automator67.v1"
+
+# The transcoder's print option for each GatewaySettings.stream_format.
+_STREAM_FORMAT_OPTIONS = {
+    "ndjson": "stream_newline_delimited: true",
+    "sse": "stream_sse_style_delimited: true",
+}
+
+
+class GatewayConfigError(Exception):
+    """The settings, the descriptor set or the rendered configuration is unusable."""
+
+
+def api_services(descriptor_path: Path, package: str = API_PACKAGE) -> tuple[str, ...]:
+    """Fully qualified names of the services of ``package`` in a descriptor set, sorted."""
+    try:
+        data = descriptor_path.read_bytes()
+    except OSError as exc:
+        raise GatewayConfigError(
+            f"cannot read the descriptor set {descriptor_path} ({exc.strerror}); "
+            "run scripts/gen_protos.py or set A67_GATEWAY_DESCRIPTOR_PATH"
+        ) from None
+    try:
+        descriptors = descriptor_pb2.FileDescriptorSet.FromString(data)
+    except Exception as exc:  # protobuf raises DecodeError, but guard any parse failure
+        raise GatewayConfigError(f"{descriptor_path} is not a FileDescriptorSet: {exc}") from None
+    services = sorted(
+        f"{file.package}.{service.name}"
+        for file in descriptors.file
+        if file.package == package
+        for service in file.service
+    )
+    if not services:
+        raise GatewayConfigError(f"{descriptor_path} holds no {package} services")
+    return tuple(services)
+
+
+def _quote(value: str) -> str:
+    """A YAML double-quoted scalar (JSON strings are valid YAML)."""
+    return json.dumps(value)
+
+
+def _flow_list(values: Iterable[object]) -> str:
+    return json.dumps(list(values), separators=(", ", ": "))
+
+
+def _duration(seconds: float) -> str:
+    """Protobuf JSON duration with millisecond precision: ``1.5`` → ``"1.500s"``."""
+    millis = round(seconds * 1000)
+    return _quote(f"{millis // 1000}.{millis % 1000:03d}s")
+
+
+def _origin_matchers(origins: Iterable[str]) -> str:
+    return _flow_list({"safe_regex": {"regex": ".*"}} if o == "*" else {"exact": o} for o in origins)
+
+
+def _admin(settings: GatewaySettings) -> str:
+    if settings.admin is None:
+        return "# The admin interface is disabled (set admin_address to a loopback HOST:PORT to enable it)."
+    host, port = settings.admin
+    return f"admin:\n  address:\n    socket_address: {{address: {_quote(host)}, port_value: {port}}}"
+
+
+def render(settings: GatewaySettings) -> str:
+    """The Envoy configuration for ``settings``, as YAML text."""
+    settings.validate()
+    try:
+        template = Template(settings.template_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise GatewayConfigError(
+            f"cannot read the gateway template {settings.template_path}: {exc.strerror}"
+        ) from None
+    listen_host, listen_port = settings.listen
+    upstream_host, upstream_port = settings.upstream
+    values = {
+        "admin": _admin(settings),
+        "listen_host": _quote(listen_host),
+        "listen_port": str(listen_port),
+        "upstream_host": _quote(upstream_host),
+        "upstream_port": str(upstream_port),
+        "descriptor_path": _quote(str(settings.descriptor_path.resolve())),
+        "services": _flow_list(api_services(settings.descriptor_path)),
+        "cors_origins": _origin_matchers(settings.cors_allowed_origins),
+        "max_request_body_size": str(settings.max_request_body_size),
+        "max_connections": str(settings.max_connections),
+        "stream_format_option": _STREAM_FORMAT_OPTIONS[settings.stream_format],
+        "request_timeout": _duration(settings.request_timeout_seconds),
+        "stream_idle_timeout": _duration(settings.stream_idle_timeout_seconds),
+    }
+    try:
+        return template.substitute(values)
+    except (KeyError, ValueError) as exc:
+        raise GatewayConfigError(f"{settings.template_path}: bad placeholder {exc}") from None
+
+
+def write_config(settings: GatewaySettings, path: Path) -> Path:
+    """Render ``settings`` into ``path`` (written atomically) and return it."""
+    text = render(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".envoy-", suffix=".yaml", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
+    Path(tmp).replace(path)
+    return path
+
+
+def validate(path: Path, envoy: Path | None = None, timeout: float = 60.0) -> None:
+    """Have Envoy check the configuration at ``path`` (``--mode validate``); raise on failure."""
+    binary = envoy or envoy_binary()
+    result = subprocess.run(
+        [str(binary), "--mode", "validate", "-c", str(path), "--disable-hot-restart", "-l", "error"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if result.returncode != 0:
+        output = (result.stderr.strip() or result.stdout.strip())[-4000:]
+        raise GatewayConfigError(f"envoy rejected {path}:\n{output}")
