@@ -38,6 +38,7 @@ from controller.agent.client import (
 from controller.agent.handlers import CommandHandlers
 from controller.agent.identity import DEFAULT_DATA_DIR
 from controller.agent.metrics import NODE_TYPES
+from controller.agent.replicas import DEFAULT_PORT_RANGE, ReplicaSupervisor, register_replica_handlers
 from controller.agent.shards import ShardStore, register_shard_handlers
 
 log = logging.getLogger("controller.agent")
@@ -47,6 +48,8 @@ TOKEN_ENV = "A67_AGENT_TOKEN"  # noqa: S105
 OAUTH_TOKEN_ENV = "A67_AGENT_OAUTH_TOKEN"  # noqa: S105
 DATA_DIR_ENV = "A67_AGENT_DATA_DIR"
 PROVIDER_ENV = "A67_AGENT_PROVIDER"
+ADVERTISE_HOST_ENV = "A67_AGENT_ADVERTISE_HOST"
+PORT_RANGE_ENV = "A67_AGENT_REPLICA_PORT_RANGE"
 
 
 def _node_types(text: str) -> tuple[str, ...]:
@@ -67,6 +70,17 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return value
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    low_text, sep, high_text = text.strip().partition("-")
+    try:
+        low, high = int(low_text), int(high_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be LOW-HIGH, like 20000-29999 (got {text!r})") from None
+    if not sep or not 1 <= low <= high <= 65535:
+        raise argparse.ArgumentTypeError(f"must be LOW-HIGH within 1-65535, like 20000-29999 (got {text!r})")
+    return low, high
 
 
 def _positive_int(text: str) -> int:
@@ -147,6 +161,20 @@ def add_agent_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="serve database shards from this PostgreSQL database, one schema per shard "
         "(default: SQLite files in the data dir; env A67_AGENT_SHARD_POSTGRES_URL)",
     )
+    parser.add_argument(
+        "--advertise-host",
+        default=os.environ.get(ADVERTISE_HOST_ENV, "127.0.0.1"),
+        help="the host name or address in replica endpoints (http://HOST:PORT), as clients reach "
+        f"this machine (default 127.0.0.1; env {ADVERTISE_HOST_ENV})",
+    )
+    parser.add_argument(
+        "--replica-port-range",
+        type=_port_range,
+        default=os.environ.get(PORT_RANGE_ENV, "{}-{}".format(*DEFAULT_PORT_RANGE)),
+        metavar="LOW-HIGH",
+        help="ports handed to replicas when the controller names none "
+        f"(default {DEFAULT_PORT_RANGE[0]}-{DEFAULT_PORT_RANGE[1]}; env {PORT_RANGE_ENV})",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.set_defaults(func=run_agent_command)
     return parser
@@ -183,11 +211,26 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     )
 
 
-async def run_agent(config: AgentConfig, *, shard_postgres_url: str = "") -> int:
-    """Run an :class:`Agent` until SIGTERM or SIGINT; its exit code."""
+async def run_agent(
+    config: AgentConfig,
+    *,
+    shard_postgres_url: str = "",
+    advertise_host: str = "127.0.0.1",
+    replica_port_range: tuple[int, int] = DEFAULT_PORT_RANGE,
+) -> int:
+    """Run an :class:`Agent` until SIGTERM or SIGINT; its exit code.
+
+    Replicas (``deploy_replica``/``stop_replica``) are run by a :class:`ReplicaSupervisor`
+    whose states ride every hello and heartbeat; on the way out every replica is stopped.
+    """
     handlers = CommandHandlers()
     shards = ShardStore(config.data_dir, shard_postgres_url)
     register_shard_handlers(handlers, shards)
+    supervisor = ReplicaSupervisor(
+        config.data_dir, advertise_host=advertise_host, port_range=replica_port_range
+    )
+    await asyncio.to_thread(supervisor.reap_orphans)
+    register_replica_handlers(handlers, supervisor)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
@@ -196,8 +239,9 @@ async def run_agent(config: AgentConfig, *, shard_postgres_url: str = "") -> int
             loop.add_signal_handler(sig, stop.set)
             installed.append(sig)
     try:
-        return await Agent(config, handlers=handlers).run(stop)
+        return await Agent(config, handlers=handlers, replicas=supervisor.states).run(stop)
     finally:
+        await supervisor.close()
         await shards.close()
         for sig in installed:
             loop.remove_signal_handler(sig)
@@ -213,4 +257,11 @@ def run_agent_command(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     provider, source = _resolve_provider(args.provider)
     log.info("provider %s (from %s)", provider, source)
-    return asyncio.run(run_agent(config, shard_postgres_url=args.shard_postgres_url))
+    return asyncio.run(
+        run_agent(
+            config,
+            shard_postgres_url=args.shard_postgres_url,
+            advertise_host=args.advertise_host,
+            replica_port_range=args.replica_port_range,
+        )
+    )
