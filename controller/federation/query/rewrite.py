@@ -1,0 +1,867 @@
+"""Stage 3: the SQL each shard runs, and the merge that puts the answers together.
+
+A statement that runs on one shard is passed through untouched (the original text).
+Otherwise:
+
+* **SELECT without aggregates** keeps its text but gains hidden trailing columns for
+  ORDER BY terms that are not in the select list (``_a67_o0``...), and
+  ``LIMIT n OFFSET m`` becomes ``LIMIT n+m`` on each shard (the merge skips ``m``).
+* **SELECT with GROUP BY or aggregates** becomes a partial aggregation per shard::
+
+      SELECT status, AVG(amount) AS a FROM orders GROUP BY status HAVING COUNT(*) > 2
+      ORDER BY a DESC LIMIT 3
+      -- each shard:
+      SELECT status AS _a67_g0, SUM(amount) AS _a67_p0, COUNT(amount) AS _a67_p1,
+             COUNT(*) AS _a67_p2 FROM orders GROUP BY status
+
+  COUNT → SUM of counts, SUM → SUM, MIN/MAX → MIN/MAX, AVG → SUM and COUNT,
+  COUNT/SUM/AVG(DISTINCT x) → ``x`` added to the shard's GROUP BY (exact), HAVING,
+  ORDER BY, DISTINCT, LIMIT and expressions over aggregates are evaluated by the merge
+  (:mod:`.merge`). Non-aggregate expressions (group keys and functions of them) are
+  computed on the shards and carried.
+* **INSERT ... VALUES** is split: each shard gets the rows whose key it owns.
+* **UPDATE, DELETE, DDL** run unchanged on every routed shard.
+
+Refused here (FailedPrecondition naming the construct): aggregates other than
+COUNT/SUM/TOTAL/MIN/MAX/AVG across shards, DISTINCT aggregates with FILTER or several
+arguments, ``SELECT *`` with aggregates, DISTINCT ON, GROUPING SETS/ROLLUP/CUBE,
+ORDER BY ... COLLATE, DISTINCT with ORDER BY terms outside the select list, FETCH ...
+WITH TIES / PERCENT, non-constant LIMIT/OFFSET, and expressions over aggregates the
+merge cannot evaluate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from sqlglot import exp
+from sqlglot.dialects.dialect import Dialect
+from sqlglot.errors import SqlglotError
+from sqlglot.tokenizer_core import Token, TokenType
+
+from controller.errors import InvalidArgument
+
+from .merge import (
+    AggRef,
+    Aggregate,
+    AggregateFunction,
+    Apply,
+    Const,
+    GroupedMerge,
+    MergeExpr,
+    MergeSpec,
+    OrderTerm,
+    OutputColumn,
+    OutputRef,
+    RowsMerge,
+    Slot,
+    SortKey,
+    WriteMerge,
+)
+from .parse import DialectRules, NotALiteral, Statement, StatementKind, literal_value
+from .route import Analysis, Route, refusal
+
+HIDDEN_PREFIX = "_a67_"
+
+_KNOWN_AGGREGATES: Mapping[type[exp.Expr], str] = {
+    exp.Count: "count",
+    exp.Sum: "sum",
+    exp.Avg: "avg",
+    exp.Min: "min",
+    exp.Max: "max",
+}
+_ANONYMOUS_AGGREGATES = frozenset(
+    {
+        "total",
+        "group_concat",
+        "string_agg",
+        "array_agg",
+        "json_group_array",
+        "json_group_object",
+        "json_agg",
+        "jsonb_agg",
+        "json_object_agg",
+        "jsonb_object_agg",
+        "every",
+        "bool_and",
+        "bool_or",
+        "bit_and",
+        "bit_or",
+        "bit_xor",
+        "xmlagg",
+        "stddev",
+        "stddev_pop",
+        "stddev_samp",
+        "variance",
+        "var_pop",
+        "var_samp",
+        "median",
+        "mode",
+        "percentile_cont",
+        "percentile_disc",
+        "range_agg",
+        "range_intersect_agg",
+        "any_value",
+    }
+)
+_BINARY_OPS: Mapping[type[exp.Expr], str] = {
+    exp.Add: "+",
+    exp.Sub: "-",
+    exp.Mul: "*",
+    exp.Div: "/",
+    exp.Mod: "%",
+    exp.EQ: "=",
+    exp.NEQ: "<>",
+    exp.LT: "<",
+    exp.LTE: "<=",
+    exp.GT: ">",
+    exp.GTE: ">=",
+    exp.And: "and",
+    exp.Or: "or",
+    exp.DPipe: "concat",
+}
+_CAST_TARGETS: Mapping[str, str] = {
+    "INT": "integer",
+    "BIGINT": "integer",
+    "SMALLINT": "integer",
+    "TINYINT": "integer",
+    "FLOAT": "float",
+    "DOUBLE": "float",
+    "DECIMAL": "numeric",
+    "TEXT": "text",
+    "VARCHAR": "text",
+}
+
+
+@dataclass(frozen=True)
+class Rewritten:
+    """The output of the rewrite stage."""
+
+    shard_sql: Mapping[int, str]
+    merge: MergeSpec | None
+
+
+def rewrite(analysis: Analysis, route: Route) -> Rewritten:
+    """Shard SQL and merge for a routed statement.
+
+    >>> from controller.federation.query.layout import ShardLayout
+    >>> from controller.federation.query.parse import parse
+    >>> from controller.federation.query.route import analyse, route_analysis
+    >>> statement = parse("SELECT COUNT(*) FROM orders", "sqlite")
+    >>> analysis = analyse(statement, ShardLayout("hash", 2, "k"), {"orders": ["k"]})
+    >>> rewrite(analysis, route_analysis(analysis)).shard_sql[0]
+    'SELECT COUNT(*) AS _a67_p0 FROM orders'
+    """
+    statement = analysis.statement
+    if route.single:
+        return Rewritten({route.shards[0]: statement.sql}, None)
+    if statement.kind is StatementKind.SELECT:
+        select = statement.expression
+        if not isinstance(select, exp.Select):
+            raise refusal(
+                "set operation spanning shards",
+                "UNION / INTERSECT / EXCEPT spanning shards is not supported",
+                "CROSS_SHARD_SET_OPERATION",
+            )
+        sql, spec = rewrite_select(select, analysis)
+        return Rewritten(dict.fromkeys(route.shards, sql), spec)
+    if statement.kind is StatementKind.INSERT and route.rows_by_shard is not None:
+        return Rewritten(split_insert(statement, route.rows_by_shard), WriteMerge("sum"))
+    once = route.reference_write or statement.kind is StatementKind.DDL
+    return Rewritten(dict.fromkeys(route.shards, statement.sql), WriteMerge("first" if once else "sum"))
+
+
+def split_insert(statement: Statement, rows_by_shard: Mapping[int, Sequence[int]]) -> dict[int, str]:
+    """One INSERT per shard with the VALUES rows it owns (the original text if only one shard)."""
+    if len(rows_by_shard) == 1:
+        return {shard: statement.sql for shard in rows_by_shard}
+    result: dict[int, str] = {}
+    node = statement.expression
+    values = node.args["expression"]
+    for shard, indexes in sorted(rows_by_shard.items()):
+        copy = node.copy()
+        copy.args["expression"].set("expressions", [values.expressions[i].copy() for i in indexes])
+        result[shard] = copy.sql(dialect=statement.rules.sqlglot_dialect)
+    return result
+
+
+# -- SELECT ------------------------------------------------------------------------------
+
+
+def aggregate_kind(node: exp.Expr) -> str | None:
+    """``count``/``sum``/``avg``/``min``/``max``/``total`` for a supported aggregate call,
+    ``unsupported:NAME`` for another aggregate, ``None`` for anything else."""
+    if isinstance(node, exp.Filter):
+        return aggregate_kind(node.this)
+    kind = _KNOWN_AGGREGATES.get(type(node))
+    if kind is not None:
+        if kind in ("min", "max") and node.expressions:
+            return None  # SQLite's multi-argument MIN/MAX are scalar functions
+        return kind
+    if isinstance(node, exp.AggFunc):
+        return f"unsupported:{node.sql_name() if hasattr(node, 'sql_name') else type(node).__name__}"
+    if isinstance(node, exp.Anonymous) and str(node.this).lower() in _ANONYMOUS_AGGREGATES:
+        name = str(node.this).lower()
+        return "total" if name == "total" else f"unsupported:{name}"
+    if isinstance(node, exp.WithinGroup):
+        return "unsupported:WITHIN GROUP"
+    return None
+
+
+def contains_aggregate(node: exp.Expr) -> bool:
+    """Whether an expression has an aggregate call outside nested queries and windows."""
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, exp.Window):
+            continue
+        if aggregate_kind(current) is not None:
+            return True
+        stack.extend(c for c in current.iter_expressions() if not isinstance(c, exp.Query))
+    return False
+
+
+def _unalias(node: exp.Expr) -> exp.Expr:
+    return node.this if isinstance(node, exp.Alias) else node
+
+
+def _is_star(node: exp.Expr) -> bool:
+    return isinstance(node, exp.Star) or (isinstance(node, exp.Column) and isinstance(node.this, exp.Star))
+
+
+def _strip_qualifiers(node: exp.Expr) -> exp.Expr:
+    def strip(n: exp.Expr) -> exp.Expr:
+        if isinstance(n, exp.Column) and n.table:
+            return exp.column(n.name, quoted=n.this.quoted if isinstance(n.this, exp.Identifier) else False)
+        return n
+
+    return node.copy().transform(strip)
+
+
+def _same(a: exp.Expr, b: exp.Expr) -> bool:
+    return bool(a == b or _strip_qualifiers(a) == _strip_qualifiers(b))
+
+
+def _limits(select: exp.Select, rules: DialectRules) -> tuple[int | None, int]:
+    limit_node = select.args.get("limit")
+    offset_node = select.args.get("offset")
+    limit: int | None = None
+    if isinstance(limit_node, exp.Fetch):
+        options = limit_node.args.get("limit_options")
+        if options is not None and (options.args.get("percent") or options.args.get("with_ties")):
+            raise refusal(
+                "FETCH WITH TIES / PERCENT spanning shards",
+                "FETCH ... WITH TIES or PERCENT spanning shards is not supported",
+                "CROSS_SHARD_FETCH",
+            )
+        limit = _integer(limit_node.args.get("count"), "FETCH", rules, default=1)
+    elif isinstance(limit_node, exp.Limit):
+        limit = _integer(limit_node.expression, "LIMIT", rules, default=None)
+    offset = _integer(offset_node.expression, "OFFSET", rules, default=0) if offset_node is not None else 0
+    return limit, offset or 0
+
+
+def _integer(node: exp.Expr | None, what: str, rules: DialectRules, default: int | None) -> int | None:
+    if node is None or (isinstance(node, exp.Var) and str(node.this).upper() == "ALL"):
+        return default
+    try:
+        value = literal_value(node, rules)
+    except NotALiteral:
+        value = "?"
+    if value is None:
+        return default
+    if isinstance(value, int) and value < 0 and rules.negative_limit_is_unbounded:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise refusal(
+            f"non-constant {what}",
+            f"{what} must be a non-negative integer constant in a query spanning shards",
+            "CROSS_SHARD_LIMIT",
+        )
+    return value
+
+
+def rewrite_select(select: exp.Select, analysis: Analysis) -> tuple[str, MergeSpec]:
+    """Shard SQL and merge for a SELECT that spans shards."""
+    distinct = select.args.get("distinct")
+    if distinct is not None and distinct.args.get("on") is not None:
+        raise refusal(
+            "DISTINCT ON spanning shards",
+            "DISTINCT ON spanning shards is not supported",
+            "CROSS_SHARD_DISTINCT_ON",
+        )
+    for ordered in _order_terms(select):
+        if any(True for _ in ordered.find_all(exp.Collate)):
+            raise refusal(
+                "ORDER BY ... COLLATE spanning shards",
+                "ORDER BY with COLLATE spanning shards is not supported (the merge orders text by code point)",
+                "CROSS_SHARD_COLLATE",
+            )
+    grouped = (
+        select.args.get("group") is not None
+        or select.args.get("having") is not None
+        or any(contains_aggregate(p) for p in select.expressions)
+        or any(contains_aggregate(o.this) for o in _order_terms(select))
+    )
+    if grouped:
+        return _GroupedRewrite(select, analysis).build()
+    return _rewrite_rows(select, analysis)
+
+
+def _order_terms(select: exp.Select) -> list[exp.Ordered]:
+    order = select.args.get("order")
+    return list(order.expressions) if isinstance(order, exp.Order) else []
+
+
+def _projection_index(term: exp.Expr, projections: Sequence[exp.Expr], rules: DialectRules) -> int | None:
+    """The select-list position an ORDER BY term names: ordinal, output alias, or the same expression."""
+    try:
+        value = literal_value(term, rules)
+    except NotALiteral:
+        value = None
+    if isinstance(value, int) and not isinstance(value, bool) and isinstance(term, exp.Literal):
+        if not 1 <= value <= len(projections) and not any(_is_star(p) for p in projections):
+            raise InvalidArgument(
+                f"ORDER BY position {value} is not in the select list", reason="BAD_ORDER_BY"
+            )
+        return value - 1
+    if isinstance(term, exp.Column) and not term.table:
+        for i, projection in enumerate(projections):
+            if isinstance(projection, exp.Alias) and projection.alias.lower() == term.name.lower():
+                return i
+    for i, projection in enumerate(projections):
+        if not _is_star(projection) and _same(_unalias(projection), term):
+            return i
+    return None
+
+
+def _rewrite_rows(select: exp.Select, analysis: Analysis) -> tuple[str, RowsMerge]:
+    rules = analysis.statement.rules
+    projections = list(select.expressions)
+    distinct = select.args.get("distinct") is not None
+    shard = select.copy()
+    hidden: list[exp.Expr] = []
+    keys: list[tuple[int | None, exp.Ordered]] = []
+    for ordered in _order_terms(select):
+        index = _projection_index(ordered.this, projections, rules)
+        term = ordered.this
+        if (
+            index is not None
+            and any(_is_star(p) for p in projections[: index + 1])
+            and not _is_ordinal(ordered.this)
+        ):
+            # Its position after a * expansion is unknown: carry its expression as a hidden column.
+            term = _unalias(projections[index])
+            index = None
+        if index is None:
+            if distinct:
+                raise refusal(
+                    "DISTINCT with ORDER BY outside the select list",
+                    "SELECT DISTINCT spanning shards must ORDER BY columns of its select list",
+                    "CROSS_SHARD_DISTINCT_ORDER",
+                )
+            hidden.append(exp.alias_(term.copy(), f"{HIDDEN_PREFIX}o{len(hidden)}"))
+        keys.append((index, ordered))
+    total_hidden = len(hidden)
+    sort_keys: list[SortKey] = []
+    hidden_seen = 0
+    for index, ordered in keys:
+        if index is None:
+            position = -(total_hidden - hidden_seen)
+            hidden_seen += 1
+        else:
+            position = index
+        sort_keys.append(SortKey(position, bool(ordered.args.get("desc")), _explicit_nulls(ordered, rules)))
+    if hidden:
+        shard.set("expressions", [p.copy() for p in projections] + hidden)
+    limit, offset = _limits(select, rules)
+    shard.set("offset", None)
+    shard.set("limit", None if limit is None else exp.Limit(expression=exp.Literal.number(limit + offset)))
+    spec = RowsMerge(tuple(sort_keys), distinct, offset, limit, total_hidden)
+    return shard.sql(dialect=rules.sqlglot_dialect), spec
+
+
+def _is_ordinal(node: exp.Expr) -> bool:
+    return isinstance(node, exp.Literal) and not node.is_string
+
+
+def _explicit_nulls(ordered: exp.Ordered, rules: DialectRules) -> bool | None:
+    """``nulls_first`` as sqlglot parsed it (it fills in the dialect's default)."""
+    nulls_first = ordered.args.get("nulls_first")
+    return None if nulls_first is None else bool(nulls_first)
+
+
+class _GroupedRewrite:
+    """Builds the partial-aggregate shard query and the :class:`GroupedMerge` of one SELECT."""
+
+    def __init__(self, select: exp.Select, analysis: Analysis) -> None:
+        self.select = select
+        self.analysis = analysis
+        self.rules = analysis.statement.rules
+        self.root = analysis.roots[0]
+        self.columns: list[exp.Expr] = []
+        self.column_index: dict[str, int] = {}
+        self.group_exprs: list[exp.Expr] = []
+        self.group_columns: list[int] = []
+        self.carried: list[int] = []
+        self.carried_index: dict[str, int] = {}
+        self.aggregates: list[Aggregate] = []
+        self.aggregate_index: dict[tuple[str, tuple[int, ...]], int] = {}
+        self.projections = list(select.expressions)
+        self.has_distinct_aggregate = False
+        self.has_min_max = False
+        self.bare_columns: list[str] = []
+        statement = analysis.statement
+        self.item_texts = (
+            select_item_texts(statement.sql, self.rules) if self.rules.name == "sqlite" else None
+        )
+
+    def sql(self, node: exp.Expr) -> str:
+        return node.sql(dialect=self.rules.sqlglot_dialect)
+
+    def _column(self, node: exp.Expr, prefix: str) -> int:
+        text = f"{prefix}:{self.sql(node)}"
+        if text not in self.column_index:
+            index = len(self.columns)
+            self.column_index[text] = index
+            self.columns.append(exp.alias_(node.copy(), f"{HIDDEN_PREFIX}{prefix}{index}"))
+        return self.column_index[text]
+
+    def build(self) -> tuple[str, GroupedMerge]:
+        select = self.select
+        group = select.args.get("group")
+        if isinstance(group, exp.Group) and any(
+            group.args.get(k) for k in ("rollup", "cube", "grouping_sets")
+        ):
+            raise refusal(
+                "GROUPING SETS / ROLLUP / CUBE spanning shards",
+                "GROUPING SETS, ROLLUP and CUBE spanning shards are not supported",
+                "CROSS_SHARD_GROUPING_SETS",
+            )
+        for item in group.expressions if isinstance(group, exp.Group) else []:
+            if isinstance(item, exp.Rollup | exp.Cube | exp.GroupingSets):
+                raise refusal(
+                    "GROUPING SETS / ROLLUP / CUBE spanning shards",
+                    "GROUPING SETS, ROLLUP and CUBE spanning shards are not supported",
+                    "CROSS_SHARD_GROUPING_SETS",
+                )
+            resolved = self._resolve_group_item(item)
+            self.group_exprs.append(resolved)
+            self.group_columns.append(self._column(resolved, "g"))
+        scalar = not self.group_exprs
+        outputs: list[OutputColumn] = []
+        for projection in self.projections:
+            if _is_star(projection):
+                raise refusal(
+                    "SELECT * with aggregates spanning shards",
+                    "SELECT * with GROUP BY or aggregates spanning shards is not supported: list the columns",
+                    "CROSS_SHARD_STAR_AGGREGATE",
+                )
+            outputs.append(self._output(projection, self.transform(_unalias(projection))))
+        having_node = select.args.get("having")
+        having = (
+            self.transform(having_node.this, aliases=True) if isinstance(having_node, exp.Having) else None
+        )
+        distinct = select.args.get("distinct") is not None
+        order: list[OrderTerm] = []
+        for ordered in _order_terms(select):
+            index = _projection_index(ordered.this, self.projections, self.rules)
+            if index is not None:
+                expr: MergeExpr = OutputRef(index)
+            elif distinct:
+                raise refusal(
+                    "DISTINCT with ORDER BY outside the select list",
+                    "SELECT DISTINCT spanning shards must ORDER BY columns of its select list",
+                    "CROSS_SHARD_DISTINCT_ORDER",
+                )
+            else:
+                expr = self.transform(ordered.this, aliases=True)
+            order.append(
+                OrderTerm(expr, bool(ordered.args.get("desc")), _explicit_nulls(ordered, self.rules))
+            )
+        if self.rules.bare_columns_follow_min_max and self.has_min_max and self.bare_columns:
+            raise refusal(
+                "bare column with MIN/MAX spanning shards",
+                f"column {self.bare_columns[0]} is neither grouped nor aggregated: next to MIN/MAX SQLite takes "
+                "it from the row holding the extreme, which is not computed across shards; GROUP BY it or "
+                "aggregate it",
+                "CROSS_SHARD_BARE_COLUMN",
+            )
+        rows_column: int | None = None
+        if scalar:
+            if self.has_distinct_aggregate and self.carried:
+                raise refusal(
+                    "non-aggregate expression next to a DISTINCT aggregate without GROUP BY",
+                    "without GROUP BY, a DISTINCT aggregate spanning shards can only be combined with other "
+                    "aggregates and constants",
+                    "CROSS_SHARD_SCALAR_DISTINCT",
+                )
+            if self.carried:
+                rows_column = self._column(exp.Count(this=exp.Star()), "p")
+        limit, offset = _limits(select, self.rules)
+        shard = select.copy()
+        shard.set("expressions", self.columns)
+        group_by = self.group_exprs + [
+            _unalias(self.columns[i]).copy() for key, i in self.column_index.items() if key.startswith("d:")
+        ]
+        shard.set("group", exp.Group(expressions=[g.copy() for g in group_by]) if group_by else None)
+        for key in ("having", "order", "limit", "offset", "distinct"):
+            shard.set(key, None)
+        spec = GroupedMerge(
+            group_columns=tuple(self.group_columns),
+            carried_columns=tuple(self.carried),
+            aggregates=tuple(self.aggregates),
+            outputs=tuple(outputs),
+            having=having,
+            order=tuple(order),
+            distinct=distinct,
+            offset=offset,
+            limit=limit,
+            scalar=scalar,
+            rows_column=rows_column,
+        )
+        return shard.sql(dialect=self.rules.sqlglot_dialect), spec
+
+    def _resolve_group_item(self, item: exp.Expr) -> exp.Expr:
+        if _is_ordinal(item):
+            position = int(str(item.this))
+            if not 1 <= position <= len(self.projections):
+                raise InvalidArgument(
+                    f"GROUP BY position {position} is not in the select list", reason="BAD_GROUP_BY"
+                )
+            return _unalias(self.projections[position - 1])
+        if isinstance(item, exp.Column) and not item.table and self._is_output_alias(item):
+            for projection in self.projections:
+                if isinstance(projection, exp.Alias) and projection.alias.lower() == item.name.lower():
+                    return _unalias(projection)
+        return item
+
+    def _is_output_alias(self, column: exp.Column) -> bool:
+        """An unqualified name that is a select-list alias and not a column of the tables."""
+        name = column.name.lower()
+        aliases = {p.alias.lower() for p in self.projections if isinstance(p, exp.Alias)}
+        if name not in aliases:
+            return False
+        return not any(name in self.analysis.columns_of(ref.table) for ref in self.root.tables.values())
+
+    def written(self, projection: exp.Expr) -> str | None:
+        """The select-list item's text as the caller wrote it (SQLite names columns by it)."""
+        if self.item_texts is None or len(self.item_texts) != len(self.projections):
+            return None
+        index = next(i for i, p in enumerate(self.projections) if p is projection)
+        return self.item_texts[index]
+
+    def _output(self, projection: exp.Expr, expr: MergeExpr) -> OutputColumn:
+        name = output_name(projection, self.analysis.statement, self.written(projection))
+        type_column = self.carried[expr.index] if isinstance(expr, Slot) else None
+        type_name: str | None = None
+        if isinstance(expr, AggRef):
+            aggregate = self.aggregates[expr.index]
+            if aggregate.function in ("count", "count_distinct"):
+                type_name = self.rules.integer_type
+            elif aggregate.function in ("min", "max", "sum"):
+                type_column = aggregate.columns[0]
+        return OutputColumn(name=name, expr=expr, type_column=type_column, type_name=type_name)
+
+    # -- expressions ----------------------------------------------------------------------
+
+    def transform(self, node: exp.Expr, *, aliases: bool = False) -> MergeExpr:
+        """A merge expression for ``node``: aggregates become partials, the rest is carried."""
+        while isinstance(node, exp.Paren):
+            node = node.this
+        if aliases and isinstance(node, exp.Column) and not node.table and self._is_output_alias(node):
+            for i, projection in enumerate(self.projections):
+                if isinstance(projection, exp.Alias) and projection.alias.lower() == node.name.lower():
+                    return OutputRef(i)
+        kind = aggregate_kind(node)
+        if kind is not None:
+            return self._aggregate(node, kind)
+        if not contains_aggregate(node) and not (aliases and self._references_alias(node)):
+            try:
+                return Const(literal_value(node, self.rules))
+            except NotALiteral:
+                pass
+            self._note_bare_columns(node)
+            text = self.sql(node)
+            if text not in self.carried_index:
+                self.carried_index[text] = len(self.carried)
+                group_column = self.column_index.get(f"g:{text}")
+                self.carried.append(group_column if group_column is not None else self._column(node, "s"))
+            return Slot(self.carried_index[text])
+        return self._operator(node, aliases)
+
+    def _references_alias(self, node: exp.Expr) -> bool:
+        """Whether ``node`` names a select-list alias (HAVING n > 5, ORDER BY n + 1 in SQLite)."""
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            if isinstance(current, exp.Column) and not current.table and self._is_output_alias(current):
+                return True
+            stack.extend(c for c in current.iter_expressions() if not isinstance(c, exp.Query))
+        return False
+
+    def _note_bare_columns(self, node: exp.Expr) -> None:
+        if any(_same(node, g) for g in self.group_exprs):
+            return
+        for column in node.find_all(exp.Column):
+            if not any(_same(column, g) for g in self.group_exprs):
+                self.bare_columns.append(self.sql(column))
+
+    def _operator(self, node: exp.Expr, aliases: bool) -> MergeExpr:
+        op = _BINARY_OPS.get(type(node))
+        if op is not None:
+            return Apply(
+                op,
+                (
+                    self.transform(node.this, aliases=aliases),
+                    self.transform(node.expression, aliases=aliases),
+                ),
+            )
+        if isinstance(node, exp.Neg):
+            return Apply("neg", (self.transform(node.this, aliases=aliases),))
+        if isinstance(node, exp.Not):
+            inner = node.this
+            if isinstance(inner, exp.Is) and isinstance(inner.expression, exp.Null):
+                return Apply("is_not_null", (self.transform(inner.this, aliases=aliases),))
+            return Apply("not", (self.transform(inner, aliases=aliases),))
+        if isinstance(node, exp.Is) and isinstance(node.expression, exp.Null):
+            return Apply("is_null", (self.transform(node.this, aliases=aliases),))
+        if isinstance(node, exp.Between) and not node.args.get("symmetric"):
+            parts = (node.this, node.args["low"], node.args["high"])
+            return Apply("between", tuple(self.transform(p, aliases=aliases) for p in parts))
+        if isinstance(node, exp.In) and node.args.get("query") is None:
+            parts = (node.this, *node.expressions)
+            return Apply("in", tuple(self.transform(p, aliases=aliases) for p in parts))
+        if isinstance(node, exp.Case):
+            return self._case(node, aliases)
+        if isinstance(node, exp.If):
+            parts = (node.this, node.args.get("true"), node.args.get("false"))
+            args = tuple(Const(None) if p is None else self.transform(p, aliases=aliases) for p in parts)
+            return Apply("case", args)
+        if isinstance(node, exp.Coalesce):
+            parts = (node.this, *node.expressions)
+            return Apply("coalesce", tuple(self.transform(p, aliases=aliases) for p in parts))
+        if isinstance(node, exp.Nullif):
+            return Apply(
+                "nullif",
+                (
+                    self.transform(node.this, aliases=aliases),
+                    self.transform(node.expression, aliases=aliases),
+                ),
+            )
+        if isinstance(node, exp.Abs):
+            return Apply("abs", (self.transform(node.this, aliases=aliases),))
+        if isinstance(node, exp.Round) and not node.args.get("truncate"):
+            decimals = node.args.get("decimals")
+            rounded = [node.this] if decimals is None else [node.this, decimals]
+            return Apply("round", tuple(self.transform(p, aliases=aliases) for p in rounded))
+        if isinstance(node, exp.Cast):
+            target = _CAST_TARGETS.get(node.to.this.name if hasattr(node.to.this, "name") else "", "")
+            if target:
+                return Apply("cast", (self.transform(node.this, aliases=aliases),), target)
+        for inner in node.walk():
+            kind = aggregate_kind(inner) if isinstance(inner, exp.Expr) else None
+            if kind is not None and kind.startswith("unsupported:"):
+                self._aggregate(inner, kind)  # raises, naming the aggregate
+        raise refusal(
+            "expression over aggregates",
+            f"the expression {self.sql(node)} over aggregates cannot be computed after merging shards: "
+            "select the aggregates and compute it in the client",
+            "CROSS_SHARD_AGGREGATE_EXPRESSION",
+        )
+
+    def _case(self, node: exp.Case, aliases: bool) -> MergeExpr:
+        args: list[MergeExpr] = []
+        operand = node.this
+        if operand is not None:
+            args.append(self.transform(operand, aliases=aliases))
+        for when in node.args.get("ifs") or ():
+            args.append(self.transform(when.this, aliases=aliases))
+            args.append(self.transform(when.args["true"], aliases=aliases))
+        default = node.args.get("default")
+        args.append(Const(None) if default is None else self.transform(default, aliases=aliases))
+        return Apply("case", tuple(args), "operand" if operand is not None else "")
+
+    def _aggregate(self, node: exp.Expr, kind: str) -> MergeExpr:
+        if kind.startswith("unsupported:"):
+            name = kind.split(":", 1)[1].upper()
+            raise refusal(
+                f"aggregate {name} spanning shards",
+                f"the aggregate {name} spanning shards is not supported (supported: COUNT, SUM, TOTAL, MIN, "
+                "MAX, AVG, and COUNT/SUM/AVG(DISTINCT ...)); restrict the query to one sharding key value",
+                "CROSS_SHARD_AGGREGATE",
+            )
+        filter_where: exp.Expr | None = None
+        if isinstance(node, exp.Filter):
+            filter_where = node.expression
+            node = node.this
+        if kind in ("min", "max"):
+            self.has_min_max = True
+        argument = node.this
+        if isinstance(argument, exp.Distinct):
+            if kind in ("min", "max"):
+                argument = argument.expressions[0] if len(argument.expressions) == 1 else argument
+            else:
+                return self._distinct_aggregate(node, kind, argument, filter_where)
+        if kind == "avg":
+            total = self._partial(exp.Sum(this=argument.copy()), filter_where)
+            count = self._partial(exp.Count(this=argument.copy()), filter_where)
+            return self._register("avg", (total, count))
+        partial: exp.Expr
+        if kind == "count":
+            partial = exp.Count(this=argument.copy() if argument is not None else exp.Star())
+        elif kind == "total":
+            partial = exp.Anonymous(this="TOTAL", expressions=[e.copy() for e in node.expressions])
+        else:
+            partial = {"sum": exp.Sum, "min": exp.Min, "max": exp.Max}[kind](this=argument.copy())
+        function: AggregateFunction = kind  # type: ignore[assignment]
+        return self._register(function, (self._partial(partial, filter_where),))
+
+    def _distinct_aggregate(
+        self, node: exp.Expr, kind: str, argument: exp.Distinct, filter_where: exp.Expr | None
+    ) -> MergeExpr:
+        if filter_where is not None or len(argument.expressions) != 1 or kind == "total":
+            raise refusal(
+                "DISTINCT aggregate with FILTER or several arguments spanning shards",
+                f"{self.sql(node)} spanning shards is not supported",
+                "CROSS_SHARD_DISTINCT_AGGREGATE",
+            )
+        self.has_distinct_aggregate = True
+        column = self._column(argument.expressions[0], "d")
+        function: AggregateFunction = {
+            "count": "count_distinct",
+            "sum": "sum_distinct",
+            "avg": "avg_distinct",
+        }[kind]  # type: ignore[assignment]
+        return self._register(function, (column,))
+
+    def _partial(self, partial: exp.Expr, filter_where: exp.Expr | None) -> int:
+        if filter_where is not None:
+            partial = exp.Filter(this=partial, expression=filter_where.copy())
+        return self._column(partial, "p")
+
+    def _register(self, function: AggregateFunction, columns: tuple[int, ...]) -> AggRef:
+        key = (function, columns)
+        if key not in self.aggregate_index:
+            self.aggregate_index[key] = len(self.aggregates)
+            self.aggregates.append(Aggregate(function, columns))
+        return AggRef(self.aggregate_index[key])
+
+
+# -- output names ----------------------------------------------------------------------
+
+_PG_CAST_NAMES: Mapping[str, str] = {
+    "INT": "int4",
+    "BIGINT": "int8",
+    "SMALLINT": "int2",
+    "FLOAT": "float4",
+    "DOUBLE": "float8",
+    "DECIMAL": "numeric",
+    "TEXT": "text",
+    "VARCHAR": "varchar",
+    "BOOLEAN": "bool",
+}
+
+
+def output_name(projection: exp.Expr, statement: Statement, written: str | None = None) -> str:
+    """The column name the database would give a select-list item.
+
+    PostgreSQL: the alias, else the column or function name, else ``?column?``.
+    SQLite: the alias, else the column name, else the item's text as written
+    (``written``, from :func:`select_item_texts`).
+    """
+    if isinstance(projection, exp.Alias):
+        return projection.alias
+    node = projection
+    if isinstance(node, exp.Column):
+        return node.name
+    if statement.rules.name == "postgres":
+        return _postgres_name(node)
+    return written or node.sql(dialect=statement.rules.sqlglot_dialect)
+
+
+_SELECT_LIST_ENDS = frozenset(
+    {
+        TokenType.FROM,
+        TokenType.WHERE,
+        TokenType.GROUP_BY,
+        TokenType.HAVING,
+        TokenType.ORDER_BY,
+        TokenType.LIMIT,
+        TokenType.OFFSET,
+        TokenType.WINDOW,
+        TokenType.UNION,
+        TokenType.INTERSECT,
+        TokenType.EXCEPT,
+        TokenType.SEMICOLON,
+        TokenType.FETCH,
+    }
+)
+
+
+def select_item_texts(sql: str, rules: DialectRules) -> list[str] | None:
+    """The text of each item of the top-level select list, as written.
+
+    >>> from controller.federation.query.parse import DIALECTS
+    >>> select_item_texts("SELECT DISTINCT count(*)>7, NOT a , f(x, y) FROM t", DIALECTS["sqlite"])
+    ['count(*)>7', 'NOT a', 'f(x, y)']
+    """
+    try:
+        tokens = Dialect.get_or_raise(rules.sqlglot_dialect).tokenize(sql)
+    except SqlglotError:
+        return None
+    depth = 0
+    start = None
+    for index, scanned in enumerate(tokens):
+        if scanned.token_type is TokenType.L_PAREN:
+            depth += 1
+        elif scanned.token_type is TokenType.R_PAREN:
+            depth -= 1
+        elif scanned.token_type is TokenType.SELECT and depth == 0:
+            start = index + 1
+            break
+    if start is None:
+        return None
+    while start < len(tokens) and tokens[start].token_type in (TokenType.DISTINCT, TokenType.ALL):
+        start += 1
+    items: list[str] = []
+    first = start
+    depth = 0
+    for index in range(start, len(tokens) + 1):
+        token: Token | None = tokens[index] if index < len(tokens) else None
+        if token is not None and token.token_type is TokenType.L_PAREN:
+            depth += 1
+        elif token is not None and token.token_type is TokenType.R_PAREN:
+            depth -= 1
+        elif depth == 0 and (
+            token is None or token.token_type is TokenType.COMMA or token.token_type in _SELECT_LIST_ENDS
+        ):
+            if index == first:
+                return None
+            items.append(sql[tokens[first].start : tokens[index - 1].end + 1])
+            if token is None or token.token_type is not TokenType.COMMA:
+                return items
+            first = index + 1
+    return items
+
+
+def _postgres_name(node: exp.Expr) -> str:
+    while isinstance(node, exp.Paren):
+        node = node.this
+    if isinstance(node, exp.Column):
+        return node.name
+    if isinstance(node, exp.Cast):
+        inner = _postgres_name(node.this)
+        if inner != "?column?":
+            return inner
+        return _PG_CAST_NAMES.get(node.to.this.name if hasattr(node.to.this, "name") else "", "?column?")
+    if isinstance(node, exp.Case):
+        return "case"
+    if isinstance(node, exp.Exists):
+        return "exists"
+    if isinstance(node, exp.Anonymous):
+        return str(node.this).lower()
+    if isinstance(node, exp.Func):
+        return node.sql_name().lower()
+    return "?column?"
