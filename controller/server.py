@@ -33,16 +33,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from controller.api.auth_servicer import AuthServicer
+from controller.api.deployment_servicer import DeploymentServicer
 from controller.api.interceptors import ControllerInterceptor
 from controller.api.metrics_servicer import MetricsServicer
 from controller.api.node_servicer import NodeServicer
+from controller.api.query_servicer import QueryServicer
 from controller.auth.passwords import PasswordHasher
 from controller.auth.service import AuthService
 from controller.auth.tokens import TokenService
 from controller.cache import open_cache
 from controller.cache.base import Cache
 from controller.config import Settings
+from controller.deployments.service import DeploymentService
 from controller.errors import Unavailable
+from controller.federation.repository import DatabaseRepository
+from controller.federation.service import DatabaseService
 from controller.keys import KeyMaterial, load_key_material
 from controller.nodes.ca import CertificateAuthority
 from controller.nodes.enrollment import EnrollmentTokens
@@ -103,6 +108,7 @@ class Controller:
     auth: AuthService
     health: health.aio.HealthServicer
     fleet: Fleet
+    deployments: DeploymentService
     ca: CertificateAuthority
     node_port: int | None
     draining: asyncio.Event = field(default_factory=asyncio.Event)
@@ -118,6 +124,7 @@ class Controller:
             return
         self.draining.set()
         await self.health.enter_graceful_shutdown()
+        await self.deployments.stop()
         await self.fleet.stop()
         grace = self.settings.drain_grace_seconds if grace is None else grace
         log.info("draining: health is NOT_SERVING; in-flight calls have %.1f s to finish", grace)
@@ -152,12 +159,21 @@ async def start_controller(settings: Settings) -> Controller:
         cache=cache,
         health_config=HealthConfig(interval_seconds=settings.heartbeat_interval_seconds),
     )
+    vault = Vault(keys.keyring)
+    deployments = DeploymentService(
+        store=store,
+        fleet=fleet,
+        vault=vault,
+        reconcile_interval_seconds=settings.heartbeat_interval_seconds,
+    )
+    fleet.recovery_handler = deployments.on_node_failed
+    fleet.replica_report_handler = deployments.on_replicas_reported
     registrar = NodeRegistrar(
         store,
         enrollment,
         nodes,
         ca,
-        Vault(keys.keyring),
+        vault,
         controller_endpoint=settings.node_advertise_address or settings.node_listen_address,
         heartbeat_interval_ms=interval_ms,
     )
@@ -189,14 +205,23 @@ async def start_controller(settings: Settings) -> Controller:
             registrar=registrar,
             ca=ca,
             heartbeat_interval_ms=interval_ms,
+            deployments_on=deployments.deployments_on_async,
         ),
         server,
     )
-    deployment_pb2_grpc.add_DeploymentServiceServicer_to_server(
-        deployment_pb2_grpc.DeploymentServiceServicer(),  # type: ignore[abstract]
+    deployment_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentServicer(deployments), server)
+    query_pb2_grpc.add_QueryServiceServicer_to_server(
+        QueryServicer(
+            DatabaseService(
+                databases=DatabaseRepository(store),
+                nodes=nodes,
+                streams=fleet.streams,
+                vault=vault,
+                cache=cache,
+            )
+        ),
         server,
     )
-    query_pb2_grpc.add_QueryServiceServicer_to_server(query_pb2_grpc.QueryServiceServicer(), server)  # type: ignore[abstract]
     storage_pb2_grpc.add_StorageServiceServicer_to_server(storage_pb2_grpc.StorageServiceServicer(), server)  # type: ignore[abstract]
 
     draining = asyncio.Event()
@@ -227,6 +252,7 @@ async def start_controller(settings: Settings) -> Controller:
         raise Unavailable(f"Cannot listen: {exc}", reason="BIND_FAILED") from exc
     await server.start()
     await fleet.start()
+    await deployments.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     controller = Controller(
@@ -239,6 +265,7 @@ async def start_controller(settings: Settings) -> Controller:
         auth=auth,
         health=health_servicer,
         fleet=fleet,
+        deployments=deployments,
         ca=ca,
         node_port=node_port,
         draining=draining,

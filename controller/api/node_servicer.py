@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc
@@ -54,7 +54,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         registrar: NodeRegistrar,
         ca: CertificateAuthority,
         heartbeat_interval_ms: int,
-        deployments_on: Any = None,
+        deployments_on: Callable[[str], Awaitable[int]] | None = None,
     ) -> None:
         self._fleet = fleet
         self._nodes = nodes
@@ -149,6 +149,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         session = self._fleet.streams.open(node.id, node.user_id)
         self._fleet.set_capabilities(node.id, first.hello.capabilities)
         self._fleet.stream_connected(node.id)
+        self._fleet.replicas_reported(node.id, first.hello.replicas, complete=True)
         log.info("node %s connected (generation %d)", node.id, session.generation)
         yield node_pb2.ConnectResponse(
             hello_ack=node_pb2.HelloAck(
@@ -179,6 +180,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 kind = request.WhichOneof("message")
                 if kind == "heartbeat":
                     state = self._fleet.heartbeat(session.node_id, request.heartbeat.metrics)
+                    self._fleet.replicas_reported(session.node_id, request.heartbeat.replicas, complete=False)
                     session.send(
                         node_pb2.ConnectResponse(
                             heartbeat_ack=node_pb2.HeartbeatAck(

@@ -7,6 +7,12 @@
                                                  └─► replica_request() ─► controller.scheduling.place
 
 Agents call :func:`verify_package` and :func:`unpack_package` on what they receive.
+
+At run time (not imported here, to keep this package's pure parts light):
+``service.py`` (:class:`~controller.deployments.service.DeploymentService`: create,
+rollout, scale, rolling update and rollback, delete, routing, recovery, the
+reconciler), ``snapshot.py`` (the scheduling snapshot built from the fleet and the
+placed replicas) and ``repository.py`` (deployment rows and kept packages).
 """
 
 from controller.deployments.manifest import (

@@ -22,12 +22,12 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from automator67.v1 import common_pb2
+from automator67.v1 import common_pb2, node_pb2
 
 from controller.cache.base import Cache
 from controller.nodes.health import HealthConfig, Metrics, NodeState
@@ -62,6 +62,9 @@ STATUS_ENUM = {
 }
 
 RecoveryHandler = Callable[[str, str], Awaitable[None]]
+ReplicaReportHandler = Callable[[str, Sequence[node_pb2.ReplicaState], bool], Awaitable[None]]
+"""``(node_id, replicas, complete)``: the replicas a node reported; ``complete`` for a hello
+(the full list after a (re)connect), False for a heartbeat."""
 
 
 @dataclass
@@ -93,6 +96,7 @@ class Fleet:
     health_config: HealthConfig
     clock: Callable[[], float] = time.time
     recovery_handler: RecoveryHandler | None = None
+    replica_report_handler: ReplicaReportHandler | None = None
     streams: StreamRegistry = field(default_factory=StreamRegistry)
     live: dict[str, LiveMetrics] = field(default_factory=dict)
     events: deque[FleetEvent] = field(default_factory=lambda: deque(maxlen=EVENT_LOG_SIZE))
@@ -180,6 +184,13 @@ class Fleet:
             self.monitor.mark_persisted(node_id, now)
             self._background(self._persist_metrics(node_id, now, metrics))
         return result.new.state
+
+    def replicas_reported(
+        self, node_id: str, replicas: Sequence[node_pb2.ReplicaState], *, complete: bool
+    ) -> None:
+        """Hand the replicas a node reported to the deployments code (in the background)."""
+        if self.replica_report_handler is not None and (complete or replicas):
+            self._background(self.replica_report_handler(node_id, list(replicas), complete))
 
     def set_capabilities(self, node_id: str, capabilities: common_pb2.NodeCapabilities) -> None:
         live = self.live.get(node_id)

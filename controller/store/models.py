@@ -29,6 +29,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     UniqueConstraint,
@@ -301,3 +302,17 @@ __all__ = [
     "normalise_email",
     "utcnow",
 ]
+
+
+class DeploymentPackage(Base):
+    """A built application package (spec §4.3), kept so a replica can be started again later.
+
+    Keyed by the SHA-256 of its bytes, so deployments of identical packages share one row.
+    """
+
+    __tablename__ = "deployment_packages"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -45,7 +45,6 @@ BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"
 # RPCs whose servicers are not built yet answer UNIMPLEMENTED → 501. When a
 # service lands, move its paths out of here into real tests.
 NOT_YET_BUILT: list[tuple[str, str]] = [
-    ("GET", "/api/v1/databases"),
     ("GET", "/api/v1/files"),
 ]
 
@@ -184,6 +183,22 @@ def test_rpcs_not_built_yet_are_501(rest: Rest, account: dict[str, Any], method:
     reply = rest.request(method, path, token=account["access_token"])
     assert reply.status == 501
     assert reply.json["code"] == 12  # UNIMPLEMENTED
+
+
+def test_databases_list_and_a_database_not_yours_is_403(rest: Rest, account: dict[str, Any]) -> None:
+    reply = rest.request("GET", "/api/v1/databases", token=account["access_token"])
+    assert reply.status == 200
+    assert reply.json["databases"] == []
+    reply = rest.request("GET", f"/api/v1/databases/{uuid.uuid4()}", token=account["access_token"])
+    assert reply.status == 403
+    reply = rest.post(
+        f"/api/v1/databases/{uuid.uuid4()}/query", {"query": "SELECT 1"}, token=account["access_token"]
+    )
+    assert reply.status == 403
+    reply = rest.post("/api/v1/databases", {"name": "Bad Name!"}, token=account["access_token"])
+    assert reply.status == 400
+    fields = {v["field"] for v in details_of(reply, BAD_REQUEST)["field_violations"]}
+    assert {"name", "sharding.shard_count", "sharding.sharding_key"} <= fields
 
 
 # -- nodes and metrics: resources and ownership ------------------------------------

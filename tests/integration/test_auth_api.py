@@ -8,7 +8,7 @@ import json
 
 import grpc
 import pytest
-from automator67.v1 import auth_pb2, auth_pb2_grpc, deployment_pb2, deployment_pb2_grpc
+from automator67.v1 import auth_pb2, auth_pb2_grpc, storage_pb2, storage_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -225,16 +225,14 @@ async def test_services_not_built_yet_answer_unimplemented(
     channel: grpc.aio.Channel, auth_stub: auth_pb2_grpc.AuthServiceStub
 ) -> None:
     session = await register(auth_stub)
-    deployments = deployment_pb2_grpc.DeploymentServiceStub(channel)
+    storage = storage_pb2_grpc.StorageServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await deployments.ListDeployments(
-            deployment_pb2.ListDeploymentsRequest(), metadata=bearer(session.access_token)
-        )
+        await storage.GetFile(storage_pb2.GetFileRequest(), metadata=bearer(session.access_token))
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert _details(info.value)["ErrorInfo"].reason == "NOT_IMPLEMENTED"
     # Authentication comes first: without a token it is UNAUTHENTICATED.
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await deployments.ListDeployments(deployment_pb2.ListDeploymentsRequest())
+        await storage.GetFile(storage_pb2.GetFileRequest())
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 

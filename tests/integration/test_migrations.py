@@ -39,6 +39,7 @@ TABLES = {
     "refresh_tokens",
     "auth_failures",
     "node_enrollment_tokens",
+    "deployment_packages",
 }
 
 
@@ -60,8 +61,8 @@ def _set_revision(url: str, revision: str) -> None:
         engine.dispose()
 
 
-def test_head_revision_is_the_initial_migration() -> None:
-    assert head_revision() == "0001"
+def test_head_revision_is_the_latest_migration() -> None:
+    assert head_revision() == "0002"
 
 
 def test_upgrade_from_empty_reaches_head_and_creates_every_table(store_url: str) -> None:

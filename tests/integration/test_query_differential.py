@@ -104,7 +104,7 @@ def data_inserts() -> list[str]:
             values = ", ".join(
                 "(" + ", ".join(_quote(v) for v in row) + ")" for row in rows[start : start + 50]
             )
-            statements.append(f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values}")  # noqa: S608 (fixed test data)
+            statements.append(f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values}")
     return statements
 
 
@@ -701,14 +701,14 @@ def random_queries(seed: int, count: int) -> Iterator[tuple[str, bool]]:
             terms = [f"{c} {rng.choice(['ASC', 'DESC'])}" for c in order] + ["id"]
             limit = f" LIMIT {rng.randint(0, 40)} OFFSET {rng.randint(0, 30)}" if rng.random() < 0.7 else ""
             select = ", ".join([*columns, "id"])
-            yield f"SELECT {select} FROM orders{where} ORDER BY {', '.join(terms)}{limit}", True  # noqa: S608
+            yield f"SELECT {select} FROM orders{where} ORDER BY {', '.join(terms)}{limit}", True
             continue
         keys = rng.sample(GROUP_KEYS, rng.randint(0, 2))
         aggregates = rng.sample(AGGREGATES, rng.randint(1, 3))
         items = [f"{k} AS g{i}" for i, k in enumerate(keys)] + [
             f"{a} AS a{i}" for i, a in enumerate(aggregates)
         ]
-        sql = f"SELECT {', '.join(items)} FROM orders{where}"  # noqa: S608 (generated from constants)
+        sql = f"SELECT {', '.join(items)} FROM orders{where}"
         if keys:
             sql += f" GROUP BY {', '.join(keys)}"
         if rng.random() < 0.3:

@@ -1,0 +1,89 @@
+"""``automator67.v1.DeploymentService``: the RPCs over :class:`DeploymentService`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
+
+import grpc
+from automator67.v1 import deployment_pb2, deployment_pb2_grpc
+
+from controller.api.context import current_principal
+from controller.api.http import set_http_status
+from controller.deployments.service import STATUS_ENUM, DeploymentService
+
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+
+class DeploymentServicer(deployment_pb2_grpc.DeploymentServiceServicer):
+    def __init__(self, service: DeploymentService) -> None:
+        self._service = service
+
+    async def CreateDeployment(
+        self, request: deployment_pb2.CreateDeploymentRequest, context: Context
+    ) -> deployment_pb2.CreateDeploymentResponse:
+        deployment_id, status = await self._service.create(current_principal().user_id, request)
+        await set_http_status(context, 202)
+        return deployment_pb2.CreateDeploymentResponse(
+            deployment_id=deployment_id,
+            status=STATUS_ENUM.get(status, deployment_pb2.DEPLOYMENT_STATUS_UNSPECIFIED),
+        )
+
+    async def GetDeployment(
+        self, request: deployment_pb2.GetDeploymentRequest, context: Context
+    ) -> deployment_pb2.GetDeploymentResponse:
+        row = await self._service.owned(current_principal().user_id, request.deployment_id)
+        return deployment_pb2.GetDeploymentResponse(deployment=self._service.to_proto(row))
+
+    async def ListDeployments(
+        self, request: deployment_pb2.ListDeploymentsRequest, context: Context
+    ) -> deployment_pb2.ListDeploymentsResponse:
+        rows, token = await self._service.repo.list_for_user(
+            current_principal().user_id, request.page_size, request.page_token
+        )
+        return deployment_pb2.ListDeploymentsResponse(
+            deployments=[self._service.to_proto(row) for row in rows], next_page_token=token
+        )
+
+    async def WatchDeployment(
+        self, request: deployment_pb2.WatchDeploymentRequest, context: Context
+    ) -> AsyncIterator[deployment_pb2.WatchDeploymentResponse]:
+        row = await self._service.owned(current_principal().user_id, request.deployment_id)
+        async for event in self._service.watch(row):
+            yield event
+
+    async def ScaleDeployment(
+        self, request: deployment_pb2.ScaleDeploymentRequest, context: Context
+    ) -> deployment_pb2.ScaleDeploymentResponse:
+        row = await self._service.owned(current_principal().user_id, request.deployment_id)
+        scaled = await self._service.scale(row, request.replicas)
+        return deployment_pb2.ScaleDeploymentResponse(deployment=self._service.to_proto(scaled))
+
+    async def DeleteDeployment(
+        self, request: deployment_pb2.DeleteDeploymentRequest, context: Context
+    ) -> deployment_pb2.DeleteDeploymentResponse:
+        row = await self._service.owned(current_principal().user_id, request.deployment_id)
+        await self._service.delete(row)
+        return deployment_pb2.DeleteDeploymentResponse()
+
+    async def ResolveEndpoint(
+        self, request: deployment_pb2.ResolveEndpointRequest, context: Context
+    ) -> deployment_pb2.ResolveEndpointResponse:
+        row = await self._service.owned(current_principal().user_id, request.deployment_id)
+        return self._service.resolve(row)
+
+    async def UpdateDeployment(
+        self, request: deployment_pb2.UpdateDeploymentRequest, context: Context
+    ) -> deployment_pb2.UpdateDeploymentResponse:
+        row = await self._service.owned(current_principal().user_id, request.deployment_id)
+        updated = await self._service.update(row, request)
+        await set_http_status(context, 202)
+        return deployment_pb2.UpdateDeploymentResponse(deployment=self._service.to_proto(updated))
+
+    async def RollbackDeployment(
+        self, request: deployment_pb2.RollbackDeploymentRequest, context: Context
+    ) -> deployment_pb2.RollbackDeploymentResponse:
+        row = await self._service.owned(current_principal().user_id, request.deployment_id)
+        rolled = await self._service.rollback(row, request.version)
+        await set_http_status(context, 202)
+        return deployment_pb2.RollbackDeploymentResponse(deployment=self._service.to_proto(rolled))

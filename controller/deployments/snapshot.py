@@ -1,0 +1,96 @@
+"""Build a scheduling :class:`~controller.scheduling.Snapshot` from the fleet and the store.
+
+Per node: the state the health monitor holds (the store's status if the monitor
+does not know the node), the capabilities the node announced in its hello (the
+registered ones until then; a node with no open stream counts as suspect, since it
+cannot receive a replica), the metrics of its last heartbeat, the round-trip
+time of its stream, and the resources reserved by the replicas already placed
+on it (every active assignment of the user's deployments).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from sqlalchemy import select
+
+from controller.nodes.fleet import Fleet
+from controller.nodes.health import Metrics, NodeState
+from controller.scheduling import Capabilities, NodeView, Resources, Snapshot
+from controller.store.db import Store
+from controller.store.models import Node
+
+STATUS_REMOVED = str(NodeState.REMOVED)
+
+
+def node_view(node: Node, fleet: Fleet, reserved: Resources) -> NodeView:
+    """One node as placement sees it."""
+    state = fleet.state_of(node.id)
+    if state is None:
+        try:
+            state = NodeState(node.status)
+        except ValueError:
+            state = NodeState.SUSPECT
+    session = fleet.streams.get(node.id)
+    if session is None and state in (NodeState.READY, NodeState.BUSY):
+        # A node without a stream cannot receive the replica: placement sees it as suspect.
+        state = NodeState.SUSPECT
+    live = fleet.live.get(node.id)
+    announced = live.capabilities if live is not None else None
+    if announced is not None and announced.cpu_cores > 0:
+        capabilities = Capabilities(
+            cpu_cores=announced.cpu_cores,
+            memory_gb=announced.memory_gb,
+            disk_gb=announced.disk_gb,
+            max_concurrent_requests=announced.max_concurrent_requests,
+        )
+    else:
+        registered = node.capabilities or {}
+        capabilities = Capabilities(
+            cpu_cores=float(registered.get("cpu_cores", 0.0)),
+            memory_gb=float(registered.get("memory_gb", 0.0)),
+            disk_gb=float(registered.get("disk_gb", 0.0)),
+            max_concurrent_requests=int(registered.get("max_concurrent_requests", 0)),
+        )
+    metrics = None
+    if live is not None:
+        m = live.metrics
+        metrics = Metrics(
+            cpu_percent=m.cpu_percent,
+            memory_percent=m.memory_percent,
+            disk_percent=m.disk_percent,
+            active_requests=m.active_requests,
+            error_rate=m.error_rate,
+            avg_response_time_ms=m.avg_response_time_ms,
+        )
+    return NodeView(
+        node_id=node.id,
+        user_id=node.user_id,
+        region=node.region or "",
+        state=state,
+        capabilities=capabilities,
+        metrics=metrics,
+        rtt_ms=session.last_rtt_ms if session is not None else None,
+        reserved=reserved,
+    )
+
+
+def build_snapshot(
+    user_id: str, nodes: Iterable[Node], fleet: Fleet, reserved: Mapping[str, Resources]
+) -> Snapshot:
+    """The snapshot of ``user_id``'s nodes (removed ones left out)."""
+    views = tuple(
+        node_view(node, fleet, reserved.get(node.id, Resources()))
+        for node in nodes
+        if node.user_id == user_id and node.status != STATUS_REMOVED
+    )
+    return Snapshot(views, user_id=user_id)
+
+
+async def user_nodes(store: Store, user_id: str) -> list[Node]:
+    """The user's nodes that are not removed."""
+    async with store.session() as session:
+        result = await session.execute(
+            select(Node).where(Node.user_id == user_id, Node.status != STATUS_REMOVED).order_by(Node.id)
+        )
+        return list(result.scalars())

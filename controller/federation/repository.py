@@ -1,0 +1,106 @@
+"""Federated databases in the store (table ``database_instances``, spec §3.4, §6)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from controller.errors import AlreadyExists
+from controller.nodes.repository import decode_page_token, encode_page_token
+from controller.store.db import Store
+from controller.store.models import DatabaseInstance, utcnow
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+
+
+class DatabaseRepository:
+    """Reads and writes ``database_instances`` rows; callers pass the owner explicitly."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def create(
+        self,
+        *,
+        database_id: str,
+        user_id: str,
+        name: str,
+        provider: str,
+        connection: dict[str, Any],
+        sharding: dict[str, Any],
+        replication: dict[str, Any],
+    ) -> DatabaseInstance:
+        row = DatabaseInstance(
+            id=database_id,
+            user_id=user_id,
+            name=name,
+            provider=provider,
+            connection=connection,
+            sharding=sharding,
+            replication=replication,
+            schema_info={"version": 0, "tables": []},
+        )
+        try:
+            async with self._store.session() as session:
+                session.add(row)
+        except IntegrityError as exc:
+            raise AlreadyExists(
+                f"A database named {name!r} already exists", reason="DATABASE_NAME_TAKEN"
+            ) from exc
+        return row
+
+    async def get_for_user(self, user_id: str, database_id: str) -> DatabaseInstance | None:
+        async with self._store.session() as session:
+            return await session.scalar(
+                select(DatabaseInstance).where(
+                    DatabaseInstance.id == database_id, DatabaseInstance.user_id == user_id
+                )
+            )
+
+    async def list_for_user(
+        self, user_id: str, page_size: int, page_token: str
+    ) -> tuple[list[DatabaseInstance], str]:
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        query = select(DatabaseInstance).where(DatabaseInstance.user_id == user_id)
+        if page_token:
+            created, last_id = decode_page_token(page_token)
+            query = query.where(
+                or_(
+                    DatabaseInstance.created_at > created,
+                    and_(DatabaseInstance.created_at == created, DatabaseInstance.id > last_id),
+                )
+            )
+        query = query.order_by(DatabaseInstance.created_at, DatabaseInstance.id).limit(size + 1)
+        async with self._store.session() as session:
+            rows = list((await session.scalars(query)).all())
+        next_token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            next_token = encode_page_token(rows[-1].created_at, rows[-1].id)
+        return rows, next_token
+
+    async def delete(self, database_id: str) -> None:
+        async with self._store.session() as session:
+            await session.execute(delete(DatabaseInstance).where(DatabaseInstance.id == database_id))
+
+    async def set_schema(
+        self, database_id: str, schema_info: dict[str, Any], now: datetime | None = None
+    ) -> None:
+        async with self._store.session() as session:
+            await session.execute(
+                update(DatabaseInstance)
+                .where(DatabaseInstance.id == database_id)
+                .values(schema_info=schema_info, last_synced=now or utcnow())
+            )
+
+    async def set_replication(self, database_id: str, replication: dict[str, Any]) -> None:
+        async with self._store.session() as session:
+            await session.execute(
+                update(DatabaseInstance)
+                .where(DatabaseInstance.id == database_id)
+                .values(replication=replication)
+            )

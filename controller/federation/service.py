@@ -1,0 +1,435 @@
+"""Federated databases: registry, schema management and query execution (spec §4.5).
+
+Transport-free logic behind ``QueryService``. The controller never executes user
+SQL itself: statements are planned by :mod:`controller.federation.query` and run on
+agents by :class:`~controller.federation.shards.NodeShardExecutor`.
+
+Ownership: a database the caller does not own and a database that does not exist
+give the same ``PERMISSION_DENIED`` (spec §4.5: 403), so ids reveal nothing.
+
+Schema: after every DDL statement the schema is read back from shard 0's primary
+and recorded in ``schema_info`` (with a version that invalidates cached plans); it is
+cached as ``db:schema:{db_id}`` for 24 hours (spec §7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from automator67.v1 import query_pb2
+from google.protobuf import json_format
+
+from controller.cache.base import Cache
+from controller.errors import FieldViolation, InvalidArgument, PermissionDenied, require_fields
+from controller.federation.query import (
+    PlanCache,
+    QueryResult,
+    ShardLayout,
+    StatementKind,
+    execute,
+    key_type_from_sql,
+    layout_from_proto,
+)
+from controller.federation.repository import DatabaseRepository
+from controller.federation.shards import NodeShardExecutor, ReplicationState, ShardNodes
+from controller.nodes.repository import NodeRepository
+from controller.nodes.sessions import StreamRegistry
+from controller.store.models import DatabaseInstance
+from controller.vault import Vault
+
+log = logging.getLogger("a67.federation")
+
+DIALECTS = ("sqlite", "postgres")
+PROVIDERS = ("sqlite", "postgresql", "supabase", "mongodb", "firebase")
+NAME = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
+MAX_SHARDS = 64
+MAX_CREDENTIALS_BYTES = 8192
+# Default and largest per-request deadline (spec §4.5: 30 s).
+DEFAULT_TIMEOUT_MS = 30_000
+MAX_TIMEOUT_MS = 300_000
+# The largest result one response carries; larger ones must be paged with LIMIT/OFFSET or a key range.
+MAX_RESULT_ROWS = 100_000
+# TTL of db:schema:{db_id} (spec §7: 24 hours).
+SCHEMA_CACHE_SECONDS = 24 * 3600.0
+
+_SCHEMA_SQL = {
+    "sqlite": (
+        'SELECT m.name, p.name, p.type, p."notnull" FROM sqlite_master m, pragma_table_info(m.name) p '
+        "WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' ORDER BY m.name, p.cid"
+    ),
+    "postgres": (
+        "SELECT table_name, column_name, data_type, CASE WHEN is_nullable = 'NO' THEN 1 ELSE 0 END "
+        "FROM information_schema.columns WHERE table_schema = current_schema() "
+        "ORDER BY table_name, ordinal_position"
+    ),
+}
+
+
+@dataclass
+class _Loaded:
+    row: DatabaseInstance
+    layout: ShardLayout
+    replication: ReplicationState
+    tables: dict[str, list[str]]
+    schema_version: int
+
+
+class DatabaseService:
+    def __init__(
+        self,
+        *,
+        databases: DatabaseRepository,
+        nodes: NodeRepository,
+        streams: StreamRegistry,
+        vault: Vault,
+        cache: Cache,
+    ) -> None:
+        self._databases = databases
+        self._nodes = nodes
+        self._streams = streams
+        self._vault = vault
+        self._cache = cache
+        self._plans = PlanCache()
+        self._replication: dict[str, ReplicationState] = {}
+
+    # -- registry -----------------------------------------------------------------------
+
+    async def create(self, user_id: str, request: query_pb2.CreateDatabaseRequest) -> DatabaseInstance:
+        violations: list[FieldViolation] = []
+        if not NAME.match(request.name):
+            violations.append(
+                FieldViolation(
+                    "name", "must be 1-63 of a-z, 0-9, '_' and '-', starting with a letter or digit"
+                )
+            )
+        provider = request.provider or "sqlite"
+        if provider not in PROVIDERS:
+            violations.append(FieldViolation("provider", f"must be one of {', '.join(PROVIDERS)}"))
+        dialect = request.dialect or "sqlite"
+        if dialect not in DIALECTS:
+            violations.append(FieldViolation("dialect", "must be sqlite or postgres"))
+        if len(request.credentials.encode()) > MAX_CREDENTIALS_BYTES:
+            violations.append(FieldViolation("credentials", f"must be at most {MAX_CREDENTIALS_BYTES} bytes"))
+        count = request.sharding.shard_count
+        if not 1 <= count <= MAX_SHARDS:
+            violations.append(FieldViolation("sharding.shard_count", f"must be between 1 and {MAX_SHARDS}"))
+        if not request.sharding.sharding_key:
+            violations.append(FieldViolation("sharding.sharding_key", "is required"))
+        placements = {p.shard_index: p for p in request.shards}
+        if (count and sorted(placements) != list(range(count))) or len(placements) != len(request.shards):
+            violations.append(
+                FieldViolation(
+                    "shards", f"must give exactly one placement for each shard 0..{max(count - 1, 0)}"
+                )
+            )
+        owned = {n.id for n in await self._owned_nodes(user_id)}
+        for i, placement in enumerate(request.shards):
+            nodes = [placement.primary_node_id, *placement.replica_node_ids]
+            if placement.primary_node_id not in owned:
+                violations.append(FieldViolation(f"shards[{i}].primary_node_id", "must be one of your nodes"))
+            for j, replica in enumerate(placement.replica_node_ids):
+                if replica not in owned:
+                    violations.append(
+                        FieldViolation(f"shards[{i}].replica_node_ids[{j}]", "must be one of your nodes")
+                    )
+            if len(set(nodes)) != len(nodes):
+                violations.append(
+                    FieldViolation(f"shards[{i}]", "the primary and replicas must be distinct nodes")
+                )
+        require_fields(violations, "The database definition is invalid")
+        layout_from_proto(request.sharding)  # raises InvalidArgument with field violations
+        database_id = str(uuid.uuid4())
+        connection: dict[str, Any] = {"dialect": dialect}
+        if request.credentials:
+            connection["credentials_encrypted"] = self._vault.encrypt_str(
+                request.credentials, owner=database_id, purpose="database-credentials"
+            )
+        row = await self._databases.create(
+            database_id=database_id,
+            user_id=user_id,
+            name=request.name,
+            provider=provider,
+            connection=connection,
+            sharding=json_format.MessageToDict(request.sharding, preserving_proto_field_name=True),
+            replication={
+                "shards": [
+                    {
+                        "shard_index": p.shard_index,
+                        "primary_node_id": p.primary_node_id,
+                        "replica_node_ids": list(p.replica_node_ids),
+                    }
+                    for p in sorted(request.shards, key=lambda p: p.shard_index)
+                ],
+                "stale": {},
+            },
+        )
+        log.info("database %s created: %d shards (%s)", row.id, count, dialect)
+        return row
+
+    async def get(self, user_id: str, database_id: str) -> DatabaseInstance:
+        row = await self._databases.get_for_user(user_id, database_id) if database_id else None
+        if row is None:
+            raise PermissionDenied(f"You have no database {database_id!r}", reason="DATABASE_NOT_ACCESSIBLE")
+        return row
+
+    async def list_databases(
+        self, user_id: str, page_size: int, page_token: str
+    ) -> tuple[list[DatabaseInstance], str]:
+        if page_size < 0:
+            raise InvalidArgument(
+                "page_size must not be negative",
+                field_violations=[FieldViolation("page_size", "must not be negative")],
+            )
+        return await self._databases.list_for_user(user_id, page_size, page_token)
+
+    async def delete(self, user_id: str, database_id: str) -> None:
+        row = await self.get(user_id, database_id)
+        await self._databases.delete(row.id)
+        self._replication.pop(row.id, None)
+        await self._cache.delete(f"db:schema:{row.id}")
+
+    # -- statements ---------------------------------------------------------------------
+
+    async def apply_schema(self, user_id: str, database_id: str, ddl: str) -> DatabaseInstance:
+        loaded = await self._load(user_id, database_id)
+        plan = self._plans.plan(
+            ddl,
+            loaded.row.connection["dialect"],
+            loaded.layout,
+            loaded.tables,
+            schema_version=loaded.schema_version,
+            database=loaded.row.id,
+        )
+        if plan.kind is not StatementKind.DDL:
+            raise InvalidArgument(
+                "ApplySchema takes DDL (CREATE/ALTER/DROP TABLE, CREATE INDEX); use ExecuteQuery for other statements",
+                field_violations=[FieldViolation("ddl", "must be a DDL statement")],
+            )
+        await self._run(loaded, plan, DEFAULT_TIMEOUT_MS / 1000, allow_partial=False)
+        return await self._refresh_schema(loaded)
+
+    async def execute_query(
+        self, user_id: str, request: query_pb2.ExecuteQueryRequest
+    ) -> query_pb2.ExecuteQueryResponse:
+        started = time.perf_counter()
+        if request.timeout_ms < 0 or request.timeout_ms > MAX_TIMEOUT_MS:
+            raise InvalidArgument(
+                "timeout_ms is out of range",
+                field_violations=[
+                    FieldViolation("timeout_ms", f"must be between 0 (default 30000) and {MAX_TIMEOUT_MS}")
+                ],
+            )
+        if not request.query.strip():
+            raise InvalidArgument(
+                "query is required", field_violations=[FieldViolation("query", "is required")]
+            )
+        loaded = await self._load(user_id, request.db_id)
+        plan = self._plans.plan(
+            request.query,
+            loaded.row.connection["dialect"],
+            loaded.layout,
+            loaded.tables,
+            schema_version=loaded.schema_version,
+            database=loaded.row.id,
+        )
+        result = await self._run(
+            loaded, plan, (request.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000, request.allow_partial_results
+        )
+        if plan.kind is StatementKind.DDL:
+            await self._refresh_schema(loaded)
+        if len(result.rows) > MAX_RESULT_ROWS:
+            raise InvalidArgument(
+                f"The result has {len(result.rows)} rows, more than the {MAX_RESULT_ROWS} one response carries; "
+                "page it with LIMIT/OFFSET or a condition on the key",
+                reason="RESULT_TOO_LARGE",
+                field_violations=[FieldViolation("query", f"returns more than {MAX_RESULT_ROWS} rows")],
+            )
+        response = query_pb2.ExecuteQueryResponse(
+            query=request.query,
+            execution_time_ms=round((time.perf_counter() - started) * 1000),
+            rows_returned=len(result.rows) if not plan.is_write else (result.rows_affected or 0),
+            shards_queried=result.shards_queried,
+            columns=[query_pb2.ResultColumn(name=name, type=kind) for name, kind in result.columns],
+            partial=result.partial,
+            shard_statuses=[
+                query_pb2.ShardStatus(
+                    shard_index=s.shard,
+                    status=s.status,
+                    node_id=loaded.replication.shards[s.shard].primary
+                    if s.shard in loaded.replication.shards
+                    else "",
+                    error_message=s.error,
+                )
+                for s in result.shard_statuses
+            ],
+        )
+        for row in result.rows:
+            response.data.add().extend([json_value(v) for v in row])
+        return response
+
+    async def _run(
+        self, loaded: _Loaded, plan: Any, deadline_seconds: float, allow_partial: bool
+    ) -> QueryResult:
+        async def persist(state: ReplicationState) -> None:
+            replication = dict(loaded.row.replication or {})
+            replication["stale"] = state.stale_map()
+            loaded.row.replication = replication
+            await self._databases.set_replication(loaded.row.id, replication)
+
+        executor = NodeShardExecutor(
+            database_id=loaded.row.id,
+            streams=self._streams,
+            replication=loaded.replication,
+            is_write=plan.is_write,
+            on_stale_changed=persist,
+        )
+        return await execute(
+            plan,
+            executor,
+            deadline_seconds=deadline_seconds,
+            allow_partial=allow_partial and not plan.is_write,
+        )
+
+    async def _refresh_schema(self, loaded: _Loaded) -> DatabaseInstance:
+        """Read the schema back from shard 0's primary and record it."""
+        dialect = loaded.row.connection["dialect"]
+        executor = NodeShardExecutor(
+            database_id=loaded.row.id,
+            streams=self._streams,
+            replication=loaded.replication,
+            is_write=False,
+            on_stale_changed=_nothing,
+        )
+        result = await executor.run(0, _SCHEMA_SQL[dialect], asyncio.get_running_loop().time() + 30)
+        tables: dict[str, list[dict[str, Any]]] = {}
+        for table, column, kind, notnull in result.rows:
+            tables.setdefault(str(table), []).append(
+                {"name": str(column), "type": str(kind), "nullable": not bool(notnull)}
+            )
+        version = int((loaded.row.schema_info or {}).get("version", 0)) + 1
+        schema_info = {
+            "version": version,
+            "tables": [{"name": t, "columns": c} for t, c in sorted(tables.items())],
+        }
+        await self._databases.set_schema(loaded.row.id, schema_info)
+        loaded.row.schema_info = schema_info
+        await self._cache.set(
+            f"db:schema:{loaded.row.id}", json.dumps(schema_info).encode(), SCHEMA_CACHE_SECONDS
+        )
+        return loaded.row
+
+    async def _load(self, user_id: str, database_id: str) -> _Loaded:
+        row = await self.get(user_id, database_id)
+        cached = await self._cache.get(f"db:schema:{row.id}")
+        schema_info = json.loads(cached) if cached else (row.schema_info or {"version": 0, "tables": []})
+        if not cached:
+            await self._cache.set(
+                f"db:schema:{row.id}", json.dumps(schema_info).encode(), SCHEMA_CACHE_SECONDS
+            )
+        tables = {t["name"]: [c["name"] for c in t["columns"]] for t in schema_info.get("tables", [])}
+        sharding = json_format.ParseDict(row.sharding or {}, query_pb2.Sharding())
+        key_type = _key_type(schema_info.get("tables", []), sharding.sharding_key)
+        layout = layout_from_proto(sharding, key_type=key_type)
+        replication = self._replication.get(row.id)
+        if replication is None:
+            stored = row.replication or {}
+            replication = ReplicationState(
+                [
+                    ShardNodes(s["shard_index"], s["primary_node_id"], tuple(s.get("replica_node_ids", ())))
+                    for s in stored.get("shards", [])
+                ],
+                {int(k): set(v) for k, v in stored.get("stale", {}).items()},
+            )
+            self._replication[row.id] = replication
+        return _Loaded(row, layout, replication, tables, int(schema_info.get("version", 0)))
+
+    async def _owned_nodes(self, user_id: str) -> list[Any]:
+        nodes: list[Any] = []
+        token = ""
+        while True:
+            page, token = await self._nodes.list_for_user(user_id, 500, token)
+            nodes.extend(page)
+            if not token:
+                return nodes
+
+
+async def _nothing(_: ReplicationState) -> None:
+    return None
+
+
+def _key_type(tables: Sequence[Mapping[str, Any]], key: str) -> Any:
+    for table in tables:
+        for column in table.get("columns", []):
+            if column["name"] == key:
+                return key_type_from_sql(column["type"])
+    return None
+
+
+def json_value(value: Any) -> Any:
+    """A result value as google.protobuf.Value content: exact where JSON numbers are not."""
+    import base64
+    import datetime as dt
+    from decimal import Decimal
+
+    if value is None or isinstance(value, bool | str | float):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) <= 2**53 else str(value)
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    return str(value)
+
+
+def to_proto(row: DatabaseInstance) -> query_pb2.Database:
+    """The API form of a database; credentials are never returned."""
+    from google.protobuf import timestamp_pb2
+
+    def stamp(value: Any) -> timestamp_pb2.Timestamp | None:
+        if value is None:
+            return None
+        result = timestamp_pb2.Timestamp()
+        result.FromDatetime(value)
+        return result
+
+    replication = row.replication or {}
+    return query_pb2.Database(
+        id=row.id,
+        user_id=row.user_id,
+        name=row.name,
+        provider=row.provider,
+        provider_specific_id=row.provider_specific_id or "",
+        dialect=(row.connection or {}).get("dialect", "sqlite"),
+        sharding=json_format.ParseDict(row.sharding or {}, query_pb2.Sharding()),
+        shards=[
+            query_pb2.ShardPlacement(
+                shard_index=s["shard_index"],
+                primary_node_id=s["primary_node_id"],
+                replica_node_ids=s.get("replica_node_ids", []),
+            )
+            for s in replication.get("shards", [])
+        ],
+        tables=[
+            query_pb2.TableInfo(
+                name=t["name"],
+                columns=[
+                    query_pb2.ColumnInfo(name=c["name"], type=c["type"], nullable=c["nullable"])
+                    for c in t["columns"]
+                ],
+            )
+            for t in (row.schema_info or {}).get("tables", [])
+        ],
+        created_at=stamp(row.created_at),
+        last_synced=stamp(row.last_synced),
+    )

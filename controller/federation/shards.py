@@ -1,0 +1,241 @@
+"""Running shard statements on agents, with retries, replica fallback and replica catch-up.
+
+:class:`NodeShardExecutor` is the :class:`~controller.federation.query.ShardExecutor`
+the query router runs plans through. Each shard has a primary node and replica
+nodes (agents serving that shard from their own database).
+
+Reads
+    The primary is tried first, with 2 retries (spec §9 decision 4) for errors
+    that may pass (node not connected, shard unreachable), then each *in-sync*
+    replica once. A statement's own error (syntax, constraint) is not retried.
+
+Writes (INSERT/UPDATE/DELETE/DDL)
+    Go to the primary (same retries; the agent answers a repeated command id
+    from its cache, so a retry never applies a statement twice), then to every
+    replica. A replica that misses a write becomes **stale** and is never read
+    from until it has caught up: the controller keeps each shard's recent writes
+    in order (:data:`WRITE_LOG_SIZE` of them, in memory) and replays the missed
+    ones to a stale replica before its next use. A replica whose missed writes
+    are no longer in the log (after a controller restart, or a very long outage)
+    stays stale — reads never use it — until it is re-seeded; the stale set is
+    kept in the store so a restart does not forget it. Writes do not fail over:
+    if the primary cannot take a write, the write fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from automator67.v1 import node_pb2
+
+from controller.errors import ControllerError
+from controller.federation.query import ShardError, ShardResult
+from controller.nodes.sessions import StreamRegistry
+from controller.wire import decode_result
+
+log = logging.getLogger("a67.federation")
+
+# Retries of a shard's primary after the first attempt (spec §9 decision 4).
+PRIMARY_RETRIES = 2
+# Pause between two attempts on the primary.
+RETRY_PAUSE_SECONDS = 0.05
+# Writes kept per shard for replaying to a replica that missed them.
+WRITE_LOG_SIZE = 10_000
+# SQLSTATE-like classes the router maps: 23 → FailedPrecondition, 42 → InvalidArgument.
+SQLSTATE = {"constraint": "23000", "invalid": "42000"}
+
+
+@dataclass(frozen=True)
+class ShardNodes:
+    """Where one shard lives."""
+
+    shard_index: int
+    primary: str
+    replicas: tuple[str, ...]
+
+
+@dataclass
+class _ShardLog:
+    writes: deque[tuple[int, str]] = field(default_factory=lambda: deque(maxlen=WRITE_LOG_SIZE))
+    sequence: int = 0
+    applied: dict[str, int] = field(default_factory=dict)  # replica node → last applied sequence
+
+
+class ReplicationState:
+    """Which replicas of a database are in step, and the writes to replay to the others."""
+
+    def __init__(self, shards: list[ShardNodes], stale: dict[int, set[str]]) -> None:
+        self.shards = {s.shard_index: s for s in shards}
+        self.stale = {index: set(nodes) for index, nodes in stale.items()}
+        self._logs: dict[int, _ShardLog] = {}
+        self.lock = asyncio.Lock()
+
+    def log(self, shard: int) -> _ShardLog:
+        return self._logs.setdefault(shard, _ShardLog())
+
+    def in_sync(self, shard: int) -> list[str]:
+        nodes = self.shards[shard]
+        return [r for r in nodes.replicas if r not in self.stale.get(shard, set())]
+
+    def stale_map(self) -> dict[str, list[str]]:
+        return {str(k): sorted(v) for k, v in self.stale.items() if v}
+
+
+StaleChanged = Callable[[ReplicationState], Awaitable[None]]
+
+
+class NodeShardExecutor:
+    """Runs one statement on its shards through the agents' streams."""
+
+    def __init__(
+        self,
+        *,
+        database_id: str,
+        streams: StreamRegistry,
+        replication: ReplicationState,
+        is_write: bool,
+        on_stale_changed: StaleChanged,
+    ) -> None:
+        self._database_id = database_id
+        self._streams = streams
+        self._replication = replication
+        self._is_write = is_write
+        self._on_stale_changed = on_stale_changed
+
+    async def run(self, shard: int, sql: str, deadline: float) -> ShardResult:
+        nodes = self._replication.shards.get(shard)
+        if nodes is None:
+            raise ShardError(shard, f"shard {shard} has no placement", retryable=False)
+        if self._is_write:
+            return await self._write(nodes, sql, deadline)
+        return await self._read(nodes, sql, deadline)
+
+    async def _read(self, nodes: ShardNodes, sql: str, deadline: float) -> ShardResult:
+        errors: list[str] = []
+        command_id = str(uuid.uuid4())
+        for attempt in range(1 + PRIMARY_RETRIES):
+            try:
+                return await self._send(nodes.primary, nodes.shard_index, sql, deadline, command_id)
+            except ShardError as exc:
+                if not exc.retryable:
+                    raise
+                errors.append(f"primary {nodes.primary}: {exc}")
+            if attempt < PRIMARY_RETRIES:
+                await asyncio.sleep(RETRY_PAUSE_SECONDS)
+        for replica in nodes.replicas:
+            if not await self._catch_up(nodes.shard_index, replica, deadline):
+                continue
+            try:
+                return await self._send(replica, nodes.shard_index, sql, deadline, str(uuid.uuid4()))
+            except ShardError as exc:
+                if not exc.retryable:
+                    raise
+                errors.append(f"replica {replica}: {exc}")
+        raise ShardError(nodes.shard_index, "; ".join(errors) or "no node could answer", retryable=True)
+
+    async def _write(self, nodes: ShardNodes, sql: str, deadline: float) -> ShardResult:
+        state = self._replication
+        async with state.lock:  # one write at a time per database keeps the log in order
+            command_id = str(uuid.uuid4())
+            result: ShardResult | None = None
+            last_error: ShardError | None = None
+            for attempt in range(1 + PRIMARY_RETRIES):
+                try:
+                    result = await self._send(nodes.primary, nodes.shard_index, sql, deadline, command_id)
+                    break
+                except ShardError as exc:
+                    if not exc.retryable:
+                        raise
+                    last_error = exc
+                if attempt < PRIMARY_RETRIES:
+                    await asyncio.sleep(RETRY_PAUSE_SECONDS)
+            if result is None:
+                assert last_error is not None
+                raise ShardError(
+                    nodes.shard_index,
+                    f"the primary {nodes.primary} cannot take the write: {last_error}",
+                    retryable=True,
+                )
+            shard_log = state.log(nodes.shard_index)
+            shard_log.sequence += 1
+            shard_log.writes.append((shard_log.sequence, sql))
+            changed = False
+            for replica in nodes.replicas:
+                if replica in state.stale.get(nodes.shard_index, set()):
+                    continue  # caught up lazily before its next use
+                try:
+                    await self._send(replica, nodes.shard_index, sql, deadline, str(uuid.uuid4()))
+                    shard_log.applied[replica] = shard_log.sequence
+                except ShardError as exc:
+                    log.warning(
+                        "replica %s of shard %d missed a write (%s): stale until it catches up",
+                        replica,
+                        nodes.shard_index,
+                        exc,
+                    )
+                    state.stale.setdefault(nodes.shard_index, set()).add(replica)
+                    shard_log.applied.setdefault(replica, shard_log.sequence - 1)
+                    changed = True
+            if changed:
+                await self._on_stale_changed(state)
+            return result
+
+    async def _catch_up(self, shard: int, replica: str, deadline: float) -> bool:
+        """Make a stale replica current by replaying missed writes; whether it is usable."""
+        state = self._replication
+        if replica not in state.stale.get(shard, set()):
+            return True
+        shard_log = state.log(shard)
+        applied = shard_log.applied.get(replica)
+        oldest = shard_log.writes[0][0] if shard_log.writes else shard_log.sequence + 1
+        if applied is None or applied + 1 < oldest:
+            return False  # missed writes are no longer in the log
+        try:
+            for sequence, sql in list(shard_log.writes):
+                if sequence > applied:
+                    await self._send(replica, shard, sql, deadline, f"replay-{shard}-{sequence}-{replica}")
+                    shard_log.applied[replica] = sequence
+        except ShardError:
+            return False
+        state.stale[shard].discard(replica)
+        log.info("replica %s of shard %d caught up", replica, shard)
+        await self._on_stale_changed(state)
+        return True
+
+    async def _send(
+        self, node_id: str, shard: int, sql: str, deadline: float, command_id: str
+    ) -> ShardResult:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise TimeoutError
+        command = node_pb2.NodeCommand(
+            command_id=command_id,
+            execute_shard_statement=node_pb2.ExecuteShardStatement(
+                database_id=self._database_id,
+                shard_index=shard,
+                sql=sql,
+                timeout_ms=max(1, int(remaining * 1000)),
+            ),
+        )
+        try:
+            result = await self._streams.send_command(node_id, command, remaining + 0.5)
+        except ControllerError as exc:  # not connected, stream gone, no answer in time
+            raise ShardError(shard, f"node {node_id}: {exc.message}", retryable=True) from exc
+        if result.ok:
+            columns, rows, rowcount = decode_result(result.payload)
+            return ShardResult(columns=columns, rows=rows, rows_affected=rowcount if self._is_write else None)
+        kind = json.loads(result.payload or b"{}").get("error_kind", "invalid")
+        if kind == "timeout":
+            raise TimeoutError
+        raise ShardError(
+            shard,
+            f"node {node_id}: {result.error_message}",
+            retryable=kind == "unavailable",
+            sqlstate=SQLSTATE.get(kind),
+        )

@@ -1,0 +1,84 @@
+"""Pure pieces of the deployments service: assignment bookkeeping, page tokens, the recovery rate."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import pytest
+
+from controller.deployments import service
+from controller.deployments.repository import decode_page_token, encode_page_token
+from controller.errors import InvalidArgument
+from controller.store.models import Deployment
+
+
+def _assignment(index: int, status: str, endpoint: str = "", error: str = "") -> dict[str, Any]:
+    return {
+        "replica_index": index,
+        "node_id": f"n{index}",
+        "generation": index + 1,
+        "status": status,
+        "endpoint": endpoint,
+        "error_message": error,
+        "started_at": None,
+    }
+
+
+def test_assignments_publish_only_running_endpoints_in_index_order() -> None:
+    row = Deployment()
+    service._set_assignments(
+        row,
+        [
+            _assignment(2, "running", "http://c"),
+            _assignment(0, "running", "http://a"),
+            _assignment(1, "unhealthy", "http://b"),
+            _assignment(3, "lost"),
+        ],
+    )
+    assert [a["replica_index"] for a in row.node_assignments] == [0, 1, 2, 3]
+    assert row.endpoints == ["http://a", "http://c"]
+    assert row.current_replicas == 2
+
+
+def test_failure_summary_names_each_replica_that_is_not_running() -> None:
+    summary = service._failure_summary(
+        [
+            _assignment(0, "running"),
+            _assignment(1, "failed", error="node n1: app crashed"),
+            _assignment(2, "lost"),
+        ]
+    )
+    assert summary == "replica 1: node n1: app crashed; replica 2: lost"
+
+
+def test_page_tokens_round_trip_and_reject_garbage() -> None:
+    when = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+    assert decode_page_token(encode_page_token(when, "d1")) == (when, "d1")
+    for bad in ("nope", "x" * 600, encode_page_token(when, "d1")[:-3]):
+        with pytest.raises(InvalidArgument):
+            decode_page_token(bad)
+
+
+async def test_recovery_is_rate_limited_per_user_after_a_burst(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr(service.asyncio, "sleep", fake_sleep)
+    svc = cast(Any, object.__new__(service.DeploymentService))
+    svc._clock = lambda: now[0]
+    svc._recovery_rate = 5.0
+    svc._recovery_next = {}
+    for _ in range(service.RECOVERY_BURST):
+        await svc._recovery_slot("u1")
+    assert slept == []  # the burst goes at once
+    await svc._recovery_slot("u1")
+    await svc._recovery_slot("u1")
+    assert slept == pytest.approx([0.2, 0.4])  # then one every 1/rate seconds
+    await svc._recovery_slot("u2")  # another user is not held up
+    assert len(slept) == 2
+    assert asyncio.iscoroutinefunction(service.DeploymentService._recovery_slot)
