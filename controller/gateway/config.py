@@ -79,8 +79,10 @@ class GatewaySettings:
     """Most open client connections, and most requests in flight to the controller
     (each open watch stream holds one)."""
 
-    max_request_body_size: int = 1024 * 1024
-    """Largest REST request body in bytes; a bigger one gets 413."""
+    max_request_body_size: int = 16 * 1024 * 1024
+    """Largest REST request body in bytes; a bigger one gets 413. 16 MiB admits a
+    deployment's 10 MiB source archive, which JSON carries as base64 (about 13.4 MiB),
+    and matches the controller's gRPC message limit."""
 
     request_timeout_seconds: float = 60.0
     """Upper bound on a unary call through the gateway (then 504). Watch
