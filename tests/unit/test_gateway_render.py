@@ -125,7 +125,7 @@ def test_filters_run_cors_lua_transcoder_router_in_that_order(default_yaml: str)
         "convert_grpc_status: true",
         "reject_unknown_method: true",
         "reject_unknown_query_parameters: true",
-        "max_request_body_size: 1048576",
+        "max_request_body_size: 16777216",
         "stream_newline_delimited: true",
         "http2_protocol_options: {}",
     ],
