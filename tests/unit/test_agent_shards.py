@@ -90,3 +90,32 @@ def test_values_round_trip_exactly(value: object) -> None:
     assert decode_value(json.loads(json.dumps(encode_value(value)))) == value
     _, rows, _ = decode_result(encode_result([("v", "T")], [(value,)], 1))
     assert rows == [(value,)]
+
+
+@pytest.mark.postgres
+async def test_postgres_shards_are_separate_schemas(tmp_path: Path, postgres_databases: object) -> None:
+    url = postgres_databases.create().replace("postgresql+psycopg://", "postgresql://")  # type: ignore[attr-defined]
+    store = ShardStore(tmp_path, url)
+    try:
+        assert store.backend == "postgres"
+        for shard in (0, 1):
+            await store.execute(
+                "db-1", shard, "CREATE TABLE t (id INTEGER PRIMARY KEY, amount NUMERIC)", 1000
+            )
+        await store.execute("db-1", 0, "INSERT INTO t VALUES (1, 10.10), (2, NULL)", 1000)
+        columns, rows, _ = await store.execute("db-1", 0, "SELECT id, amount FROM t ORDER BY id", 1000)
+        assert columns == [("id", "int4"), ("amount", "numeric")]
+        assert rows == [(1, Decimal("10.10")), (2, None)]
+        _, rows, _ = await store.execute("db-1", 1, "SELECT count(*) FROM t", 1000)
+        assert rows == [(0,)]
+        with pytest.raises(ShardError) as info:
+            await store.execute("db-1", 0, "INSERT INTO t VALUES (1, 0)", 1000)
+        assert info.value.kind == "constraint"
+        with pytest.raises(ShardError) as info:
+            await store.execute("db-1", 0, "SELECT pg_sleep(2)", 100)
+        assert info.value.kind == "timeout"
+        with pytest.raises(ShardError) as info:
+            await store.execute("db-1", 0, "SELEC 1", 1000)
+        assert info.value.kind == "invalid"
+    finally:
+        await store.close()
