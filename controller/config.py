@@ -41,6 +41,12 @@ class Settings:
     """How often nodes send a heartbeat (spec §4.4: 30 s). A node is suspect after
     one missed interval and failed after three."""
 
+    node_restart_grace_seconds: float = 300.0
+    """After a controller restart, how long a known node may not be declared failed
+    (at least three heartbeat intervals). It must cover the agents' reconnect backoff,
+    which grows while the controller is down (capped at 5 minutes), or a restart would
+    fail healthy nodes and their rollouts; Nomad's failover_heartbeat_ttl is also 5 min."""
+
     data_dir: Path = field(default_factory=_default_data_dir)
     """Directory for the embedded SQLite store and the development keys."""
 

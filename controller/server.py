@@ -157,7 +157,12 @@ async def start_controller(settings: Settings) -> Controller:
     fleet = Fleet(
         nodes=nodes,
         cache=cache,
-        health_config=HealthConfig(interval_seconds=settings.heartbeat_interval_seconds),
+        health_config=HealthConfig(
+            interval_seconds=settings.heartbeat_interval_seconds,
+            restart_grace_seconds=max(
+                settings.node_restart_grace_seconds, 3 * settings.heartbeat_interval_seconds
+            ),
+        ),
     )
     vault = Vault(keys.keyring)
     deployments = DeploymentService(

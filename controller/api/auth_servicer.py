@@ -6,23 +6,15 @@ from typing import Any, TypeAlias
 
 import grpc
 from automator67.v1 import auth_pb2, auth_pb2_grpc
-from google.protobuf import timestamp_pb2
 
 from controller.api.context import bearer_token, current_principal
 from controller.api.http import set_http_status
 from controller.auth.service import AuthService
 from controller.errors import NotFound, Unauthenticated
 from controller.store.repositories import UserRepository
+from controller.timestamps import timestamp
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
-
-
-def _timestamp(value: Any) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
@@ -77,8 +69,8 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             user=auth_pb2.User(
                 id=user.id,
                 email=user.email,
-                created_at=_timestamp(user.created_at),
-                last_login=_timestamp(user.last_login),
+                created_at=timestamp(user.created_at),
+                last_login=timestamp(user.last_login),
                 mfa_enabled=user.mfa_enabled,
                 active=user.active,
             )

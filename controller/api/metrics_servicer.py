@@ -6,18 +6,17 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 import grpc
 from automator67.v1 import common_pb2, metrics_pb2, metrics_pb2_grpc
-from google.protobuf import timestamp_pb2
 
 from controller.api.context import current_principal
 from controller.errors import FieldViolation, InvalidArgument, NotFound
 from controller.nodes.fleet import Fleet
 from controller.nodes.health import is_routable
 from controller.nodes.repository import NodeRepository
+from controller.timestamps import timestamp
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -42,9 +41,9 @@ def system_metrics(fleet: Fleet, user_id: str, now: float) -> metrics_pb2.System
         for node_id, health in healths.items()
         if is_routable(health.state) and node_id in fleet.live
     ]
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(datetime.fromtimestamp(now, UTC))
-    result = metrics_pb2.SystemMetrics(time=stamp, total_nodes=len(healths), healthy_nodes=len(alive))
+    result = metrics_pb2.SystemMetrics(
+        time=timestamp(now), total_nodes=len(healths), healthy_nodes=len(alive)
+    )
     if alive:
         count = len(alive)
         result.cpu_percent = sum(live.metrics.cpu_percent for _, live in alive) / count
@@ -126,8 +125,7 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
         current = live.metrics if live else common_pb2.NodeMetrics(**(node.metrics_current or {}))
         history = []
         for sample in await self._fleet.history(node.id, request.hours or 24):
-            stamp = timestamp_pb2.Timestamp()
-            stamp.FromDatetime(datetime.fromtimestamp(sample.pop("t"), UTC))
+            stamp = timestamp(sample.pop("t"))
             history.append(
                 metrics_pb2.NodeMetricsSample(time=stamp, metrics=common_pb2.NodeMetrics(**sample))
             )

@@ -9,7 +9,6 @@ from typing import Any, TypeAlias
 
 import grpc
 from automator67.v1 import common_pb2, node_pb2, node_pb2_grpc
-from google.protobuf import timestamp_pb2
 
 from controller.api.context import current_principal
 from controller.api.http import set_http_status
@@ -22,6 +21,7 @@ from controller.nodes.registration import NodeRegistrar
 from controller.nodes.repository import NodeRepository
 from controller.nodes.sessions import NodeSession
 from controller.store.models import Node
+from controller.timestamps import timestamp
 
 log = logging.getLogger("a67.nodes")
 
@@ -34,14 +34,6 @@ PROVIDER_NAMES = {
     value: name.removeprefix("PROVIDER_").lower() for name, value in common_pb2.Provider.items()
 }
 PROVIDER_VALUES = {name: value for value, name in PROVIDER_NAMES.items()}
-
-
-def _timestamp(value: Any) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 class NodeServicer(node_pb2_grpc.NodeServiceServicer):
@@ -74,14 +66,12 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         )
         await set_http_status(context, 201)
         return node_pb2.CreateEnrollmentTokenResponse(
-            token=issued.token, expires_at=_timestamp(issued.expires_at), max_uses=issued.max_uses
+            token=issued.token, expires_at=timestamp(issued.expires_at), max_uses=issued.max_uses
         )
 
     async def ListNodes(
         self, request: node_pb2.ListNodesRequest, context: Context
     ) -> node_pb2.ListNodesResponse:
-        if request.page_size < 0:
-            raise InvalidArgument("page_size must not be negative", field_violations=())
         nodes, next_token = await self._nodes.list_for_user(
             current_principal().user_id, request.page_size, request.page_token
         )
@@ -225,7 +215,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             capabilities=capabilities,
             metrics=metrics,
             deployments=deployments,
-            created_at=_timestamp(node.created_at),
-            last_heartbeat=_timestamp(node.last_heartbeat),
-            last_metrics_update=_timestamp(node.last_metrics_update),
+            created_at=timestamp(node.created_at),
+            last_heartbeat=timestamp(node.last_heartbeat),
+            last_metrics_update=timestamp(node.last_metrics_update),
         )

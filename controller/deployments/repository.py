@@ -11,52 +11,19 @@ which one a concurrent insert lost on.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-from datetime import UTC, datetime
-
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
-from controller.errors import AlreadyExists, FieldViolation, InvalidArgument
+from controller.errors import AlreadyExists
 from controller.store.db import Store
 from controller.store.models import Deployment, DeploymentPackage, utcnow
+from controller.store.paging import DEFAULT_PAGE_SIZE, keyset_page
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
 NAME_TAKEN = "DEPLOYMENT_NAME_TAKEN"
 
 
 class RequestIdTaken(Exception):
     """A concurrent create with the same request id won: read that deployment instead."""
-
-
-def _page_token_error() -> InvalidArgument:
-    return InvalidArgument(
-        "The page token is invalid",
-        field_violations=[FieldViolation("page_token", "not a page token returned by this list")],
-    )
-
-
-def encode_page_token(created_at: datetime, deployment_id: str) -> str:
-    raw = json.dumps([created_at.astimezone(UTC).isoformat(), deployment_id], separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).rstrip(b"=").decode("ascii")
-
-
-def decode_page_token(token: str) -> tuple[datetime, str]:
-    try:
-        if len(token) > 512:
-            raise ValueError("too long")
-        value = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode())
-        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
-            raise ValueError("wrong shape")
-        created_at = datetime.fromisoformat(value[0])
-        if created_at.tzinfo is None:
-            raise ValueError("naive time")
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise _page_token_error() from None
-    return created_at.astimezone(UTC), value[1]
 
 
 class DeploymentRepository:
@@ -116,28 +83,8 @@ class DeploymentRepository:
         self, user_id: str, page_size: int = DEFAULT_PAGE_SIZE, page_token: str = ""
     ) -> tuple[list[Deployment], str]:
         """One page of the user's deployments, oldest first, and the next page's token ("" = last)."""
-        if page_size < 0:
-            raise InvalidArgument(
-                "The page size is invalid",
-                field_violations=[FieldViolation("page_size", "must not be negative")],
-            )
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         statement = select(Deployment).where(Deployment.user_id == user_id)
-        if page_token:
-            after_created, after_id = decode_page_token(page_token)
-            statement = statement.where(
-                or_(
-                    Deployment.created_at > after_created,
-                    and_(Deployment.created_at == after_created, Deployment.id > after_id),
-                )
-            )
-        statement = statement.order_by(Deployment.created_at, Deployment.id).limit(size + 1)
-        async with self._store.session() as session:
-            rows = list((await session.execute(statement)).scalars())
-        if len(rows) <= size:
-            return rows, ""
-        page = rows[:size]
-        return page, encode_page_token(page[-1].created_at, page[-1].id)
+        return await keyset_page(self._store, statement, Deployment, page_size, page_token)
 
     async def list_all(self) -> list[Deployment]:
         """Every deployment (for the reconciler and the in-memory assignment index)."""

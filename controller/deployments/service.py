@@ -42,7 +42,7 @@ from datetime import datetime
 from typing import Any
 
 from automator67.v1 import deployment_pb2, node_pb2
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import json_format
 
 from controller.deployments.manifest import MAX_REPLICAS, validate_manifest
 from controller.deployments.package import build_package
@@ -61,6 +61,7 @@ from controller.nodes.health import NodeState, is_routable
 from controller.scheduling import ReplicaRequest, ReplicaTarget, Resources, pick_endpoint, place
 from controller.store.db import Store
 from controller.store.models import Deployment, DeploymentPackage, new_id, utcnow
+from controller.timestamps import timestamp
 from controller.vault import Vault
 
 log = logging.getLogger("a67.deployments")
@@ -132,14 +133,6 @@ class _Known:
     user_id: str
     request: Resources
     assignments: dict[int, Assignment] = field(default_factory=dict)
-
-
-def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def _assignments(row: Deployment) -> list[Assignment]:
@@ -310,7 +303,7 @@ class DeploymentService:
         if not queues:
             return
         event = deployment_pb2.WatchDeploymentResponse(
-            time=_ts(utcnow()),
+            time=timestamp(utcnow()),
             status=STATUS_ENUM.get(row.status, deployment_pb2.DEPLOYMENT_STATUS_UNSPECIFIED),
             message=message,
             assignment=self._assignment_proto(assignment) if assignment else None,
@@ -757,7 +750,7 @@ class DeploymentService:
             node_id=str(a["node_id"]),
             replica_index=int(a["replica_index"]),
             status=str(a["status"]),
-            started_at=_ts(datetime.fromisoformat(started)) if started else None,
+            started_at=timestamp(datetime.fromisoformat(started)) if started else None,
             error_message=str(a.get("error_message") or ""),
             generation=int(a["generation"]),
             endpoint=str(a.get("endpoint") or ""),
@@ -782,10 +775,10 @@ class DeploymentService:
                 json_format.ParseDict(e, deployment_pb2.PlacementExplanation())
                 for e in meta.get("placement", [])
             ],
-            created_at=_ts(row.created_at),
-            updated_at=_ts(row.updated_at),
-            deployed_at=_ts(row.deployed_at),
-            last_scaled_at=_ts(row.last_scaled_at),
+            created_at=timestamp(row.created_at),
+            updated_at=timestamp(row.updated_at),
+            deployed_at=timestamp(row.deployed_at),
+            last_scaled_at=timestamp(row.last_scaled_at),
             package_sha256=str(meta.get("package_sha256", "")),
             version=int(meta.get("version", 1)),
         )
@@ -818,7 +811,7 @@ class DeploymentService:
         self._watchers[row.id].add(queue)
         try:
             yield deployment_pb2.WatchDeploymentResponse(
-                time=_ts(utcnow()),
+                time=timestamp(utcnow()),
                 status=STATUS_ENUM.get(row.status, deployment_pb2.DEPLOYMENT_STATUS_UNSPECIFIED),
                 message=str(row.manifest.get("message", "")),
             )
@@ -1419,7 +1412,9 @@ class DeploymentService:
                         continue
                     state = self._fleet.state_of(a["node_id"])
                     if a["status"] in (R_RUNNING, R_UNHEALTHY):
-                        if state in (NodeState.FAILED, NodeState.REMOVED):
+                        if state == NodeState.REMOVED or (
+                            state == NodeState.FAILED and self._fleet.recovery_due(a["node_id"])
+                        ):
                             failed_nodes.add(a["node_id"])
                         continue
                     if a["status"] in (R_PENDING, R_STARTING) and self._waiting_for_node(a["node_id"]):
@@ -1428,7 +1423,9 @@ class DeploymentService:
                         continue
                     self._inflight.add(key)
                     self._spawn(self._retry_replica(row.id, index))
-            for node_id in failed_nodes:  # missed (e.g. the controller was down): recover now
+            # Failures the recovery hook missed (e.g. while the controller was down), held
+            # and frozen exactly as the hook would be: see Fleet.recovery_due.
+            for node_id in failed_nodes:
                 await self.on_node_failed(node_id, row.user_id)
 
     async def _retry_replica(self, deployment_id: str, index: int) -> None:

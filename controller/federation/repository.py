@@ -5,16 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from controller.errors import AlreadyExists
-from controller.nodes.repository import decode_page_token, encode_page_token
 from controller.store.db import Store
 from controller.store.models import DatabaseInstance, utcnow
-
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
+from controller.store.paging import keyset_page
 
 
 class DatabaseRepository:
@@ -64,24 +61,8 @@ class DatabaseRepository:
     async def list_for_user(
         self, user_id: str, page_size: int, page_token: str
     ) -> tuple[list[DatabaseInstance], str]:
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        query = select(DatabaseInstance).where(DatabaseInstance.user_id == user_id)
-        if page_token:
-            created, last_id = decode_page_token(page_token)
-            query = query.where(
-                or_(
-                    DatabaseInstance.created_at > created,
-                    and_(DatabaseInstance.created_at == created, DatabaseInstance.id > last_id),
-                )
-            )
-        query = query.order_by(DatabaseInstance.created_at, DatabaseInstance.id).limit(size + 1)
-        async with self._store.session() as session:
-            rows = list((await session.scalars(query)).all())
-        next_token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            next_token = encode_page_token(rows[-1].created_at, rows[-1].id)
-        return rows, next_token
+        statement = select(DatabaseInstance).where(DatabaseInstance.user_id == user_id)
+        return await keyset_page(self._store, statement, DatabaseInstance, page_size, page_token)
 
     async def delete(self, database_id: str) -> None:
         async with self._store.session() as session:

@@ -15,6 +15,8 @@ cached as ``db:schema:{db_id}`` for 24 hours (spec §7).
 from __future__ import annotations
 
 import asyncio
+import base64
+import datetime as dt
 import json
 import logging
 import re
@@ -22,6 +24,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from automator67.v1 import query_pb2
@@ -43,6 +46,7 @@ from controller.federation.shards import NodeShardExecutor, ReplicationState, Sh
 from controller.nodes.repository import NodeRepository
 from controller.nodes.sessions import StreamRegistry
 from controller.store.models import DatabaseInstance
+from controller.timestamps import timestamp
 from controller.vault import Vault
 
 log = logging.getLogger("a67.federation")
@@ -183,11 +187,6 @@ class DatabaseService:
     async def list_databases(
         self, user_id: str, page_size: int, page_token: str
     ) -> tuple[list[DatabaseInstance], str]:
-        if page_size < 0:
-            raise InvalidArgument(
-                "page_size must not be negative",
-                field_violations=[FieldViolation("page_size", "must not be negative")],
-            )
         return await self._databases.list_for_user(user_id, page_size, page_token)
 
     async def delete(self, user_id: str, database_id: str) -> None:
@@ -375,10 +374,6 @@ def _key_type(tables: Sequence[Mapping[str, Any]], key: str) -> Any:
 
 def json_value(value: Any) -> Any:
     """A result value as google.protobuf.Value content: exact where JSON numbers are not."""
-    import base64
-    import datetime as dt
-    from decimal import Decimal
-
     if value is None or isinstance(value, bool | str | float):
         return value
     if isinstance(value, int):
@@ -394,15 +389,6 @@ def json_value(value: Any) -> Any:
 
 def to_proto(row: DatabaseInstance) -> query_pb2.Database:
     """The API form of a database; credentials are never returned."""
-    from google.protobuf import timestamp_pb2
-
-    def stamp(value: Any) -> timestamp_pb2.Timestamp | None:
-        if value is None:
-            return None
-        result = timestamp_pb2.Timestamp()
-        result.FromDatetime(value)
-        return result
-
     replication = row.replication or {}
     return query_pb2.Database(
         id=row.id,
@@ -430,6 +416,6 @@ def to_proto(row: DatabaseInstance) -> query_pb2.Database:
             )
             for t in (row.schema_info or {}).get("tables", [])
         ],
-        created_at=stamp(row.created_at),
-        last_synced=stamp(row.last_synced),
+        created_at=timestamp(row.created_at),
+        last_synced=timestamp(row.last_synced),
     )

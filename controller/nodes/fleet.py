@@ -102,8 +102,9 @@ class Fleet:
     events: deque[FleetEvent] = field(default_factory=lambda: deque(maxlen=EVENT_LOG_SIZE))
 
     def __post_init__(self) -> None:
+        self.monitor_config = MonitorConfig(health=self.health_config)
         self.monitor = HealthMonitor(
-            MonitorConfig(health=self.health_config),
+            self.monitor_config,
             on_transition=self._on_transition,
             recovery_hook=self._on_failure,
             on_alert=self._on_alert,
@@ -216,6 +217,21 @@ class Fleet:
             await self.monitor.flush()
         self.live.pop(node_id, None)
         await self.cache.delete(f"node:health:{node_id}")
+
+    def recovery_due(self, node_id: str) -> bool:
+        """Whether a failed node's replicas may be re-placed now, outside the recovery hook.
+
+        The same rule the monitor applies before calling the hook: the node has been
+        failed for a whole mass-failure window and its user's recovery is not frozen.
+        For safety nets such as the deployments reconciler, which must not undo a
+        mass-failure freeze.
+        """
+        health = self.monitor.get(node_id)
+        if health is None or health.state != NodeState.FAILED:
+            return False
+        if self.monitor.user_of(node_id) in self.monitor.frozen_users:
+            return False
+        return self.clock() - health.last_transition_at >= self.monitor_config.window_seconds
 
     def state_of(self, node_id: str) -> NodeState | None:
         health = self.monitor.get(node_id)

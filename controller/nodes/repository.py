@@ -24,22 +24,26 @@ Example::
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, and_, delete, func, or_, select, update
+from sqlalchemy import CursorResult, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.sql.dml import Update
 
-from controller.errors import AlreadyExists, FieldViolation, InvalidArgument
+from controller.errors import AlreadyExists
 from controller.store.db import Store
 from controller.store.models import Node, new_id, utcnow
+from controller.store.paging import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    decode_page_token,
+    encode_page_token,
+    execute_update,
+    keyset_page,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,53 +54,7 @@ STATUSES = frozenset(
 )
 """The values of ``nodes.status`` (spec §3.2 plus ``suspect`` and ``draining``)."""
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
-
 REASON_ALREADY_REGISTERED = "NODE_ALREADY_REGISTERED"
-
-
-async def _execute_update(session: AsyncSession, statement: Update) -> int:
-    result = cast(
-        CursorResult[Any], await session.execute(statement.execution_options(synchronize_session=False))
-    )
-    return result.rowcount
-
-
-def _page_token_error() -> InvalidArgument:
-    return InvalidArgument(
-        "The page token is invalid",
-        field_violations=[FieldViolation("page_token", "not a page token returned by this list")],
-    )
-
-
-def encode_page_token(created_at: datetime, node_id: str) -> str:
-    """The opaque token for the page after the node with this key."""
-    raw = json.dumps([created_at.astimezone(UTC).isoformat(), node_id], separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode("utf-8")).rstrip(b"=").decode("ascii")
-
-
-def decode_page_token(token: str) -> tuple[datetime, str]:
-    """The key in a page token; ``InvalidArgument`` (field ``page_token``) if it is not one."""
-    try:
-        if len(token) > 512:
-            raise ValueError("too long")
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        value = json.loads(raw.decode("utf-8"))
-        if not (
-            isinstance(value, list)
-            and len(value) == 2
-            and isinstance(value[0], str)
-            and isinstance(value[1], str)
-            and 0 < len(value[1]) <= 36
-        ):
-            raise ValueError("wrong shape")
-        created_at = datetime.fromisoformat(value[0])
-        if created_at.tzinfo is None:
-            raise ValueError("naive time")
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise _page_token_error() from None
-    return created_at.astimezone(UTC), value[1]
 
 
 def _check_status(status: str) -> None:
@@ -240,31 +198,10 @@ class NodeRepository:
         ``InvalidArgument`` (field ``page_size``). An empty next token means this was
         the last page. Removed nodes are left out unless ``include_removed``.
         """
-        if page_size < 0:
-            raise InvalidArgument(
-                "The page size is invalid",
-                field_violations=[FieldViolation("page_size", "must not be negative")],
-            )
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         statement = select(Node).where(Node.user_id == user_id)
         if not include_removed:
             statement = statement.where(Node.status != STATUS_REMOVED)
-        if page_token:
-            after_created, after_id = decode_page_token(page_token)
-            statement = statement.where(
-                or_(
-                    Node.created_at > after_created,
-                    and_(Node.created_at == after_created, Node.id > after_id),
-                )
-            )
-        statement = statement.order_by(Node.created_at, Node.id).limit(size + 1)
-        async with self._store.session() as session:
-            rows = list((await session.execute(statement)).scalars())
-        if len(rows) <= size:
-            return rows, ""
-        page = rows[:size]
-        last = page[-1]
-        return page, encode_page_token(last.created_at, last.id)
+        return await keyset_page(self._store, statement, Node, page_size, page_token)
 
     async def list_active(self) -> list[Node]:
         """Every node that is not removed (for the health monitor at start-up)."""
@@ -295,7 +232,7 @@ class NodeRepository:
         if status == STATUS_REMOVED:
             return await self.mark_removed(node_id, now)
         async with self._store.session() as session:
-            changed = await _execute_update(
+            changed = await execute_update(
                 session,
                 update(Node).where(Node.id == node_id, Node.status != STATUS_REMOVED).values(status=status),
             )
@@ -316,7 +253,7 @@ class NodeRepository:
             values["metrics_current"] = metrics
             values["last_metrics_update"] = last_heartbeat
         async with self._store.session() as session:
-            changed = await _execute_update(
+            changed = await execute_update(
                 session,
                 update(Node)
                 .where(
@@ -331,7 +268,7 @@ class NodeRepository:
     async def set_certificate(self, node_id: str, serial: str) -> bool:
         """Record the serial (hex) of the node's current certificate; False if no such live node."""
         async with self._store.session() as session:
-            changed = await _execute_update(
+            changed = await execute_update(
                 session,
                 update(Node)
                 .where(Node.id == node_id, Node.status != STATUS_REMOVED)
@@ -349,7 +286,7 @@ class NodeRepository:
         (default: the current time), for the log.
         """
         async with self._store.session() as session:
-            changed = await _execute_update(
+            changed = await execute_update(
                 session,
                 update(Node)
                 .where(Node.id == node_id)

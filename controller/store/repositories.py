@@ -14,12 +14,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, exists, select, update
+from sqlalchemy import delete, exists, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.sql.dml import Update
 
 from controller.errors import AlreadyExists
 from controller.store.db import Store
@@ -32,15 +29,7 @@ from controller.store.models import (
     normalise_email,
     utcnow,
 )
-
-
-async def _execute_update(session: AsyncSession, statement: Update) -> int:
-    """Run a bulk ``UPDATE`` (no ORM session sync) and return how many rows it changed."""
-    result = cast(
-        CursorResult[Any],
-        await session.execute(statement.execution_options(synchronize_session=False)),
-    )
-    return result.rowcount
+from controller.store.paging import execute_update
 
 
 class UserRepository:
@@ -84,7 +73,7 @@ class UserRepository:
     async def touch_last_login(self, user_id: str, when: datetime) -> bool:
         """Record a successful login; False if there is no such user."""
         async with self._store.session() as session:
-            changed = await _execute_update(
+            changed = await execute_update(
                 session, update(User).where(User.id == user_id).values(last_login=when)
             )
         return changed == 1
@@ -92,7 +81,7 @@ class UserRepository:
     async def update_password_hash(self, user_id: str, new_hash: str) -> bool:
         """Replace the password hash (e.g. a rehash with new parameters); False if no such user."""
         async with self._store.session() as session:
-            changed = await _execute_update(
+            changed = await execute_update(
                 session, update(User).where(User.id == user_id).values(password_hash=new_hash)
             )
         return changed == 1
@@ -166,7 +155,7 @@ class RefreshTokenRepository:
             RefreshTokenFamily.id == RefreshToken.family_id, RefreshTokenFamily.revoked_at.is_(None)
         )
         async with self._store.session() as session:
-            changed = await _execute_update(
+            changed = await execute_update(
                 session,
                 update(RefreshToken)
                 .where(RefreshToken.jti == jti, RefreshToken.used_at.is_(None), family_live)
@@ -201,7 +190,7 @@ class RefreshTokenRepository:
     async def revoke_family(self, family_id: str, reason: str, now: datetime) -> bool:
         """Revoke a family (idempotent: the first reason is kept); True if this call revoked it."""
         async with self._store.session() as session:
-            changed = await _execute_update(
+            changed = await execute_update(
                 session,
                 update(RefreshTokenFamily)
                 .where(RefreshTokenFamily.id == family_id, RefreshTokenFamily.revoked_at.is_(None))
@@ -212,7 +201,7 @@ class RefreshTokenRepository:
     async def revoke_all_for_user(self, user_id: str, reason: str, now: datetime) -> int:
         """Revoke every live family of a user (e.g. after a password change); how many."""
         async with self._store.session() as session:
-            return await _execute_update(
+            return await execute_update(
                 session,
                 update(RefreshTokenFamily)
                 .where(RefreshTokenFamily.user_id == user_id, RefreshTokenFamily.revoked_at.is_(None))
@@ -249,7 +238,7 @@ class AuthFailureRepository:
             try:
                 async with self._store.session() as session:
                     # 1. In the current window: count it.
-                    if await _execute_update(
+                    if await execute_update(
                         session,
                         update(AuthFailure)
                         .where(AuthFailure.key == key, AuthFailure.window_started_at > cutoff)
@@ -260,7 +249,7 @@ class AuthFailureRepository:
                         )
                         return int(failures or 0)
                     # 2. The window is over: start a new one.
-                    if await _execute_update(
+                    if await execute_update(
                         session,
                         update(AuthFailure)
                         .where(AuthFailure.key == key, AuthFailure.window_started_at <= cutoff)
@@ -280,7 +269,7 @@ class AuthFailureRepository:
         for _ in range(self._TRIES):
             try:
                 async with self._store.session() as session:
-                    if not await _execute_update(
+                    if not await execute_update(
                         session, update(AuthFailure).where(AuthFailure.key == key).values(locked_until=until)
                     ):
                         session.add(

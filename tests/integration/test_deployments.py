@@ -560,6 +560,29 @@ async def test_recovery_replaces_a_failed_nodes_replica_and_fences_the_old_one(w
     assert not victim.running
 
 
+async def test_a_mass_failure_freezes_recovery_and_the_reconciler_respects_it(world: World) -> None:
+    agents = await world.add_agents("eu-west", "us-east", "ap-south", "sa-east", "af-south")
+    deployment_id = await world.create(manifest(replicas=3))
+    deployment = await world.wait_status(deployment_id, deployment_pb2.DEPLOYMENT_STATUS_RUNNING, 3)
+    hosting = {a.node_id for a in deployment.node_assignments}
+    victims = [a for a in agents if a.node_id in hosting]
+    for victim in victims:  # 3 of 5 nodes fail together: most likely our own network
+        await victim.kill()
+    fleet = world.controller.fleet
+
+    async def alerted() -> bool:
+        return any(e.kind == "alert" for e in fleet.events)
+
+    await _until(alerted, "the mass-failure alert")
+    # Several reconciler passes later nothing has moved to the two healthy nodes.
+    await asyncio.sleep(6 * INTERVAL)
+    deployment = await world.get(deployment_id)
+    assert {a.node_id for a in deployment.node_assignments} == hosting
+    survivors = [a for a in agents if a.node_id not in hosting]
+    assert all(not survivor.running for survivor in survivors)
+    assert not any(e.kind == "recovery" for e in fleet.events)
+
+
 async def test_a_restarted_controller_resumes_a_rollout(tmp_path: Path) -> None:
     settings = controller_settings(tmp_path, heartbeat_interval_seconds=INTERVAL)
     async with (

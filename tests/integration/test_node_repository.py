@@ -13,10 +13,11 @@ import pytest
 
 from controller.errors import AlreadyExists, InvalidArgument
 from controller.nodes import repository as repository_module
-from controller.nodes.repository import NodeRepository, decode_page_token, encode_page_token
-from controller.store import Store, UserRepository
+from controller.nodes.repository import NodeRepository
+from controller.store import Store, UserRepository, paging
 from controller.store.migrate import upgrade
 from controller.store.models import Node, User
+from controller.store.paging import decode_page_token, encode_page_token
 
 T0 = datetime(2025, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
 CAPS: dict[str, Any] = {"cpu_cores": 2.0, "memory_gb": 4.0, "node_types": ["compute"]}
@@ -197,8 +198,8 @@ async def test_page_size_default_and_clamp(
 ) -> None:
     for i in range(5):
         await make(nodes, alice, created_at=T0 + timedelta(seconds=i))
-    monkeypatch.setattr(repository_module, "DEFAULT_PAGE_SIZE", 3)
-    monkeypatch.setattr(repository_module, "MAX_PAGE_SIZE", 4)
+    monkeypatch.setattr(paging, "DEFAULT_PAGE_SIZE", 3)
+    monkeypatch.setattr(paging, "MAX_PAGE_SIZE", 4)
     page, token = await nodes.list_for_user(alice.id, page_size=0)
     assert len(page) == 3
     assert token

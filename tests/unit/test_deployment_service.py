@@ -9,9 +9,9 @@ from typing import Any, cast
 import pytest
 
 from controller.deployments import service
-from controller.deployments.repository import decode_page_token, encode_page_token
 from controller.errors import InvalidArgument
 from controller.store.models import Deployment
+from controller.store.paging import decode_page_token, encode_page_token
 
 
 def _assignment(index: int, status: str, endpoint: str = "", error: str = "") -> dict[str, Any]:
