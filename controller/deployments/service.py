@@ -47,7 +47,7 @@ from google.protobuf import json_format
 from controller.deployments.manifest import MAX_REPLICAS, validate_manifest
 from controller.deployments.package import build_package
 from controller.deployments.repository import NAME_TAKEN, DeploymentRepository, RequestIdTaken
-from controller.deployments.snapshot import build_snapshot, user_nodes
+from controller.deployments.snapshot import NodeRows, build_snapshot
 from controller.errors import (
     AlreadyExists,
     ControllerError,
@@ -189,6 +189,7 @@ class DeploymentService:
         self._store = store
         self.repo = DeploymentRepository(store)
         self._fleet = fleet
+        self._node_rows = NodeRows(store, fleet)
         self._vault = vault
         self._interval = reconcile_interval_seconds
         self._rollout_deadline = rollout_deadline_seconds
@@ -361,7 +362,7 @@ class DeploymentService:
         package = await asyncio.to_thread(build_package, valid, request.source_tar_gz)
         deployment_id = new_id()
         snapshot = build_snapshot(
-            user_id, await user_nodes(self._store, user_id), self._fleet, self._reserved(user_id)
+            user_id, await self._node_rows.get(user_id), self._fleet, self._reserved(user_id)
         )
         placement = place(snapshot, valid.replica_request(), valid.replicas, seed=deployment_id)
         spec = deployment_pb2.DeploymentManifest()
@@ -600,7 +601,7 @@ class DeploymentService:
             )
             if not (reuse and usable):
                 others = [a for a in assignments if a is not current and a["status"] in ACTIVE]
-                nodes = await user_nodes(self._store, row.user_id)
+                nodes = await self._node_rows.get(row.user_id)
                 snapshot = build_snapshot(
                     row.user_id, nodes, self._fleet, self._reserved(row.user_id, skip=(deployment_id, index))
                 )
@@ -867,7 +868,7 @@ class DeploymentService:
             have = fresh.desired_replicas
             if replicas > have:
                 others = [a for a in assignments if a["status"] in ACTIVE]
-                nodes = await user_nodes(self._store, fresh.user_id)
+                nodes = await self._node_rows.get(fresh.user_id)
                 regions = {n.id: n.region or "" for n in nodes}
                 occupied: dict[str, int] = {}
                 for a in others:
@@ -1089,7 +1090,7 @@ class DeploymentService:
                 return None
             record = meta["versions"][str(version)]
             others = [a for a in assignments if a is not old and a["status"] in ACTIVE]
-            nodes = await user_nodes(self._store, row.user_id)
+            nodes = await self._node_rows.get(row.user_id)
             snapshot = build_snapshot(row.user_id, nodes, self._fleet, self._reserved(row.user_id))
             try:
                 node_id = place(

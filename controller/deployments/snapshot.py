@@ -10,7 +10,9 @@ on it (every active assignment of the user's deployments).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import asyncio
+import time
+from collections.abc import Callable, Iterable, Mapping
 
 from sqlalchemy import select
 
@@ -94,3 +96,52 @@ async def user_nodes(store: Store, user_id: str) -> list[Node]:
             select(Node).where(Node.user_id == user_id, Node.status != STATUS_REMOVED).order_by(Node.id)
         )
         return list(result.scalars())
+
+
+# How long a user's node rows are reused between placements. Rows change rarely
+# (registration, deregistration); everything that changes often — state, metrics,
+# capabilities announced in the hello, the stream — comes from the fleet's memory, and
+# a node removed meanwhile is seen as removed there.
+NODE_ROWS_TTL_SECONDS = 2.0
+
+
+class NodeRows:
+    """The users' node rows for placement, read once per :data:`NODE_ROWS_TTL_SECONDS`.
+
+    A burst of CreateDeployment calls shares one store read (one load in flight per
+    user) instead of reading every node row once per call. The rows are read again
+    at once when the number of the user's nodes the fleet monitors changes (a node
+    registered); a node removed meanwhile is seen as removed through the fleet.
+    """
+
+    def __init__(self, store: Store, fleet: Fleet, clock: Callable[[], float] = time.monotonic) -> None:
+        self._store = store
+        self._fleet = fleet
+        self._clock = clock
+        self._rows: dict[str, tuple[float, int, list[Node]]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def get(self, user_id: str) -> list[Node]:
+        """The user's nodes that are not removed (possibly up to the TTL old)."""
+        fresh = self._fresh(user_id)
+        if fresh is not None:
+            return fresh
+        async with self._locks.setdefault(user_id, asyncio.Lock()):
+            fresh = self._fresh(user_id)
+            if fresh is not None:
+                return fresh
+            monitored = len(self._fleet.monitor.nodes_of(user_id))
+            rows = await user_nodes(self._store, user_id)
+            self._rows[user_id] = (self._clock(), monitored, rows)
+            return rows
+
+    def _fresh(self, user_id: str) -> list[Node] | None:
+        cached = self._rows.get(user_id)
+        if cached is None:
+            return None
+        read_at, monitored, rows = cached
+        if self._clock() - read_at >= NODE_ROWS_TTL_SECONDS:
+            return None
+        if monitored != len(self._fleet.monitor.nodes_of(user_id)):
+            return None
+        return rows
