@@ -99,6 +99,8 @@ class Fleet:
     replica_report_handler: ReplicaReportHandler | None = None
     streams: StreamRegistry = field(default_factory=StreamRegistry)
     live: dict[str, LiveMetrics] = field(default_factory=dict)
+    announced: dict[str, common_pb2.NodeCapabilities] = field(default_factory=dict)
+    """What each node announced in its latest hello."""
     events: deque[FleetEvent] = field(default_factory=lambda: deque(maxlen=EVENT_LOG_SIZE))
 
     def __post_init__(self) -> None:
@@ -159,7 +161,7 @@ class Fleet:
         self.live[node_id] = LiveMetrics(
             metrics=metrics,
             received_at=now,
-            capabilities=self.live.get(node_id, LiveMetrics(metrics, now)).capabilities,
+            capabilities=self.announced.get(node_id),
         )
         result = self.monitor.heartbeat(
             node_id,
@@ -194,6 +196,8 @@ class Fleet:
             self._background(self.replica_report_handler(node_id, list(replicas), complete))
 
     def set_capabilities(self, node_id: str, capabilities: common_pb2.NodeCapabilities) -> None:
+        """Record what a node announced in its hello (used from its next heartbeat on)."""
+        self.announced[node_id] = capabilities
         live = self.live.get(node_id)
         if live is not None:
             live.capabilities = capabilities
@@ -216,6 +220,7 @@ class Fleet:
             self.monitor.remove(node_id, self.clock())
             await self.monitor.flush()
         self.live.pop(node_id, None)
+        self.announced.pop(node_id, None)
         await self.cache.delete(f"node:health:{node_id}")
 
     def recovery_due(self, node_id: str) -> bool:

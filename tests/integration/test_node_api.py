@@ -140,7 +140,9 @@ class Stream:
             yield message
 
     async def hello(self) -> node_pb2.HelloAck:
-        await self.outbox.put(node_pb2.ConnectRequest(hello=node_pb2.NodeHello(agent_version="test")))
+        capabilities = common_pb2.NodeCapabilities(cpu_cores=3, memory_gb=6, disk_gb=40)
+        hello = node_pb2.NodeHello(agent_version="test", capabilities=capabilities)
+        await self.outbox.put(node_pb2.ConnectRequest(hello=hello))
         return (await self.call.read()).hello_ack
 
     async def heartbeat(self, sequence: int, cpu: float = 10.0) -> node_pb2.HeartbeatAck:
@@ -178,6 +180,8 @@ async def test_register_connect_heartbeat_list_drain_deregister(
         )
         assert system.metrics.total_nodes == 1
         assert system.metrics.cpu_percent == 95.0
+        assert system.metrics.total_cpu_cores == 3  # what the hello announced
+        assert system.metrics.total_memory_gb == 6
         node_metrics = await metrics_pb2_grpc.MetricsServiceStub(channel).GetNodeMetrics(
             metrics_pb2.GetNodeMetricsRequest(node_id=reply.node_id), metadata=bearer(token)
         )
