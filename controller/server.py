@@ -32,6 +32,7 @@ from automator67.v1 import (
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from controller import keepalive
 from controller.api.auth_servicer import AuthServicer
 from controller.api.deployment_servicer import DeploymentServicer
 from controller.api.interceptors import ControllerInterceptor
@@ -76,23 +77,6 @@ SERVICE_NAMES = tuple(
 
 # The largest request message accepted (gRPC's default is 4 MiB).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-
-
-def keepalive_options(interval_ms: int) -> list[tuple[str, int]]:
-    """Server keepalive, agreeing with the agent's (``controller.agent.client.keepalive_options``).
-
-    The server pings every connection once per heartbeat interval and drops it if
-    the ping is not answered within half an interval, so a dead TCP connection is
-    noticed within about 1.5 intervals even when nothing else is sent; it accepts
-    the agent's pings (one per interval) without counting them as abuse.
-    """
-    return [
-        ("grpc.keepalive_time_ms", interval_ms),
-        ("grpc.keepalive_timeout_ms", max(1000, interval_ms // 2)),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", max(100, interval_ms // 2)),
-        ("grpc.http2.max_ping_strikes", 0),
-    ]
 
 
 @dataclass
@@ -196,7 +180,7 @@ async def start_controller(settings: Settings) -> Controller:
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            *keepalive_options(interval_ms),
+            *keepalive.server_options(interval_ms),
         ],
     )
     auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(auth, users), server)

@@ -52,6 +52,7 @@ from controller.agent.backoff import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, 
 from controller.agent.handlers import CommandHandlers
 from controller.agent.identity import DEFAULT_DATA_DIR, Enrollment, Identity, IdentityError
 from controller.agent.metrics import MetricsState, collect_metrics, measure_capabilities
+from controller.keepalive import client_options, server_options
 
 log = logging.getLogger("controller.agent")
 
@@ -125,37 +126,13 @@ AGENT_VERSION = _agent_version()
 
 
 def keepalive_options(interval_ms: int) -> list[tuple[str, int]]:
-    """The agent channel's keepalive settings for a heartbeat interval of ``interval_ms``.
-
-    The client pings every interval and gives the controller half an interval (at
-    least 1 s) to answer, even when no call is active, with no cap on pings between
-    data frames: a dead TCP connection is noticed within 1.5 intervals (2 intervals
-    below a 2 s interval, where the 1 s floor applies), well inside the controller's
-    failure window of three missed intervals.
-    """
-    interval_ms = max(1, int(interval_ms))
-    return [
-        ("grpc.keepalive_time_ms", interval_ms),
-        ("grpc.keepalive_timeout_ms", max(1000, interval_ms // 2)),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
+    """The agent channel's keepalive settings (see :mod:`controller.keepalive`)."""
+    return client_options(interval_ms)
 
 
 def server_keepalive_options(interval_ms: int) -> list[tuple[str, int]]:
-    """What the controller's node-facing server should set to agree with :func:`keepalive_options`.
-
-    The same keepalive numbers (so the controller also notices a dead connection
-    within 1.5 intervals), plus the shortest ping interval it accepts from a client
-    without counting a strike: half the agent's, so the agents' pings every interval
-    are never taken for abuse (the default, 5 minutes, would have grpc close every
-    agent's connection with GOAWAY ``too_many_pings``).
-    """
-    interval_ms = max(1, int(interval_ms))
-    return [
-        *keepalive_options(interval_ms),
-        ("grpc.http2.min_ping_interval_without_data_ms", max(1, interval_ms // 2)),
-    ]
+    """What the controller's node-facing server sets to agree (see :mod:`controller.keepalive`)."""
+    return server_options(interval_ms)
 
 
 # --------------------------------------------------------------------------- config
