@@ -297,3 +297,34 @@ async def test_partial_results_and_every_shard_down(setup: tuple, fleet: Fleet) 
                 allow_partial_results=allow_partial,
             )
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_primary_killed_mid_query_falls_back_to_its_replica(setup: tuple, fleet: Fleet) -> None:
+    stub, token, db_id, ids = setup
+    names = {node_id: name for name, node_id in ids.items()}
+    # A customer on a shard that has a replica (shards 0 and 1), and its primary agent.
+    for customer in range(7):
+        probe = await _query(
+            stub, token, db_id, f"SELECT count(*) FROM orders WHERE customer_id = {customer}"
+        )
+        (status,) = probe.shard_statuses
+        if status.shard_index in (0, 1):
+            break
+    primary = names[status.node_id]
+    bulk = range(1000, 4000)
+    rows = ", ".join(f"({i}, {customer}, {i}, 'bulk')" for i in bulk)
+    await _query(stub, token, db_id, f"INSERT INTO orders (id, customer_id, amount, status) VALUES {rows}")
+    ids = [*bulk, *(i for i in range(1, 41) if i % 7 == customer)]
+    expected = sum(1 for x in ids for y in ids if (x * y) % 7 == 3)
+    # About nine million row pairs on one shard: long enough to kill its primary meanwhile.
+    slow = (
+        "SELECT count(*) FROM orders a JOIN orders b ON a.customer_id = b.customer_id "
+        f"WHERE a.customer_id = {customer} AND (a.id * b.id) % 7 = 3"
+    )
+    running = asyncio.ensure_future(_query(stub, token, db_id, slow))
+    await asyncio.sleep(0.3)
+    assert not running.done(), "the query should still be running on the primary"
+    fleet.kill(primary)
+    answer = await running
+    assert _rows(answer) == [[expected]]
+    assert answer.shards_queried == 1
