@@ -9,7 +9,7 @@ file and development keys in ``data_dir``, and the in-process cache.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -105,12 +105,7 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from ``A67_*`` variables, then apply non-None ``overrides``."""
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get(f"A67_{f.name.upper()}")
-            if raw is not None and raw != "":
-                values[f.name] = _coerce(f.name, raw)
+        values = values_from_env(cls, "A67_", environ)
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
         settings.validate()
@@ -136,11 +131,32 @@ class Settings:
             raise ValueError(f"A67_CACHE_URL must be memory:// or redis://…, not {self.cache_url!r}")
 
 
-_TYPES = {f.name: f.type for f in fields(Settings)}
+def values_from_env(
+    cls: type[Any],
+    prefix: str,
+    environ: Mapping[str, str] | None = None,
+    parsers: Mapping[str, Callable[[str], Any]] | None = None,
+) -> dict[str, Any]:
+    """Field values of the dataclass ``cls`` from the variables ``<prefix><FIELD>`` that are set.
+
+    Each value is converted by the field's type (int, float, bool, Path, else str), or by
+    ``parsers[field]`` when given. Empty variables count as unset.
+
+    >>> values_from_env(Settings, "A67_", {"A67_DRAIN_GRACE_SECONDS": "2.5", "A67_AUTO_MIGRATE": "no"})
+    {'drain_grace_seconds': 2.5, 'auto_migrate': False}
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        raw = env.get(f"{prefix}{f.name.upper()}")
+        if raw is None or raw == "":
+            continue
+        parse = (parsers or {}).get(f.name)
+        values[f.name] = parse(raw) if parse is not None else _coerce(f.type, raw)
+    return values
 
 
-def _coerce(name: str, raw: str) -> Any:
-    kind = _TYPES[name]
+def _coerce(kind: Any, raw: str) -> Any:
     if kind in ("int", int):
         return int(raw)
     if kind in ("float", float):

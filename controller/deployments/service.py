@@ -526,6 +526,22 @@ class DeploymentService:
         self._publish(row, message)
         await self._stop_all(deployment_id, to_stop)
 
+    async def _send_deploy(
+        self, node_id: str, command: node_pb2.NodeCommand, wait_seconds: float
+    ) -> tuple[str, str]:
+        """Send a DeployReplica and wait for the node: (endpoint, "") or ("", the reason it failed)."""
+        try:
+            result = await self._fleet.streams.send_command(node_id, command, wait_seconds)
+        except ControllerError as exc:
+            return "", exc.message
+        if not result.ok:
+            return "", result.error_message or "the node refused the replica"
+        try:
+            payload = json.loads(result.payload or b"{}")
+        except ValueError:
+            return "", "the node answered with a malformed payload"
+        return (str(payload.get("endpoint", "")) if isinstance(payload, dict) else ""), ""
+
     def _deploy_deadline(self, meta: dict[str, Any]) -> float:
         return float(meta.get("startup_seconds", 30)) + self._deploy_margin
 
@@ -545,19 +561,7 @@ class DeploymentService:
                 if prepared is None:
                     return False
                 node_id, generation, command, deadline = prepared
-                error = ""
-                endpoint = ""
-                try:
-                    result = await self._fleet.streams.send_command(node_id, command, deadline)
-                    if result.ok:
-                        payload = json.loads(result.payload or b"{}")
-                        endpoint = str(payload.get("endpoint", "")) if isinstance(payload, dict) else ""
-                    else:
-                        error = result.error_message or "the node refused the replica"
-                except ControllerError as exc:
-                    error = exc.message
-                except ValueError:
-                    error = "the node answered with a malformed payload"
+                endpoint, error = await self._send_deploy(node_id, command, deadline)
                 if not error:
                     if await self._mark_running(deployment_id, index, node_id, generation, endpoint):
                         self._retry.pop(key, None)
@@ -1128,19 +1132,7 @@ class DeploymentService:
                 port=0,
             )
         )
-        error = ""
-        endpoint = ""
-        try:
-            result = await self._fleet.streams.send_command(node_id, command, self._deploy_deadline(record))
-            if result.ok:
-                payload = json.loads(result.payload or b"{}")
-                endpoint = str(payload.get("endpoint", "")) if isinstance(payload, dict) else ""
-            else:
-                error = result.error_message or "the node refused the replica"
-        except ControllerError as exc:
-            error = exc.message
-        except ValueError:
-            error = "the node answered with a malformed payload"
+        endpoint, error = await self._send_deploy(node_id, command, self._deploy_deadline(record))
         if error:
             self._surging.pop((deployment_id, index), None)
             self._spawn(self._stop(node_id, deployment_id, index, generation))

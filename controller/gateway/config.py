@@ -9,11 +9,12 @@ the controller's gRPC port on ``127.0.0.1:50051``, with no admin interface.
 from __future__ import annotations
 
 import ipaddress
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
+
+from controller.config import values_from_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The checkout this package runs from (the gateway template and the descriptor live there)."""
@@ -116,12 +117,7 @@ class GatewaySettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> GatewaySettings:
         """Build settings from ``A67_GATEWAY_*`` variables, then apply non-None ``overrides``."""
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get(f"A67_GATEWAY_{f.name.upper()}")
-            if raw is not None and raw != "":
-                values[f.name] = _coerce(f.name, raw)
+        values = values_from_env(cls, "A67_GATEWAY_", environ, {"cors_allowed_origins": parse_origins})
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
         settings.validate()
@@ -175,19 +171,3 @@ class GatewaySettings:
 def parse_origins(raw: str) -> tuple[str, ...]:
     """``"https://a, https://b"`` → ``("https://a", "https://b")``."""
     return tuple(part.strip() for part in raw.split(",") if part.strip())
-
-
-_TYPES = {f.name: f.type for f in fields(GatewaySettings)}
-
-
-def _coerce(name: str, raw: str) -> Any:
-    kind = _TYPES[name]
-    if kind in ("int", int):
-        return int(raw)
-    if kind in ("float", float):
-        return float(raw)
-    if kind in ("Path", Path):
-        return Path(raw).expanduser()
-    if name == "cors_allowed_origins":
-        return parse_origins(raw)
-    return raw
