@@ -56,7 +56,7 @@ from controller.nodes.fleet import Fleet
 from controller.nodes.health import HealthConfig
 from controller.nodes.registration import NodeRegistrar
 from controller.nodes.repository import NodeRepository
-from controller.store.db import Store
+from controller.store.db import Store, redact
 from controller.store.migrate import ensure_schema
 from controller.store.repositories import AuthFailureRepository, RefreshTokenRepository, UserRepository
 from controller.vault import Vault
@@ -184,8 +184,6 @@ async def start_controller(settings: Settings) -> Controller:
         ],
     )
     auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(auth, users), server)
-    # Services that later work fills in: their generated base classes answer
-    # UNIMPLEMENTED (through the interceptor, with an ErrorInfo detail).
     node_pb2_grpc.add_NodeServiceServicer_to_server(
         NodeServicer(
             fleet=fleet,
@@ -211,6 +209,8 @@ async def start_controller(settings: Settings) -> Controller:
         ),
         server,
     )
+    # Not built yet: the generated base class answers UNIMPLEMENTED (through the
+    # interceptor, with an ErrorInfo detail).
     storage_pb2_grpc.add_StorageServiceServicer_to_server(storage_pb2_grpc.StorageServiceServicer(), server)  # type: ignore[abstract]
 
     draining = asyncio.Event()
@@ -221,6 +221,7 @@ async def start_controller(settings: Settings) -> Controller:
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     node_port: int | None = None
+    node_address = "-"
     try:
         port = server.add_insecure_port(settings.listen_address)
         if settings.node_listen_address:
@@ -230,11 +231,10 @@ async def start_controller(settings: Settings) -> Controller:
                 [(key_pem, cert_pem)], root_certificates=ca.ca_cert_pem, require_client_auth=True
             )
             node_port = server.add_secure_port(settings.node_listen_address, credentials)
+            node_address = f"{settings.node_listen_address.rsplit(':', 1)[0]}:{node_port}"
             if not settings.node_advertise_address:
                 # Advertise the port really bound (the setting may say port 0).
-                registrar.controller_endpoint = (
-                    f"{settings.node_listen_address.rsplit(':', 1)[0]}:{node_port}"
-                )
+                registrar.controller_endpoint = node_address
     except RuntimeError as exc:
         await cache.close()
         await store.close()
@@ -262,18 +262,11 @@ async def start_controller(settings: Settings) -> Controller:
     log.info(
         "serving on %s, nodes on %s (mutual TLS) (store %s, cache %s)",
         controller.address,
-        f"{settings.node_listen_address.rsplit(':', 1)[0]}:{node_port}" if node_port else "-",
-        _describe_store(settings),
-        settings.cache_url.split("@")[-1],
+        node_address,
+        store.url,
+        redact(settings.cache_url),
     )
     return controller
-
-
-def _describe_store(settings: Settings) -> str:
-    """The store URL without credentials, for the log."""
-    url = settings.effective_store_url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.rsplit('@', 1)[-1]}"
 
 
 async def serve(settings: Settings) -> int:
