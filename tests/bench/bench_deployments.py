@@ -321,9 +321,19 @@ def _node_worker(index: int, first: int, tokens: list[str], *args: object) -> No
 
 
 async def _burst_client(
-    address: str, access: str, count: int, replicas: int, poll: float, limit_seconds: float, channels_n: int
+    address: str,
+    access: str,
+    count: int,
+    replicas: int,
+    poll: float,
+    limit_seconds: float,
+    channels_n: int,
+    in_flight: int,
 ) -> dict[str, object]:
     md = md_of(access)
+    # A grpc.aio client holding ~1,000 calls at once cancels some of them itself (they never
+    # reach the server), so the burst keeps at most ``in_flight`` calls outstanding.
+    gate = asyncio.Semaphore(in_flight)
     sources = [source_tar_gz({"app.py": f"print('hello {i}')\n"}) for i in range(count)]
     requests = [
         deployment_pb2.CreateDeploymentRequest(
@@ -354,14 +364,15 @@ async def _burst_client(
         stub = stubs[0]
 
         async def create(req: deployment_pb2.CreateDeploymentRequest, i: int) -> None:
-            sent = time.perf_counter()
-            try:
-                response = await stubs[i % channels_n].CreateDeployment(
-                    req, metadata=md, timeout=limit_seconds
-                )
-            except Exception as err:
-                errors["create " + _code(err)] += 1
-                return
+            async with gate:
+                sent = time.perf_counter()
+                try:
+                    response = await stubs[i % channels_n].CreateDeployment(
+                        req, metadata=md, timeout=limit_seconds
+                    )
+                except Exception as err:
+                    errors["create " + _code(err)] += 1
+                    return
             latencies.append((time.perf_counter() - sent) * 1000)
             accepted.append(response.deployment_id)
 
@@ -481,6 +492,7 @@ def burst(args: argparse.Namespace) -> None:
                     args.poll,
                     args.timeout,
                     args.channels,
+                    args.in_flight,
                 )
             )
             wall = time.monotonic() - wall0
@@ -747,6 +759,9 @@ def main() -> None:
     b.add_argument("--workers", type=int, default=3)
     b.add_argument("--poll", type=float, default=0.25)
     b.add_argument("--channels", type=int, default=4, help="client connections for the burst")
+    b.add_argument(
+        "--in-flight", type=int, default=200, help="most CreateDeployment calls outstanding at once"
+    )
     b.add_argument("--settle", type=float, default=3.0)
     b.add_argument("--timeout", type=float, default=180.0)
     r = sub.choices["recovery"]
