@@ -55,7 +55,6 @@ import multiprocessing
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -80,51 +79,17 @@ from automator67.v1 import (  # noqa: E402
 )
 
 from tests.bench.bench_node_streams import (  # noqa: E402
-    ControllerProc,
     SimNode,
     _code,
-    free_port,
     make_user_and_tokens,
     pct,
+    start_controller,
 )
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 # --------------------------------------------------------------------------- controller / store
-
-
-def start_controller(
-    data_dir: Path, interval: float, store_url: str | None, timeout: float = 60.0
-) -> ControllerProc:
-    port, node_port = free_port(), free_port()
-    log_path = data_dir / "controller.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("A67_")}
-    args = [
-        sys.executable, "-m", "controller.cli", "serve",
-        "--listen", f"127.0.0.1:{port}",
-        "--node-listen", f"127.0.0.1:{node_port}",
-        "--data-dir", str(data_dir),
-        "--heartbeat-interval", str(interval),
-        "--log-level", "WARNING",
-    ]  # fmt: skip
-    if store_url:
-        args += ["--store-url", store_url]
-    log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"controller exited: {log_path.read_text()[-2000:]}")
-        with (
-            contextlib.suppress(OSError),
-            socket.create_connection(("127.0.0.1", port), 0.2),
-            socket.create_connection(("127.0.0.1", node_port), 0.2),
-        ):
-            return ControllerProc(proc, f"127.0.0.1:{port}", f"127.0.0.1:{node_port}", data_dir, log_path)
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("controller did not start")
 
 
 @contextlib.contextmanager
@@ -427,7 +392,7 @@ async def _burst_client(
 
 def burst(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="a67-bench-deploy-") as tmp, store(args) as store_url:
-        ctl = start_controller(Path(tmp), args.interval, store_url)
+        ctl = start_controller(Path(tmp), args.interval, timeout=60.0, store_url=store_url)
         procs: list[multiprocessing.process.BaseProcess] = []
         ctx = multiprocessing.get_context("spawn")
         stop = ctx.Event()
@@ -597,7 +562,7 @@ def recovery(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="a67-bench-recovery-") as tmp, store(args) as store_url:
         base = Path(tmp)
         (base / "controller").mkdir()
-        ctl = start_controller(base / "controller", args.interval, store_url)
+        ctl = start_controller(base / "controller", args.interval, timeout=60.0, store_url=store_url)
         agents: dict[str, subprocess.Popen[bytes]] = {}
         try:
             access, tokens = make_user_and_tokens(ctl.address, 1, max_uses=3)

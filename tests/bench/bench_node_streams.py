@@ -94,22 +94,25 @@ class ControllerProc:
                 self.proc.wait()
 
 
-def start_controller(data_dir: Path, interval: float = 1.0, timeout: float = 30.0) -> ControllerProc:
+def start_controller(
+    data_dir: Path, interval: float = 1.0, timeout: float = 30.0, store_url: str | None = None
+) -> ControllerProc:
+    """``controller.cli serve`` on free ports (SQLite in ``data_dir`` unless ``store_url``)."""
     port, node_port = free_port(), free_port()
     log_path = data_dir / "controller.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("A67_")}
+    args = [
+        sys.executable, "-m", "controller.cli", "serve",
+        "--listen", f"127.0.0.1:{port}",
+        "--node-listen", f"127.0.0.1:{node_port}",
+        "--data-dir", str(data_dir),
+        "--heartbeat-interval", str(interval),
+        "--log-level", "WARNING",
+    ]  # fmt: skip
+    if store_url:
+        args += ["--store-url", store_url]
     log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "controller.cli", "serve",
-            "--listen", f"127.0.0.1:{port}",
-            "--node-listen", f"127.0.0.1:{node_port}",
-            "--data-dir", str(data_dir),
-            "--heartbeat-interval", str(interval),
-            "--log-level", "WARNING",
-        ],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-    )  # fmt: skip
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
