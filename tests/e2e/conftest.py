@@ -138,6 +138,7 @@ class Rest:
 class RunningController:
     address: str
     process: ControllerProcess
+    node_port: int
 
 
 @dataclass(frozen=True)
@@ -172,17 +173,18 @@ def start_gateway(upstream_address: str, workdir: Path, **overrides: Any) -> Ite
 def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningController]:
     workdir = tmp_path_factory.mktemp("controller")
     address = f"127.0.0.1:{free_port()}"
+    node_port = free_port()
     process = ControllerProcess(
         address,
         workdir / "data",
-        node_listen_address=f"127.0.0.1:{free_port()}",
+        node_listen_address=f"127.0.0.1:{node_port}",
         log_path=workdir / "controller.log",
         own_session=False,
     )
     process.start()
     try:
         process.wait_ready(timeout=60)
-        yield RunningController(address, process)
+        yield RunningController(address, process, node_port)
     finally:
         process.stop()
 

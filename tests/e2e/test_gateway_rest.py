@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
@@ -33,10 +34,12 @@ from tests.e2e.conftest import (
     STREAM_MESSAGES,
     Reply,
     Rest,
+    RunningController,
     RunningGateway,
     free_port,
     start_gateway,
 )
+from tests.integration.test_deployments import Agent, source_tar_gz
 from tests.support import PASSWORD
 
 ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
@@ -183,6 +186,45 @@ def test_rpcs_not_built_yet_are_501(rest: Rest, account: dict[str, Any], method:
     reply = rest.request(method, path, token=account["access_token"])
     assert reply.status == 501
     assert reply.json["code"] == 12  # UNIMPLEMENTED
+
+
+async def test_create_deployment_is_202_through_the_gateway(
+    rest: Rest, controller: RunningController
+) -> None:
+    _, user = await asyncio.to_thread(register, rest)  # its own user: other tests list deployments
+    token = user["access_token"]
+    async with grpc.aio.insecure_channel(controller.address) as channel:
+        # A fake node holding its mutual-TLS stream, so the deployment can be placed.
+        node = Agent(controller, channel, token, "eu-west")  # type: ignore[arg-type]
+        await node.register()
+        await node.connect()
+        await node.ready()
+        try:
+            body = {
+                "manifest": {
+                    "name": f"web-{uuid.uuid4().hex[:8]}",
+                    "app_type": "APP_TYPE_BACKEND",
+                    "runtime": "python",
+                    "entrypoint": "app.py",
+                    "resources": {"memory": "64MB", "cpu": "0.1"},
+                    "replicas": 1,
+                },
+                "source_tar_gz": base64.b64encode(source_tar_gz()).decode(),
+            }
+            reply = await asyncio.to_thread(rest.post, "/api/v1/deployments", body, token=token)
+            assert reply.status == 202, reply.body
+            assert reply.json["status"] == "DEPLOYMENT_STATUS_PENDING"
+            deployment_id = reply.json["deployment_id"]
+            for _ in range(200):
+                got = await asyncio.to_thread(rest.get, f"/api/v1/deployments/{deployment_id}", token=token)
+                if got.json["deployment"]["status"] == "DEPLOYMENT_STATUS_RUNNING":
+                    break
+                await asyncio.sleep(0.05)
+            assert got.status == 200
+            assert got.json["deployment"]["status"] == "DEPLOYMENT_STATUS_RUNNING"
+            assert got.json["deployment"]["placement"][0]["selected"] is True
+        finally:
+            await node.kill()
 
 
 def test_databases_list_and_a_database_not_yours_is_403(rest: Rest, account: dict[str, Any]) -> None:
