@@ -47,6 +47,11 @@ STORE_METRICS_SECONDS = 60.0
 HISTORY_SAMPLE_SECONDS = 60.0
 # TTL of node:metrics:history:{id}:{hour} (spec §7: 7 days).
 HISTORY_TTL_SECONDS = 7 * 24 * 3600.0
+# The mass-failure window, in heartbeat intervals. Nodes cut off together fail up to one
+# interval apart (their last heartbeats are spread over one interval) plus one sweep
+# (a quarter interval), so a one-interval window could miss part of a real partition.
+# Recovery of a failed node is held for the same window.
+MASS_FAILURE_WINDOW_INTERVALS = 1.5
 # Recent fleet events kept in memory (state changes, failures, alerts).
 EVENT_LOG_SIZE = 1000
 
@@ -104,7 +109,10 @@ class Fleet:
     events: deque[FleetEvent] = field(default_factory=lambda: deque(maxlen=EVENT_LOG_SIZE))
 
     def __post_init__(self) -> None:
-        self.monitor_config = MonitorConfig(health=self.health_config)
+        self.monitor_config = MonitorConfig(
+            health=self.health_config,
+            mass_failure_window_seconds=MASS_FAILURE_WINDOW_INTERVALS * self.health_config.interval_seconds,
+        )
         self.monitor = HealthMonitor(
             self.monitor_config,
             on_transition=self._on_transition,
