@@ -196,8 +196,10 @@ def test_ddl_may_name_new_or_missing_tables(sql: str) -> None:
     resolve_tables(parse(sql, "sqlite"), SCHEMA)
 
 
-def test_public_schema_prefix_is_the_same_table() -> None:
-    resolve_tables(parse("SELECT * FROM public.orders", "postgres"), SCHEMA)
+def test_a_schema_prefix_is_refused_even_public() -> None:
+    # A shard's tables live in its own schema: public.orders would be another schema's table.
+    with pytest.raises(InvalidArgument, match=r"schema-qualified table name public\.orders"):
+        parse("SELECT * FROM public.orders", "postgres")
 
 
 @pytest.mark.parametrize(

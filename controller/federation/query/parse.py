@@ -32,6 +32,8 @@ from sqlglot.errors import ParseError, TokenError
 
 from controller.errors import FieldViolation, InvalidArgument, NotFound
 
+from .safety import check_statement
+
 Schema = Mapping[str, Sequence[str]]
 """Table name → column names, as recorded in the database's ``schema_info``."""
 
@@ -193,6 +195,9 @@ def parse(sql: str, dialect: str) -> Statement:
         raise _syntax_error_from_parse(exc) from None
     except TokenError as exc:
         raise _syntax_error_from_tokens(sql, exc) from None
+    except (IndexError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        # sqlglot's function builders assume well-formed arguments (VAR_MAP(1) raises IndexError)
+        raise _syntax_error(1, 1, f"the statement cannot be read ({type(exc).__name__})", "") from None
     statements = [s for s in parsed if s is not None]
     if not statements:
         raise InvalidArgument(
@@ -208,6 +213,7 @@ def parse(sql: str, dialect: str) -> Statement:
         )
     expression = statements[0]
     kind = classify(expression)
+    check_statement(expression, rules.name)
     return Statement(
         sql=sql, rules=rules, kind=kind, expression=expression, tables=referenced_tables(expression)
     )
