@@ -367,6 +367,61 @@ def assert_same(actual: QueryResult, expected: ShardResult, ordered: bool, sql: 
 ORDERED, MULTISET = True, False
 CORPUS: list[tuple[str, str, bool]] = [
     ("count-star", "SELECT COUNT(*) FROM orders", MULTISET),
+    # found by SQLite's sqllogictest: constants inside DISTINCT aggregates reached shards as GROUP BY 42
+    ("distinct-count-of-constant", "SELECT DISTINCT - COUNT ( DISTINCT 42 ) FROM orders", MULTISET),
+    (
+        "having-avg-distinct-constant",
+        "SELECT status FROM orders GROUP BY status HAVING AVG ( DISTINCT 94 ) > 1",
+        MULTISET,
+    ),
+    (
+        "distinct-aggregates-of-constants-over-nothing",
+        "SELECT COUNT(DISTINCT 42), 5 + COUNT(DISTINCT quantity), SUM(DISTINCT 7) FROM orders WHERE quantity > 1000",
+        MULTISET,
+    ),
+    (
+        "constant-next-to-distinct-aggregate",
+        "SELECT - 25 * - 73 + - + SUM ( DISTINCT + quantity ) FROM orders",
+        MULTISET,
+    ),
+    (
+        "distinct-star-grouped-by-key",
+        "SELECT DISTINCT * FROM customers GROUP BY customer_id, name, region",
+        MULTISET,
+    ),
+    (
+        "grouped-by-key-having-order-limit",
+        "SELECT customer_id, COUNT(*) AS n, MAX(amount) FROM orders GROUP BY customer_id HAVING COUNT(*) > 5 "
+        "ORDER BY n DESC, customer_id LIMIT 7 OFFSET 2",
+        ORDERED,
+    ),
+    (
+        "grouped-by-key-join",
+        "SELECT c.customer_id, c.name, COUNT(o.id) FROM customers AS c LEFT JOIN orders AS o "
+        "ON o.customer_id = c.customer_id GROUP BY c.customer_id, c.name",
+        MULTISET,
+    ),
+    # LIMIT arithmetic never overflows; constant expressions are read
+    ("huge-limit", "SELECT id FROM orders ORDER BY id LIMIT 9223372036854775807 OFFSET 590", ORDERED),
+    ("limit-expression", "SELECT id FROM orders ORDER BY id LIMIT 2 + 3 OFFSET 1 * 4", ORDERED),
+    # % after a merge follows the dialect (SQLite casts to INTEGER first)
+    (
+        "modulo-after-merge",
+        "SELECT MAX(amount) % 100, SUM(amount) % 7, MAX(quantity) % 4, MIN(amount) % 0.5 FROM orders",
+        MULTISET,
+    ),
+    # a parenthesized FROM source once went to one shard and came back as if complete
+    (
+        "paren-self-join-on-key",
+        "SELECT COUNT(*) FROM ( orders AS a JOIN orders AS b ON a.customer_id = b.customer_id )",
+        MULTISET,
+    ),
+    (
+        "paren-nested-joins",
+        "SELECT COUNT(*), COUNT(r.label) FROM ((orders AS o JOIN customers AS c ON o.customer_id = c.customer_id) "
+        "LEFT JOIN regions AS r ON r.name = c.region)",
+        MULTISET,
+    ),
     (
         "aggregates-over-nulls",
         "SELECT COUNT(amount), SUM(amount), MIN(amount), MAX(amount), COUNT(*) - COUNT(amount) AS nulls FROM orders",
@@ -612,6 +667,9 @@ DIALECT_CORPUS: list[tuple[str, str, str, bool]] = [
         "SELECT TOTAL(amount), total(quantity) FROM orders WHERE customer_id IN (998, 999)",
         MULTISET,
     ),
+    ("sqlite", "paren-from", "SELECT COUNT(*) FROM ( orders )", MULTISET),
+    ("sqlite", "paren-from-alias", "SELECT COUNT(*), SUM(z.quantity) FROM (orders) AS z", MULTISET),
+    ("sqlite", "paren-paren-from", "SELECT COUNT(*), MAX(id) FROM ((orders))", MULTISET),
     ("sqlite", "negative-limit", "SELECT id FROM orders ORDER BY id LIMIT -1 OFFSET 590", ORDERED),
     ("postgres", "offset-only", "SELECT id FROM orders ORDER BY id OFFSET 590", ORDERED),
     (
@@ -731,6 +789,44 @@ async def test_random_queries_match_oracle(loaded: Environment) -> None:
     seed = len(loaded.layout.all_shards) * 7 + len(loaded.dialect) + (count if count != 60 else 0)
     for sql, ordered in random_queries(seed=seed, count=count):
         assert_same(await loaded.routed(sql), await loaded.direct(sql), ordered, sql)
+
+
+def from_shapes(seed: int, count: int) -> Iterator[str]:
+    """Seeded random FROM clauses: joins of sharded tables on the key, parenthesized at random."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        n = rng.randint(1, 4)
+        tables = [rng.choice(["orders", "customers"]) for _ in range(n)]
+
+        def render(lo: int, hi: int, right: bool, tables: list[str] = tables) -> str:
+            if hi - lo == 1:
+                return f"{tables[lo]} AS t{lo}"  # PostgreSQL has no parentheses around one table
+            split = rng.randint(lo + 1, hi - 1)
+            kind = rng.choice(["JOIN", "LEFT JOIN", "INNER JOIN"])
+            text = (
+                f"{render(lo, split, False)} {kind} {render(split, hi, True)} "
+                f"ON t{lo}.customer_id = t{split}.customer_id"
+            )
+            return f"({text})" if right or rng.random() < 0.6 else text
+
+        yield render(0, n, False)
+
+
+async def test_generated_from_shapes_route_to_every_shard_they_touch(loaded: Environment) -> None:
+    """Every FROM shape is answered exactly or refused: never routed to fewer shards than it touches."""
+    answered = 0
+    reasons: list[str] = []
+    for shape in from_shapes(seed=len(loaded.layout.all_shards), count=40):
+        sql = f"SELECT COUNT(*), SUM(t0.customer_id) FROM {shape}"
+        try:
+            actual = await loaded.routed(sql)
+        except FailedPrecondition as refused:
+            reasons.append(refused.reason)
+            continue
+        assert_same(actual, await loaded.direct(sql), MULTISET, sql)
+        answered += 1
+    assert answered >= 20
+    assert set(reasons) <= {"UNSUPPORTED_FROM_SHAPE"}
 
 
 async def test_limit_without_order_returns_rows_of_the_oracle(loaded: Environment) -> None:

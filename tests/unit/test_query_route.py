@@ -304,11 +304,29 @@ def test_reference_table_writes_go_to_every_shard_counted_once() -> None:
     assert plan.merge == WriteMerge("first")
 
 
+def test_insert_without_a_column_list_takes_the_schema_order() -> None:
+    # sqllogictest loads its data this way: INSERT INTO tab0 VALUES(83,0,38)
+    plan = plan_sql(
+        "INSERT INTO orders VALUES (1, 7, 3, 'x', 'y'), (2, 8, 4, 'z', 'w')", "postgres", HASH, SCHEMA
+    )
+    by_key = plan_sql(
+        "INSERT INTO orders (id, customer_id, amount, status, created_at) VALUES (1, 7, 3, 'x', 'y'), "
+        "(2, 8, 4, 'z', 'w')",
+        "postgres",
+        HASH,
+        SCHEMA,
+    )
+    assert plan.shards == by_key.shards
+    assert [plan.shard_sql[s].split(" VALUES ")[1] for s in plan.shards] == [
+        by_key.shard_sql[s].split(" VALUES ")[1] for s in by_key.shards
+    ]
+
+
 @pytest.mark.parametrize(
     ("sql", "reason"),
     [
         ("INSERT INTO orders (id, amount) VALUES (1, 2)", "SHARDING_KEY_MISSING"),
-        ("INSERT INTO orders VALUES (1, 2, 3, 'x', 'y')", "SHARDING_KEY_MISSING"),
+        ("INSERT INTO orders VALUES (1, 2, 3)", "INSERT_ARITY"),
         ("INSERT INTO orders (id, customer_id) VALUES (1, NULL)", "NULL_SHARDING_KEY"),
         ("INSERT INTO orders (id, customer_id) VALUES (1, 1 + 1)", "SHARDING_KEY_NOT_LITERAL"),
         ("INSERT INTO orders (id, customer_id) VALUES (1)", "INSERT_ARITY"),

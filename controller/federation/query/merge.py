@@ -32,6 +32,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import sys
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, localcontext
@@ -315,7 +316,9 @@ def _distinct(rows: Iterable[Row], width: int | None = None) -> Iterator[Row]:
 def _window(rows: Iterable[Row], offset: int, limit: int | None) -> Iterator[Row]:
     if offset == 0 and limit is None:
         return iter(rows)
-    return itertools.islice(rows, offset, None if limit is None else offset + limit)
+    return itertools.islice(
+        rows, min(offset, sys.maxsize), None if limit is None else min(offset + limit, sys.maxsize)
+    )
 
 
 # -- rows merge -----------------------------------------------------------------------
@@ -727,16 +730,25 @@ def arithmetic(op: str, a: object, b: object, rules: DialectRules) -> object:
         return None
     x = _number(a, op)
     y = _number(b, op)
+    if op == "%" and rules.modulo_casts_to_integer:
+        # SQLite: both operands become INTEGER (truncated); the result is REAL if either was.
+        ix, iy = _to_integer(x), _to_integer(y)
+        if iy == 0:
+            return None
+        remainder = abs(ix) % abs(iy)
+        remainder = remainder if ix >= 0 else -remainder
+        return float(remainder) if isinstance(x, float) or isinstance(y, float) else remainder
     if isinstance(x, float) or isinstance(y, float):
         x, y = float(x), float(y)
     elif isinstance(x, Decimal) or isinstance(y, Decimal):
         x, y = Decimal(x), Decimal(y)
-    if op == "+":
-        return x + y  # type: ignore[operator]
-    if op == "-":
-        return x - y  # type: ignore[operator]
-    if op == "*":
-        return x * y  # type: ignore[operator]
+    if op in ("+", "-", "*"):
+        result = x + y if op == "+" else x - y if op == "-" else x * y  # type: ignore[operator]
+        if isinstance(result, int) and not -(2**63) <= result < 2**63:
+            if rules.integer_overflow_becomes_real:
+                return arithmetic(op, float(x), float(y), rules)
+            raise InvalidArgument("bigint out of range", reason="NUMERIC_OUT_OF_RANGE")
+        return result
     if y == 0:
         if rules.division_by_zero_is_null:
             return None
@@ -756,6 +768,15 @@ def arithmetic(op: str, a: object, b: object, rules: DialectRules) -> object:
             return math.fmod(x, float(y))
         return x % y  # type: ignore[operator]
     raise FailedPrecondition(f"unknown operator {op}", reason="MERGE_EVALUATION_UNSUPPORTED")
+
+
+def _to_integer(value: int | float | Decimal) -> int:
+    """SQLite's CAST(x AS INTEGER) of a number: truncation toward zero, saturating at 64 bits."""
+    if isinstance(value, float) and math.isnan(value):
+        return 0
+    if isinstance(value, float) and math.isinf(value):
+        return 2**63 - 1 if value > 0 else -(2**63)
+    return max(-(2**63), min(2**63 - 1, int(value)))
 
 
 def apply_operator(op: str, values: list[Any], param: str, rules: DialectRules) -> Any:

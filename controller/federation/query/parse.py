@@ -63,6 +63,12 @@ class DialectRules:
     """A column outside GROUP BY takes its value from the MIN/MAX row (sqlite)."""
     negative_limit_is_unbounded: bool
     """``LIMIT -1`` means no limit and a negative OFFSET means 0 (sqlite); postgres refuses them."""
+    modulo_casts_to_integer: bool
+    """``%`` casts both operands to INTEGER first (sqlite: ``99.99 % 100`` is 99.0), rather than
+    computing an exact remainder of numerics (postgres)."""
+    integer_overflow_becomes_real: bool
+    """Integer arithmetic past 64 bits continues in floating point (sqlite) rather than failing
+    with "bigint out of range" (postgres)."""
     integer_type: str
     """The type name reported for integer results."""
     float_type: str
@@ -87,6 +93,8 @@ DIALECTS: Mapping[str, DialectRules] = {
         cast_to_integer_rounds=False,
         bare_columns_follow_min_max=True,
         negative_limit_is_unbounded=True,
+        modulo_casts_to_integer=True,
+        integer_overflow_becomes_real=True,
         integer_type="INTEGER",
         float_type="REAL",
         decimal_type="REAL",
@@ -104,6 +112,8 @@ DIALECTS: Mapping[str, DialectRules] = {
         cast_to_integer_rounds=True,
         bare_columns_follow_min_max=False,
         negative_limit_is_unbounded=False,
+        modulo_casts_to_integer=False,
+        integer_overflow_becomes_real=False,
         integer_type="bigint",
         float_type="double precision",
         decimal_type="numeric",
@@ -214,6 +224,7 @@ def parse(sql: str, dialect: str) -> Statement:
     expression = statements[0]
     kind = classify(expression)
     check_statement(expression, rules.name)
+    flatten_parenthesized_from(expression)
     return Statement(
         sql=sql, rules=rules, kind=kind, expression=expression, tables=referenced_tables(expression)
     )
@@ -265,6 +276,50 @@ def _unsupported(what: str) -> InvalidArgument:
         reason="UNSUPPORTED_STATEMENT",
         metadata={"construct": what},
     )
+
+
+def flatten_parenthesized_from(expression: exp.Expr) -> None:
+    """Rewrite ``FROM (a JOIN b ON ...) JOIN c ...`` as ``FROM a JOIN b ON ... JOIN c ...``, in place.
+
+    Joins associate to the left, so parentheses around the *first* source of a FROM
+    clause (with no alias) change nothing; removing them lets the router see every
+    table. Parentheses elsewhere (``a LEFT JOIN (b JOIN c)``) do change the meaning and
+    are left for the router, which refuses what it cannot see.
+
+    >>> e = sqlglot.parse_one("SELECT COUNT(*) FROM ((t AS a CROSS JOIN t AS b)) JOIN u ON TRUE")
+    >>> flatten_parenthesized_from(e)
+    >>> e.sql()
+    'SELECT COUNT(*) FROM t AS a CROSS JOIN t AS b JOIN u ON TRUE'
+    """
+    for group in list(expression.find_all(exp.Subquery)):
+        inner = group.this
+        if isinstance(inner, exp.Table) and not inner.args.get("joins") and not (inner.alias and group.alias):
+            if group.alias:  # (t) AS z is t AS z
+                inner.set("alias", group.args["alias"].pop())
+            group.replace(inner.pop())
+    for select in list(expression.find_all(exp.Select, exp.Update, exp.Delete)):
+        from_ = select.args.get("from_")
+        if not isinstance(from_, exp.From):
+            continue
+        source = from_.this
+        moved: list[exp.Expr] = []
+        while isinstance(source, exp.Subquery) and not source.alias and _is_source_group(source.this):
+            inner = source.this
+            moved = [j.pop() for j in list(inner.args.get("joins") or ())] + moved
+            if isinstance(inner, exp.Table | exp.Subquery):
+                source = inner
+            else:
+                break
+        if source is not from_.this:
+            from_.set("this", source.pop() if source.parent is not None else source)
+            select.set("joins", moved + list(select.args.get("joins") or ()))
+
+
+def _is_source_group(node: exp.Expr) -> bool:
+    """A parenthesized table or join group (not a query): ``(t)``, ``(a JOIN b ON ...)``, ``((...))``."""
+    if isinstance(node, exp.Subquery):
+        return not node.alias and _is_source_group(node.this)
+    return isinstance(node, exp.Table)
 
 
 def referenced_tables(expression: exp.Expr) -> tuple[str, ...]:

@@ -58,6 +58,7 @@ from .merge import (
     Slot,
     SortKey,
     WriteMerge,
+    arithmetic,
 )
 from .parse import DialectRules, NotALiteral, Statement, StatementKind, literal_value
 from .route import Analysis, Route, refusal
@@ -266,7 +267,7 @@ def _integer(node: exp.Expr | None, what: str, rules: DialectRules, default: int
     if node is None or (isinstance(node, exp.Var) and str(node.this).upper() == "ALL"):
         return default
     try:
-        value = literal_value(node, rules)
+        value = _constant(node, rules)
     except NotALiteral:
         value = "?"
     if value is None:
@@ -279,7 +280,26 @@ def _integer(node: exp.Expr | None, what: str, rules: DialectRules, default: int
             f"{what} must be a non-negative integer constant in a query spanning shards",
             "CROSS_SHARD_LIMIT",
         )
-    return value
+    return min(value, INT64_MAX)
+
+
+INT64_MAX = 2**63 - 1
+"""The largest LIMIT both dialects take; LIMIT/OFFSET arithmetic is clamped to it."""
+
+
+def _constant(node: exp.Expr, rules: DialectRules) -> object:
+    """The value of a constant expression of literals and arithmetic (``2 + 3``), or NotALiteral."""
+    while isinstance(node, exp.Paren):
+        node = node.this
+    op = _BINARY_OPS.get(type(node))
+    if op in ("+", "-", "*", "/", "%"):
+        return arithmetic(op, _constant(node.this, rules), _constant(node.expression, rules), rules)
+    return literal_value(node, rules)
+
+
+def _shard_limit(limit: int | None, offset: int) -> exp.Limit | None:
+    """Each shard's LIMIT: enough rows for the merge to skip ``offset`` and keep ``limit``."""
+    return None if limit is None else exp.Limit(expression=exp.Literal.number(min(limit + offset, INT64_MAX)))
 
 
 def rewrite_select(select: exp.Select, analysis: Analysis) -> tuple[str, MergeSpec]:
@@ -304,9 +324,40 @@ def rewrite_select(select: exp.Select, analysis: Analysis) -> tuple[str, MergeSp
         or any(contains_aggregate(p) for p in select.expressions)
         or any(contains_aggregate(o.this) for o in _order_terms(select))
     )
-    if grouped:
+    if grouped and not _groups_live_on_one_shard(select, analysis):
         return _GroupedRewrite(select, analysis).build()
+    # Rows, or whole groups: with the sharding key in GROUP BY, every group lives on one
+    # shard, so each shard's groups (and its HAVING) are final and merge as rows.
     return _rewrite_rows(select, analysis)
+
+
+def _groups_live_on_one_shard(select: exp.Select, analysis: Analysis) -> bool:
+    """Whether GROUP BY names the sharding key of every sharded table of the query."""
+    group = select.args.get("group")
+    if not isinstance(group, exp.Group) or any(
+        group.args.get(k) for k in ("rollup", "cube", "grouping_sets")
+    ):
+        return False
+    root = analysis.roots[0]
+    sharded = [ref for ref in root.tables.values() if ref.sharded]
+    if not sharded:
+        return False
+    projections = list(select.expressions)
+    aliases = {p.alias.lower(): _unalias(p) for p in projections if isinstance(p, exp.Alias)}
+    keyed: set[int] = set()
+    for item in group.expressions:
+        if _is_ordinal(item):
+            position = int(str(item.this))
+            item = _unalias(projections[position - 1]) if 1 <= position <= len(projections) else item
+        if not isinstance(item, exp.Column):
+            continue
+        aliased = aliases.get(item.name.lower()) if not item.table else None
+        if aliased is not None and not _same(aliased, item):
+            continue  # the name is also an output alias: which one GROUP BY means differs by dialect
+        ref = root.resolve(item, analysis.columns_of)
+        if ref is not None and ref.sharded and item.name.lower() == ref.key:
+            keyed.add(analysis.find(ref))
+    return all(analysis.find(ref) in keyed for ref in sharded)
 
 
 def _order_terms(select: exp.Select) -> list[exp.Ordered]:
@@ -377,9 +428,33 @@ def _rewrite_rows(select: exp.Select, analysis: Analysis) -> tuple[str, RowsMerg
         shard.set("expressions", [p.copy() for p in projections] + hidden)
     limit, offset = _limits(select, rules)
     shard.set("offset", None)
-    shard.set("limit", None if limit is None else exp.Limit(expression=exp.Literal.number(limit + offset)))
+    shard.set("limit", _shard_limit(limit, offset))
     spec = RowsMerge(tuple(sort_keys), distinct, offset, limit, total_hidden)
     return shard.sql(dialect=rules.sqlglot_dialect), spec
+
+
+def _constant_arithmetic(node: exp.Expr) -> bool:
+    """Literals combined by the operators the merge evaluates: ``- 25 * - 73``."""
+    while isinstance(node, exp.Paren):
+        node = node.this
+    if isinstance(node, exp.Literal | exp.Null):
+        return True
+    if isinstance(node, exp.Neg):
+        return _constant_arithmetic(node.this)
+    if _BINARY_OPS.get(type(node)) in ("+", "-", "*", "/", "%"):
+        return _constant_arithmetic(node.this) and _constant_arithmetic(node.expression)
+    return False
+
+
+def _groupable(term: exp.Expr) -> exp.Expr:
+    """A GROUP BY term for a shard: a constant is cast to text, so no dialect reads it as a position.
+
+    Grouping by a constant makes one group whatever its type; ``GROUP BY 42`` (or ``(42)``,
+    ``-42``) would mean the 42nd output column to SQLite and PostgreSQL.
+    """
+    if next(term.find_all(exp.Column, exp.Query), None) is None and not contains_aggregate(term):
+        return exp.Cast(this=term.copy(), to=exp.DataType.build("TEXT"))
+    return term.copy()
 
 
 def _is_ordinal(node: exp.Expr) -> bool:
@@ -505,7 +580,7 @@ class _GroupedRewrite:
         group_by = self.group_exprs + [
             _unalias(self.columns[i]).copy() for key, i in self.column_index.items() if key.startswith("d:")
         ]
-        shard.set("group", exp.Group(expressions=[g.copy() for g in group_by]) if group_by else None)
+        shard.set("group", exp.Group(expressions=[_groupable(g) for g in group_by]) if group_by else None)
         for key in ("having", "order", "limit", "offset", "distinct"):
             shard.set(key, None)
         spec = GroupedMerge(
@@ -582,6 +657,8 @@ class _GroupedRewrite:
                 return Const(literal_value(node, self.rules))
             except NotALiteral:
                 pass
+            if _constant_arithmetic(node):
+                return self._operator(node, aliases)
             self._note_bare_columns(node)
             text = self.sql(node)
             if text not in self.carried_index:

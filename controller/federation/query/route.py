@@ -143,6 +143,8 @@ class Analysis:
     groups: dict[int, int] = field(default_factory=dict)
     """Union-find parent links over ``id(TableRef)``."""
     refs: dict[int, TableRef] = field(default_factory=dict)
+    column_order: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Each table's columns in their declared order (an INSERT without a column list)."""
 
     def columns_of(self, table: str) -> frozenset[str]:
         return self.columns.get(table, frozenset())
@@ -321,7 +323,14 @@ def conjuncts(expression: exp.Expr | None) -> list[exp.Expr]:
 def analyse(statement: Statement, layout: ShardLayout, schema: Schema) -> Analysis:
     """Build the scopes of ``statement`` and the co-located groups of its sharded tables."""
     columns = {name.lower(): frozenset(c.lower() for c in cols) for name, cols in schema.items()}
-    analysis = Analysis(statement=statement, layout=layout, columns=columns, roots=[], scopes=[])
+    analysis = Analysis(
+        statement=statement,
+        layout=layout,
+        columns=columns,
+        roots=[],
+        scopes=[],
+        column_order={name.lower(): tuple(c.lower() for c in cols) for name, cols in schema.items()},
+    )
     builder = _ScopeBuilder(analysis)
     node = statement.expression
     if statement.kind is StatementKind.SELECT:
@@ -354,8 +363,36 @@ def analyse(statement: Statement, layout: ShardLayout, schema: Schema) -> Analys
         builder._nested(holder, node, ctes, skip=("with_", "this", "expression"))
         if isinstance(inserted, exp.Values):
             builder._nested_in(holder, inserted, ctes)
+    if statement.kind is not StatementKind.DDL:
+        _check_every_table_seen(analysis)
     _link_groups(analysis)
     return analysis
+
+
+def _check_every_table_seen(analysis: Analysis) -> None:
+    """Refuse a statement naming a table the scopes did not register.
+
+    Pruning decides from the registered tables alone, so a table in a position the
+    scope builder does not read (``a LEFT JOIN (b JOIN c ON ...) ON ...``) could
+    otherwise send a statement over it to fewer shards than it touches. By this check,
+    a route can never be narrower than the tables justify.
+    """
+    expression = analysis.statement.expression
+    cte_names = {cte.alias_or_name.lower() for cte in expression.find_all(exp.CTE)}
+    seen = {id(ref.node) for ref in analysis.refs.values()}
+    if analysis.target is not None:
+        seen.add(id(analysis.target.node))
+    for table in expression.find_all(exp.Table):
+        if not isinstance(table.this, exp.Identifier) or id(table) in seen:
+            continue
+        if table_name(table) in cte_names and not table.args.get("db"):
+            continue
+        raise refusal(
+            "parenthesized join",
+            f"table {table.alias_or_name} is inside a parenthesized join the router cannot route: "
+            "write the joins without parentheses (a JOIN b ON ... JOIN c ON ...), or use a subquery with an alias",
+            "UNSUPPORTED_FROM_SHAPE",
+        )
 
 
 def _link_groups(analysis: Analysis) -> None:
@@ -709,7 +746,9 @@ def _route_insert(analysis: Analysis) -> Route:
     if not target.sharded:
         return Route(layout.all_shards, "write to a reference table: every shard", reference_write=True)
     columns = (
-        [ident.name.lower() for ident in node.this.expressions] if isinstance(node.this, exp.Schema) else []
+        [ident.name.lower() for ident in node.this.expressions]
+        if isinstance(node.this, exp.Schema)
+        else list(analysis.column_order.get(target.table, ()))  # no list: every column, in schema order
     )
     key = target.key
     assert key is not None

@@ -45,8 +45,8 @@ SELECT status, AVG(amount) AS a FROM orders GROUP BY status HAVING COUNT(*) > 10
 
 SELECT customer_id, SUM(amount) / COUNT(*) AS mean FROM orders GROUP BY 1;
 -- shards: [0, 1, 2, 3] (SELECT: every shard)
--- on [0, 1, 2, 3]: SELECT customer_id AS _a67_g0, SUM(amount) AS _a67_p1, COUNT(*) AS _a67_p2 FROM orders GROUP BY customer_id
--- merge: GroupedMerge(group_columns=(0,), carried_columns=(0,), aggregates=(Aggregate(function='sum', columns=(1,)), Aggregate(function='count', columns=(2,))), outputs=(OutputColumn(name='customer_id', expr=Slot(index=0), type_column=0, type_name=None), OutputColumn(name='mean', expr=Apply(op='/', args=(AggRef(index=0), AggRef(index=1)), param=''), type_column=None, type_name=None)), having=None, order=(), distinct=False, offset=0, limit=None, scalar=False, rows_column=None)
+-- on [0, 1, 2, 3]: SELECT customer_id, SUM(amount) / COUNT(*) AS mean FROM orders GROUP BY 1
+-- merge: RowsMerge(order=(), distinct=False, offset=0, limit=None, hidden=0)
 
 SELECT c.region, COUNT(*) FROM orders o JOIN customers c ON c.customer_id = o.customer_id GROUP BY c.region;
 -- shards: [0, 1, 2, 3] (SELECT: every shard)
