@@ -37,7 +37,9 @@ from controller.federation.query import (
     QueryResult,
     ShardLayout,
     StatementKind,
+    declared_collations,
     execute,
+    is_binary,
     key_type_from_sql,
     layout_from_proto,
 )
@@ -66,12 +68,13 @@ SCHEMA_CACHE_SECONDS = 24 * 3600.0
 
 _SCHEMA_SQL = {
     "sqlite": (
-        'SELECT m.name, p.name, p.type, p."notnull" FROM sqlite_master m, pragma_table_info(m.name) p '
+        'SELECT m.name, p.name, p.type, p."notnull", CASE WHEN p.cid = 0 THEN m.sql END '
+        "FROM sqlite_master m, pragma_table_info(m.name) p "
         "WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' ORDER BY m.name, p.cid"
     ),
     "postgres": (
-        "SELECT table_name, column_name, data_type, CASE WHEN is_nullable = 'NO' THEN 1 ELSE 0 END "
-        "FROM information_schema.columns WHERE table_schema = current_schema() "
+        "SELECT table_name, column_name, data_type, CASE WHEN is_nullable = 'NO' THEN 1 ELSE 0 END, "
+        "collation_name FROM information_schema.columns WHERE table_schema = current_schema() "
         "ORDER BY table_name, ordinal_position"
     ),
 }
@@ -84,6 +87,7 @@ class _Loaded:
     replication: ReplicationState
     tables: dict[str, list[str]]
     schema_version: int
+    collations: dict[str, dict[str, str]]
 
 
 class DatabaseService:
@@ -206,6 +210,7 @@ class DatabaseService:
             loaded.tables,
             schema_version=loaded.schema_version,
             database=loaded.row.id,
+            collations=loaded.collations,
         )
         if plan.kind is not StatementKind.DDL:
             raise InvalidArgument(
@@ -238,6 +243,7 @@ class DatabaseService:
             loaded.tables,
             schema_version=loaded.schema_version,
             database=loaded.row.id,
+            collations=loaded.collations,
         )
         result = await self._run(
             loaded, plan, (request.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000, request.allow_partial_results
@@ -309,10 +315,20 @@ class DatabaseService:
         )
         result = await executor.run(0, _SCHEMA_SQL[dialect], asyncio.get_running_loop().time() + 30)
         tables: dict[str, list[dict[str, Any]]] = {}
-        for table, column, kind, notnull in result.rows:
+        declared: dict[str, dict[str, str]] = {}
+        for table, column, kind, notnull, extra in result.rows:
+            if dialect == "sqlite" and extra:  # the CREATE TABLE text, on each table's first column
+                declared[str(table)] = declared_collations(str(extra), dialect)
+            elif dialect != "sqlite" and extra and not is_binary(str(extra)):
+                declared.setdefault(str(table), {})[str(column).lower()] = str(extra)
             tables.setdefault(str(table), []).append(
                 {"name": str(column), "type": str(kind), "nullable": not bool(notnull)}
             )
+        for table, columns in tables.items():
+            for column in columns:
+                collation = declared.get(table, {}).get(column["name"].lower())
+                if collation:
+                    column["collation"] = collation
         version = int((loaded.row.schema_info or {}).get("version", 0)) + 1
         schema_info = {
             "version": version,
@@ -334,6 +350,10 @@ class DatabaseService:
                 f"db:schema:{row.id}", json.dumps(schema_info).encode(), SCHEMA_CACHE_SECONDS
             )
         tables = {t["name"]: [c["name"] for c in t["columns"]] for t in schema_info.get("tables", [])}
+        collations = {
+            t["name"]: {c["name"]: c["collation"] for c in t["columns"] if c.get("collation")}
+            for t in schema_info.get("tables", [])
+        }
         sharding = json_format.ParseDict(row.sharding or {}, query_pb2.Sharding())
         key_type = _key_type(schema_info.get("tables", []), sharding.sharding_key)
         layout = layout_from_proto(sharding, key_type=key_type)
@@ -348,7 +368,7 @@ class DatabaseService:
                 {int(k): set(v) for k, v in stored.get("stale", {}).items()},
             )
             self._replication[row.id] = replication
-        return _Loaded(row, layout, replication, tables, int(schema_info.get("version", 0)))
+        return _Loaded(row, layout, replication, tables, int(schema_info.get("version", 0)), collations)
 
     async def _owned_nodes(self, user_id: str) -> list[Any]:
         nodes: list[Any] = []

@@ -26,7 +26,7 @@ from controller.federation.query.parse import (
 from controller.federation.query.plan import plan_sql
 
 SCHEMA = {"orders": ["id", "customer_id", "amount"], "customers": ["customer_id", "name"]}
-MODULES = ["layout", "parse", "route", "rewrite", "merge", "plan", "execute"]
+MODULES = ["layout", "parse", "route", "rewrite", "merge", "plan", "execute", "safety", "collation"]
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -39,6 +39,7 @@ def test_docstring_examples_run(module: str) -> None:
 
 def test_public_names_are_exactly_the_api() -> None:
     assert set(query.__all__) == {
+        "Collations",
         "DEFAULT_DEADLINE_SECONDS",
         "DIALECTS",
         "ROUTING_RULES",
@@ -62,7 +63,9 @@ def test_public_names_are_exactly_the_api() -> None:
         "StatementKind",
         "Strategy",
         "canonical_key",
+        "declared_collations",
         "execute",
+        "is_binary",
         "key_type_from_sql",
         "layout_from_proto",
         "parse",

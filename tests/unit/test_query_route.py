@@ -474,9 +474,9 @@ def test_insert_select_on_one_shard_is_allowed() -> None:
             id="distinct-order-outside",
         ),
         pytest.param(
-            'SELECT name FROM customers ORDER BY name COLLATE "C"',
+            'SELECT name FROM customers ORDER BY name COLLATE "en_US"',
             "CROSS_SHARD_COLLATE",
-            "ORDER BY ... COLLATE spanning shards",
+            "COLLATE en_US spanning shards",
             id="collate",
         ),
         pytest.param(
@@ -730,3 +730,55 @@ def test_golden_plans() -> None:
     if os.environ.get("A67_UPDATE_GOLDEN"):
         GOLDEN.write_text(header + "\n" + rendered)
     assert text == header + "\n" + rendered
+
+
+# -- collations ----------------------------------------------------------------------------------
+
+NOCASE = {"customers": {"name": "NOCASE"}}
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT name, COUNT(*) FROM customers GROUP BY name",
+        "SELECT name COLLATE NOCASE AS n, COUNT(*) FROM customers GROUP BY 1",
+        "SELECT region, COUNT(*) FROM customers GROUP BY region COLLATE NOCASE",
+        "SELECT COUNT(DISTINCT name) FROM customers",
+        "SELECT COUNT(DISTINCT region COLLATE NOCASE) FROM customers",
+        "SELECT DISTINCT name FROM customers",
+        "SELECT name FROM customers ORDER BY name LIMIT 3",
+        "SELECT MIN(name), MAX(name) FROM customers",
+        "SELECT region, MAX(name) FROM customers GROUP BY region",
+        "SELECT region FROM customers GROUP BY region HAVING MAX(name) > 'b'",
+        "SELECT customer_id, name FROM customers GROUP BY customer_id, name ORDER BY name",
+    ],
+)
+def test_a_collation_the_merge_would_compare_by_is_refused_naming_it(sql: str) -> None:
+    with pytest.raises(FailedPrecondition) as caught:
+        plan_sql(sql, "sqlite", HASH, SCHEMA, NOCASE)
+    assert caught.value.reason == "CROSS_SHARD_COLLATE"
+    assert "NOCASE" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT name FROM customers WHERE name = 'ann'",  # the shards compare: exact
+        "SELECT customer_id, name FROM customers WHERE customer_id = 3 ORDER BY name",  # one shard
+        "SELECT lower(name) AS n, COUNT(*) FROM customers GROUP BY lower(name)",  # a function's result is BINARY
+        "SELECT customer_id, name FROM customers GROUP BY customer_id, name",  # whole groups per shard
+        "SELECT COUNT(name), SUM(length(name)) FROM customers",
+        "SELECT name FROM customers",
+        'SELECT region FROM customers ORDER BY region COLLATE "C"',
+        "SELECT region FROM customers ORDER BY region COLLATE BINARY",
+    ],
+)
+def test_a_collation_the_merge_does_not_compare_by_is_answered(sql: str) -> None:
+    plan_sql(sql, "sqlite", HASH, SCHEMA, NOCASE)
+
+
+def test_declared_collations_come_from_the_create_table_text() -> None:
+    from controller.federation.query import declared_collations
+
+    sql = 'CREATE TABLE t (a TEXT COLLATE NOCASE, "B" TEXT COLLATE rtrim, c TEXT COLLATE BINARY, d INT)'
+    assert declared_collations(sql, "sqlite") == {"a": "NOCASE", "b": "RTRIM"}

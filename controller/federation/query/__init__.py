@@ -24,9 +24,12 @@ Errors (all from :mod:`controller.errors`)::
 
 Requirement on shard databases: text compares by code point (SQLite's default
 ``BINARY`` collation; PostgreSQL databases created with a ``C`` / ``C.UTF-8``
-collation), as the merge orders text that way.
+collation), as the merge orders text that way. Other collations, declared on a column
+or written in the statement, are refused where the merge would compare by them
+(:mod:`.collation`).
 """
 
+from .collation import declared_collations, is_binary
 from .execute import (
     DEFAULT_DEADLINE_SECONDS,
     FunctionExecutor,
@@ -50,13 +53,14 @@ from .layout import (
 from .merge import MergeSpec
 from .parse import DIALECTS, DialectRules, Schema, Statement, StatementKind, parse
 from .plan import STAGES, Plan, PlanCache, plan, plan_sql
-from .route import ROUTING_RULES, Route, route
+from .route import ROUTING_RULES, Collations, Route, route
 
 __all__ = [
     "DEFAULT_DEADLINE_SECONDS",
     "DIALECTS",
     "ROUTING_RULES",
     "STAGES",
+    "Collations",
     "DialectRules",
     "FunctionExecutor",
     "KeyRange",
@@ -76,7 +80,9 @@ __all__ = [
     "StatementKind",
     "Strategy",
     "canonical_key",
+    "declared_collations",
     "execute",
+    "is_binary",
     "key_type_from_sql",
     "layout_from_proto",
     "parse",

@@ -33,7 +33,7 @@ from .layout import ShardLayout
 from .merge import MergeSpec
 from .parse import DialectRules, Schema, Statement, StatementKind, parse, resolve_tables
 from .rewrite import rewrite
-from .route import Analysis, Route, analyse, route_analysis
+from .route import Analysis, Collations, Route, analyse, route_analysis
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ class Planning:
     statement: Statement
     layout: ShardLayout
     schema: Schema
+    collations: Collations | None = None
     analysis: Analysis | None = None
     route: Route | None = None
     plan: Plan | None = None
@@ -79,7 +80,7 @@ def resolve_tables_stage(planning: Planning) -> None:
 
 def analyse_stage(planning: Planning) -> None:
     """Scopes, column resolution and co-located groups of sharded tables."""
-    planning.analysis = analyse(planning.statement, planning.layout, planning.schema)
+    planning.analysis = analyse(planning.statement, planning.layout, planning.schema, planning.collations)
 
 
 def route_stage(planning: Planning) -> None:
@@ -110,18 +111,22 @@ STAGES: tuple[Stage, ...] = (resolve_tables_stage, analyse_stage, route_stage, r
 """The planner's stages, in order."""
 
 
-def plan(statement: Statement, layout: ShardLayout, schema: Schema) -> Plan:
+def plan(
+    statement: Statement, layout: ShardLayout, schema: Schema, collations: Collations | None = None
+) -> Plan:
     """The :class:`Plan` of a parsed statement (raises what the stages raise)."""
-    planning = Planning(statement, layout, schema)
+    planning = Planning(statement, layout, schema, collations)
     for stage in STAGES:
         stage(planning)
     assert planning.plan is not None
     return planning.plan
 
 
-def plan_sql(sql: str, dialect: str, layout: ShardLayout, schema: Schema) -> Plan:
-    """Parse and plan ``sql`` in one call."""
-    return plan(parse(sql, dialect), layout, schema)
+def plan_sql(
+    sql: str, dialect: str, layout: ShardLayout, schema: Schema, collations: Collations | None = None
+) -> Plan:
+    """Parse and plan ``sql`` in one call (``collations``: the schema's declared ones)."""
+    return plan(parse(sql, dialect), layout, schema, collations)
 
 
 @dataclass
@@ -158,6 +163,7 @@ class PlanCache:
         *,
         schema_version: int = 0,
         database: str = "",
+        collations: Collations | None = None,
     ) -> Plan:
         """The cached plan of ``sql``, planning it on a miss."""
         key = (database, sql, dialect, layout.version, schema_version)
@@ -167,7 +173,7 @@ class PlanCache:
             self.hits += 1
             return cached
         self.misses += 1
-        result = plan_sql(sql, dialect, layout, schema)
+        result = plan_sql(sql, dialect, layout, schema, collations)
         self._plans[key] = result
         if len(self._plans) > self.maxsize:
             self._plans.popitem(last=False)

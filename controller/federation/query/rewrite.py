@@ -42,6 +42,7 @@ from sqlglot.tokenizer_core import Token, TokenType
 
 from controller.errors import InvalidArgument
 
+from .collation import refuse_collations_at_merge
 from .merge import (
     AggRef,
     Aggregate,
@@ -311,24 +312,39 @@ def rewrite_select(select: exp.Select, analysis: Analysis) -> tuple[str, MergeSp
             "DISTINCT ON spanning shards is not supported",
             "CROSS_SHARD_DISTINCT_ON",
         )
-    for ordered in _order_terms(select):
-        if any(True for _ in ordered.find_all(exp.Collate)):
-            raise refusal(
-                "ORDER BY ... COLLATE spanning shards",
-                "ORDER BY with COLLATE spanning shards is not supported (the merge orders text by code point)",
-                "CROSS_SHARD_COLLATE",
-            )
     grouped = (
         select.args.get("group") is not None
         or select.args.get("having") is not None
         or any(contains_aggregate(p) for p in select.expressions)
         or any(contains_aggregate(o.this) for o in _order_terms(select))
     )
-    if grouped and not _groups_live_on_one_shard(select, analysis):
+    whole_groups = grouped and _groups_live_on_one_shard(select, analysis)
+    refuse_collations_at_merge(analysis, _merge_positions(select, grouped and not whole_groups))
+    if grouped and not whole_groups:
         return _GroupedRewrite(select, analysis).build()
     # Rows, or whole groups: with the sharding key in GROUP BY, every group lives on one
     # shard, so each shard's groups (and its HAVING) are final and merge as rows.
     return _rewrite_rows(select, analysis)
+
+
+def _merge_positions(select: exp.Select, merged_groups: bool) -> list[tuple[exp.Expr, bool]]:
+    """The expressions the merge compares, each with whether it is compared whole."""
+    projections = list(select.expressions)
+    distinct = select.args.get("distinct") is not None
+    positions = [(o.this, True) for o in _order_terms(select)]
+    positions += [(_unalias(p), distinct) for p in projections if not _is_star(p)]
+    if merged_groups:
+        group = select.args.get("group")
+        for item in group.expressions if isinstance(group, exp.Group) else []:
+            if _is_ordinal(item) and 1 <= int(str(item.this)) <= len(projections):
+                item = _unalias(projections[int(str(item.this)) - 1])
+            positions.append((item, True))
+        having = select.args.get("having")
+        if isinstance(having, exp.Having):
+            positions.append((having.this, False))
+    elif not distinct:
+        positions = [p for p in positions if p[1]]  # rows: only ORDER BY and DISTINCT compare
+    return positions
 
 
 def _groups_live_on_one_shard(select: exp.Select, analysis: Analysis) -> bool:

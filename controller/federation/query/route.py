@@ -50,6 +50,9 @@ from controller.errors import FailedPrecondition, InvalidArgument, NotFound
 from .layout import ShardLayout, ShardSet
 from .parse import NotALiteral, Schema, Statement, StatementKind, literal_value, table_name
 
+Collations = Mapping[str, Mapping[str, str]]
+"""Table name → column name → declared collation (only columns with a non-default one)."""
+
 
 def refusal(construct: str, message: str, reason: str) -> FailedPrecondition:
     """The error for a statement that cannot be answered exactly across shards."""
@@ -145,6 +148,8 @@ class Analysis:
     refs: dict[int, TableRef] = field(default_factory=dict)
     column_order: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """Each table's columns in their declared order (an INSERT without a column list)."""
+    collations: Collations = field(default_factory=dict)
+    """Declared non-default collations, for the merge's refusals (see :mod:`.collation`)."""
 
     def columns_of(self, table: str) -> frozenset[str]:
         return self.columns.get(table, frozenset())
@@ -320,7 +325,9 @@ def conjuncts(expression: exp.Expr | None) -> list[exp.Expr]:
     return [expression]
 
 
-def analyse(statement: Statement, layout: ShardLayout, schema: Schema) -> Analysis:
+def analyse(
+    statement: Statement, layout: ShardLayout, schema: Schema, collations: Collations | None = None
+) -> Analysis:
     """Build the scopes of ``statement`` and the co-located groups of its sharded tables."""
     columns = {name.lower(): frozenset(c.lower() for c in cols) for name, cols in schema.items()}
     analysis = Analysis(
@@ -330,6 +337,9 @@ def analyse(statement: Statement, layout: ShardLayout, schema: Schema) -> Analys
         roots=[],
         scopes=[],
         column_order={name.lower(): tuple(c.lower() for c in cols) for name, cols in schema.items()},
+        collations={
+            t.lower(): {c.lower(): v for c, v in cols.items()} for t, cols in (collations or {}).items()
+        },
     )
     builder = _ScopeBuilder(analysis)
     node = statement.expression
