@@ -52,6 +52,20 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-url", help="memory:// or redis://host:port/db (A67_CACHE_URL)")
     parser.add_argument("--environment", choices=("development", "production"), help="(A67_ENVIRONMENT)")
     parser.add_argument("--log-level", help="logging level (A67_LOG_LEVEL)")
+    parser.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="certificate of the gRPC port, which then serves TLS only (A67_TLS_CERT; needs --tls-key)",
+    )
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert (A67_TLS_KEY)")
+    parser.add_argument(
+        "--max-receive-message-size",
+        dest="max_receive_message_bytes",
+        type=int,
+        metavar="BYTES",
+        help="largest gRPC request message (A67_MAX_RECEIVE_MESSAGE_BYTES; default 17 MiB: "
+        "the gateway's 16 MiB body limit plus transcoding overhead)",
+    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -64,6 +78,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         cache_url=args.cache_url,
         environment=args.environment,
         log_level=args.log_level,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        max_receive_message_bytes=args.max_receive_message_bytes,
     )
 
 
@@ -76,11 +93,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
+    from controller.store.db import ensure_data_dir
     from controller.store.migrate import current_revision, upgrade
 
     settings = _settings(args)
     _configure_logging(settings.log_level)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_data_dir(settings.data_dir)
     url = settings.effective_store_url
     before = current_revision(url)
     upgrade(url)

@@ -8,6 +8,7 @@ file and development keys in ``data_dir``, and the in-process cache.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -15,6 +16,58 @@ from pathlib import Path
 from typing import Any, Literal
 
 Environment = Literal["development", "production"]
+
+TRANSCODING_OVERHEAD_BYTES = 1024 * 1024
+"""What transcoding may add to a REST body on its way to gRPC: fields taken from the
+path and query string (bounded by Envoy's 60 KiB header limit) and framing. JSON
+itself never grows into protobuf (names become tags, base64 shrinks)."""
+
+DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 1024 * 1024
+"""The gateway's default body limit (``A67_GATEWAY_MAX_REQUEST_BODY_SIZE``)."""
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``"127.0.0.1:8080"`` → ``("127.0.0.1", 8080)``; ``"[::1]:8080"`` → ``("::1", 8080)``.
+
+    >>> split_host_port("[::1]:80")
+    ('::1', 80)
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, not {address!r}")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_tls_files(cert: str, key: str, *, cert_name: str, key_name: str) -> None:
+    """Raise ``ValueError`` unless both or neither of a certificate and key are set, and readable."""
+    if bool(cert) != bool(key):
+        missing = key_name if cert else cert_name
+        raise ValueError(f"TLS needs both a certificate and a key: {missing} is not set")
+    for name, path in ((cert_name, cert), (key_name, key)):
+        if path and not os.access(path, os.R_OK):
+            raise ValueError(f"{name}: cannot read {path!r}")
+
+
+def require_tls_off_loopback(environment: str, address: str, tls: bool, *, setting: str, remedy: str) -> None:
+    """In production, refuse a plaintext listener reachable from other machines."""
+    if environment != "production" or tls:
+        return
+    host, _ = split_host_port(address)
+    if not is_loopback(host):
+        raise ValueError(
+            f"{setting} is {address!r}, which other machines can reach, and it has no TLS: "
+            f"in production a non-loopback address must serve TLS ({remedy}), or listen on 127.0.0.1"
+        )
 
 
 def _default_data_dir() -> Path:
@@ -92,6 +145,29 @@ class Settings:
     log_level: str = "INFO"
     """Python logging level name."""
 
+    tls_cert: str = ""
+    """PEM certificate (chain) of the user-facing gRPC port. With ``tls_key`` set too,
+    that port serves TLS only; empty means plaintext, which ``production`` allows only
+    on a loopback address. ``a67 up`` gives the gateway the same pair."""
+
+    tls_key: str = ""
+    """PEM private key of ``tls_cert``."""
+
+    tls_ca: str = ""
+    """PEM CA bundle that verifies ``tls_cert``: what ``a67 up``'s gateway and readiness
+    probe trust when they call the controller. Empty means ``tls_cert`` itself (right
+    for a self-signed certificate)."""
+
+    max_receive_message_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES + TRANSCODING_OVERHEAD_BYTES
+    """Largest gRPC request message accepted. It must be at least the gateway's body
+    limit plus :data:`TRANSCODING_OVERHEAD_BYTES`, so that every body the gateway lets
+    through reaches a servicer (``a67 up`` raises it when the gateway's limit needs it)."""
+
+    @property
+    def tls(self) -> bool:
+        """Whether the user-facing port serves TLS."""
+        return bool(self.tls_cert and self.tls_key)
+
     @property
     def effective_store_url(self) -> str:
         """The store URL with the embedded default filled in."""
@@ -123,8 +199,22 @@ class Settings:
             raise ValueError("token lifetimes must be positive")
         if self.access_token_ttl_seconds >= self.refresh_token_ttl_seconds:
             raise ValueError("the access token lifetime must be shorter than the refresh token lifetime")
-        if ":" not in self.listen_address:
-            raise ValueError(f"A67_LISTEN_ADDRESS must be host:port, not {self.listen_address!r}")
+        try:
+            split_host_port(self.listen_address)
+        except ValueError as exc:
+            raise ValueError(f"A67_LISTEN_ADDRESS must be host:port: {exc}") from None
+        check_tls_files(self.tls_cert, self.tls_key, cert_name="A67_TLS_CERT", key_name="A67_TLS_KEY")
+        if self.tls_ca and not os.access(self.tls_ca, os.R_OK):
+            raise ValueError(f"A67_TLS_CA: cannot read {self.tls_ca!r}")
+        require_tls_off_loopback(
+            self.environment,
+            self.listen_address,
+            self.tls,
+            setting="A67_LISTEN_ADDRESS (--listen)",
+            remedy="--tls-cert and --tls-key, or A67_TLS_CERT and A67_TLS_KEY",
+        )
+        if not 0 < self.max_receive_message_bytes < 2**31:
+            raise ValueError("A67_MAX_RECEIVE_MESSAGE_BYTES must be between 1 and 2147483647")
         if not (
             self.cache_url.startswith("memory://") or self.cache_url.startswith(("redis://", "rediss://"))
         ):

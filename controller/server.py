@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from automator67.v1 import (
@@ -56,7 +58,7 @@ from controller.nodes.fleet import Fleet
 from controller.nodes.health import HealthConfig
 from controller.nodes.registration import NodeRegistrar
 from controller.nodes.repository import NodeRepository
-from controller.store.db import Store, redact
+from controller.store.db import Store, ensure_data_dir, redact
 from controller.store.migrate import ensure_schema
 from controller.store.repositories import AuthFailureRepository, RefreshTokenRepository, UserRepository
 from controller.vault import Vault
@@ -75,8 +77,12 @@ SERVICE_NAMES = tuple(
     )
 )
 
-# The largest request message accepted (gRPC's default is 4 MiB).
+# The largest response message sent (gRPC's default is unlimited). The largest request
+# accepted is Settings.max_receive_message_bytes (gRPC's default is 4 MiB).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+# The largest request metadata accepted (gRPC's default is 8 KiB, rejected from 16 KiB).
+MAX_METADATA_BYTES = 128 * 1024
 
 
 @dataclass
@@ -120,8 +126,9 @@ class Controller:
 
 async def start_controller(settings: Settings) -> Controller:
     """Build every component from ``settings``, bind the port and start serving."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_data_dir(settings.data_dir)
     keys = load_key_material(settings)
+    user_credentials = user_port_credentials(settings) if settings.tls else None
     await ensure_schema(settings)
     store = await Store.open(settings.effective_store_url)
     cache = open_cache(settings.cache_url)
@@ -178,8 +185,15 @@ async def start_controller(settings: Settings) -> Controller:
     server = grpc.aio.server(
         interceptors=[ControllerInterceptor(auth)],
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # Whatever headers the gateway accepts (60 KiB, and the transcoder copies the
+            # path into x-envoy-original-path) must reach a servicer, not end in a 429.
+            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+            ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+            # One process per port: a second controller on a port in use fails to bind
+            # instead of sharing (and silently splitting) its connections.
+            ("grpc.so_reuseport", 0),
             *keepalive.server_options(interval_ms),
         ],
     )
@@ -223,7 +237,10 @@ async def start_controller(settings: Settings) -> Controller:
     node_port: int | None = None
     node_address = "-"
     try:
-        port = server.add_insecure_port(settings.listen_address)
+        if user_credentials is not None:
+            port = server.add_secure_port(settings.listen_address, user_credentials)
+        else:
+            port = server.add_insecure_port(settings.listen_address)
         if settings.node_listen_address:
             host = settings.node_listen_address.rsplit(":", 1)[0].strip("[]")
             key_pem, cert_pem = ca.server_certificate([host, "localhost"])
@@ -235,7 +252,7 @@ async def start_controller(settings: Settings) -> Controller:
             if not settings.node_advertise_address:
                 # Advertise the port really bound (the setting may say port 0).
                 registrar.controller_endpoint = node_address
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:
         await cache.close()
         await store.close()
         raise Unavailable(f"Cannot listen: {exc}", reason="BIND_FAILED") from exc
@@ -260,13 +277,30 @@ async def start_controller(settings: Settings) -> Controller:
         draining=draining,
     )
     log.info(
-        "serving on %s, nodes on %s (mutual TLS) (store %s, cache %s)",
+        "serving on %s (%s), nodes on %s (mutual TLS) (store %s, cache %s)",
         controller.address,
+        "TLS" if settings.tls else "plaintext",
         node_address,
         store.url,
         redact(settings.cache_url),
     )
     return controller
+
+
+def user_port_credentials(settings: Settings) -> grpc.ServerCredentials:
+    """TLS (no client certificate) for the user-facing port, from ``tls_cert`` and ``tls_key``."""
+    try:
+        cert_pem = Path(settings.tls_cert).read_bytes()
+        key_pem = Path(settings.tls_key).read_bytes()
+        # gRPC reads the pair only at the first handshake; check it now, while we can say why.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(settings.tls_cert, settings.tls_key)
+    except OSError as exc:  # ssl.SSLError is one
+        raise Unavailable(
+            f"Cannot use the TLS certificate {settings.tls_cert} with the key {settings.tls_key}: "
+            f"{exc.strerror or exc}",
+            reason="BAD_TLS",
+        ) from None
+    return grpc.ssl_server_credentials([(key_pem, cert_pem)])
 
 
 async def serve(settings: Settings) -> int:

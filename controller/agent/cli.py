@@ -2,16 +2,22 @@
 
 ::
 
-    a67 agent --controller HOST:PORT --token TOKEN [--provider P] [--region R] ...
+    A67_AGENT_TOKEN=… a67 agent --controller HOST:PORT [--provider P] [--region R] ...
+    a67 agent --controller HOST:PORT --token-file FILE ...
 
 The first start enrolls the node (the token is needed only then); later starts
 resume as the same node from the data directory. SIGTERM and SIGINT close the
 stream cleanly and exit 0. The controller wires this in with
 :func:`add_agent_parser`.
 
-Secrets: the enrollment token may come from ``A67_AGENT_TOKEN`` instead of the flag
-(flags are visible in ``ps``); the provider OAuth token comes only from
-``A67_AGENT_OAUTH_TOKEN``. Neither is ever logged.
+Secrets never travel on the command line (``/proc/<pid>/cmdline`` is readable by every
+process on the machine, replicas included): the enrollment token comes from
+``A67_AGENT_TOKEN`` or ``--token-file``, the shard PostgreSQL URL from
+``A67_AGENT_SHARD_POSTGRES_URL`` (or ``A67_SHARD_POSTGRES_URL``) or
+``--shard-postgres-url-file``, the provider OAuth token from ``A67_AGENT_OAUTH_TOKEN``.
+``--token`` is refused, and so is a ``--shard-postgres-url`` with a password. Once read,
+they are removed from the agent's environment, and the agent makes itself non-dumpable
+(:mod:`controller.agent.hardening`). None is ever logged.
 """
 
 from __future__ import annotations
@@ -36,6 +42,18 @@ from controller.agent.client import (
     provider_value,
 )
 from controller.agent.handlers import CommandHandlers
+from controller.agent.hardening import (
+    DEFAULT_REPLICA_UIDS,
+    default_replica_root,
+    ensure_traversable,
+    make_undumpable,
+    reachable_python,
+    read_secret_file,
+    scrub_environment,
+    secure_data_dir,
+    unreachable_ancestor,
+    url_has_password,
+)
 from controller.agent.identity import DEFAULT_DATA_DIR
 from controller.agent.metrics import NODE_TYPES
 from controller.agent.replicas import DEFAULT_PORT_RANGE, ReplicaSupervisor, register_replica_handlers
@@ -50,6 +68,19 @@ DATA_DIR_ENV = "A67_AGENT_DATA_DIR"
 PROVIDER_ENV = "A67_AGENT_PROVIDER"
 ADVERTISE_HOST_ENV = "A67_AGENT_ADVERTISE_HOST"
 PORT_RANGE_ENV = "A67_AGENT_REPLICA_PORT_RANGE"
+SHARD_URL_ENVS = ("A67_AGENT_SHARD_POSTGRES_URL", "A67_SHARD_POSTGRES_URL")
+REPLICA_UIDS_ENV = "A67_AGENT_REPLICA_UIDS"
+REPLICA_ROOT_ENV = "A67_AGENT_REPLICA_ROOT"
+SECRET_ENVS = (TOKEN_ENV, OAUTH_TOKEN_ENV, *SHARD_URL_ENVS)
+"""Removed from the agent's environment once read."""
+
+
+class SecretOnCommandLine(ValueError):
+    """A secret was given as a flag: refused (the agent exits with code 2)."""
+
+    @property
+    def message(self) -> str:
+        return str(self)
 
 
 def _node_types(text: str) -> tuple[str, ...]:
@@ -109,10 +140,14 @@ def add_agent_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="",
         help="the controller's user-facing gRPC address, used to enroll (needed on the first start)",
     )
+    parser.add_argument("--token", default=None, help=argparse.SUPPRESS)  # refused: see run_agent_command
     parser.add_argument(
-        "--token",
+        "--token-file",
+        type=Path,
         default=None,
-        help=f"node enrollment token, needed on the first start only (or set {TOKEN_ENV})",
+        metavar="FILE",
+        help=f"file holding the node enrollment token, needed on the first start only (or set {TOKEN_ENV}; "
+        "never on the command line)",
     )
     parser.add_argument(
         "--provider",
@@ -157,9 +192,33 @@ def add_agent_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--shard-postgres-url",
-        default=os.environ.get("A67_AGENT_SHARD_POSTGRES_URL", ""),
+        default="",
         help="serve database shards from this PostgreSQL database, one schema per shard "
-        "(default: SQLite files in the data dir; env A67_AGENT_SHARD_POSTGRES_URL)",
+        f"(default: SQLite files in the data dir). A URL with a password is refused here: "
+        f"set {SHARD_URL_ENVS[0]} or use --shard-postgres-url-file",
+    )
+    parser.add_argument(
+        "--shard-postgres-url-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="file holding the shard PostgreSQL URL (may carry a password)",
+    )
+    parser.add_argument(
+        "--replica-uids",
+        default=os.environ.get(REPLICA_UIDS_ENV, "auto"),
+        metavar="LOW-HIGH|auto|off",
+        help="user ids replicas run as, one per replica (auto: "
+        f"{DEFAULT_REPLICA_UIDS[0]}-{DEFAULT_REPLICA_UIDS[1]} when the agent runs as root, else off; "
+        f"needs root; env {REPLICA_UIDS_ENV})",
+    )
+    parser.add_argument(
+        "--replica-root",
+        type=Path,
+        default=os.environ.get(REPLICA_ROOT_ENV) or None,
+        metavar="DIR",
+        help="where replicas' directories live (default <data dir>/replicas, or with replica users "
+        f"/var/lib/automator67-agent/replicas/<id of the data dir>; env {REPLICA_ROOT_ENV})",
     )
     parser.add_argument(
         "--advertise-host",
@@ -196,9 +255,12 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     """The agent's configuration from parsed flags and the environment."""
     provider, _ = _resolve_provider(args.provider)
     data_dir = args.data_dir or Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+    token = os.environ.get(TOKEN_ENV, "")
+    if getattr(args, "token_file", None):
+        token = read_secret_file(args.token_file)
     return AgentConfig(
         controller=args.controller,
-        token=args.token or os.environ.get(TOKEN_ENV, ""),
+        token=token,
         provider=provider_value(provider),
         endpoint=args.endpoint or default_endpoint(),
         region=args.region,
@@ -211,12 +273,55 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     )
 
 
+def shard_postgres_url_from_args(args: argparse.Namespace) -> str:
+    """The shard PostgreSQL URL: from ``--shard-postgres-url-file``, the environment, or
+    (without a password only) ``--shard-postgres-url``. Raises :class:`SecretOnCommandLine`."""
+    flag = str(getattr(args, "shard_postgres_url", "") or "")
+    if flag and url_has_password(flag):
+        raise SecretOnCommandLine(
+            "--shard-postgres-url carries a password, which every process on this machine could read "
+            f"in the agent's command line: set {SHARD_URL_ENVS[0]} or use --shard-postgres-url-file"
+        )
+    path = getattr(args, "shard_postgres_url_file", None)
+    if path:
+        return read_secret_file(path)
+    from_env = next((os.environ[name] for name in SHARD_URL_ENVS if os.environ.get(name)), "")
+    return flag or from_env
+
+
+def replica_uids_from_args(text: str, is_root: bool) -> tuple[int, int] | None:
+    """The replica user id range of ``--replica-uids``; None for off. ``ValueError`` if bad."""
+    text = text.strip().lower()
+    if text == "off":
+        return None
+    if text == "auto":
+        return DEFAULT_REPLICA_UIDS if is_root else None
+    if not is_root:
+        raise ValueError("--replica-uids needs the agent to run as root (or auto/off)")
+    low, high = _port_range_like(text)
+    return low, high
+
+
+def _port_range_like(text: str) -> tuple[int, int]:
+    low_text, sep, high_text = text.partition("-")
+    try:
+        low, high = int(low_text), int(high_text)
+    except ValueError:
+        raise ValueError(f"--replica-uids must be LOW-HIGH, auto or off (got {text!r})") from None
+    if not sep or not 1000 <= low <= high < 2**32 - 1:
+        raise ValueError(f"--replica-uids must be LOW-HIGH with 1000 <= LOW <= HIGH (got {text!r})")
+    return low, high
+
+
 async def run_agent(
     config: AgentConfig,
     *,
     shard_postgres_url: str = "",
     advertise_host: str = "127.0.0.1",
     replica_port_range: tuple[int, int] = DEFAULT_PORT_RANGE,
+    replica_uids: tuple[int, int] | None = None,
+    replica_root: Path | None = None,
+    replica_python: str = sys.executable,
 ) -> int:
     """Run an :class:`Agent` until SIGTERM or SIGINT; its exit code.
 
@@ -227,9 +332,15 @@ async def run_agent(
     shards = ShardStore(config.data_dir, shard_postgres_url)
     register_shard_handlers(handlers, shards)
     supervisor = ReplicaSupervisor(
-        config.data_dir, advertise_host=advertise_host, port_range=replica_port_range
+        config.data_dir,
+        advertise_host=advertise_host,
+        port_range=replica_port_range,
+        root=replica_root,
+        uid_range=replica_uids,
+        python=replica_python,
     )
     await asyncio.to_thread(supervisor.reap_orphans)
+    await asyncio.to_thread(supervisor.secure_leftovers)
     register_replica_handlers(handlers, supervisor)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -254,14 +365,71 @@ def run_agent_command(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    config = config_from_args(args)
+    if args.token:
+        log.error(
+            "--token is refused: every process on this machine (replicas included) could read it in "
+            "the agent's command line; set %s or use --token-file",
+            TOKEN_ENV,
+        )
+        return 2
+    try:
+        config = config_from_args(args)
+        shard_postgres_url = shard_postgres_url_from_args(args)
+    except SecretOnCommandLine as exc:
+        log.error("%s", exc.message)
+        return 2
+    except OSError as exc:
+        log.error("cannot read a secret file: %s", exc)
+        return 2
+    scrub_environment(SECRET_ENVS)
+    if make_undumpable():
+        log.info("the agent is not dumpable: its /proc entries are closed to its replicas")
+    is_root = hasattr(os, "geteuid") and os.geteuid() == 0
+    try:
+        replica_uids = replica_uids_from_args(str(args.replica_uids), is_root)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    replica_root = args.replica_root or default_replica_root(config.data_dir, replica_uids is not None)
+    replica_python = sys.executable
+    if replica_uids is None:
+        if is_root:
+            log.warning("replicas run as root (--replica-uids off): they can read the agent's key")
+        else:
+            log.warning(
+                "the agent does not run as root: its replicas run as its own user and could read "
+                "its key file %s; run it as root (replicas then get users of their own) or as a "
+                "dedicated user",
+                config.data_dir,
+            )
+    else:
+        secure_data_dir(config.data_dir)
+        ensure_traversable(replica_root)
+        blocked = unreachable_ancestor(replica_root)
+        if blocked is not None:
+            log.error(
+                "replica users cannot reach %s (%s is closed to others): choose another --replica-root",
+                replica_root,
+                blocked,
+            )
+            return 2
+        found = reachable_python(sys.executable)
+        if found is None:
+            log.warning("no Python that replica users can run: python replicas will fail to start")
+        elif found != sys.executable:
+            log.warning("replica users cannot run %s: python replicas use %s", sys.executable, found)
+            replica_python = found
+        log.info("replicas run as users %d-%d under %s", *replica_uids, replica_root)
     provider, source = _resolve_provider(args.provider)
     log.info("provider %s (from %s)", provider, source)
     return asyncio.run(
         run_agent(
             config,
-            shard_postgres_url=args.shard_postgres_url,
+            shard_postgres_url=shard_postgres_url,
             advertise_host=args.advertise_host,
             replica_port_range=args.replica_port_range,
+            replica_uids=replica_uids,
+            replica_root=replica_root,
+            replica_python=replica_python,
         )
     )

@@ -476,12 +476,12 @@ class Agent:
         if not cfg.controller:
             raise EnrollmentRefused(
                 f"this installation ({self.identity.data_dir}) is not enrolled yet: "
-                "start the agent with --controller HOST:PORT and --token TOKEN"
+                "start the agent with --controller HOST:PORT and A67_AGENT_TOKEN (or --token-file FILE)"
             )
         if not cfg.token:
             raise EnrollmentRefused(
                 f"this installation ({self.identity.data_dir}) is not enrolled yet and no enrollment "
-                "token was given: pass --token (or set A67_AGENT_TOKEN)"
+                "token was given: set A67_AGENT_TOKEN (or pass --token-file FILE)"
             )
         request = node_pb2.RegisterNodeRequest(
             enrollment_token=cfg.token,

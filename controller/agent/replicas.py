@@ -135,9 +135,11 @@ from typing import Any, BinaryIO
 from automator67.v1 import node_pb2
 
 from controller.agent.handlers import CommandHandlers, error_result, ok_result
+from controller.agent.hardening import ensure_traversable
 from controller.deployments.manifest import HealthCheckSpec
 from controller.deployments.package import unpack_package
 from controller.errors import InvalidArgument
+from controller.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +188,9 @@ LOG_MAX_BYTES = 1024 * 1024
 LOG_TAIL_LINES = 20
 """How many of the last log lines an error message quotes."""
 
-MAX_ERROR_CHARS = 4000
-"""Longest ``error_message`` (the log tail is cut from the front)."""
+MAX_ERROR_CHARS = 2048
+"""Longest ``error_message`` (the log tail is cut from the front; credentials in it are
+masked by :func:`controller.redact.redact`)."""
 
 PIPE_DRAIN_SECONDS = 1.0
 """How long to wait for the rest of a dead process's output."""
@@ -290,13 +293,15 @@ def replica_env(
     replica_dir: Path,
     runtime: str,
     base: Mapping[str, str] | None = None,
+    home: Path | None = None,
 ) -> dict[str, str]:
     """A replica's whole environment (see the module docstring); ``base`` defaults to
-    the agent's own environment, of which only ``PATH`` and ``LANG`` are used."""
+    the agent's own environment, of which only ``PATH`` and ``LANG`` are used; ``home``
+    defaults to ``replica_dir``."""
     source = os.environ if base is None else base
     result = {
         "PATH": source.get("PATH") or os.defpath,
-        "HOME": str(replica_dir),
+        "HOME": str(replica_dir if home is None else home),
         "LANG": source.get("LANG") or "C.UTF-8",
     }
     if runtime == "python":
@@ -368,13 +373,12 @@ def _describe_exit(code: int) -> str:
 
 
 def _with_tail(message: str, tail: str) -> str:
+    """``message`` and the (untrusted) log tail: credentials masked, at most
+    :data:`MAX_ERROR_CHARS` in all."""
     if not tail:
         return f"{message} (its log is empty)"
-    text = f"{message}; last lines of its log:\n{tail}"
-    if len(text) > MAX_ERROR_CHARS:
-        keep = MAX_ERROR_CHARS - len(message) - 30
-        text = f"{message}; last lines of its log:\n…{tail[-max(keep, 0) :]}"
-    return text
+    head = f"{message}; last lines of its log:\n"
+    return head + redact(tail, max(MAX_ERROR_CHARS - len(head), 64))
 
 
 def _killpg(pgid: int, sig: signal.Signals) -> None:
@@ -383,32 +387,45 @@ def _killpg(pgid: int, sig: signal.Signals) -> None:
 
 
 LAUNCHER = (
-    "import ctypes, os, sys\n"
+    "import ctypes, os, sys, warnings  # everything, before the interpreter's files may be out of reach\n"
+    "uid = int(sys.argv[2])\n"
+    "if uid >= 0:\n"
+    "    os.setgroups([])\n"
+    "    os.setresgid(uid, uid, uid)\n"
+    "    os.setresuid(uid, uid, uid)\n"
+    "    if os.getuid() != uid or os.geteuid() != uid or os.getgid() != uid:\n"
+    "        sys.exit(71)\n"
     f"ctypes.CDLL(None, use_errno=True).prctl({PR_SET_PDEATHSIG}, {int(signal.SIGKILL)}, 0, 0, 0)\n"
     "if os.getppid() != int(sys.argv[1]):\n"
     "    sys.exit(70)\n"
     "try:\n"
-    "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "    os.execvp(sys.argv[3], sys.argv[3:])\n"
     "except OSError as exc:\n"
-    "    print(f'cannot start {sys.argv[2]!r}: {exc.strerror}', file=sys.stderr, flush=True)\n"
+    "    print(f'cannot start {sys.argv[3]!r}: {exc.strerror}', file=sys.stderr, flush=True)\n"
     "    sys.exit(127)\n"
 )
-"""The program that starts a replica on Linux (``python -I -S -c LAUNCHER <agent pid> argv…``):
-it asks the kernel for SIGKILL when its parent (the agent) dies, checks that the agent
-did not die already, and execs the replica's argv in its place (same pid, same process
-group; the death signal survives ``execve`` except for set-user-ID programs).
+"""The program that starts a replica on Linux (``python -I -S -c LAUNCHER <agent pid> <uid>
+argv…``): when ``uid`` is not -1 (the agent runs as root) it drops to that user and the
+group of the same id with no supplementary groups, for good (real, effective and saved
+ids); it then asks the kernel for SIGKILL when its parent (the agent) dies (after the
+user change, which would clear it), checks that the agent did not die already, and execs
+the replica's argv in its place (same pid, same process group; the death signal survives
+``execve`` except for set-user-ID programs). ``-I`` keeps the app's own files (the
+launcher starts in ``app/``) off its ``sys.path``.
 
 Why not ``preexec_fn``: it makes Python run its at-fork hooks in the child, and gRPC's
 (the agent holds a gRPC stream) abort the child (``ev_epoll1_linux.cc: Check failed``).
 The launcher costs one short interpreter start (``-I -S``: no site, no user env)."""
 
 
-def launcher_prefix(python: str, parent_pid: int | None = None) -> list[str]:
-    """What goes before a replica's argv so that it dies with the agent: the launcher on
-    Linux, nothing elsewhere (where replicas would outlive a killed agent)."""
+def launcher_prefix(python: str, parent_pid: int | None = None, uid: int | None = None) -> list[str]:
+    """What goes before a replica's argv so that it dies with the agent (and runs as
+    ``uid``, if given): the launcher on Linux, nothing elsewhere (where replicas would
+    outlive a killed agent, and run as the agent's user)."""
     if not sys.platform.startswith("linux"):
         return []
-    return [python, "-I", "-S", "-c", LAUNCHER, str(os.getpid() if parent_pid is None else parent_pid)]
+    pid = os.getpid() if parent_pid is None else parent_pid
+    return [python, "-I", "-S", "-c", LAUNCHER, str(pid), str(-1 if uid is None else uid)]
 
 
 def _find_program(program: str, cwd: Path, path: str) -> str | None:
@@ -425,6 +442,12 @@ def _find_program(program: str, cwd: Path, path: str) -> str | None:
     return None
 
 
+def _open_log(path: Path) -> BinaryIO:
+    """``path`` for appending: created 0600, never through a symbolic link."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    return os.fdopen(fd, "ab")
+
+
 class _ReplicaLog:
     """``replica.log`` with rotation, and the last lines in memory."""
 
@@ -433,7 +456,7 @@ class _ReplicaLog:
     ) -> None:
         self.path = path
         self._max = max_bytes
-        self._file: BinaryIO | None = path.open("ab")
+        self._file: BinaryIO | None = _open_log(path)
         self._size = path.stat().st_size
         self._lines: deque[bytes] = deque(maxlen=tail_lines)
         self._partial = b""
@@ -447,7 +470,7 @@ class _ReplicaLog:
                 if self._size >= self._max:
                     self._file.close()
                     os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-                    self._file = self.path.open("ab")
+                    self._file = _open_log(self.path)
                     self._size = 0
             except OSError as exc:  # a full disk must not kill the supervisor
                 log.warning("cannot write %s: %s", self.path, exc)
@@ -542,11 +565,19 @@ class ReplicaSupervisor:
         stop_grace_seconds: float = STOP_GRACE_SECONDS,
         stopped_retention_seconds: float = STOPPED_RETENTION_SECONDS,
         rng: random.Random | None = None,
+        root: str | os.PathLike[str] | None = None,
+        uid_range: tuple[int, int] | None = None,
     ) -> None:
         low, high = port_range
         if not 1 <= low <= high <= 65535:
             raise ValueError(f"bad port range {low}-{high}")
-        self.root = Path(data_dir) / "replicas"
+        if uid_range is not None and not 1 <= uid_range[0] <= uid_range[1] < 2**32 - 1:
+            raise ValueError(f"bad replica uid range {uid_range[0]}-{uid_range[1]}")
+        self.root = Path(data_dir) / "replicas" if root is None else Path(root)
+        self.uid_range = uid_range
+        """Replicas run as users of this range (one per replica), or as the agent's user if None."""
+        self._uids: dict[_Key, int] = {}
+        self._next_uid = uid_range[0] if uid_range else 0
         self.advertise_host = advertise_host
         self.port_range = (low, high)
         self._clock = clock
@@ -572,7 +603,7 @@ class ReplicaSupervisor:
                 generation=r.generation,
                 status=r.status,
                 endpoint=r.endpoint,
-                error_message=r.error_message,
+                error_message=redact(r.error_message, MAX_ERROR_CHARS),
             )
             for r in self._replicas.values()
             if not self._expired(r, now)
@@ -725,7 +756,33 @@ class ReplicaSupervisor:
                     log.warning("killed process %d left over from an earlier run of the agent", pid)
         return killed
 
+    def secure_leftovers(self) -> int:
+        """Give every replica directory left by an earlier run back to root (0700), so that
+        a user id handed out again cannot read another replica's old files. Only when
+        replicas run as their own users; returns how many directories were taken back."""
+        if self.uid_range is None or not self.root.is_dir():
+            return 0
+        taken = 0
+        for app in self.root.glob("*/*/app"):
+            with contextlib.suppress(OSError):
+                _chown_tree(app, 0, 0o700)
+                taken += 1
+        return taken
+
     # ----------------------------------------------------------------- internals
+
+    def _uid(self, key: _Key) -> int | None:
+        """The user id replica ``key`` runs as: one per replica, kept across its generations
+        and never given to another replica while this agent runs."""
+        if self.uid_range is None:
+            return None
+        uid = self._uids.get(key)
+        if uid is None:
+            if self._next_uid > self.uid_range[1]:
+                raise OSError("no replica user id left in the range")
+            uid = self._uids[key] = self._next_uid
+            self._next_uid += 1
+        return uid
 
     def _lock(self, key: _Key) -> asyncio.Lock:
         lock = self._locks.get(key)
@@ -750,9 +807,14 @@ class ReplicaSupervisor:
     ) -> _Replica | tuple[str, str]:
         """Unpack, replace ``current``, pick a port and spawn; a replica or (message, kind)."""
         directory = self.root / request.deployment_id / f"{request.replica_index}-g{request.generation}"
+        key = (request.deployment_id, request.replica_index)
+        try:
+            uid = self._uid(key)
+        except OSError as exc:
+            return f"cannot start the app: {exc}", "spawn_failed"
         try:
             spec = await asyncio.to_thread(
-                _prepare, directory, bytes(request.package), request.package_sha256
+                _prepare, directory, bytes(request.package), request.package_sha256, uid
             )
         except InvalidArgument as exc:
             kind = "checksum_mismatch" if exc.reason == "PACKAGE_CHECKSUM_MISMATCH" else "invalid_package"
@@ -763,7 +825,6 @@ class ReplicaSupervisor:
             await self._terminate(
                 current, STOPPED, f"replaced by generation {request.generation}", "replaced"
             )
-        key = (request.deployment_id, request.replica_index)
         self._fences[key] = (request.generation, False)
 
         port = 0
@@ -781,6 +842,7 @@ class ReplicaSupervisor:
             port=port,
             replica_dir=directory,
             runtime=spec.runtime,
+            home=None if uid is None else directory / "app",
         )
         missing = _find_program(argv[0], directory / "app", env["PATH"])
         if missing:
@@ -788,7 +850,7 @@ class ReplicaSupervisor:
         replica_log = _ReplicaLog(directory / LOG_FILE)
         try:
             process = await asyncio.create_subprocess_exec(
-                *launcher_prefix(self._python),
+                *launcher_prefix(self._python, uid=uid),
                 *argv,
                 cwd=directory / "app",
                 env=env,
@@ -992,16 +1054,40 @@ def _failure(command: node_pb2.NodeCommand, message: str, kind: str) -> node_pb2
     return result
 
 
-def _prepare(directory: Path, package: bytes, sha256: str) -> AppSpec:
-    """Verify and unpack ``package`` into a fresh ``directory``; its :class:`AppSpec`."""
+def _prepare(directory: Path, package: bytes, sha256: str, owner: int | None = None) -> AppSpec:
+    """Verify and unpack ``package`` into a fresh ``directory``; its :class:`AppSpec`.
+
+    With an ``owner`` (replicas run as their own users): the replica root, the
+    deployment's directory and ``directory`` are root's, 0711 (passable, not listable);
+    ``manifest.json`` and ``Dockerfile`` 0600; only ``app/`` (0700) and what it holds
+    belong to ``owner``."""
     if directory.exists():
         shutil.rmtree(directory)
+    if owner is not None:
+        ensure_traversable(directory.parent)
     try:
         unpack_package(package, directory, sha256=sha256)
-        return read_app_spec(directory)
+        spec = read_app_spec(directory)
+        if owner is not None:
+            os.chmod(directory, 0o711)  # noqa: S103 - the replica passes through to app/
+            for entry in directory.iterdir():
+                if entry.name != "app" and entry.is_file() and not entry.is_symlink():
+                    os.chmod(entry, 0o600)
+            _chown_tree(directory / "app", owner, 0o700)
+        return spec
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
+
+
+def _chown_tree(top: Path, uid: int, mode: int) -> None:
+    """Give ``top`` and everything under it (links themselves, never their targets) to
+    ``uid`` (user and group), with ``top`` at ``mode``."""
+    os.lchown(top, uid, uid)
+    os.chmod(top, mode)
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in (*dirnames, *filenames):
+            os.lchown(os.path.join(dirpath, name), uid, uid)
 
 
 def _remove_dir(directory: Path) -> None:

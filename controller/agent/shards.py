@@ -8,8 +8,11 @@ as an ``execute_shard_statement`` command, and the agent runs it here.
   connection per shard used from one worker thread at a time. A statement is
   interrupted when its deadline passes (SQLite's progress handler).
 * **PostgreSQL** (``--shard-postgres-url``): one schema per shard,
-  ``a67_<database id>_<shard index>`` (created on first use), reached through
-  ``search_path``; ``statement_timeout`` enforces the deadline.
+  ``a67s<agent tag>_<database id>_<shard index>`` (created on first use). With a
+  privileged URL every shard has a LOGIN role of its own that owns exactly that
+  schema, and statements run on a connection made *as* that role; with an
+  unprivileged URL the agent serves the shards of one database only (see
+  :mod:`controller.agent.pg_shards`). ``statement_timeout`` enforces the deadline.
 
 The result payload is :func:`controller.wire.encode_result`. A failure is a
 ``CommandResult`` with ``ok=False``, the database's own message, and a payload
@@ -110,6 +113,7 @@ class ShardStore:
         self._sqlite: dict[tuple[str, int], _SqliteShard] = {}
         self._pg: dict[tuple[str, int], Any] = {}
         self._pg_lock = asyncio.Lock()
+        self._pg_shards: Any = None  # a pg_shards.PostgresShards, made on first use
 
     @property
     def backend(self) -> str:
@@ -135,17 +139,15 @@ class ShardStore:
         import psycopg
         from psycopg import errors as pg_errors
 
+        from controller.agent.pg_shards import PostgresShards
+
         key = (database_id, shard_index)
-        schema = f"a67_{database_id.replace('-', '_')}_{shard_index}"
         async with self._pg_lock:
             conn = self._pg.get(key)
             if conn is None or conn.closed:
-                try:
-                    conn = await psycopg.AsyncConnection.connect(self._postgres_url, autocommit=True)
-                except psycopg.OperationalError as exc:
-                    raise ShardError("unavailable", "the shard database cannot be reached") from exc
-                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
-                await conn.execute(f'SET search_path TO "{schema}"')
+                if self._pg_shards is None:
+                    self._pg_shards = PostgresShards(self._postgres_url, self._root.parent)
+                conn = await self._pg_shards.open(database_id, shard_index)
                 self._pg[key] = conn
         try:
             async with conn.cursor() as cursor:
@@ -173,6 +175,9 @@ class ShardStore:
         for conn in self._pg.values():
             await conn.close()
         self._pg.clear()
+        if self._pg_shards is not None:
+            await self._pg_shards.close()
+            self._pg_shards = None
 
 
 def register_shard_handlers(handlers: CommandHandlers, store: ShardStore) -> None:

@@ -13,15 +13,29 @@ each call:
    (the generated base class raises ``NotImplementedError``) becomes an honest
    ``UNIMPLEMENTED``; anything else becomes ``INTERNAL`` with an incident id,
    and the traceback goes to the log only.
+
+**Streams do not outlive their session.** A server-streaming (or bidirectional)
+RPC that needed an access token re-authenticates that same token every
+``stream_recheck_seconds`` (:data:`STREAM_RECHECK_SECONDS` by default) for as
+long as it runs: when the session is logged out or revoked (refresh-token
+reuse), or the token expires, the stream ends with ``UNAUTHENTICATED`` (the
+reason of the failed check, e.g. ``SESSION_REVOKED`` or ``TOKEN_EXPIRED``).
+This holds for every such RPC, with no code in the servicers: the servicer's
+pending ``await`` is cancelled (its ``finally`` blocks run) and the call is
+aborted. A re-check that fails for another reason (a store outage) is logged and
+tried again at the next interval; the token's expiry is checked locally, so an
+expired token ends the stream even then.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import grpc
@@ -49,6 +63,14 @@ PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 # The only methods a caller holding a node certificate (mutual TLS) may call.
 NODE_METHODS = frozenset({"/automator67.v1.NodeService/Connect", "/grpc.health.v1.Health/Check"})
 
+STREAM_RECHECK_SECONDS = 2.0
+"""How often an authenticated stream re-checks its caller's token and session (seconds).
+
+Read when a :class:`ControllerInterceptor` is built without ``stream_recheck_seconds``.
+One check is a signature verification and a cache read (the store at most every
+``SESSION_CACHE_SECONDS`` per session), so it is cheap; a revocation made by this
+controller (or seen through a shared Redis cache) ends the stream within one interval."""
+
 
 class AccessVerifier(Protocol):
     """Turns an access token into a principal or raises ``Unauthenticated``."""
@@ -66,11 +88,65 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: Control
     await context.abort_with_status(rpc_status.to_status(error.to_status()))
 
 
-class ControllerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Wraps every handler with logging, authentication and error mapping."""
+class _StreamGuard:
+    """Ends one authenticated stream when a re-check of its token fails.
 
-    def __init__(self, verifier: AccessVerifier) -> None:
+    Like :func:`asyncio.timeout`: the watcher cancels the stream's own task, but
+    only while that task is awaiting the servicer (never while gRPC is writing a
+    message), and the stream turns that cancellation into the stored error.
+    """
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self._task = task
+        self._inside = False
+        self._cancelled = False
+        self.error: Unauthenticated | None = None
+
+    def revoke(self, error: Unauthenticated) -> None:
+        """Called by the watcher: remember ``error`` and interrupt the servicer if it is running."""
+        self.error = error
+        if self._inside and not self._cancelled:
+            self._cancelled = True
+            self._task.cancel()
+
+    def enter(self) -> None:
+        """Before awaiting the servicer: raise the error if the session already ended."""
+        self.check()
+        self._inside = True
+
+    def leave(self) -> None:
+        self._inside = False
+
+    def check(self) -> None:
+        """Raise the stored error, if any (undoing our own pending cancellation first)."""
+        if self.error is None:
+            return
+        if self._cancelled:
+            self._cancelled = False
+            self._task.uncancel()
+        raise self.error
+
+    def converts(self) -> bool:
+        """On a ``CancelledError``: whether it is ours alone (so the stream ends with the error)."""
+        if not self._cancelled:
+            return False
+        self._cancelled = False
+        return self._task.uncancel() == 0
+
+
+class ControllerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Wraps every handler with logging, authentication and error mapping.
+
+    ``stream_recheck_seconds``: how often authenticated streams re-check their
+    token and session (default :data:`STREAM_RECHECK_SECONDS`).
+    """
+
+    def __init__(self, verifier: AccessVerifier, *, stream_recheck_seconds: float | None = None) -> None:
         self._verifier = verifier
+        recheck = STREAM_RECHECK_SECONDS if stream_recheck_seconds is None else stream_recheck_seconds
+        if not recheck > 0:
+            raise ValueError("stream_recheck_seconds must be positive")
+        self._stream_recheck_seconds = float(recheck)
 
     async def intercept_service(
         self,
@@ -137,13 +213,19 @@ class ControllerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             principal: Principal | None = None
             try:
                 principal = await self._admit(method, needs_auth, context)
+                token = bearer_token(context.invocation_metadata()) if principal is not None else None
                 result = inner(request, context)
-                if inspect.isawaitable(result):
-                    # A servicer that writes with context.write() and returns.
-                    await result
+                if token is None:
+                    if inspect.isawaitable(result):
+                        # A servicer that writes with context.write() and returns.
+                        await result
+                        return
+                    async for item in result:
+                        yield item
                     return
-                async for item in result:
-                    yield item
+                async with contextlib.aclosing(self._guarded(method, token, result)) as guarded:
+                    async for item in guarded:
+                        yield item
             except BaseException as exc:
                 await _handle(method, context, exc)
                 raise
@@ -151,6 +233,69 @@ class ControllerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 _log_call(method, context, started, principal)
 
         return wrapper
+
+    async def _guarded(self, method: str, token: str, result: Any) -> AsyncGenerator[Any, None]:
+        """Run a stream's servicer while re-checking ``token``; end it when the check fails."""
+        task = asyncio.current_task()
+        assert task is not None
+        guard = _StreamGuard(task)
+        watcher = asyncio.create_task(self._watch(method, token, guard), name=f"a67-stream-auth {method}")
+        closers: list[Any] = []
+        try:
+            if inspect.isawaitable(result):
+                # A servicer that writes with context.write() and returns.
+                guard.enter()
+                try:
+                    await result
+                except asyncio.CancelledError:
+                    if guard.converts() and guard.error is not None:
+                        raise guard.error from None
+                    raise
+                finally:
+                    guard.leave()
+                guard.check()
+                return
+            iterator = result.__aiter__()
+            closers.append(iterator)
+            while True:
+                guard.enter()
+                try:
+                    item = await iterator.__anext__()
+                except StopAsyncIteration:
+                    guard.check()  # a servicer that swallowed our cancellation still ends revoked
+                    return
+                except asyncio.CancelledError:
+                    if guard.converts() and guard.error is not None:
+                        raise guard.error from None
+                    raise
+                finally:
+                    guard.leave()
+                guard.check()
+                yield item
+        finally:
+            watcher.cancel()
+            for iterator in closers:
+                aclose = getattr(iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
+    async def _watch(self, method: str, token: str, guard: _StreamGuard) -> None:
+        """Re-authenticate ``token`` every interval until it fails, then revoke the stream."""
+        while True:
+            await asyncio.sleep(self._stream_recheck_seconds)
+            try:
+                await self._verifier.authenticate(token)
+            except Unauthenticated as exc:
+                log.info("ending stream %s: %s (%s)", method, exc.message, exc.reason)
+                guard.revoke(exc)
+                return
+            except Exception:
+                errors_log.warning(
+                    "could not re-check the session of a stream of %s; trying again in %.1f s",
+                    method,
+                    self._stream_recheck_seconds,
+                    exc_info=True,
+                )
 
 
 async def _handle(method: str, context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:

@@ -13,8 +13,8 @@ from automator67.v1 import common_pb2, metrics_pb2, metrics_pb2_grpc
 
 from controller.api.context import current_principal
 from controller.errors import FieldViolation, InvalidArgument, NotFound
+from controller.nodes.aggregates import system_metrics
 from controller.nodes.fleet import Fleet
-from controller.nodes.health import is_routable
 from controller.nodes.repository import NodeRepository
 from controller.timestamps import timestamp
 
@@ -26,33 +26,6 @@ DEFAULT_PUSH_INTERVAL_MS = 1000
 KEEPALIVE_PUSH_SECONDS = 15.0
 # Aggregates are cached per user for this long (spec §7: system:metrics:latest, 1 minute).
 SYSTEM_METRICS_TTL_SECONDS = 60.0
-
-
-def system_metrics(fleet: Fleet, user_id: str, now: float) -> metrics_pb2.SystemMetrics:
-    """Aggregates over the user's monitored nodes.
-
-    Averages (CPU, memory, error rate, latency) are over nodes that are alive
-    (routable: ready, busy, degraded or draining) and have reported metrics;
-    totals (cores, memory) are over the same nodes' capabilities.
-    """
-    healths = fleet.monitor.nodes_of(user_id)
-    alive = [
-        (node_id, fleet.live[node_id])
-        for node_id, health in healths.items()
-        if is_routable(health.state) and node_id in fleet.live
-    ]
-    result = metrics_pb2.SystemMetrics(
-        time=timestamp(now), total_nodes=len(healths), healthy_nodes=len(alive)
-    )
-    if alive:
-        count = len(alive)
-        result.cpu_percent = sum(live.metrics.cpu_percent for _, live in alive) / count
-        result.memory_percent = sum(live.metrics.memory_percent for _, live in alive) / count
-        result.error_rate = sum(live.metrics.error_rate for _, live in alive) / count
-        result.avg_response_time_ms = sum(live.metrics.avg_response_time_ms for _, live in alive) / count
-        result.total_cpu_cores = sum(live.capabilities.cpu_cores for _, live in alive if live.capabilities)
-        result.total_memory_gb = sum(live.capabilities.memory_gb for _, live in alive if live.capabilities)
-    return result
 
 
 class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):

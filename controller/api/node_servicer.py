@@ -20,6 +20,7 @@ from controller.nodes.health import NodeState
 from controller.nodes.registration import NodeRegistrar
 from controller.nodes.repository import NodeRepository
 from controller.nodes.sessions import NodeSession
+from controller.nodes.validation import hello_violations
 from controller.store.models import Node
 from controller.timestamps import timestamp
 
@@ -29,6 +30,8 @@ Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 # How long a new stream may take to send its hello.
 HELLO_TIMEOUT_SECONDS = 10.0
+# At most this many field violations are reported for one invalid hello.
+MAX_HELLO_VIOLATIONS = 20
 
 PROVIDER_NAMES = {
     value: name.removeprefix("PROVIDER_").lower() for name, value in common_pb2.Provider.items()
@@ -134,6 +137,15 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             raise InvalidArgument("A node stream must start with a hello", reason="HELLO_EXPECTED") from exc
         if first.WhichOneof("message") != "hello":
             raise InvalidArgument("A node stream must start with a hello", reason="HELLO_EXPECTED")
+        # Refused before the stream is accepted: an older stream of the node is not
+        # replaced, and nothing the hello claims reaches the fleet or placement.
+        violations = hello_violations(first.hello)[:MAX_HELLO_VIOLATIONS]
+        if violations:
+            summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+            log.warning("node %s: hello refused: %s", node.id, summary)
+            raise InvalidArgument(
+                f"The node's hello is invalid: {summary}", reason="INVALID_HELLO", field_violations=violations
+            )
 
         self._fleet.track(node.id, node.user_id)
         session = self._fleet.streams.open(node.id, node.user_id)

@@ -15,6 +15,13 @@ account is locked for a delay that doubles with every further failure (1 s,
 refused with ``RESOURCE_EXHAUSTED`` and ``RetryInfo``, without checking the
 password. Locks and windows expire on their own, so an account is never locked
 for ever.
+
+The throttle holds under concurrency: every attempt first *reserves* its slot
+(:meth:`AuthFailureRepository.reserve_attempt`: counted as a failure, and the
+lock the new count calls for set, in one conditional UPDATE), and only a granted
+attempt checks the password; a success then resets the count. So however many
+requests arrive at once, at most ``THROTTLE_FREE_FAILURES`` passwords are checked
+before the first lock, and one per lock after it.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from controller.api.context import Principal
 from controller.auth.passwords import PasswordHasher
@@ -93,16 +100,17 @@ class AuthService:
     async def login(self, email: str, password_hash: str) -> Session:
         """Verify credentials and start a session; the same error for any mismatch."""
         require_fields(validate_credentials(email, password_hash))
-        key = f"login:{normalise_email(email)}"
-        await self._check_throttle(key)
-        user = await self._users.get_by_email(normalise_email(email))
+        normalised = normalise_email(email)
+        key = f"login:{normalised}"
+        await self._reserve_attempt(key)
+        user = await self._users.get_by_email(normalised)
         if user is None or not user.active:
             await self._passwords.dummy_verify(password_hash)
             ok = False
         else:
             ok = await self._passwords.verify(user.password_hash, password_hash)
         if not ok or user is None:
-            await self._record_failure(key)
+            # Already counted by the reservation.
             raise Unauthenticated(INVALID_CREDENTIALS, reason="INVALID_CREDENTIALS")
         await self._failures.reset(key)
         if self._passwords.needs_rehash(user.password_hash):
@@ -169,25 +177,36 @@ class AuthService:
         await self._refresh_tokens.revoke_family(session_id, reason, self._now())
         await self._cache.set(f"auth:session:{session_id}", b"revoked", SESSION_CACHE_SECONDS)
 
-    async def _check_throttle(self, key: str) -> None:
-        record = await self._failures.get(key)
-        if record is None or record.locked_until is None:
-            return
-        wait = (record.locked_until - self._now()).total_seconds()
-        if wait > 0:
-            raise ResourceExhausted(
-                f"Too many failed sign-in attempts for this account; try again in {max(wait, 1):.0f} s",
-                reason="LOGIN_THROTTLED",
-                retry_after=wait,
-            )
-
-    async def _record_failure(self, key: str) -> None:
+    async def _reserve_attempt(self, key: str) -> None:
+        """Count this attempt before the password is checked; ``ResourceExhausted`` if locked."""
         now = self._now()
-        failures = await self._failures.record_failure(key, now, THROTTLE_WINDOW_SECONDS)
-        excess = failures - THROTTLE_FREE_FAILURES
-        if excess >= 0:
-            delay = min(float(2**excess), THROTTLE_MAX_DELAY_SECONDS)
-            await self._failures.lock(key, now + timedelta(seconds=delay), now)
+        reservation = await self._failures.reserve_attempt(
+            key, now, window_seconds=THROTTLE_WINDOW_SECONDS, lock_seconds=throttle_delay
+        )
+        if reservation.granted:
+            return
+        if reservation.locked_until is None:
+            # Lost the race for a slot again and again: refuse rather than check unthrottled.
+            wait = 1.0
+        else:
+            wait = max((reservation.locked_until - now).total_seconds(), 0.001)
+        raise ResourceExhausted(
+            f"Too many failed sign-in attempts for this account; try again in {max(wait, 1):.0f} s",
+            reason="LOGIN_THROTTLED",
+            retry_after=wait,
+        )
+
+
+def throttle_delay(attempts: int) -> float:
+    """Seconds an account is locked after its ``attempts``-th failure in a window (0: none).
+
+    1 s at the ``THROTTLE_FREE_FAILURES``-th, then doubling, at most
+    ``THROTTLE_MAX_DELAY_SECONDS``.
+    """
+    excess = attempts - THROTTLE_FREE_FAILURES
+    if excess < 0:
+        return 0.0
+    return float(min(2 ** min(excess, 64), THROTTLE_MAX_DELAY_SECONDS))
 
 
 def new_id() -> str:

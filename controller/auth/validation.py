@@ -1,8 +1,10 @@
 """Validation of the credentials in Register and Login requests.
 
 ``email`` gets a practical RFC 5321/5322 check (not the full grammar: no quoted
-local parts, no IP-literal domains) and is normalised by stripping surrounding
-whitespace and lower-casing. ``password_hash`` is the client's own salted hash of
+local parts, no IP-literal domains) of its normalised form (see
+:func:`normalize_email`: Unicode NFKC and case folding for the part before ``@``,
+IDNA 2008 / UTS #46 A-labels for the domain), so that addresses that look the
+same are the same account. ``password_hash`` is the client's own salted hash of
 the password: printable ASCII without spaces, 32 to 1024 characters. It is never
 stripped or truncated: a value that is too long is an error stating the limit.
 
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
+
+import idna
 
 from controller.errors import FieldViolation
 
@@ -48,9 +52,60 @@ _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _PRINTABLE_NO_SPACE = re.compile(r"[\x21-\x7e]+")
 
 
+def _fold(text: str) -> str:
+    """Unicode NFKC, case folding, NFKC again (NFKC_Casefold without removing ignorables)."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+
+
+def _canonical_domain(domain: str) -> str:
+    """The domain as lower-case ASCII (IDNA 2008 A-labels, UTS #46 mapping).
+
+    A plain ASCII domain is only lower-cased (the validator then explains what is
+    wrong with it, if anything). A domain with non-ASCII characters or an
+    ``xn--`` label goes through :func:`idna.encode`, which maps lookalike forms
+    (full-width letters, U+3002 as a dot, NFD) to one A-label and refuses invalid ones
+    (e.g. an ``xn--`` label that decodes to a non-NFC string). An invalid domain is
+    returned case-folded, and the validator rejects it.
+    """
+    lowered = domain.lower()
+    if domain.isascii() and not _has_a_label(lowered):
+        return lowered
+    encoded = _idna_ascii(domain)
+    return _fold(domain) if encoded is None else encoded
+
+
+def _has_a_label(domain: str) -> bool:
+    return any(label.startswith("xn--") for label in domain.lower().split("."))
+
+
+def _idna_ascii(domain: str) -> str | None:
+    """``domain`` as IDNA 2008 A-labels (UTS #46 mapping), or None if it is not a valid IDN."""
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return None
+
+
 def normalize_email(email: str) -> str:
-    """Strip surrounding whitespace and lower-case (the form stored and looked up)."""
-    return email.strip().lower()
+    """The one form in which an email is stored, compared and looked up.
+
+    1. Unicode NFKC over the whole address (full-width U+FF41 becomes ``a``,
+       U+FF20 becomes ``@``, NFD ``e`` + U+0301 becomes NFC U+00E9), then surrounding
+       whitespace is stripped;
+    2. the part before the (last) ``@`` is case-folded (``str.casefold``, so
+       ``ß`` becomes ``ss``) and NFKC-normalised again;
+    3. the domain becomes its IDNA 2008 ASCII form with the UTS #46 mapping
+       (``Bücher.example`` becomes ``xn--bcher-kva.example``); an ASCII domain is
+       lower-cased.
+
+    Never raises: whatever does not normalise cleanly is left for
+    :func:`email_problem` to reject.
+    """
+    value = unicodedata.normalize("NFKC", email).strip()
+    local, at, domain = value.rpartition("@")
+    if not at:
+        return _fold(value)
+    return f"{_fold(local)}@{_canonical_domain(domain)}"
 
 
 normalise_email = normalize_email
@@ -91,10 +146,10 @@ def email_problem(email: str | None) -> str | None:
 def _domain_problem(domain: str) -> str | None:
     if not domain:
         return "needs a domain after the '@'"
-    try:
-        ascii_domain = domain.encode("idna").decode("ascii") if not domain.isascii() else domain
-    except UnicodeError:
+    if not domain.isascii():
+        # normalize_email could not make an IDNA A-label of it.
         return "the domain after '@' is not a valid domain name"
+    ascii_domain = domain
     labels = ascii_domain.split(".")
     if len(labels) < 2:
         return "the domain after '@' needs a dot, like example.com"
@@ -108,6 +163,9 @@ def _domain_problem(domain: str) -> str | None:
                 "the domain after '@' may contain only letters, digits and hyphens, "
                 "and no part may start or end with a hyphen"
             )
+    if _has_a_label(ascii_domain) and _idna_ascii(ascii_domain) != ascii_domain:
+        # An A-label that is not valid IDNA 2008 (or not in its one canonical form).
+        return "the domain after '@' is not a valid domain name"
     if labels[-1].isdigit():
         return "the domain after '@' must end in a name, not a number"
     return None

@@ -58,6 +58,7 @@ from controller.errors import (
 )
 from controller.nodes.fleet import Fleet
 from controller.nodes.health import NodeState, is_routable
+from controller.redact import redact
 from controller.scheduling import ReplicaRequest, ReplicaTarget, Resources, pick_endpoint, place
 from controller.store.db import Store
 from controller.store.models import Deployment, DeploymentPackage, new_id, utcnow
@@ -535,7 +536,7 @@ class DeploymentService:
         except ControllerError as exc:
             return "", exc.message
         if not result.ok:
-            return "", result.error_message or "the node refused the replica"
+            return "", redact(result.error_message) or "the node refused the replica"
         try:
             payload = json.loads(result.payload or b"{}")
         except ValueError:
@@ -703,6 +704,7 @@ class DeploymentService:
         self, deployment_id: str, index: int, node_id: str, generation: int, error: str
     ) -> None:
         changed: Assignment = {}
+        error = redact(error)  # a replica's output: untrusted
 
         def change(row: Deployment) -> bool:
             nonlocal changed

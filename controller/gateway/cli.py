@@ -13,12 +13,18 @@ namespace that returns the exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from controller.gateway.config import STREAM_FORMATS, GatewaySettings
+from controller.gateway.config import (
+    STREAM_FORMATS,
+    GatewaySettings,
+    controller_receive_limit,
+    split_host_port,
+)
 from controller.gateway.process import (
     ControllerProcess,
     EnvoyProcess,
@@ -60,7 +66,11 @@ def _add_gateway_flags(parser: argparse.ArgumentParser, *, listen_flag: str, ups
         "--descriptor", type=Path, help="descriptor set (A67_GATEWAY_DESCRIPTOR_PATH; default generated/)"
     )
     parser.add_argument(
-        "--max-request-body-size", type=int, metavar="BYTES", help="larger bodies get 413 (default 1 MiB)"
+        "--max-request-body-size",
+        type=int,
+        metavar="BYTES",
+        help="larger request bodies get 413, chunked or not (A67_GATEWAY_MAX_REQUEST_BODY_SIZE; "
+        "default 16 MiB = 16777216)",
     )
     parser.add_argument(
         "--stream-format", choices=STREAM_FORMATS, help="how watch streams reach browsers (default ndjson)"
@@ -70,6 +80,26 @@ def _add_gateway_flags(parser: argparse.ArgumentParser, *, listen_flag: str, ups
     )
     parser.add_argument("--concurrency", type=int, help="Envoy worker threads (default: one per CPU)")
     parser.add_argument("--envoy-log-level", help="Envoy's log level (default warning)")
+    parser.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="certificate (chain) to serve HTTPS only with (A67_TLS_CERT; needs --tls-key)"
+        + ("" if upstream else "; the controller's gRPC port serves TLS with it too"),
+    )
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert (A67_TLS_KEY)")
+    if upstream:
+        parser.add_argument(
+            "--upstream-tls-ca",
+            metavar="PEM",
+            help="CA bundle that verifies the controller's certificate; set, Envoy calls the "
+            "controller over TLS (A67_GATEWAY_UPSTREAM_TLS_CA)",
+        )
+        parser.add_argument(
+            "--upstream-tls-server-name",
+            metavar="NAME",
+            help="name the controller's certificate must carry (A67_GATEWAY_UPSTREAM_TLS_SERVER_NAME; "
+            "default: the upstream host)",
+        )
 
 
 def _gateway_settings(args: argparse.Namespace, **overrides: Any) -> GatewaySettings:
@@ -83,6 +113,10 @@ def _gateway_settings(args: argparse.Namespace, **overrides: Any) -> GatewaySett
         admin_address=args.admin,
         concurrency=args.concurrency,
         log_level=args.envoy_log_level,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        upstream_tls_ca=getattr(args, "upstream_tls_ca", None),
+        upstream_tls_server_name=getattr(args, "upstream_tls_server_name", None),
     )
     values.update(overrides)
     return GatewaySettings.from_env(**values)
@@ -146,9 +180,11 @@ def run_gateway(args: argparse.Namespace) -> int:
                 print(f"a67: {config} is a valid Envoy configuration")
                 return 0
             host, port = settings.listen
-            banner = (
-                f"a67 gateway: REST on http://{connect_host(host)}:{port} -> gRPC {settings.upstream_address}"
+            scheme = "https" if settings.tls else "http"
+            upstream = (
+                f"{'TLS' if settings.upstream_tls_ca else 'plaintext'} gRPC {settings.upstream_address}"
             )
+            banner = f"a67 gateway: REST on {scheme}://{connect_host(host)}:{port} -> {upstream}"
             return _run([EnvoyProcess(config, settings)], [GATEWAY_READY_TIMEOUT], banner)
     except (ValueError, GatewayConfigError, ProcessError) as exc:
         return _fail(str(exc))
@@ -179,7 +215,18 @@ def add_up_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--store-url", help="SQLAlchemy URL of the store (A67_STORE_URL; default SQLite)")
     parser.add_argument("--cache-url", help="memory:// or redis://host:port/db (A67_CACHE_URL)")
     parser.add_argument("--log-level", help="the controller's logging level (A67_LOG_LEVEL)")
+    parser.add_argument(
+        "--environment",
+        choices=("development", "production"),
+        help="(A67_ENVIRONMENT) production refuses non-loopback addresses without TLS",
+    )
     _add_gateway_flags(parser, listen_flag="--http-listen", upstream=False)
+    parser.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="CA bundle that verifies --tls-cert, for the gateway's calls to the controller "
+        "(A67_TLS_CA; default: the certificate itself, right for a self-signed one)",
+    )
     parser.set_defaults(func=run_up)
     return parser
 
@@ -195,13 +242,40 @@ def run_up(args: argparse.Namespace) -> int:
             store_url=args.store_url,
             cache_url=args.cache_url,
             log_level=args.log_level,
+            environment=args.environment,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_ca=args.tls_ca,
         )
-        settings = _gateway_settings(args, upstream_address=controller_settings.listen_address)
-        extra: list[str] = []
+        upstream_ca, server_name = "", ""
+        if controller_settings.tls:
+            upstream_ca = controller_settings.tls_ca or controller_settings.tls_cert
+            server_name = certificate_name(
+                Path(controller_settings.tls_cert),
+                connect_host(split_host_port(controller_settings.listen_address)[0]),
+            )
+        settings = _gateway_settings(
+            args,
+            upstream_address=controller_settings.listen_address,
+            environment=controller_settings.environment,
+            tls_cert=controller_settings.tls_cert,
+            tls_key=controller_settings.tls_key,
+            upstream_tls_ca=upstream_ca,
+            upstream_tls_server_name=server_name,
+        )
+        # Every body the gateway lets through must fit the controller's receive limit.
+        receive_limit = max(
+            controller_settings.max_receive_message_bytes,
+            controller_receive_limit(settings.max_request_body_size),
+        )
+        extra: list[str] = ["--max-receive-message-size", str(receive_limit)]
         for flag, value in (
             ("--store-url", args.store_url),
             ("--cache-url", args.cache_url),
             ("--log-level", args.log_level),
+            ("--environment", args.environment),
+            ("--tls-cert", controller_settings.tls_cert),
+            ("--tls-key", controller_settings.tls_key),
         ):
             if value:
                 extra += [flag, value]
@@ -210,15 +284,19 @@ def run_up(args: argparse.Namespace) -> int:
             controller_settings.data_dir,
             node_listen_address=controller_settings.node_listen_address,
             extra_args=extra,
+            tls_ca=Path(upstream_ca).read_bytes() if upstream_ca else None,
+            tls_server_name=server_name,
         )
         with tempfile.TemporaryDirectory(prefix="a67-gateway-") as tmp:
             envoy = EnvoyProcess(write_config(settings, Path(tmp) / "envoy.yaml"), settings)
             http_host, http_port = settings.listen
+            scheme = "https" if settings.tls else "http"
+            grpcurl = f"grpcurl -cacert {upstream_ca}" if upstream_ca else "grpcurl -plaintext"
             banner = "\n".join(
                 (
                     "Automator67 is up.",
-                    f"  REST  http://{connect_host(http_host)}:{http_port}   (dashboard, curl)",
-                    f"  gRPC  {controller_settings.listen_address}   (grpcurl -plaintext, the a67 command line)",
+                    f"  REST  {scheme}://{connect_host(http_host)}:{http_port}   (dashboard, curl)",
+                    f"  gRPC  {controller_settings.listen_address}   ({grpcurl}, the a67 command line)",
                     f"  nodes {controller_settings.node_listen_address or 'off'}   (agents, mutual TLS)",
                     f"  data  {controller_settings.data_dir}",
                     "Press Ctrl-C to stop.",
@@ -227,6 +305,36 @@ def run_up(args: argparse.Namespace) -> int:
             return _run([controller, envoy], [CONTROLLER_READY_TIMEOUT, GATEWAY_READY_TIMEOUT], banner)
     except (ValueError, GatewayConfigError, ProcessError) as exc:
         return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"cannot read {exc.filename}: {exc.strerror}")
+
+
+def certificate_name(cert_path: Path, host: str) -> str:
+    """The name to expect in the certificate at ``cert_path`` when connecting to ``host``:
+    ``host`` if the certificate names it (DNS or IP), else its first DNS name."""
+    import ipaddress
+
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except ValueError as exc:
+        raise ValueError(f"A67_TLS_CERT: {cert_path} is not a PEM certificate ({exc})") from None
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise ValueError(f"A67_TLS_CERT: {cert_path} has no subject alternative names") from None
+    dns_names = sans.get_values_for_type(x509.DNSName)
+    ips = [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+    with contextlib.suppress(ValueError):
+        host = str(ipaddress.ip_address(host))
+    if host in dns_names or host in ips:
+        return host
+    if dns_names:
+        return dns_names[0]
+    raise ValueError(
+        f"A67_TLS_CERT: {cert_path} names neither {host} nor any DNS name, so the gateway cannot verify it"
+    )
 
 
 __all__ = ["add_gateway_parser", "add_up_parser", "run_gateway", "run_up"]

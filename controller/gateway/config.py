@@ -8,13 +8,21 @@ the controller's gRPC port on ``127.0.0.1:50051``, with no admin interface.
 
 from __future__ import annotations
 
-import ipaddress
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from controller.config import values_from_env
+from controller.config import (
+    DEFAULT_MAX_REQUEST_BODY_BYTES,
+    TRANSCODING_OVERHEAD_BYTES,
+    check_tls_files,
+    is_loopback,
+    require_tls_off_loopback,
+    split_host_port,
+    values_from_env,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The checkout this package runs from (the gateway template and the descriptor live there)."""
@@ -24,29 +32,14 @@ DEFAULT_DESCRIPTOR = REPO_ROOT / "generated" / "automator67.binpb"
 
 StreamFormat = Literal["ndjson", "sse"]
 STREAM_FORMATS: tuple[str, ...] = get_args(StreamFormat)
+MAX_BODY_LIMIT = 1024 * 1024 * 1024
+"""The largest body limit accepted: gRPC messages cannot exceed 2 GiB, and nothing here needs more."""
+
+SHARED_VARIABLES = {"environment": "A67_ENVIRONMENT", "tls_cert": "A67_TLS_CERT", "tls_key": "A67_TLS_KEY"}
+"""Fields the gateway shares with the controller: read from these variables unless
+``A67_GATEWAY_<FIELD>`` is set."""
+
 ENVOY_LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    """``"127.0.0.1:8080"`` → ``("127.0.0.1", 8080)``; ``"[::1]:8080"`` → ``("::1", 8080)``.
-
-    >>> split_host_port("[::1]:80")
-    ('::1', 80)
-    """
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT, not {address!r}")
-    return host.removeprefix("[").removesuffix("]"), int(port)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` only accepts connections from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -80,10 +73,12 @@ class GatewaySettings:
     """Most open client connections, and most requests in flight to the controller
     (each open watch stream holds one)."""
 
-    max_request_body_size: int = 16 * 1024 * 1024
-    """Largest REST request body in bytes; a bigger one gets 413. 16 MiB admits a
-    deployment's 10 MiB source archive, which JSON carries as base64 (about 13.4 MiB),
-    and matches the controller's gRPC message limit."""
+    max_request_body_size: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    """Largest REST request body in bytes; a bigger one gets 413, whatever its framing
+    (content-length or chunked). 16 MiB admits a deployment's 10 MiB source archive,
+    which JSON carries as base64 (about 13.4 MiB). The controller's
+    ``max_receive_message_bytes`` must be at least this plus
+    :data:`~controller.config.TRANSCODING_OVERHEAD_BYTES` (its default is)."""
 
     request_timeout_seconds: float = 60.0
     """Upper bound on a unary call through the gateway (then 504). Watch
@@ -102,6 +97,37 @@ class GatewaySettings:
     log_level: str = "warning"
     """Envoy's log level: trace, debug, info, warning, error, critical or off."""
 
+    environment: str = "development"
+    """``production`` refuses a non-loopback ``listen_address`` without TLS, and a
+    non-loopback upstream without ``upstream_tls_ca``. Read from ``A67_ENVIRONMENT``."""
+
+    tls_cert: str = ""
+    """PEM certificate (chain) Envoy serves REST with; with ``tls_key`` set too, the
+    listener speaks HTTPS only (h2 and HTTP/1.1 by ALPN). Read from ``A67_TLS_CERT``
+    unless ``A67_GATEWAY_TLS_CERT`` is set."""
+
+    tls_key: str = ""
+    """PEM private key of ``tls_cert`` (``A67_TLS_KEY`` unless ``A67_GATEWAY_TLS_KEY``)."""
+
+    upstream_tls_ca: str = ""
+    """PEM CA bundle that verifies the controller's certificate. Set, Envoy calls the
+    controller over TLS (the controller then needs ``A67_TLS_CERT``/``A67_TLS_KEY``);
+    empty, over plaintext HTTP/2."""
+
+    upstream_tls_server_name: str = ""
+    """With ``upstream_tls_ca``: the name sent as SNI and required in the controller's
+    certificate (a DNS name or IP address among its subject alternative names). Empty
+    means the upstream host."""
+
+    @property
+    def tls(self) -> bool:
+        """Whether Envoy serves HTTPS."""
+        return bool(self.tls_cert and self.tls_key)
+
+    @property
+    def upstream_server_name(self) -> str:
+        return self.upstream_tls_server_name or self.upstream[0]
+
     @property
     def listen(self) -> tuple[str, int]:
         return split_host_port(self.listen_address)
@@ -117,7 +143,11 @@ class GatewaySettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> GatewaySettings:
         """Build settings from ``A67_GATEWAY_*`` variables, then apply non-None ``overrides``."""
-        values = values_from_env(cls, "A67_GATEWAY_", environ, {"cors_allowed_origins": parse_origins})
+        env = os.environ if environ is None else environ
+        values = values_from_env(cls, "A67_GATEWAY_", env, {"cors_allowed_origins": parse_origins})
+        for name, variable in SHARED_VARIABLES.items():
+            if name not in values and env.get(variable):
+                values[name] = env[variable]
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
         settings.validate()
@@ -158,16 +188,63 @@ class GatewaySettings:
             raise ValueError(f"A67_GATEWAY_STREAM_FORMAT must be one of {', '.join(STREAM_FORMATS)}")
         if self.max_connections <= 0:
             raise ValueError("A67_GATEWAY_MAX_CONNECTIONS must be positive")
-        if self.max_request_body_size <= 0:
-            raise ValueError("A67_GATEWAY_MAX_REQUEST_BODY_SIZE must be positive")
+        if not 0 < self.max_request_body_size <= MAX_BODY_LIMIT:
+            raise ValueError(
+                f"A67_GATEWAY_MAX_REQUEST_BODY_SIZE must be between 1 and {MAX_BODY_LIMIT} bytes, "
+                f"not {self.max_request_body_size}"
+            )
         if self.request_timeout_seconds <= 0 or self.stream_idle_timeout_seconds <= 0:
             raise ValueError("gateway timeouts must be positive")
         if self.concurrency < 0:
             raise ValueError("A67_GATEWAY_CONCURRENCY must be 0 (one per CPU) or more")
         if self.log_level not in ENVOY_LOG_LEVELS:
             raise ValueError(f"A67_GATEWAY_LOG_LEVEL must be one of {', '.join(ENVOY_LOG_LEVELS)}")
+        if self.environment not in ("development", "production"):
+            raise ValueError(f"A67_ENVIRONMENT must be development or production, not {self.environment!r}")
+        check_tls_files(
+            self.tls_cert, self.tls_key, cert_name="A67_GATEWAY_TLS_CERT", key_name="A67_GATEWAY_TLS_KEY"
+        )
+        if self.upstream_tls_ca and not os.access(self.upstream_tls_ca, os.R_OK):
+            raise ValueError(f"A67_GATEWAY_UPSTREAM_TLS_CA: cannot read {self.upstream_tls_ca!r}")
+        if any(c in self.upstream_tls_server_name for c in " \"'\\/"):
+            raise ValueError(f"A67_GATEWAY_UPSTREAM_TLS_SERVER_NAME: {self.upstream_tls_server_name!r}")
+        require_tls_off_loopback(
+            self.environment,
+            self.listen_address,
+            self.tls,
+            setting="A67_GATEWAY_LISTEN_ADDRESS (--listen, --http-listen)",
+            remedy="--tls-cert and --tls-key, or A67_TLS_CERT and A67_TLS_KEY",
+        )
+        require_tls_off_loopback(
+            self.environment,
+            self.upstream_address,
+            bool(self.upstream_tls_ca),
+            setting="A67_GATEWAY_UPSTREAM_ADDRESS (--upstream)",
+            remedy="--upstream-tls-ca, or A67_GATEWAY_UPSTREAM_TLS_CA",
+        )
+
+
+def controller_receive_limit(max_request_body_size: int) -> int:
+    """The smallest gRPC receive limit the controller needs behind a gateway with this body limit."""
+    return max_request_body_size + TRANSCODING_OVERHEAD_BYTES
 
 
 def parse_origins(raw: str) -> tuple[str, ...]:
     """``"https://a, https://b"`` → ``("https://a", "https://b")``."""
     return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+__all__ = [
+    "DEFAULT_DESCRIPTOR",
+    "DEFAULT_TEMPLATE",
+    "ENVOY_LOG_LEVELS",
+    "MAX_BODY_LIMIT",
+    "REPO_ROOT",
+    "STREAM_FORMATS",
+    "GatewaySettings",
+    "StreamFormat",
+    "controller_receive_limit",
+    "is_loopback",
+    "parse_origins",
+    "split_host_port",
+]

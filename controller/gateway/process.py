@@ -5,6 +5,14 @@ parent, which then stops its children in order (the gateway first, so no
 request arrives at a controller that is going away). ``wait_ready`` returns
 once the child serves: Envoy answers ``GET /healthz``, the controller reports
 ``SERVING`` for the overall gRPC health service.
+
+If the parent dies without stopping them (``kill -9``, a crash, the OOM killer),
+the children die with it: on Linux each starts through the agent's launcher
+(:func:`controller.agent.replicas.launcher_prefix`), which asks the kernel for
+``PR_SET_PDEATHSIG`` SIGKILL and then execs the child in its place, so no orphan
+keeps the ports (``preexec_fn`` would run gRPC's fork handlers in the child).
+The signal fires when the *thread* that started the child ends, so children are
+started from the main thread.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import http.client
 import ipaddress
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -98,9 +107,14 @@ class ManagedProcess:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             output = self._log = self.log_path.open("ab")
+        from controller.agent.replicas import launcher_prefix
+
         try:
             self._popen = subprocess.Popen(
-                self.argv, stdout=output, stderr=output, start_new_session=self.own_session
+                [*launcher_prefix(sys.executable), *self.argv],
+                stdout=output,
+                stderr=output,
+                start_new_session=self.own_session,
             )
         except OSError as exc:
             self._close_log()
@@ -199,7 +213,15 @@ class EnvoyProcess(ManagedProcess):
 
     def probe(self) -> bool:
         host, port = self.settings.listen
-        connection = http.client.HTTPConnection(connect_host(host), port, timeout=1.0)
+        connection: http.client.HTTPConnection
+        if self.settings.tls:
+            # Readiness only (nothing secret is sent): any certificate will do here.
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            connection = http.client.HTTPSConnection(connect_host(host), port, timeout=1.0, context=context)
+        else:
+            connection = http.client.HTTPConnection(connect_host(host), port, timeout=1.0)
         try:
             connection.request("GET", READY_PATH)
             return connection.getresponse().status == 200
@@ -213,7 +235,9 @@ class ControllerProcess(ManagedProcess):
     """``a67 serve`` as a child: ``python -m controller.cli serve --listen … --data-dir …``.
 
     ``node_listen_address`` is the mutual-TLS node port (``--node-listen``); None
-    leaves the controller's own default.
+    leaves the controller's own default. ``tls_ca`` (PEM bytes) means the gRPC port
+    serves TLS: the readiness probe verifies it against that CA, expecting the name
+    ``tls_server_name`` (default: the listen host) in its certificate.
     """
 
     name = "controller"
@@ -228,6 +252,8 @@ class ControllerProcess(ManagedProcess):
         extra_args: Sequence[str] = (),
         log_path: Path | None = None,
         own_session: bool = True,
+        tls_ca: bytes | None = None,
+        tls_server_name: str = "",
     ) -> None:
         argv = [
             sys.executable,
@@ -243,12 +269,24 @@ class ControllerProcess(ManagedProcess):
         ]
         super().__init__(argv, log_path=log_path, own_session=own_session)
         self.listen_address = listen_address
+        self.tls_ca = tls_ca
+        self.tls_server_name = tls_server_name
 
     def probe(self) -> bool:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        with grpc.insecure_channel(grpc_target(self.listen_address)) as channel:
+        target = grpc_target(self.listen_address)
+        if self.tls_ca is None:
+            channel = grpc.insecure_channel(target)
+        else:
+            options = (
+                [("grpc.ssl_target_name_override", self.tls_server_name)] if self.tls_server_name else []
+            )
+            channel = grpc.secure_channel(
+                target, grpc.ssl_channel_credentials(root_certificates=self.tls_ca), options=options
+            )
+        with channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=""), timeout=1.0

@@ -1,6 +1,6 @@
 """Render the Envoy configuration template, and have Envoy validate the result.
 
->>> from controller.gateway.config import GatewaySettings
+>>> from controller.gateway.config import GatewaySettings, controller_receive_limit
 >>> yaml_text = render(GatewaySettings(listen_address="127.0.0.1:9090"))
 >>> "port_value: 9090" in yaml_text
 True
@@ -8,6 +8,7 @@ True
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ from string import Template
 
 from google.protobuf import descriptor_pb2
 
-from controller.gateway.config import GatewaySettings
+from controller.gateway.config import GatewaySettings, controller_receive_limit
 from controller.gateway.process import envoy_binary
 
 API_PACKAGE = "automator67.v1"
@@ -84,6 +85,58 @@ def _admin(settings: GatewaySettings) -> str:
     return f"admin:\n  address:\n    socket_address: {{address: {_quote(host)}, port_value: {port}}}"
 
 
+def _downstream_tls(settings: GatewaySettings) -> str:
+    """The listener's ``transport_socket`` (HTTPS only), or a comment when TLS is off."""
+    if not settings.tls:
+        return "      # Plaintext: set tls_cert and tls_key (A67_TLS_CERT, A67_TLS_KEY) to serve HTTPS only."
+    cert = _quote(str(Path(settings.tls_cert).resolve()))
+    key = _quote(str(Path(settings.tls_key).resolve()))
+    return "\n".join(
+        (
+            "      # HTTPS only; ALPN offers h2 and HTTP/1.1.",
+            "      transport_socket:",
+            "        name: envoy.transport_sockets.tls",
+            "        typed_config:",
+            '          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext',
+            "          common_tls_context:",
+            '            alpn_protocols: ["h2", "http/1.1"]',
+            "            tls_params: {tls_minimum_protocol_version: TLSv1_2}",
+            "            tls_certificates:",
+            f"            - certificate_chain: {{filename: {cert}}}",
+            f"              private_key: {{filename: {key}}}",
+        )
+    )
+
+
+def _upstream_tls(settings: GatewaySettings) -> str:
+    """The controller cluster's ``transport_socket`` (TLS, verified), or a comment when off."""
+    if not settings.upstream_tls_ca:
+        return "    # Plaintext HTTP/2 to the controller: set upstream_tls_ca for TLS."
+    name = settings.upstream_server_name
+    try:
+        ipaddress.ip_address(name)
+        san_type, sni = "IP_ADDRESS", ""
+    except ValueError:
+        san_type, sni = "DNS", f"        sni: {_quote(name)}"
+    lines = [
+        "    # TLS to the controller: its certificate must chain to upstream_tls_ca and name",
+        f"    # {name} among its subject alternative names.",
+        "    transport_socket:",
+        "      name: envoy.transport_sockets.tls",
+        "      typed_config:",
+        '        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext',
+        *([sni] if sni else []),
+        "        common_tls_context:",
+        '          alpn_protocols: ["h2"]',
+        "          tls_params: {tls_minimum_protocol_version: TLSv1_2}",
+        "          validation_context:",
+        f"            trusted_ca: {{filename: {_quote(str(Path(settings.upstream_tls_ca).resolve()))}}}",
+        "            match_typed_subject_alt_names:",
+        f"            - {{san_type: {san_type}, matcher: {{exact: {_quote(name)}}}}}",
+    ]
+    return "\n".join(lines)
+
+
 def render(settings: GatewaySettings) -> str:
     """The Envoy configuration for ``settings``, as YAML text."""
     settings.validate()
@@ -105,10 +158,13 @@ def render(settings: GatewaySettings) -> str:
         "services": _flow_list(api_services(settings.descriptor_path)),
         "cors_origins": _origin_matchers(settings.cors_allowed_origins),
         "max_request_body_size": str(settings.max_request_body_size),
+        "transcoder_buffer_size": str(controller_receive_limit(settings.max_request_body_size)),
         "max_connections": str(settings.max_connections),
         "stream_format_option": _STREAM_FORMAT_OPTIONS[settings.stream_format],
         "request_timeout": _duration(settings.request_timeout_seconds),
         "stream_idle_timeout": _duration(settings.stream_idle_timeout_seconds),
+        "downstream_tls": _downstream_tls(settings),
+        "upstream_tls": _upstream_tls(settings),
     }
     try:
         return template.substitute(values)

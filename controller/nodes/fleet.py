@@ -4,6 +4,9 @@ This is the edge between the pure health logic (:mod:`controller.nodes.health`,
 :mod:`controller.nodes.monitor`) and the outside world:
 
 * a heartbeat updates **memory** (the monitor and the live metrics) at once;
+  an invalid one (see :mod:`controller.nodes.validation`) only the monitor (the
+  node becomes degraded): its numbers never reach aggregates, placement, the
+  history, the cache or the store;
   the **cache** key ``node:health:{node_id}`` (TTL 60 s) at most every
   ``CACHE_REFRESH_SECONDS`` per node and on every state change; the **store**
   on state changes and, for metrics, at most every ``STORE_METRICS_SECONDS``
@@ -30,10 +33,11 @@ from typing import Any
 from automator67.v1 import common_pb2, node_pb2
 
 from controller.cache.base import Cache
-from controller.nodes.health import HealthConfig, Metrics, NodeState
+from controller.nodes.health import HealthConfig, Metrics, NodeState, metrics_problem
 from controller.nodes.monitor import HealthMonitor, MonitorConfig, StateChange
 from controller.nodes.repository import NodeRepository
 from controller.nodes.sessions import StreamRegistry
+from controller.nodes.validation import valid_replicas
 
 log = logging.getLogger("a67.nodes")
 
@@ -74,7 +78,7 @@ ReplicaReportHandler = Callable[[str, Sequence[node_pb2.ReplicaState], bool], Aw
 
 @dataclass
 class LiveMetrics:
-    """The latest heartbeat of a node, in memory."""
+    """The latest *valid* heartbeat of a node, in memory."""
 
     metrics: common_pb2.NodeMetrics
     received_at: float
@@ -105,7 +109,9 @@ class Fleet:
     streams: StreamRegistry = field(default_factory=StreamRegistry)
     live: dict[str, LiveMetrics] = field(default_factory=dict)
     announced: dict[str, common_pb2.NodeCapabilities] = field(default_factory=dict)
-    """What each node announced in its latest hello."""
+    """What each node announced in its latest hello (validated before it gets here)."""
+    heartbeat_problems: dict[str, str] = field(default_factory=dict)
+    """Why a node's latest heartbeat was invalid, for nodes whose latest one was."""
     events: deque[FleetEvent] = field(default_factory=lambda: deque(maxlen=EVENT_LOG_SIZE))
 
     def __post_init__(self) -> None:
@@ -164,30 +170,46 @@ class Fleet:
             self.monitor.add(node_id, user_id, self.clock())
 
     def heartbeat(self, node_id: str, metrics: common_pb2.NodeMetrics) -> NodeState:
-        """Apply a heartbeat; returns the node's state after it."""
+        """Apply a heartbeat; returns the node's state after it.
+
+        An invalid heartbeat (a number NaN, infinite, negative or out of range, see
+        :mod:`controller.nodes.validation`) still proves the node alive but makes it
+        degraded, and its numbers go nowhere: not into :attr:`live` (so neither
+        into aggregates nor placement), the history, the cache or the store. The
+        node's last valid metrics stay; :attr:`heartbeat_problems` says why.
+        """
         now = self.clock()
-        self.live[node_id] = LiveMetrics(
-            metrics=metrics,
-            received_at=now,
-            capabilities=self.announced.get(node_id),
+        reported = Metrics(
+            cpu_percent=metrics.cpu_percent,
+            memory_percent=metrics.memory_percent,
+            disk_percent=metrics.disk_percent,
+            active_requests=metrics.active_requests,
+            error_rate=metrics.error_rate,
+            avg_response_time_ms=metrics.avg_response_time_ms,
+            uptime_seconds=metrics.uptime_seconds,
         )
-        result = self.monitor.heartbeat(
-            node_id,
-            now,
-            Metrics(
-                cpu_percent=metrics.cpu_percent,
-                memory_percent=metrics.memory_percent,
-                disk_percent=metrics.disk_percent,
-                active_requests=metrics.active_requests,
-                error_rate=metrics.error_rate,
-                avg_response_time_ms=metrics.avg_response_time_ms,
-            ),
-        )
+        problem = metrics_problem(reported)
+        if problem is None:
+            self.heartbeat_problems.pop(node_id, None)
+            self.live[node_id] = LiveMetrics(
+                metrics=metrics,
+                received_at=now,
+                capabilities=self.announced.get(node_id),
+            )
+        else:
+            if node_id not in self.heartbeat_problems:  # log once per run of invalid heartbeats
+                log.warning(
+                    "node %s sent an invalid heartbeat (%s): its metrics are ignored", node_id, problem
+                )
+            self.heartbeat_problems[node_id] = problem
+        result = self.monitor.heartbeat(node_id, now, reported)
         if self.monitor.pending:
             self._background(self.monitor.flush())
         if now - self._cache_refreshed.get(node_id, 0.0) >= CACHE_REFRESH_SECONDS:
             self._cache_refreshed[node_id] = now
             self._background(self._write_cache(node_id))
+        if problem is not None:
+            return result.new.state
         if now - self._history_sampled.get(node_id, 0.0) >= HISTORY_SAMPLE_SECONDS:
             self._history_sampled[node_id] = now
             self._background(self._append_history(node_id, now, metrics))
@@ -199,9 +221,17 @@ class Fleet:
     def replicas_reported(
         self, node_id: str, replicas: Sequence[node_pb2.ReplicaState], *, complete: bool
     ) -> None:
-        """Hand the replicas a node reported to the deployments code (in the background)."""
-        if self.replica_report_handler is not None and (complete or replicas):
-            self._background(self.replica_report_handler(node_id, list(replicas), complete))
+        """Hand the replicas a node reported to the deployments code (in the background).
+
+        Entries whose numbers are invalid are dropped (a hello with any is refused
+        before it gets here)."""
+        checked = valid_replicas(replicas)
+        if len(checked) != len(replicas):
+            log.warning(
+                "node %s reported %d invalid replica entries: ignored", node_id, len(replicas) - len(checked)
+            )
+        if self.replica_report_handler is not None and (complete or checked):
+            self._background(self.replica_report_handler(node_id, checked, complete))
 
     def set_capabilities(self, node_id: str, capabilities: common_pb2.NodeCapabilities) -> None:
         """Record what a node announced in its hello (used from its next heartbeat on)."""
@@ -229,6 +259,7 @@ class Fleet:
             await self.monitor.flush()
         self.live.pop(node_id, None)
         self.announced.pop(node_id, None)
+        self.heartbeat_problems.pop(node_id, None)
         await self.cache.delete(f"node:health:{node_id}")
 
     def recovery_due(self, node_id: str) -> bool:

@@ -57,9 +57,9 @@ Rules, all of which first bring the clock-driven part up to date at ``at``:
   of health, the first heartbeat on it is.
 * A heartbeat (valid or not) proves liveness: missed count 0, stream connected,
   grace cleared, and the state set from its condition (or ``draining``). An
-  invalid heartbeat (any value NaN or infinite, negative, or a percentage above
-  100) makes the node ``degraded`` and leaves ``last_metrics`` at the last valid
-  report. A heartbeat older than the last one is stale and ignored.
+  invalid heartbeat (any value NaN or infinite, negative, a percentage above
+  100, or beyond its sane bound: see :func:`metrics_problem`) makes the node
+  ``degraded`` and leaves ``last_metrics`` at the last valid report. A heartbeat older than the last one is stale and ignored.
 * ``ControllerRestarted`` gives a fresh grace period: the node may become
   suspect, but not failed before ``at + restart_grace_seconds``.
 
@@ -86,6 +86,8 @@ import math
 from dataclasses import dataclass, fields, replace
 from enum import IntEnum, StrEnum
 from typing import TypeAlias
+
+from controller.nodes.validation import METRIC_LIMITS, values_problem
 
 
 class NodeState(StrEnum):
@@ -198,35 +200,25 @@ class Metrics:
     error_rate: float
     """Percentage of requests that failed."""
     avg_response_time_ms: float
-
-
-_PERCENT_FIELDS = frozenset({"cpu_percent", "memory_percent", "disk_percent", "error_rate"})
+    uptime_seconds: int = 0
+    """Seconds since the node's agent started."""
 
 
 def metrics_problem(metrics: Metrics) -> str | None:
     """Why a heartbeat's metrics are invalid, or ``None`` when they are valid.
 
-    Invalid means any value that is NaN or infinite, negative, or a percentage
-    above 100.
+    Invalid means any value that is not a number, NaN or infinite, negative, a
+    percentage above 100, or above its sane bound
+    (:data:`controller.nodes.validation.METRIC_LIMITS`).
 
     >>> metrics_problem(Metrics(float("nan"), 1, 1, 0, 0, 1))
     'cpu_percent is NaN'
     >>> metrics_problem(Metrics(1, 101, 1, 0, 0, 1))
     'memory_percent is above 100 (101)'
+    >>> metrics_problem(Metrics(1, 1, 1, 0, 0, 1e308))
+    'avg_response_time_ms is above 86400000 (1e+308)'
     """
-    for item in fields(metrics):
-        value = getattr(metrics, item.name)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return f"{item.name} is not a number"
-        if math.isnan(value):
-            return f"{item.name} is NaN"
-        if math.isinf(value):
-            return f"{item.name} is infinite"
-        if value < 0:
-            return f"{item.name} is negative ({value:g})"
-        if item.name in _PERCENT_FIELDS and value > 100:
-            return f"{item.name} is above 100 ({value:g})"
-    return None
+    return values_problem({item.name: getattr(metrics, item.name) for item in fields(metrics)}, METRIC_LIMITS)
 
 
 def condition(metrics: Metrics, config: HealthConfig) -> tuple[NodeState, str]:

@@ -30,7 +30,6 @@ the agent retries.
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from controller.errors import FieldViolation, InvalidArgument, require_fields
 from controller.nodes.ca import CertificateAuthority, parse_node_csr
 from controller.nodes.enrollment import EnrollmentTokens, invalid_token
 from controller.nodes.repository import STATUS_INITIALIZING, NodeRepository
+from controller.nodes.validation import NODE_TYPES, capability_violations
 from controller.store.db import Store
 from controller.store.models import Node, new_id
 from controller.vault import Vault
@@ -60,7 +60,6 @@ MAX_ENDPOINT_CHARS = 500
 MAX_REGION_CHARS = 100
 MAX_OAUTH_TOKEN_BYTES = 8 * 1024
 DEFAULT_MAX_CONCURRENT_REQUESTS = 100
-NODE_TYPES = ("compute", "database", "storage")
 DEFAULT_NODE_TYPES = ("compute",)
 
 _REGION_PATTERN = re.compile(r"[a-z0-9-]{1,100}")
@@ -122,10 +121,6 @@ def _endpoint_problem(value: str) -> str | None:
     if port == 0:
         return "is not a valid URL"
     return None
-
-
-def _finite(value: float) -> bool:
-    return math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -309,37 +304,10 @@ class NodeRegistrar:
             bad("capabilities", "is required")
             return None
         caps = request.capabilities
-        ok = True
-
-        def number(name: str, value: float, *, positive: bool) -> None:
-            nonlocal ok
-            field = f"capabilities.{name}"
-            if not _finite(value):
-                bad(field, "must be a finite number")
-                ok = False
-            elif positive and value <= 0:
-                bad(field, "must be greater than 0")
-                ok = False
-            elif not positive and value < 0:
-                bad(field, "must not be negative")
-                ok = False
-
-        number("cpu_cores", caps.cpu_cores, positive=True)
-        number("memory_gb", caps.memory_gb, positive=True)
-        number("disk_gb", caps.disk_gb, positive=False)
-        number("network_bandwidth_mbps", caps.network_bandwidth_mbps, positive=False)
-        if caps.max_concurrent_requests < 0:
-            bad("capabilities.max_concurrent_requests", "must not be negative")
-            ok = False
-        unknown = sorted({t for t in caps.node_types if t not in NODE_TYPES})
-        if unknown:
-            bad(
-                "capabilities.node_types",
-                f"unknown node types {', '.join(repr(t[:40]) for t in unknown[:5])}; "
-                f"use {', '.join(NODE_TYPES)}",
-            )
-            ok = False
-        if not ok:
+        problems = capability_violations(caps, registration=True)
+        for violation in problems:
+            bad(violation.field, violation.description)
+        if problems:
             return None
         node_types = list(dict.fromkeys(caps.node_types)) or list(DEFAULT_NODE_TYPES)
         return {

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TypeVar, cast
 
-from controller.nodes.health import Metrics, NodeState
+from controller.nodes.health import Metrics, NodeState, metrics_problem
+from controller.nodes.validation import CAPABILITY_LIMITS, values_problem
 from controller.scheduling.score import NodeScore, score_node
 
 MB_PER_GB = 1024
@@ -64,6 +65,28 @@ class Capabilities:
     max_concurrent_requests: int = 0
     """How many requests the node serves at once; 0 means unknown, which makes the
     connection score neutral (see :mod:`controller.scheduling.score`)."""
+
+
+NO_CAPABILITIES = Capabilities(cpu_cores=0.0, memory_gb=0.0, disk_gb=0.0)
+"""What a node whose capabilities are invalid is taken to offer: nothing."""
+
+
+def capabilities_problem(capabilities: Capabilities) -> str | None:
+    """Why ``capabilities`` are invalid (see :data:`~controller.nodes.validation.CAPABILITY_LIMITS`),
+    or ``None``.
+
+    >>> capabilities_problem(Capabilities(cpu_cores=float("nan"), memory_gb=1, disk_gb=1))
+    'cpu_cores is NaN'
+    """
+    return values_problem(
+        {
+            "cpu_cores": capabilities.cpu_cores,
+            "memory_gb": capabilities.memory_gb,
+            "disk_gb": capabilities.disk_gb,
+            "max_concurrent_requests": capabilities.max_concurrent_requests,
+        },
+        CAPABILITY_LIMITS,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +164,16 @@ class NodeView:
 
     reserved: Resources = Resources()
     """Resources already reserved by replicas placed on the node."""
+
+    def __post_init__(self) -> None:
+        # The last guard: what a node reports is validated at the edge
+        # (controller.nodes.validation), but a view never scores or places with a
+        # number that is not finite and in range. Such metrics are dropped (neutral
+        # factors) and such capabilities make the node offer nothing (infeasible).
+        if self.metrics is not None and metrics_problem(self.metrics) is not None:
+            object.__setattr__(self, "metrics", None)
+        if capabilities_problem(self.capabilities) is not None:
+            object.__setattr__(self, "capabilities", NO_CAPABILITIES)
 
     @property
     def free_cpu_cores(self) -> float:

@@ -14,6 +14,8 @@ Connection failures surface as :class:`controller.errors.Unavailable` with reaso
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -36,6 +38,20 @@ CONNECT_TIMEOUT_SECONDS = 5
 """How long a PostgreSQL connection attempt may take."""
 
 STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+
+PRIVATE_DIR_MODE = 0o700
+"""The data directory, and directories made for an SQLite file: only the owner."""
+
+PRIVATE_FILE_MODE = 0o600
+"""The SQLite database and its side files: only the owner reads and writes them."""
+
+DEFAULT_STORE_FILE = "controller.db"
+"""The embedded store's file in the data directory (see ``Settings.effective_store_url``)."""
+
+SQLITE_SIDE_FILES = ("", "-wal", "-shm", "-journal")
+"""Suffixes of the database file and the files SQLite keeps next to it."""
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 _ASYNC_DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
@@ -93,14 +109,68 @@ def is_memory_sqlite(url: str | URL) -> bool:
     )
 
 
-def ensure_sqlite_parent(url: str | URL) -> None:
-    """Create the directory that will hold an SQLite file, if ``url`` names one."""
+def sqlite_path(url: str | URL) -> Path | None:
+    """The file an SQLite ``url`` names, or ``None`` (in-memory, or not SQLite)."""
     parsed = _as_url(url)
-    if is_sqlite_url(parsed) and not is_memory_sqlite(parsed) and parsed.database:
-        database = parsed.database
-        if database.startswith("file:"):
-            database = database[len("file:") :].split("?", 1)[0]
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    if not is_sqlite_url(parsed) or is_memory_sqlite(parsed) or not parsed.database:
+        return None
+    database = parsed.database
+    if database.startswith("file:"):
+        database = database[len("file:") :].split("?", 1)[0]
+    return Path(database).expanduser()
+
+
+def ensure_sqlite_parent(url: str | URL) -> None:
+    """Prepare the SQLite file ``url`` names, if it names one, so that nobody else can read it.
+
+    A missing parent directory is created 0700 (an existing one is left alone: it
+    may be shared, like ``/tmp``; the data directory is tightened by
+    :func:`ensure_data_dir`). The database file is created empty with mode 0600
+    if missing, and it and its ``-wal``, ``-shm`` and ``-journal`` files are
+    tightened to 0600 if they exist. SQLite creates the ``-wal`` and ``-shm``
+    files later with the database file's permissions, so they are 0600 too.
+    """
+    path = sqlite_path(url)
+    if path is None:
+        return
+    path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, PRIVATE_FILE_MODE)
+    except FileExistsError:
+        pass
+    else:
+        os.close(fd)  # an empty file is an empty SQLite database
+    for suffix in SQLITE_SIDE_FILES:
+        tighten(path.with_name(path.name + suffix), PRIVATE_FILE_MODE)
+
+
+def ensure_data_dir(directory: Path) -> Path:
+    """Create the data directory 0700, or tighten an existing one to 0700.
+
+    Also tightens the default store's files in it (from an older version) to 0600.
+    Returns ``directory``. The CLI and the server call this at start.
+    """
+    directory.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    tighten(directory, PRIVATE_DIR_MODE)
+    for suffix in SQLITE_SIDE_FILES:
+        tighten(directory / f"{DEFAULT_STORE_FILE}{suffix}", PRIVATE_FILE_MODE)
+    return directory
+
+
+def tighten(path: Path, mode: int) -> bool:
+    """Remove every permission bit of ``path`` beyond ``mode`` (0600, 0700); True if it changed.
+
+    A missing path is fine (False). A symlink is not followed.
+    """
+    try:
+        current = stat.S_IMODE(path.lstat().st_mode)
+    except FileNotFoundError:
+        return False
+    if path.is_symlink() or current & ~mode == 0:
+        return False
+    os.chmod(path, current & mode)
+    log.warning("tightened permissions of %s from %o to %o", path, current, current & mode)
+    return True
 
 
 def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -242,11 +312,14 @@ __all__ = [
     "async_url",
     "create_engine_for",
     "create_sync_engine_for",
+    "ensure_data_dir",
     "ensure_sqlite_parent",
     "is_memory_sqlite",
     "is_sqlite_url",
     "is_unavailable_error",
     "redact",
+    "sqlite_path",
     "store_unavailable",
     "sync_url",
+    "tighten",
 ]

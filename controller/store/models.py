@@ -40,6 +40,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from controller.auth.validation import normalize_email
+
 NAMING_CONVENTION: dict[str, str] = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -60,8 +62,10 @@ def new_id() -> str:
 
 
 def normalise_email(email: str) -> str:
-    """The form in which emails are stored and looked up: trimmed and lower-case."""
-    return email.strip().lower()
+    """The form in which emails are stored and looked up (the rule of
+    :func:`controller.auth.validation.normalize_email`: NFKC and case folding before
+    ``@``, IDNA A-labels after it)."""
+    return normalize_email(email)
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -6,16 +6,18 @@ repositories in their own modules, in the same style.
 
 Races are settled by the database, never by read-then-write in Python: unique
 constraints for sign-up, and a single conditional ``UPDATE`` whose row count tells
-the winner for refresh-token rotation.
+the winner for refresh-token rotation and for the reservation of a login attempt
+(:meth:`AuthFailureRepository.reserve_attempt`).
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, exists, select, update
+from sqlalchemy import delete, exists, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from controller.errors import AlreadyExists
@@ -218,14 +220,107 @@ class RefreshTokenRepository:
         return row is None or row[0] is not None
 
 
+@dataclass(frozen=True)
+class AttemptReservation:
+    """The answer of :meth:`AuthFailureRepository.reserve_attempt`."""
+
+    granted: bool
+    """Whether the caller may check the credentials now (the attempt is counted)."""
+    attempts: int
+    """Attempts counted in the current window, this one included when granted."""
+    locked_until: datetime | None
+    """When refused because of a lock: when it ends (None if refused under contention)."""
+
+
 class AuthFailureRepository:
     """Failed-login counters in fixed windows, keyed by e.g. ``login:<email>``."""
 
     _TRIES = 5
     """How often an upsert is retried after losing an insert race (each retry then updates)."""
 
+    _RESERVE_TRIES = 12
+    """How often a reservation is retried after losing a compare-and-set race. Every
+    lost race means another caller's reservation was counted, so after a few losses
+    the key is normally locked; if not, the caller is refused (fail closed)."""
+
     def __init__(self, store: Store) -> None:
         self._store = store
+
+    async def reserve_attempt(
+        self,
+        key: str,
+        now: datetime,
+        *,
+        window_seconds: float,
+        lock_seconds: Callable[[int], float],
+    ) -> AttemptReservation:
+        """Count one attempt for ``key`` *before* its credentials are checked, unless locked.
+
+        The attempt is counted as a failure up front (the caller resets the key on
+        success), and the lock that the new count calls for (``lock_seconds(count)``
+        seconds, 0 for none) is set in the same statement. Atomic: a single
+        conditional ``UPDATE … WHERE failures = <the count read> AND (locked_until IS
+        NULL OR locked_until <= now)`` whose row count decides, as for refresh-token
+        rotation; a caller that loses the race reads again. So reservations of one
+        key are serialised: the k-th granted one in a window sets the count to k and,
+        when ``lock_seconds(k) > 0``, the lock that refuses every reservation after it
+        until it ends, however many requests arrive at once.
+
+        A window starts at the first attempt and lasts ``window_seconds``; the first
+        attempt after it starts a new one at 1.
+        """
+        cutoff = now - timedelta(seconds=window_seconds)
+
+        def lock_at(attempts: int) -> datetime | None:
+            seconds = lock_seconds(attempts)
+            return now + timedelta(seconds=seconds) if seconds > 0 else None
+
+        not_locked = or_(AuthFailure.locked_until.is_(None), AuthFailure.locked_until <= now)
+        attempts = 0
+        for _ in range(self._RESERVE_TRIES):
+            row = await self.get(key)
+            if row is None:
+                try:
+                    async with self._store.session() as session:
+                        session.add(
+                            AuthFailure(key=key, failures=1, window_started_at=now, locked_until=lock_at(1))
+                        )
+                        await session.flush()
+                except IntegrityError:
+                    continue  # someone else's first attempt: read it and count on it
+                return AttemptReservation(granted=True, attempts=1, locked_until=None)
+            if row.locked_until is not None and row.locked_until > now:
+                return AttemptReservation(granted=False, attempts=row.failures, locked_until=row.locked_until)
+            if row.window_started_at <= cutoff:
+                # The window is over: start a new one, if nobody did meanwhile.
+                attempts = 1
+                statement = (
+                    update(AuthFailure)
+                    .where(
+                        AuthFailure.key == key,
+                        AuthFailure.failures == row.failures,
+                        AuthFailure.window_started_at <= cutoff,
+                        not_locked,
+                    )
+                    .values(failures=1, window_started_at=now, locked_until=lock_at(1))
+                )
+            else:
+                attempts = row.failures + 1
+                statement = (
+                    update(AuthFailure)
+                    .where(
+                        AuthFailure.key == key,
+                        AuthFailure.failures == row.failures,
+                        AuthFailure.window_started_at > cutoff,
+                        not_locked,
+                    )
+                    .values(failures=attempts, locked_until=lock_at(attempts))
+                )
+            async with self._store.session() as session:
+                changed = await execute_update(session, statement)
+            if changed == 1:
+                return AttemptReservation(granted=True, attempts=attempts, locked_until=None)
+        return AttemptReservation(granted=False, attempts=attempts, locked_until=None)
 
     async def record_failure(self, key: str, now: datetime, window_seconds: float) -> int:
         """Count one failure for ``key`` and return the failures in the current window.
@@ -295,6 +390,7 @@ class AuthFailureRepository:
 
 
 __all__ = [
+    "AttemptReservation",
     "AuthFailureRepository",
     "ConsumeOutcome",
     "ConsumeResult",

@@ -542,9 +542,10 @@ REGIONS = ("eu-west", "us-east", "ap-south")
 def start_agent(address: str, data_dir: Path, token: str | None, region: str) -> subprocess.Popen[bytes]:
     args = [sys.executable, "-m", "controller.cli", "agent", "--data-dir", str(data_dir), "--region", region,
             "--advertise-host", "127.0.0.1"]  # fmt: skip
-    if token is not None:
-        args += ["--controller", address, "--token", token]
     env = {k: v for k, v in os.environ.items() if not k.startswith("A67_")}
+    if token is not None:
+        args += ["--controller", address]
+        env["A67_AGENT_TOKEN"] = token
     log = open(data_dir.parent / f"agent-{region}.log", "ab")  # noqa: SIM115
     return subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)  # fmt: skip

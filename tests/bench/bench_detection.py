@@ -60,9 +60,10 @@ def start_agent(address: str, data_dir: Path, token: str | None) -> subprocess.P
         "--region",
         "eu-west",
     ]
-    if token is not None:
-        args += ["--controller", address, "--token", token]
     env = {k: v for k, v in os.environ.items() if not k.startswith("A67_")}
+    if token is not None:
+        args += ["--controller", address]
+        env["A67_AGENT_TOKEN"] = token
     return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 

@@ -15,11 +15,13 @@ pytest's process group, so they die with it even if pytest itself is killed.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import shutil
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from concurrent import futures
@@ -131,6 +133,50 @@ class Rest:
             connection.close()
 
 
+def send_body(host: str, port: int, path: str, body: bytes, *, chunk_size: int | None = None) -> Reply:
+    """POST ``body`` over a raw HTTP/1.1 connection: with a content-length, or chunked in
+    pieces of ``chunk_size`` bytes (no content-length). The body is sent from a thread while
+    the response is read, so a gateway that answers before reading it all (413) is heard."""
+    sock = socket.create_connection((host, port), timeout=60)
+    framing = "transfer-encoding: chunked" if chunk_size else f"content-length: {len(body)}"
+    head = f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+    head += f"connection: close\r\n{framing}\r\n\r\n"
+
+    def pump() -> None:
+        with contextlib.suppress(OSError):  # the gateway may answer and close before reading it all
+            sock.sendall(head.encode())
+            if not chunk_size:
+                sock.sendall(body)
+                return
+            for start in range(0, len(body), chunk_size):
+                piece = body[start : start + chunk_size]
+                sock.sendall(b"%x\r\n%b\r\n" % (len(piece), piece))
+            sock.sendall(b"0\r\n\r\n")
+
+    sender = threading.Thread(target=pump, daemon=True)
+    sender.start()
+    try:
+        response = http.client.HTTPResponse(sock, method="POST")
+        response.begin()
+        reply = Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+    finally:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sender.join(timeout=60)
+        sock.close()
+    return reply
+
+
+def json_body(size: int, **fields: str) -> bytes:
+    """A JSON object of exactly ``size`` bytes: ``fields``, then a long ``password_hash``."""
+    prefix = json.dumps(fields)[:-1] + (", " if fields else "") + '"password_hash": "'
+    filler = size - len(prefix) - len('"}')
+    assert filler > 0, size
+    body = (prefix + "x" * filler + '"}').encode()
+    assert len(body) == size
+    return body
+
+
 # -- processes ----------------------------------------------------------------
 
 
@@ -149,15 +195,14 @@ class RunningGateway:
 
 
 def start_gateway(upstream_address: str, workdir: Path, **overrides: Any) -> Iterator[RunningGateway]:
-    settings = GatewaySettings.from_env(
-        {},
-        listen_address=f"127.0.0.1:{free_port()}",
-        upstream_address=upstream_address,
-        cors_allowed_origins=(DASHBOARD_ORIGIN,),
-        max_request_body_size=E2E_MAX_BODY,
-        concurrency=1,
-        **overrides,
-    )
+    values: dict[str, Any] = {
+        "listen_address": f"127.0.0.1:{free_port()}",
+        "upstream_address": upstream_address,
+        "cors_allowed_origins": (DASHBOARD_ORIGIN,),
+        "max_request_body_size": E2E_MAX_BODY,
+        "concurrency": 1,
+    }
+    settings = GatewaySettings.from_env({}, **{**values, **overrides})
     config = write_config(settings, workdir / "envoy.yaml")
     envoy = EnvoyProcess(config, settings, log_path=workdir / "envoy.log", own_session=False)
     envoy.start()

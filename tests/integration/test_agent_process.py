@@ -38,9 +38,10 @@ def _start_agent(controller: Controller, data_dir: Path, token: str | None) -> s
         "--region",
         "eu-west",
     ]
-    if token is not None:
-        args += ["--controller", controller.address, "--token", token]
     env = {k: v for k, v in os.environ.items() if not k.startswith("A67_")}
+    if token is not None:
+        args += ["--controller", controller.address]
+        env["A67_AGENT_TOKEN"] = token
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 

@@ -238,3 +238,34 @@ async def test_services_not_built_yet_answer_unimplemented(
 
 async def test_controller_address(controller: Controller) -> None:
     assert controller.port > 0
+
+
+# Lookalike emails (finding 2 of the attack run): each pair is one account.
+LOOKALIKE_PAIRS = [
+    pytest.param("jos\u00e9@example.com", "jose\u0301@example.com", "jos\u00e9@example.com", id="nfc-nfd"),
+    pytest.param(
+        "ops@b\u00fccher.example", "ops@xn--bcher-kva.example", "ops@xn--bcher-kva.example", id="idna"
+    ),
+    pytest.param("adm@example.com", "\uff41dm@example.com", "adm@example.com", id="fullwidth"),
+    pytest.param(
+        "Ops@B\u00dcCHER.Example", "ops@bu\u0308cher.example", "ops@xn--bcher-kva.example", id="case-nfd-idn"
+    ),
+]
+
+
+@pytest.mark.parametrize(("first", "second", "stored"), LOOKALIKE_PAIRS)
+async def test_lookalike_emails_are_one_account(
+    auth_stub: auth_pb2_grpc.AuthServiceStub, first: str, second: str, stored: str
+) -> None:
+    created = await register(auth_stub, email=first)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await register(auth_stub, email=second)
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert _details(info.value)["ErrorInfo"].reason == "EMAIL_TAKEN"
+    for form in (first, second):
+        reply = await auth_stub.Login(auth_pb2.LoginRequest(email=form, password_hash=PASSWORD))
+        me = await auth_stub.GetCurrentUser(
+            auth_pb2.GetCurrentUserRequest(), metadata=bearer(reply.access_token)
+        )
+        assert me.user.id == created.user_id
+        assert me.user.email == stored

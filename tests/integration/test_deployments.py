@@ -654,8 +654,9 @@ def _start_real_agent(
     controller: Controller, data_dir: Path, token: str, region: str
 ) -> subprocess.Popen[bytes]:
     args = [sys.executable, "-m", "controller.cli", "agent", "--data-dir", str(data_dir), "--region", region]
-    args += ["--controller", controller.address, "--token", token, "--advertise-host", "127.0.0.1"]
+    args += ["--controller", controller.address, "--advertise-host", "127.0.0.1"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("A67_")}
+    env["A67_AGENT_TOKEN"] = token
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 

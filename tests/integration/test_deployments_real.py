@@ -137,18 +137,22 @@ class Processes:
         self.started: list[subprocess.Popen[bytes]] = []
         self._logs: list[IO[bytes]] = []
 
-    def start(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, args: list[str], log_name: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(self.root / log_name, "ab")  # noqa: SIM115 - closed at teardown
         self._logs.append(log)
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=_clean_env())
+        process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env={**_clean_env(), **(env or {})}
+        )
         self.started.append(process)
         return process
 
     def agent(self, address: str, token: str, region: str, ports: tuple[int, int]) -> subprocess.Popen[bytes]:
         args = [sys.executable, "-m", "controller.cli", "agent", "--data-dir", str(self.root / region)]
-        args += ["--region", region, "--controller", address, "--token", token]
+        args += ["--region", region, "--controller", address]
         args += ["--advertise-host", "127.0.0.1", "--replica-port-range", f"{ports[0]}-{ports[1]}"]
-        return self.start(args, f"agent-{region}.log")
+        return self.start(args, f"agent-{region}.log", {"A67_AGENT_TOKEN": token})
 
     def close(self) -> None:
         for process in self.started:

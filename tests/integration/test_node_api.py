@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import pytest
 from automator67.v1 import (
     auth_pb2_grpc,
     common_pb2,
+    deployment_pb2,
+    deployment_pb2_grpc,
     metrics_pb2,
     metrics_pb2_grpc,
     node_pb2,
@@ -25,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -349,4 +354,191 @@ async def test_watch_system_metrics_pushes_updates(controller: Controller, chann
                 break
         assert update.metrics.cpu_percent == 42
         watch.cancel()
+        await stream.outbox.put(None)
+
+
+def _violations(err: grpc.aio.AioRpcError) -> dict[str, str]:
+    status = rpc_status.from_call(err)
+    assert status is not None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            return {v.field: v.description for v in bad.field_violations}
+    return {}
+
+
+def _assert_finite(message: Message) -> None:
+    """Every float of ``message`` (recursively) is finite."""
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is not None:
+            for item in [value] if isinstance(value, Message) else value:
+                _assert_finite(item)
+        elif isinstance(value, float):
+            assert math.isfinite(value), f"{descriptor.full_name} is {value}"
+
+
+def _strict_json(raw: bytes) -> object:
+    def refuse(constant: str) -> object:
+        raise AssertionError(f"{constant} in JSON: {raw!r}")
+
+    return json.loads(raw, parse_constant=refuse)
+
+
+async def test_an_invalid_hello_is_refused_and_nothing_is_placed_on_the_node(
+    controller: Controller, channel: grpc.aio.Channel
+) -> None:
+    from tests.integration.test_deployments import manifest, source_tar_gz
+
+    token = await _user(channel)
+    stub = node_pb2_grpc.NodeServiceStub(channel)
+    node = FakeNode()
+    reply = await _enroll(stub, token, node)
+    capabilities = common_pb2.NodeCapabilities(
+        cpu_cores=math.nan,
+        memory_gb=math.inf,
+        disk_gb=-50,
+        network_bandwidth_mbps=1e308,
+        max_concurrent_requests=-1,
+    )
+    async with node.channel(controller) as node_channel:
+        stream = Stream(node_channel)
+        await stream.outbox.put(
+            node_pb2.ConnectRequest(hello=node_pb2.NodeHello(agent_version="evil", capabilities=capabilities))
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stream.call.read()
+        await stream.outbox.put(None)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _reason(info.value) == "INVALID_HELLO"
+    violations = _violations(info.value)
+    assert set(violations) == {
+        "hello.capabilities.cpu_cores",
+        "hello.capabilities.memory_gb",
+        "hello.capabilities.disk_gb",
+        "hello.capabilities.network_bandwidth_mbps",
+        "hello.capabilities.max_concurrent_requests",
+    }
+    assert violations["hello.capabilities.cpu_cores"].startswith("is NaN")
+    # Nothing the hello claimed was kept, and the node has no stream: no replica goes there.
+    assert reply.node_id not in controller.fleet.announced
+    assert controller.fleet.streams.get(reply.node_id) is None
+    got = (await stub.GetNode(node_pb2.GetNodeRequest(node_id=reply.node_id), metadata=bearer(token))).node
+    assert got.status == common_pb2.NODE_STATUS_INITIALIZING
+    _assert_finite(got)
+    deployments = deployment_pb2_grpc.DeploymentServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await deployments.CreateDeployment(
+            deployment_pb2.CreateDeploymentRequest(
+                manifest=manifest(replicas=1), source_tar_gz=source_tar_gz()
+            ),
+            metadata=bearer(token),
+        )
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert _reason(info.value) == "INSUFFICIENT_CAPACITY"
+
+
+async def test_an_invalid_hello_does_not_replace_the_nodes_stream(
+    controller: Controller, channel: grpc.aio.Channel
+) -> None:
+    token = await _user(channel)
+    stub = node_pb2_grpc.NodeServiceStub(channel)
+    node = FakeNode()
+    reply = await _enroll(stub, token, node)
+    async with node.channel(controller) as node_channel:
+        good = Stream(node_channel)
+        ack = await good.hello()
+        bad = Stream(node_channel)
+        hello = node_pb2.NodeHello(
+            capabilities=common_pb2.NodeCapabilities(cpu_cores=2, memory_gb=4, disk_gb=20),
+            replicas=[node_pb2.ReplicaState(deployment_id="d", replica_index=-1, generation=-1)],
+        )
+        await bad.outbox.put(node_pb2.ConnectRequest(hello=hello))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await bad.call.read()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert set(_violations(info.value)) == {
+            "hello.replicas[0].replica_index",
+            "hello.replicas[0].generation",
+        }
+        session = controller.fleet.streams.get(reply.node_id)
+        assert session is not None
+        assert session.generation == ack.generation
+        assert (await good.heartbeat(1)).status == common_pb2.NODE_STATUS_READY
+        assert controller.fleet.announced[reply.node_id].cpu_cores == 3  # what the good hello said
+        await good.outbox.put(None)
+        await bad.outbox.put(None)
+
+
+async def test_an_invalid_heartbeat_degrades_the_node_and_its_numbers_go_nowhere(
+    controller: Controller, channel: grpc.aio.Channel
+) -> None:
+    token = await _user(channel)
+    stub = node_pb2_grpc.NodeServiceStub(channel)
+    metrics_stub = metrics_pb2_grpc.MetricsServiceStub(channel)
+    node = FakeNode()
+    reply = await _enroll(stub, token, node)
+    bad = common_pb2.NodeMetrics(cpu_percent=math.nan, memory_percent=1e308, disk_percent=-50)
+
+    async def beat(stream: Stream, sequence: int, metrics: common_pb2.NodeMetrics) -> int:
+        heartbeat = node_pb2.Heartbeat(sequence=sequence, metrics=metrics)
+        await stream.outbox.put(node_pb2.ConnectRequest(heartbeat=heartbeat))
+        ack = (await stream.call.read()).heartbeat_ack
+        await controller.fleet.monitor.flush()  # state-change writes (store, cache) are done
+        return ack.status
+
+    async def system() -> metrics_pb2.SystemMetrics:
+        metrics = (
+            await metrics_stub.GetSystemMetrics(metrics_pb2.GetSystemMetricsRequest(), metadata=bearer(token))
+        ).metrics
+        _assert_finite(metrics)
+        return metrics
+
+    async def node_metrics() -> metrics_pb2.GetNodeMetricsResponse:
+        response = await metrics_stub.GetNodeMetrics(
+            metrics_pb2.GetNodeMetricsRequest(node_id=reply.node_id), metadata=bearer(token)
+        )
+        _assert_finite(response)
+        return response
+
+    async def stored_and_cached() -> None:
+        row = await controller.fleet.nodes.get(reply.node_id)
+        assert row is not None
+        for value in (row.metrics_current or {}).values():
+            assert math.isfinite(value)
+        cached = await controller.cache.get(f"node:health:{reply.node_id}")
+        assert cached is not None
+        _strict_json(cached)
+
+    async with node.channel(controller) as node_channel:
+        stream = Stream(node_channel)
+        await stream.hello()
+        # The very first heartbeat is invalid: degraded, and nothing of it is kept anywhere.
+        assert await beat(stream, 1, bad) == common_pb2.NODE_STATUS_DEGRADED
+        got = (
+            await stub.GetNode(node_pb2.GetNodeRequest(node_id=reply.node_id), metadata=bearer(token))
+        ).node
+        assert got.status == common_pb2.NODE_STATUS_DEGRADED
+        _assert_finite(got)
+        metrics = await system()
+        assert (metrics.total_nodes, metrics.healthy_nodes) == (1, 0)
+        assert (metrics.cpu_percent, metrics.memory_percent, metrics.total_cpu_cores) == (0, 0, 0)
+        assert list((await node_metrics()).history) == []
+        await stored_and_cached()
+
+        # A valid heartbeat brings it back and is what counts.
+        assert await beat(stream, 2, common_pb2.NodeMetrics(cpu_percent=42, memory_percent=20)) == (
+            common_pb2.NODE_STATUS_READY
+        )
+        metrics = await system()
+        assert (metrics.healthy_nodes, metrics.cpu_percent, metrics.total_cpu_cores) == (1, 42, 3)
+
+        # Invalid again: not healthy, left out of the aggregates; the last valid numbers stay.
+        assert await beat(stream, 3, bad) == common_pb2.NODE_STATUS_DEGRADED
+        metrics = await system()
+        assert (metrics.total_nodes, metrics.healthy_nodes, metrics.cpu_percent) == (1, 0, 0)
+        current = await node_metrics()
+        assert current.current.cpu_percent == 42
+        assert [sample.metrics.cpu_percent for sample in current.history] == [42]
+        await stored_and_cached()
         await stream.outbox.put(None)

@@ -54,7 +54,8 @@ class Fleet:
         args = [sys.executable, "-m", "controller.cli", "agent", "--data-dir", str(data_dir), "--region", name,
                 "--node-types", "database"]  # fmt: skip
         if token:
-            args += ["--controller", controller.address, "--token", token]
+            args += ["--controller", controller.address]
+            env["A67_AGENT_TOKEN"] = token
         self.agents[name] = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
         )

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from controller.server import SERVICE_NAMES, Controller
+from tests.selfsigned import self_signed
 from tests.support import PASSWORD
 
 
@@ -186,3 +187,74 @@ def test_cli_help(flag: str) -> None:
     assert result.returncode == 0
     assert "serve" in result.stdout
     assert "migrate" in result.stdout
+
+
+# -- TLS on the user-facing port --------------------------------------------------
+
+
+def _health_over(channel: grpc.Channel) -> int:
+    return int(health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+
+
+def test_user_port_with_a_certificate_serves_tls_only(tmp_path: Path) -> None:
+    pair = self_signed(tmp_path / "tls")
+    port = _free_port()
+    process = _start_serve(tmp_path / "data", port, "--tls-cert", str(pair.cert), "--tls-key", str(pair.key))
+    address = f"127.0.0.1:{port}"
+    credentials = grpc.ssl_channel_credentials(root_certificates=pair.cert_pem)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, process.communicate()[0]
+            try:
+                with grpc.secure_channel(address, credentials) as chan:
+                    assert _health_over(chan) == health_pb2.HealthCheckResponse.SERVING
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, "no TLS health answer in 30 s"
+                time.sleep(0.1)
+        with grpc.insecure_channel(address) as chan, pytest.raises(grpc.RpcError) as plaintext:
+            _health_over(chan)
+        assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
+        # A client that does not trust the certificate is refused too.
+        other = self_signed(tmp_path / "other")
+        untrusted = grpc.ssl_channel_credentials(root_certificates=other.cert_pem)
+        with grpc.secure_channel(address, untrusted) as chan, pytest.raises(grpc.RpcError) as refused:
+            _health_over(chan)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert "(TLS)" in output
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.10"])  # noqa: S104 (refused, never bound)
+def test_production_refuses_a_non_loopback_user_port_without_tls(tmp_path: Path, host: str) -> None:
+    process = _start_serve(
+        tmp_path, _free_port(), "--environment", "production", "--listen", f"{host}:{_free_port()}"
+    )
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 2, output
+    assert f"A67_LISTEN_ADDRESS (--listen) is '{host}:" in output
+    assert "in production a non-loopback address must serve TLS" in output
+    assert "--tls-cert and --tls-key" in output
+    assert not (tmp_path / "keys").exists()
+
+
+def test_a_certificate_without_its_key_is_refused(tmp_path: Path) -> None:
+    pair = self_signed(tmp_path / "tls")
+    process = _start_serve(tmp_path / "data", _free_port(), "--tls-cert", str(pair.cert))
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 2, output
+    assert "TLS needs both a certificate and a key: A67_TLS_KEY is not set" in output
+
+
+def test_a_key_that_does_not_match_the_certificate_is_refused(tmp_path: Path) -> None:
+    pair, other = self_signed(tmp_path / "a"), self_signed(tmp_path / "b")
+    process = _start_serve(
+        tmp_path / "data", _free_port(), "--tls-cert", str(pair.cert), "--tls-key", str(other.key)
+    )
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 2, output
+    assert f"Cannot use the TLS certificate {pair.cert} with the key {other.key}" in output

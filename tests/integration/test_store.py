@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
-from collections.abc import AsyncIterator
+import sqlite3
+import stat
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
+import grpc
 import pytest
+from automator67.v1 import auth_pb2_grpc
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError, StatementError
 
@@ -20,6 +25,7 @@ from controller.store import (
     Store,
     UserRepository,
 )
+from controller.store.db import ensure_data_dir
 from controller.store.migrate import upgrade
 from controller.store.models import (
     Base,
@@ -31,6 +37,7 @@ from controller.store.models import (
     StorageFile,
     User,
 )
+from tests.support import controller_settings, register, running_controller
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
 
@@ -354,6 +361,114 @@ async def test_sqlite_connections_use_wal_and_foreign_keys(tmp_path: Path) -> No
     finally:
         await store.close()
     assert (tmp_path / "deep" / "dir" / "a67.db").is_file()
+
+
+# --- file permissions ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    """The common umask 022, under which files are created world-readable unless made private."""
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _store_files(db: Path) -> dict[str, int]:
+    """The modes of the database file and its -wal and -shm files (which must all exist)."""
+    return {
+        path.name: _mode(path)
+        for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"))
+    }
+
+
+async def _write(store: Store) -> None:
+    async with store.session() as session:
+        await session.execute(text("CREATE TABLE IF NOT EXISTS t (x INTEGER)"))
+        await session.execute(text("INSERT INTO t VALUES (1)"))
+
+
+@pytest.mark.usefixtures("open_umask")
+async def test_a_new_sqlite_store_and_its_wal_and_shm_files_are_private(tmp_path: Path) -> None:
+    db = tmp_path / "new" / "dir" / "a67.db"
+    store = await Store.open(f"sqlite:///{db}")
+    try:
+        await _write(store)
+        # -wal and -shm exist while a connection is open: SQLite made them after the write.
+        assert _store_files(db) == {"a67.db": 0o600, "a67.db-wal": 0o600, "a67.db-shm": 0o600}
+        assert _mode(db.parent) == 0o700  # the directory made for it
+    finally:
+        await store.close()
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    store = await Store.open(f"sqlite:///{shared / 'a67.db'}")
+    try:
+        await _write(store)
+        assert _mode(shared / "a67.db") == 0o600
+        assert _mode(shared) == 0o755  # an existing directory (it may be /tmp) is left alone
+    finally:
+        await store.close()
+
+
+@pytest.mark.usefixtures("open_umask")
+async def test_an_older_versions_data_dir_and_store_files_are_tightened(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    db = data / "controller.db"
+    older = sqlite3.connect(db)  # as an older version left it: WAL files present, all 0644
+    try:
+        older.execute("PRAGMA journal_mode=WAL")
+        older.execute("CREATE TABLE t (x INTEGER)")
+        older.commit()
+        assert _store_files(db) == {
+            "controller.db": 0o644,
+            "controller.db-wal": 0o644,
+            "controller.db-shm": 0o644,
+        }
+        assert _mode(data) == 0o755
+        ensure_data_dir(data)
+        assert _mode(data) == 0o700
+        assert _store_files(db) == {
+            "controller.db": 0o600,
+            "controller.db-wal": 0o600,
+            "controller.db-shm": 0o600,
+        }
+    finally:
+        older.close()
+    db.chmod(0o640)  # a store file elsewhere (A67_STORE_URL) is tightened when it is opened
+    store = await Store.open(f"sqlite:///{db}")
+    try:
+        await _write(store)
+        assert _store_files(db) == {
+            "controller.db": 0o600,
+            "controller.db-wal": 0o600,
+            "controller.db-shm": 0o600,
+        }
+    finally:
+        await store.close()
+
+
+@pytest.mark.usefixtures("open_umask")
+async def test_the_controller_keeps_its_data_dir_and_store_private(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    async with (
+        running_controller(controller_settings(data)) as controller,
+        grpc.aio.insecure_channel(controller.address) as channel,
+    ):
+        await register(auth_pb2_grpc.AuthServiceStub(channel))  # a write
+        assert _mode(data) == 0o700
+        assert _store_files(data / "controller.db") == {
+            "controller.db": 0o600,
+            "controller.db-wal": 0o600,
+            "controller.db-shm": 0o600,
+        }
 
 
 # --- the store being down -----------------------------------------------------------------------

@@ -729,11 +729,14 @@ def _parse(*argv: str) -> argparse.Namespace:
 def test_agent_flags_build_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("A67_AGENT_OAUTH_TOKEN", OAUTH)
     monkeypatch.delenv("A67_AGENT_TOKEN", raising=False)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
     args = _parse(
         "--controller",
         "ctl:50051",
-        "--token",
-        TOKEN,
+        "--token-file",
+        str(token_file),
         "--provider",
         "vercel",
         "--region",

@@ -13,6 +13,7 @@ import asyncio
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -780,3 +781,70 @@ async def test_agent_process_runs_replicas_reports_them_and_stops_them_on_sigter
             process.kill()
             await process.wait()
         await server.stop(None)
+
+
+# --------------------------------------------------------------------------- isolation
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="replica users need root")
+async def test_replicas_run_as_their_own_users_and_cannot_read_the_agent_or_each_other(
+    tmp_path: Path,
+) -> None:
+    """As root, with the agent's layout: one replica keeps a secret in its own directory,
+    another tries to read it, the agent's key and its directory; all it gets is EACCES."""
+    import tempfile
+
+    from controller.agent.hardening import ensure_traversable
+    from controller.agent.identity import Identity
+
+    data_dir = tmp_path / "agent"
+    identity = Identity(data_dir)
+    identity.key()  # node.key, 0600, in a 0700 directory
+    key_lines = identity.key_path.read_text().splitlines()[1:-1]
+    base = Path(tempfile.mkdtemp(prefix="a67-replicas-", dir="/tmp"))
+    ensure_traversable(base)
+    sup = ReplicaSupervisor(data_dir, root=base / "r", uid_range=(200100, 200199), stop_grace_seconds=1.0)
+    try:
+        keeper = _package(
+            {"keep.sh": "echo TOP-SECRET-4711 > secret.txt\nexec sleep 30\n"},
+            app_type=pb.APP_TYPE_WORKER,
+            runtime="command",
+            entrypoint="sh keep.sh",
+            health_check=pb.HealthCheck(),
+        )
+        kept = await sup.deploy_replica(deploy(keeper, deployment_id="keeper"))
+        assert kept.ok, kept.error_message
+        secret_file = base / "r" / "keeper" / "0-g1" / "app" / "secret.txt"
+        await wait_until(secret_file.exists)
+        thief = _package(
+            {
+                "steal.sh": (
+                    'echo "uid=$(id -u) gid=$(id -g) groups=$(id -G)"\n'
+                    f"cat {secret_file} 2>&1\n"
+                    f"cat {identity.key_path} 2>&1\n"
+                    f"ls {data_dir} 2>&1\n"
+                    f"ls {base / 'r'} 2>&1\n"
+                    "echo STOLEN-DONE\nexit 3\n"
+                )
+            },
+            app_type=pb.APP_TYPE_WORKER,
+            runtime="command",
+            entrypoint="sh steal.sh",
+            health_check=pb.HealthCheck(),
+        )
+        stolen = await sup.deploy_replica(deploy(thief, deployment_id="thief"))
+        assert not stolen.ok
+        message = stolen.error_message
+        assert "STOLEN-DONE" in message
+        assert "uid=200101 gid=200101 groups=200101" in message  # its own user, no groups
+        assert "TOP-SECRET-4711" not in message
+        assert not any(line in message for line in key_lines)
+        assert message.count("Permission denied") >= 3
+        assert f"cannot open directory '{base / 'r'}': Permission denied" in message  # not listable
+        app_dir = secret_file.parent
+        assert (app_dir.stat().st_uid, app_dir.stat().st_mode & 0o777) == (200100, 0o700)
+        log_file = app_dir.parent / "replica.log"
+        assert (log_file.stat().st_uid, log_file.stat().st_mode & 0o777) == (0, 0o600)
+    finally:
+        await sup.close()
+        shutil.rmtree(base, ignore_errors=True)

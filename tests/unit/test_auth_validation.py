@@ -137,3 +137,43 @@ def test_descriptions_never_echo_the_password_hash() -> None:
     for value in (secret, secret * 100, secret + " " + secret):
         for violation in validate_credentials(GOOD_EMAIL, value):
             assert secret not in violation.description
+
+
+@pytest.mark.parametrize(
+    ("raw", "normalised"),
+    [
+        ("jos\u00e9@example.com", "jos\u00e9@example.com"),  # NFC stays
+        ("jose\u0301@example.com", "jos\u00e9@example.com"),  # NFD becomes NFC
+        ("JOS\u00c9@EXAMPLE.COM", "jos\u00e9@example.com"),
+        ("\uff41dm@example.com", "adm@example.com"),  # full-width a
+        ("\uff21\uff24\uff2d\uff20\uff45xample\uff0ecom", "adm@example.com"),  # full-width everything
+        ("Stra\u00dfe@example.com", "strasse@example.com"),  # case folding, not lower()
+        ("\u212aelvin@example.com", "kelvin@example.com"),  # KELVIN SIGN
+        ("ops@b\u00fccher.example", "ops@xn--bcher-kva.example"),
+        ("ops@B\u00dcCHER.example", "ops@xn--bcher-kva.example"),
+        ("ops@bu\u0308cher.example", "ops@xn--bcher-kva.example"),
+        ("ops@XN--BCHER-KVA.example", "ops@xn--bcher-kva.example"),
+        ("ops@b\u00fccher\u3002example", "ops@xn--bcher-kva.example"),  # ideographic full stop
+        ("ops@fa\u00df.de", "ops@xn--fa-hia.de"),  # IDNA 2008: ß is kept in domains
+        ("\u00a0ada@example.com\u3000", "ada@example.com"),  # Unicode spaces around
+    ],
+)
+def test_normalize_email_makes_lookalikes_one(raw: str, normalised: str) -> None:
+    assert normalize_email(raw) == normalised
+    assert normalize_email(normalised) == normalised  # idempotent
+    assert validate_credentials(raw, GOOD_HASH) == []
+
+
+@pytest.mark.parametrize(
+    "email",
+    [
+        "ops@xn--zz.example",  # not valid punycode
+        "ops@xn--bucher-xyd.example",  # the A-label of an NFD string: a lookalike of bücher
+        "ops@b\u00fccher..example",
+        "ops@\U0001f600.example",  # not allowed by IDNA 2008
+    ],
+)
+def test_invalid_international_domains(email: str) -> None:
+    violations = validate_credentials(email, GOOD_HASH)
+    assert [v.field for v in violations] == ["email"]
+    assert "domain" in violations[0].description

@@ -10,10 +10,17 @@ from typing import Any
 import pytest
 from google.protobuf import descriptor_pb2
 
+from controller.config import TRANSCODING_OVERHEAD_BYTES
 from controller.gateway.cli import add_gateway_parser, add_up_parser
-from controller.gateway.config import DEFAULT_DESCRIPTOR, GatewaySettings, split_host_port
+from controller.gateway.config import (
+    DEFAULT_DESCRIPTOR,
+    GatewaySettings,
+    controller_receive_limit,
+    split_host_port,
+)
 from controller.gateway.process import connect_host, grpc_target
 from controller.gateway.render import GatewayConfigError, api_services, render, validate, write_config
+from tests.selfsigned import CertPair, self_signed
 
 
 def settings(**overrides: Any) -> GatewaySettings:
@@ -106,14 +113,47 @@ def test_every_placeholder_is_filled(default_yaml: str) -> None:
     assert re.search(r"\$[a-z_]", default_yaml) is None
 
 
-def test_filters_run_cors_lua_transcoder_router_in_that_order(default_yaml: str) -> None:
+def test_filters_run_cors_lua_buffer_transcoder_router_in_that_order(default_yaml: str) -> None:
     names = re.findall(r"- name: (envoy\.filters\.http\.\w+)", default_yaml)
     assert names == [
         "envoy.filters.http.cors",
         "envoy.filters.http.lua",  # before the transcoder: sees its response after it
+        "envoy.filters.http.buffer",  # the body limit, before the transcoder streams the body on
         "envoy.filters.http.grpc_json_transcoder",
         "envoy.filters.http.router",
     ]
+
+
+def test_the_buffer_filter_enforces_the_body_limit() -> None:
+    text = render(settings(max_request_body_size=70000))
+    assert "max_request_bytes: 70000" in text
+    assert f"max_request_body_size: {70000 + TRANSCODING_OVERHEAD_BYTES}" in text
+    assert "the gateway's limit of 70000 bytes" in text  # the 413 message
+
+
+def test_a_second_gateway_cannot_share_the_port(default_yaml: str) -> None:
+    assert "enable_reuse_port: false" in default_yaml
+
+
+def test_body_limit_above_a_gib_is_refused() -> None:
+    with pytest.raises(ValueError, match="MAX_REQUEST_BODY_SIZE must be between 1 and 1073741824"):
+        settings(max_request_body_size=2**30 + 1)
+
+
+def test_the_controller_receive_limit_covers_the_default_body_limit() -> None:
+    from controller.config import Settings
+
+    assert Settings().max_receive_message_bytes >= controller_receive_limit(settings().max_request_body_size)
+    assert controller_receive_limit(1000) == 1000 + TRANSCODING_OVERHEAD_BYTES
+
+
+def test_help_states_the_real_default_body_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("gateway", "up"):
+        with pytest.raises(SystemExit):
+            parse(command, "--help")
+        text = " ".join(capsys.readouterr().out.split())
+        assert "default 16 MiB = 16777216" in text
+        assert "1 MiB" not in text
 
 
 @pytest.mark.parametrize(
@@ -125,7 +165,8 @@ def test_filters_run_cors_lua_transcoder_router_in_that_order(default_yaml: str)
         "convert_grpc_status: true",
         "reject_unknown_method: true",
         "reject_unknown_query_parameters: true",
-        "max_request_body_size: 16777216",
+        "max_request_bytes: 16777216",  # the buffer filter: the limit itself
+        "max_request_body_size: 17825792",  # the transcoder: room for the path's fields too
         "stream_newline_delimited: true",
         "http2_protocol_options: {}",
     ],
@@ -169,7 +210,7 @@ def test_settings_reach_the_configuration() -> None:
     assert 'socket_address: {address: "127.0.0.1", port_value: 18080}' in text
     assert 'socket_address: {address: "controller.internal", port_value: 6000}' in text
     assert '{"exact": "https://dash.example"}, {"safe_regex": {"regex": ".*"}}' in text
-    assert "max_request_body_size: 4096" in text
+    assert "max_request_bytes: 4096" in text
     assert 'timeout: "1.500s"' in text
     assert "stream_sse_style_delimited: true" in text
     assert "stream_newline_delimited" not in text
@@ -273,3 +314,101 @@ def test_up_takes_controller_and_gateway_flags() -> None:
         Path("/tmp/x"),
     )
     assert callable(args.func)
+
+
+# -- TLS -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> CertPair:
+    return self_signed(tmp_path_factory.mktemp("tls"))
+
+
+def test_plaintext_by_default(default_yaml: str) -> None:
+    assert "transport_socket" not in default_yaml
+
+
+def test_tls_settings_render_https_only_and_a_verified_upstream(tmp_path: Path, pair: CertPair) -> None:
+    tls = settings(
+        tls_cert=str(pair.cert),
+        tls_key=str(pair.key),
+        upstream_tls_ca=str(pair.cert),
+        upstream_address="localhost:6000",
+    )
+    text = render(tls)
+    assert "DownstreamTlsContext" in text
+    assert f'certificate_chain: {{filename: "{pair.cert}"}}' in text
+    assert f'private_key: {{filename: "{pair.key}"}}' in text
+    assert '["h2", "http/1.1"]' in text
+    assert "UpstreamTlsContext" in text
+    assert 'sni: "localhost"' in text
+    assert f'trusted_ca: {{filename: "{pair.cert}"}}' in text
+    assert '{san_type: DNS, matcher: {exact: "localhost"}}' in text
+    validate(write_config(tls, tmp_path / "envoy.yaml"))
+
+
+def test_an_ip_upstream_is_matched_as_an_ip_san_without_sni(pair: CertPair) -> None:
+    text = render(settings(upstream_tls_ca=str(pair.cert), upstream_address="127.0.0.1:6000"))
+    assert '{san_type: IP_ADDRESS, matcher: {exact: "127.0.0.1"}}' in text
+    assert "sni:" not in text
+    assert "DownstreamTlsContext" not in text
+
+
+def test_the_gateway_reads_the_shared_tls_and_environment_variables(pair: CertPair) -> None:
+    s = GatewaySettings.from_env(
+        {"A67_TLS_CERT": str(pair.cert), "A67_TLS_KEY": str(pair.key), "A67_ENVIRONMENT": "production"}
+    )
+    assert (s.tls_cert, s.tls_key, s.environment, s.tls) == (
+        str(pair.cert),
+        str(pair.key),
+        "production",
+        True,
+    )
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:8080", "[::]:8080", "10.0.0.5:8080"])
+def test_production_refuses_a_plaintext_listener_off_loopback(listen: str) -> None:
+    with pytest.raises(
+        ValueError, match=r"A67_GATEWAY_LISTEN_ADDRESS .* has no TLS: in production"
+    ) as refused:
+        GatewaySettings.from_env({"A67_ENVIRONMENT": "production"}, listen_address=listen)
+    assert "--tls-cert and --tls-key" in str(refused.value)
+
+
+def test_production_allows_loopback_plaintext_and_tls_anywhere(pair: CertPair) -> None:
+    assert not GatewaySettings.from_env({"A67_ENVIRONMENT": "production"}).tls
+    s = GatewaySettings.from_env(
+        {"A67_ENVIRONMENT": "production"},
+        listen_address="0.0.0.0:8443",
+        tls_cert=str(pair.cert),
+        tls_key=str(pair.key),
+    )
+    assert s.tls
+
+
+def test_production_refuses_a_plaintext_upstream_off_loopback(pair: CertPair) -> None:
+    with pytest.raises(ValueError, match=r"A67_GATEWAY_UPSTREAM_ADDRESS .* has no TLS"):
+        GatewaySettings.from_env({"A67_ENVIRONMENT": "production"}, upstream_address="10.0.0.7:50051")
+    s = GatewaySettings.from_env(
+        {"A67_ENVIRONMENT": "production"}, upstream_address="10.0.0.7:50051", upstream_tls_ca=str(pair.cert)
+    )
+    assert s.upstream_server_name == "10.0.0.7"
+
+
+def test_a_certificate_without_a_key_is_refused(pair: CertPair, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="A67_GATEWAY_TLS_KEY is not set"):
+        settings(tls_cert=str(pair.cert))
+    with pytest.raises(ValueError, match="cannot read"):
+        settings(tls_cert=str(pair.cert), tls_key=str(tmp_path / "missing.key"))
+
+
+def test_up_expects_the_name_the_certificate_carries(tmp_path: Path) -> None:
+    from controller.gateway.cli import certificate_name
+
+    both = self_signed(tmp_path / "both", dns_names=("api.example.com",), ips=("127.0.0.1",))
+    dns_only = self_signed(tmp_path / "dns", dns_names=("api.example.com",), ips=())
+    ip_only = self_signed(tmp_path / "ip", dns_names=(), ips=("10.0.0.9",))
+    assert certificate_name(both.cert, "127.0.0.1") == "127.0.0.1"
+    assert certificate_name(dns_only.cert, "127.0.0.1") == "api.example.com"
+    with pytest.raises(ValueError, match=r"names neither 127\.0\.0\.1 nor any DNS name"):
+        certificate_name(ip_only.cert, "127.0.0.1")

@@ -105,6 +105,24 @@ CASES = [
     Case("an infinite latency is invalid", [hb(0.5, metrics(latency=math.inf))], S.DEGRADED, "infinite"),
     Case("negative active requests are invalid", [hb(0.5, metrics(active=-2))], S.DEGRADED, "negative"),
     Case(
+        "a huge latency is invalid (bounded, not only finite)",
+        [hb(0.5, metrics(latency=1e308))],
+        S.DEGRADED,
+        "avg_response_time_ms is above",
+    ),
+    Case(
+        "huge active requests are invalid",
+        [hb(0.5, metrics(active=2_000_000_000))],
+        S.DEGRADED,
+        "active_requests is above",
+    ),
+    Case(
+        "a negative uptime is invalid",
+        [hb(0.5, Metrics(20, 30, 40, 3, 0, 12, uptime_seconds=-1))],
+        S.DEGRADED,
+        "uptime_seconds is negative",
+    ),
+    Case(
         "an invalid heartbeat still proves liveness",
         [hb(0.5), hb(1.4, metrics(cpu=NAN)), Tick(2.45)],
         S.DEGRADED,
