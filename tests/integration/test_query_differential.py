@@ -410,6 +410,47 @@ CORPUS: list[tuple[str, str, bool]] = [
         "SELECT MAX(amount) % 100, SUM(amount) % 7, MAX(quantity) % 4, MIN(amount) % 0.5 FROM orders",
         MULTISET,
     ),
+    # set operations spanning shards
+    (
+        "union-all",
+        "SELECT id, status FROM orders WHERE amount > 50 UNION ALL SELECT id, status FROM orders WHERE quantity = 1",
+        MULTISET,
+    ),
+    ("union-distinct", "SELECT status FROM orders UNION SELECT region FROM customers", MULTISET),
+    ("union-with-reference-branch", "SELECT name FROM regions UNION SELECT status FROM orders", MULTISET),
+    (
+        "union-order-limit",
+        "SELECT customer_id, name FROM customers WHERE region = 'eu' UNION SELECT customer_id, status FROM orders "
+        "WHERE amount > 90 ORDER BY 1 DESC, 2 LIMIT 10 OFFSET 3",
+        ORDERED,
+    ),
+    (
+        "union-all-order-by-name",
+        "SELECT id AS k, amount FROM orders WHERE quantity = 3 UNION ALL SELECT customer_id, NULL FROM customers "
+        "ORDER BY k, amount LIMIT 25",
+        ORDERED,
+    ),
+    (
+        "intersect-on-key",
+        "SELECT customer_id FROM customers INTERSECT SELECT customer_id FROM orders WHERE amount > 50",
+        MULTISET,
+    ),
+    (
+        "except-on-key",
+        "SELECT customer_id, region FROM customers EXCEPT SELECT customer_id, status FROM orders WHERE status = 'paid'",
+        MULTISET,
+    ),
+    (
+        "except-on-key-grouped-branches",
+        "SELECT customer_id FROM customers EXCEPT SELECT customer_id FROM orders GROUP BY customer_id "
+        "HAVING COUNT(*) > 9",
+        MULTISET,
+    ),
+    (
+        "union-all-keyed-grouped-branch",
+        "SELECT customer_id, COUNT(*) FROM orders GROUP BY customer_id UNION ALL SELECT customer_id, 0 FROM customers",
+        MULTISET,
+    ),
     # a parenthesized FROM source once went to one shard and came back as if complete
     (
         "paren-self-join-on-key",
@@ -670,6 +711,20 @@ DIALECT_CORPUS: list[tuple[str, str, str, bool]] = [
     ("sqlite", "paren-from", "SELECT COUNT(*) FROM ( orders )", MULTISET),
     ("sqlite", "paren-from-alias", "SELECT COUNT(*), SUM(z.quantity) FROM (orders) AS z", MULTISET),
     ("sqlite", "paren-paren-from", "SELECT COUNT(*), MAX(id) FROM ((orders))", MULTISET),
+    (
+        "postgres",
+        "except-all-nested",
+        "(SELECT customer_id FROM orders WHERE amount > 80 UNION ALL SELECT customer_id FROM customers "
+        "WHERE region = 'us') EXCEPT ALL SELECT customer_id FROM orders WHERE quantity = 2",
+        MULTISET,
+    ),
+    (
+        "postgres",
+        "intersect-all",
+        "SELECT customer_id FROM orders WHERE amount > 40 INTERSECT ALL SELECT customer_id FROM orders "
+        "WHERE quantity > 2",
+        MULTISET,
+    ),
     ("sqlite", "negative-limit", "SELECT id FROM orders ORDER BY id LIMIT -1 OFFSET 590", ORDERED),
     ("postgres", "offset-only", "SELECT id FROM orders ORDER BY id OFFSET 590", ORDERED),
     (

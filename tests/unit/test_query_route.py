@@ -407,10 +407,40 @@ def test_insert_select_on_one_shard_is_allowed() -> None:
             id="pinned-outer-unpinned-subquery",
         ),
         pytest.param(
-            "SELECT customer_id FROM orders UNION SELECT customer_id FROM customers",
+            "SELECT status FROM orders INTERSECT SELECT name FROM customers",
             "CROSS_SHARD_SET_OPERATION",
-            "set operation spanning shards",
-            id="union",
+            "INTERSECT spanning shards",
+            id="intersect-without-the-key",
+        ),
+        pytest.param(
+            "SELECT status FROM orders EXCEPT SELECT name FROM customers",
+            "CROSS_SHARD_SET_OPERATION",
+            "EXCEPT spanning shards",
+            id="except-without-the-key",
+        ),
+        pytest.param(
+            "SELECT status, COUNT(*) FROM orders GROUP BY status UNION ALL SELECT name, 1 FROM customers",
+            "CROSS_SHARD_SET_OPERATION",
+            "aggregating branch of a set operation spanning shards",
+            id="union-all-aggregating-branch",
+        ),
+        pytest.param(
+            "SELECT name FROM regions UNION ALL SELECT status FROM orders",
+            "CROSS_SHARD_SET_OPERATION",
+            "UNION ALL branch over reference tables spanning shards",
+            id="union-all-reference-branch",
+        ),
+        pytest.param(
+            "SELECT DISTINCT status FROM orders UNION ALL SELECT name FROM customers",
+            "CROSS_SHARD_SET_OPERATION",
+            "DISTINCT branch of UNION ALL spanning shards",
+            id="union-all-distinct-branch",
+        ),
+        pytest.param(
+            "SELECT customer_id FROM orders UNION ALL (SELECT customer_id FROM orders ORDER BY id LIMIT 3)",
+            "CROSS_SHARD_SET_OPERATION",
+            "LIMIT, ORDER BY or window function in a branch of a set operation spanning shards",
+            id="limited-branch",
         ),
         pytest.param(
             "SELECT r.name, c.name FROM regions r LEFT JOIN customers c ON c.region = r.name",
@@ -630,6 +660,17 @@ def test_join_of_differently_keyed_tables_names_both() -> None:
             "SELECT customer_id FROM orders WHERE customer_id = 1 UNION SELECT customer_id FROM customers WHERE customer_id = 5",
             (0,),
             id="union-on-one-shard",
+        ),
+        pytest.param(
+            "SELECT customer_id FROM orders UNION SELECT customer_id FROM customers",
+            (0, 1, 2, 3),
+            id="union-spanning-shards",
+        ),
+        pytest.param(
+            "SELECT customer_id FROM orders WHERE customer_id = 1 UNION ALL SELECT customer_id FROM customers "
+            "WHERE customer_id = 2",
+            (0, 2),
+            id="union-all-of-two-pinned-branches",
         ),
     ],
 )

@@ -160,11 +160,14 @@ def rewrite(analysis: Analysis, route: Route) -> Rewritten:
         return Rewritten({route.shards[0]: statement.sql}, None)
     if statement.kind is StatementKind.SELECT:
         select = statement.expression
+        if isinstance(select, exp.SetOperation):
+            sql, spec = rewrite_set_operation(select, analysis)
+            return Rewritten(dict.fromkeys(route.shards, sql), spec)
         if not isinstance(select, exp.Select):
             raise refusal(
-                "set operation spanning shards",
-                "UNION / INTERSECT / EXCEPT spanning shards is not supported",
-                "CROSS_SHARD_SET_OPERATION",
+                f"{type(select).__name__} spanning shards",
+                f"{type(select).__name__} spanning shards is not supported",
+                "CROSS_SHARD_QUERY_SHAPE",
             )
         sql, spec = rewrite_select(select, analysis)
         return Rewritten(dict.fromkeys(route.shards, sql), spec)
@@ -374,6 +377,193 @@ def _groups_live_on_one_shard(select: exp.Select, analysis: Analysis) -> bool:
         if ref is not None and ref.sharded and item.name.lower() == ref.key:
             keyed.add(analysis.find(ref))
     return all(analysis.find(ref) in keyed for ref in sharded)
+
+
+# -- set operations ------------------------------------------------------------------------
+
+
+def _set_operation_parts(node: exp.Expr) -> tuple[list[exp.Select], list[exp.SetOperation]]:
+    """The SELECT leaves (left to right) and the set-operation nodes of a compound query."""
+    while isinstance(node, exp.Subquery):
+        node = node.this
+    if isinstance(node, exp.SetOperation):
+        left, left_ops = _set_operation_parts(node.this)
+        right, right_ops = _set_operation_parts(node.expression)
+        return left + right, [node, *left_ops, *right_ops]
+    if isinstance(node, exp.Select):
+        return [node], []
+    raise refusal(
+        "set operation branch", "a branch of a set operation must be a SELECT", "CROSS_SHARD_SET_OPERATION"
+    )
+
+
+def _op_name(node: exp.SetOperation) -> str:
+    word = {exp.Union: "UNION", exp.Intersect: "INTERSECT", exp.Except: "EXCEPT"}.get(type(node), "UNION")
+    return word if node.args.get("distinct") else f"{word} ALL"
+
+
+def _key_position(leaves: Sequence[exp.Select], analysis: Analysis) -> int | None:
+    """An output position that is the sharding key in every branch (rows then meet on one shard)."""
+    scopes = {id(scope.node): scope for scope in analysis.roots}
+    width = len(leaves[0].expressions)
+    for position in range(width):
+        keyed = True
+        for leaf in leaves:
+            scope = scopes.get(id(leaf))
+            projections = leaf.expressions
+            if scope is None or len(projections) != width or _is_star(projections[position]):
+                keyed = False
+                break
+            column = _unalias(projections[position])
+            ref = scope.resolve(column, analysis.columns_of) if isinstance(column, exp.Column) else None
+            if ref is None or not ref.sharded or column.name.lower() != ref.key:
+                keyed = False
+                break
+            if any(r.sharded and analysis.find(r) != analysis.find(ref) for r in scope.tables.values()):
+                keyed = False
+                break
+        if keyed:
+            return position
+    return None
+
+
+def _groups_keyed_at(leaf: exp.Select, position: int) -> bool:
+    """Whether a grouped branch groups by its key column (the output at ``position``)."""
+    group = leaf.args.get("group")
+    key = _unalias(leaf.expressions[position])
+    if not isinstance(group, exp.Group):
+        return False
+    for item in group.expressions:
+        if _is_ordinal(item) and int(str(item.this)) == position + 1:
+            return True
+        if _same(item, key):
+            return True
+    return False
+
+
+def rewrite_set_operation(node: exp.SetOperation, analysis: Analysis) -> tuple[str, RowsMerge]:
+    """Shard SQL and merge for UNION [ALL] / INTERSECT [ALL] / EXCEPT [ALL] spanning shards.
+
+    Each shard runs the whole compound query over its rows, and the merge concatenates the
+    shards' answers (a k-way merge for ORDER BY, DISTINCT for a distinct UNION), which is
+    exact when
+
+    * the branches put the sharding key in the same output column (rows that could meet
+      live on one shard): every operator, and branches grouped by that key; or
+    * only UNION / UNION ALL combine plain row branches (no aggregates, LIMIT or windows):
+      a UNION ALL concatenates, a distinct UNION (at the top) removes duplicates across
+      shards too. A branch over reference tables only is on every shard: under a
+      distinct UNION its copies collapse; under UNION ALL it would repeat, so it is refused.
+    """
+    rules = analysis.statement.rules
+    leaves, ops = _set_operation_parts(node)
+    width = {len(leaf.expressions) for leaf in leaves}
+    if len(width) != 1 or any(_is_star(p) for leaf in leaves for p in leaf.expressions):
+        raise refusal(
+            "set operation with * or unequal branches spanning shards",
+            "each branch of a set operation spanning shards must list the same number of columns (no *)",
+            "CROSS_SHARD_SET_OPERATION",
+        )
+    for leaf in leaves:
+        if any(leaf.args.get(k) is not None for k in ("limit", "offset", "order")) or next(
+            leaf.find_all(exp.Window), None
+        ):
+            raise refusal(
+                "LIMIT, ORDER BY or window function in a branch of a set operation spanning shards",
+                "a branch of a set operation spanning shards cannot have its own LIMIT, ORDER BY or "
+                "window functions: put ORDER BY and LIMIT after the last branch",
+                "CROSS_SHARD_SET_OPERATION",
+            )
+    position = _key_position(leaves, analysis)
+    root_distinct = bool(node.args.get("distinct"))
+    if position is not None:
+        for leaf in leaves:
+            grouped = leaf.args.get("group") is not None or any(
+                contains_aggregate(p) for p in leaf.expressions
+            )
+            if grouped and not _groups_keyed_at(leaf, position):
+                raise refusal(
+                    "aggregating branch of a set operation spanning shards",
+                    "a branch of a set operation spanning shards may aggregate only when it groups by the "
+                    "sharding key it returns",
+                    "CROSS_SHARD_SET_OPERATION",
+                )
+    else:
+        for op in ops:
+            if not isinstance(op, exp.Union):
+                raise refusal(
+                    f"{_op_name(op)} spanning shards",
+                    f"{_op_name(op)} spanning shards is exact only when every branch returns the sharding key "
+                    "in the same column (rows that can match then live on one shard): add it, or restrict "
+                    "the query to one key value",
+                    "CROSS_SHARD_SET_OPERATION",
+                )
+            if op.args.get("distinct") and not root_distinct:
+                raise refusal(
+                    "UNION inside UNION ALL spanning shards",
+                    "a distinct UNION inside a UNION ALL spanning shards is not supported unless every "
+                    "branch returns the sharding key in the same column",
+                    "CROSS_SHARD_SET_OPERATION",
+                )
+        scopes = {id(scope.node): scope for scope in analysis.roots}
+        for leaf in leaves:
+            if (
+                leaf.args.get("group") is not None
+                or leaf.args.get("having") is not None
+                or any(contains_aggregate(p) for p in leaf.expressions)
+            ):
+                raise refusal(
+                    "aggregating branch of a set operation spanning shards",
+                    "a branch of a set operation spanning shards may aggregate only when every branch "
+                    "returns the sharding key in the same column and groups by it",
+                    "CROSS_SHARD_SET_OPERATION",
+                )
+            distinct = leaf.args.get("distinct")
+            if distinct is not None and (distinct.args.get("on") is not None or not root_distinct):
+                raise refusal(
+                    "DISTINCT branch of UNION ALL spanning shards",
+                    "a DISTINCT branch of a UNION ALL spanning shards is not supported: use UNION, or "
+                    "return the sharding key in the same column of every branch",
+                    "CROSS_SHARD_SET_OPERATION",
+                )
+            scope = scopes.get(id(leaf))
+            if not root_distinct and (scope is None or not any(r.sharded for r in scope.tables.values())):
+                raise refusal(
+                    "UNION ALL branch over reference tables spanning shards",
+                    "a UNION ALL branch that reads only reference tables would be repeated by every shard: "
+                    "use UNION, or read it in a separate query",
+                    "CROSS_SHARD_SET_OPERATION",
+                )
+    names = [_output_name(p) for p in leaves[0].expressions]
+    sort_keys: list[SortKey] = []
+    for ordered in node.args["order"].expressions if isinstance(node.args.get("order"), exp.Order) else []:
+        term = ordered.this
+        index: int | None = None
+        if _is_ordinal(term):
+            index = int(str(term.this)) - 1
+        elif isinstance(term, exp.Column) and not term.table and term.name.lower() in names:
+            index = names.index(term.name.lower())
+        if index is None or not 0 <= index < len(names):
+            raise refusal(
+                "ORDER BY of a set operation spanning shards",
+                "ORDER BY after a set operation spanning shards must name output columns (by name or position)",
+                "CROSS_SHARD_SET_OPERATION",
+            )
+        sort_keys.append(SortKey(index, bool(ordered.args.get("desc")), _explicit_nulls(ordered, rules)))
+    limit, offset = _limits(node, rules)  # type: ignore[arg-type]
+    shard = node.copy()
+    shard.set("offset", None)
+    shard.set("limit", _shard_limit(limit, offset))
+    spec = RowsMerge(tuple(sort_keys), root_distinct and position is None, offset, limit, 0)
+    return shard.sql(dialect=rules.sqlglot_dialect), spec
+
+
+def _output_name(projection: exp.Expr) -> str:
+    if isinstance(projection, exp.Alias):
+        return projection.alias.lower()
+    if isinstance(projection, exp.Column):
+        return projection.name.lower()
+    return ""
 
 
 def _order_terms(select: exp.Select) -> list[exp.Ordered]:

@@ -665,23 +665,16 @@ def _decide(analysis: Analysis) -> _Decision:
         return _Decision(frozenset({0}))
     decisions = [_decide_root(root, analysis) for root in analysis.roots]
     if len(decisions) > 1:
+        # A set operation runs on the union of its branches' shards; whether the shards'
+        # answers combine exactly is the rewrite's to check (see rewrite_set_operation).
         chosen: set[int] = set()
-        for decision in decisions:
-            if decision.shards is None or len(decision.shards) > 1:
-                raise refusal(
-                    "set operation spanning shards",
-                    "UNION / INTERSECT / EXCEPT spanning shards is not supported: each branch must be "
-                    "restricted to the same single shard (or read only reference tables)",
-                    "CROSS_SHARD_SET_OPERATION",
-                )
-            chosen |= decision.shards
-        if len(chosen) > 1:
-            raise refusal(
-                "set operation spanning shards",
-                "UNION / INTERSECT / EXCEPT whose branches live on different shards is not supported",
-                "CROSS_SHARD_SET_OPERATION",
-            )
-        decision = _Decision(frozenset(chosen), any_one=not chosen)
+        spans_all = False
+        for branch in decisions:
+            if branch.shards is None:
+                spans_all = True
+            else:
+                chosen |= branch.shards
+        decision = _Decision(None) if spans_all else _Decision(frozenset(chosen), any_one=not chosen)
     else:
         decision = decisions[0] if decisions else _Decision(frozenset(), any_one=True)
     root_ids = {id(scope) for scope in analysis.roots}
