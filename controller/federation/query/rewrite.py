@@ -161,8 +161,8 @@ def rewrite(analysis: Analysis, route: Route) -> Rewritten:
     if statement.kind is StatementKind.SELECT:
         select = statement.expression
         if isinstance(select, exp.SetOperation):
-            sql, spec = rewrite_set_operation(select, analysis)
-            return Rewritten(dict.fromkeys(route.shards, sql), spec)
+            compound_sql, rows = rewrite_set_operation(select, analysis)
+            return Rewritten(dict.fromkeys(route.shards, compound_sql), rows)
         if not isinstance(select, exp.Select):
             raise refusal(
                 f"{type(select).__name__} spanning shards",
