@@ -116,8 +116,22 @@ class Apply:
 MergeExpr: TypeAlias = Const | Slot | AggRef | OutputRef | Apply
 
 AggregateFunction: TypeAlias = Literal[
-    "count", "sum", "total", "min", "max", "avg", "count_distinct", "sum_distinct", "avg_distinct"
+    "count",
+    "sum",
+    "total",
+    "min",
+    "max",
+    "avg",
+    "count_distinct",
+    "sum_distinct",
+    "avg_distinct",
+    "var_samp",
+    "var_pop",
+    "stddev_samp",
+    "stddev_pop",
+    "string_agg",
 ]
+_SPREAD_FUNCTIONS = ("var_samp", "var_pop", "stddev_samp", "stddev_pop")
 
 
 @dataclass(frozen=True)
@@ -126,7 +140,10 @@ class Aggregate:
 
     function: AggregateFunction
     columns: tuple[int, ...]
-    """``avg``: (partial sum, partial count); ``*_distinct``: (the distinct value); else (partial,)."""
+    """``avg``: (partial sum, partial count); variances and standard deviations: (partial sum,
+    partial count, partial sum of squares); ``*_distinct``: (the distinct value); else (partial,)."""
+    separator: str = ""
+    """``string_agg``: what joins the shards' partial strings."""
 
 
 @dataclass(frozen=True)
@@ -366,6 +383,10 @@ def _initial(aggregate: Aggregate) -> Any:
         return None
     if function == "avg":
         return [None, 0]
+    if function in _SPREAD_FUNCTIONS:
+        return [None, 0, None]
+    if function == "string_agg":
+        return []
     if function.endswith("_distinct"):
         return set()
     return None
@@ -411,6 +432,25 @@ def _updater(i: int, aggregate: Aggregate) -> Updater:
                 if state is None or sql_less(state, value):
                     states[i] = value
 
+    elif function == "string_agg":
+
+        def update(states: list[Any], row: Row) -> None:
+            value = row[c]
+            if value is not None:
+                states[i].append(value)
+
+    elif function in _SPREAD_FUNCTIONS:
+        count_column, squares_column = aggregate.columns[1], aggregate.columns[2]
+
+        def update(states: list[Any], row: Row) -> None:
+            state = states[i]
+            value, squares = row[c], row[squares_column]
+            if value is not None:
+                state[0] = value if state[0] is None else _add(state[0], value)
+            if squares is not None:
+                state[2] = squares if state[2] is None else _add(state[2], squares)
+            state[1] += row[count_column] or 0
+
     elif function == "avg":
         count_column = aggregate.columns[1]
 
@@ -443,6 +483,10 @@ def _finish(aggregate: Aggregate, state: Any, rules: DialectRules) -> Any:
     if function == "avg":
         total, count = state
         return None if not count or total is None else average(total, count, rules)
+    if function in _SPREAD_FUNCTIONS:
+        return spread(function, state[0], state[1], state[2])
+    if function == "string_agg":
+        return aggregate.separator.join(str(piece) for piece in state) if state else None
     if function == "total":
         return 0.0 if state is None else float(state)
     if function == "count_distinct":
@@ -470,6 +514,38 @@ def average(total: Any, count: int, rules: DialectRules) -> Any:
     if rules.exact_average and isinstance(total, int | Decimal) and not isinstance(total, bool):
         return numeric_divide(Decimal(total), Decimal(count))
     return float(total) / count
+
+
+def spread(function: str, total: Any, count: int, squares: Any) -> Any:
+    """PostgreSQL's VAR_SAMP/VAR_POP/STDDEV_SAMP/STDDEV_POP from a count, a sum and a sum of squares.
+
+    Exact numerics (integer or numeric input) follow ``numeric_stddev_internal``: the
+    numerator ``n·Σx² - (Σx)²`` (0 if negative), divided at ``select_div_scale``'s scale,
+    and the square root rounded to that scale; double precision input gives a float.
+
+    >>> spread("var_samp", 6, 3, 14), spread("stddev_pop", 6, 3, 14), spread("var_samp", 1, 1, 1)
+    (Decimal('1.00000000000000000000'), Decimal('0.81649658092772603273'), None)
+    """
+    sample = function in ("var_samp", "stddev_samp")
+    if count == 0 or (sample and count == 1) or total is None or squares is None:
+        return None
+    if isinstance(total, float) or isinstance(squares, float):
+        n = float(count)
+        numerator = max(0.0, n * float(squares) - float(total) * float(total))
+        variance = numerator / (n * (n - 1) if sample else n * n)
+        return math.sqrt(variance) if function.startswith("stddev") else variance
+    n_exact = Decimal(count)
+    numerator_exact = max(Decimal(0), n_exact * Decimal(squares) - Decimal(total) * Decimal(total))
+    denominator = n_exact * (n_exact - 1) if sample else n_exact * n_exact
+    variance_exact = numeric_divide(numerator_exact, denominator)
+    if not function.startswith("stddev"):
+        return variance_exact
+    exponent = variance_exact.as_tuple().exponent
+    scale = max(0, -exponent) if isinstance(exponent, int) else 0
+    with localcontext() as context:
+        context.prec = max(50, scale + variance_exact.adjusted() + 10)
+        root = variance_exact.sqrt()
+    return root.quantize(Decimal(1).scaleb(-scale), rounding=ROUND_HALF_UP)
 
 
 def numeric_divide(a: Decimal, b: Decimal) -> Decimal:

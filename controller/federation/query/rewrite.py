@@ -32,6 +32,7 @@ merge cannot evaluate.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -72,7 +73,15 @@ _KNOWN_AGGREGATES: Mapping[type[exp.Expr], str] = {
     exp.Avg: "avg",
     exp.Min: "min",
     exp.Max: "max",
+    exp.Stddev: "stddev_samp",
+    exp.StddevSamp: "stddev_samp",
+    exp.StddevPop: "stddev_pop",
+    exp.Variance: "var_samp",
+    exp.VariancePop: "var_pop",
+    exp.GroupConcat: "string_agg",
 }
+_SPREAD = frozenset({"stddev_samp", "stddev_pop", "var_samp", "var_pop"})
+"""Variance and standard deviation: merged from partial counts, sums and sums of squares."""
 _ANONYMOUS_AGGREGATES = frozenset(
     {
         "total",
@@ -309,10 +318,15 @@ def _shard_limit(limit: int | None, offset: int) -> exp.Limit | None:
 def rewrite_select(select: exp.Select, analysis: Analysis) -> tuple[str, MergeSpec]:
     """Shard SQL and merge for a SELECT that spans shards."""
     distinct = select.args.get("distinct")
-    if distinct is not None and distinct.args.get("on") is not None:
+    if (
+        distinct is not None
+        and distinct.args.get("on") is not None
+        and not _distinct_on_key(select, analysis)
+    ):
         raise refusal(
             "DISTINCT ON spanning shards",
-            "DISTINCT ON spanning shards is not supported",
+            "DISTINCT ON spanning shards is exact only when its expressions include the sharding key "
+            "(each group is then on one shard)",
             "CROSS_SHARD_DISTINCT_ON",
         )
     grouped = (
@@ -322,6 +336,12 @@ def rewrite_select(select: exp.Select, analysis: Analysis) -> tuple[str, MergeSp
         or any(contains_aggregate(o.this) for o in _order_terms(select))
     )
     whole_groups = grouped and _groups_live_on_one_shard(select, analysis)
+    if grouped and not whole_groups and distinct is not None and distinct.args.get("on") is not None:
+        raise refusal(
+            "DISTINCT ON with aggregates spanning shards",
+            "DISTINCT ON over aggregated rows spanning shards is exact only when GROUP BY names the sharding key",
+            "CROSS_SHARD_DISTINCT_ON",
+        )
     refuse_collations_at_merge(analysis, _merge_positions(select, grouped and not whole_groups))
     if grouped and not whole_groups:
         return _GroupedRewrite(select, analysis).build()
@@ -593,10 +613,27 @@ def _projection_index(term: exp.Expr, projections: Sequence[exp.Expr], rules: Di
     return None
 
 
+def _distinct_on_key(select: exp.Select, analysis: Analysis) -> bool:
+    """``DISTINCT ON (...)`` naming the sharding key of the query's (one, co-located) group."""
+    root = analysis.roots[0]
+    sharded = [ref for ref in root.tables.values() if ref.sharded]
+    if not sharded or any(analysis.find(r) != analysis.find(sharded[0]) for r in sharded):
+        return False
+    on = select.args["distinct"].args.get("on")
+    terms = on.expressions if isinstance(on, exp.Tuple) else [on]
+    for term in terms:
+        ref = root.resolve(term, analysis.columns_of) if isinstance(term, exp.Column) else None
+        if ref is not None and ref.sharded and term.name.lower() == ref.key:
+            return True
+    return False
+
+
 def _rewrite_rows(select: exp.Select, analysis: Analysis) -> tuple[str, RowsMerge]:
     rules = analysis.statement.rules
     projections = list(select.expressions)
-    distinct = select.args.get("distinct") is not None
+    distinct_node = select.args.get("distinct")
+    # DISTINCT ON by the key is final on each shard: the merge concatenates, it removes nothing.
+    distinct = distinct_node is not None and distinct_node.args.get("on") is None
     shard = select.copy()
     hidden: list[exp.Expr] = []
     keys: list[tuple[int | None, exp.Ordered]] = []
@@ -694,9 +731,7 @@ class _GroupedRewrite:
         self.has_min_max = False
         self.bare_columns: list[str] = []
         statement = analysis.statement
-        self.item_texts = (
-            select_item_texts(statement.sql, self.rules) if self.rules.name == "sqlite" else None
-        )
+        self.item_texts = select_item_texts(statement.sql, self.rules)
 
     def sql(self, node: exp.Expr) -> str:
         return node.sql(dialect=self.rules.sqlglot_dialect)
@@ -968,7 +1003,9 @@ class _GroupedRewrite:
 
     def _aggregate(self, node: exp.Expr, kind: str) -> MergeExpr:
         if kind.startswith("unsupported:"):
-            name = kind.split(":", 1)[1].upper()
+            inner = node.this if isinstance(node, exp.Filter) else node
+            # The name as the dialect writes it (PostgreSQL's STRING_AGG, not sqlglot's GROUP_CONCAT).
+            name = self.sql(inner).split("(", 1)[0].strip().upper() or kind.split(":", 1)[1].upper()
             raise refusal(
                 f"aggregate {name} spanning shards",
                 f"the aggregate {name} spanning shards is not supported (supported: COUNT, SUM, TOTAL, MIN, "
@@ -991,6 +1028,25 @@ class _GroupedRewrite:
             total = self._partial(exp.Sum(this=argument.copy()), filter_where)
             count = self._partial(exp.Count(this=argument.copy()), filter_where)
             return self._register("avg", (total, count))
+        if kind == "string_agg":
+            return self._string_agg(node, argument, filter_where)
+        if kind in _SPREAD:
+            if self.rules.name != "postgres":
+                raise InvalidArgument(
+                    f"no such function: {self.sql(node).split('(', 1)[0]} ({self.rules.name} has no variance "
+                    "or standard deviation aggregates)",
+                    reason="UNKNOWN_FUNCTION",
+                )
+            total = self._partial(exp.Sum(this=argument.copy()), filter_where)
+            count = self._partial(exp.Count(this=argument.copy()), filter_where)
+            # CAST(x AS NUMERIC) * x: exact for integers and numerics, double precision for floats.
+            square = exp.Mul(
+                this=exp.Cast(this=argument.copy(), to=exp.DataType.build("DECIMAL")),
+                expression=argument.copy(),
+            )
+            squares = self._partial(exp.Sum(this=square), filter_where)
+            function: AggregateFunction = kind  # type: ignore[assignment]
+            return self._register(function, (total, count, squares))
         partial: exp.Expr
         if kind == "count":
             partial = exp.Count(this=argument.copy() if argument is not None else exp.Star())
@@ -998,8 +1054,34 @@ class _GroupedRewrite:
             partial = exp.Anonymous(this="TOTAL", expressions=[e.copy() for e in node.expressions])
         else:
             partial = {"sum": exp.Sum, "min": exp.Min, "max": exp.Max}[kind](this=argument.copy())
-        function: AggregateFunction = kind  # type: ignore[assignment]
-        return self._register(function, (self._partial(partial, filter_where),))
+        plain: AggregateFunction = kind  # type: ignore[assignment]
+        return self._register(plain, (self._partial(partial, filter_where),))
+
+    def _string_agg(self, node: exp.Expr, argument: exp.Expr, filter_where: exp.Expr | None) -> MergeExpr:
+        """STRING_AGG / GROUP_CONCAT without an order: the shards' strings joined by the separator.
+
+        Without ORDER BY inside the call the order of the pieces is unspecified in SQL, so
+        any order of the shards' partial strings is a right answer. With ORDER BY or DISTINCT
+        inside, the pieces would have to be merged element by element: refused.
+        """
+        name = self.sql(node).split("(", 1)[0].strip().upper()
+        separator = node.args.get("separator")
+        if isinstance(argument, exp.Order | exp.Distinct) or (
+            separator is not None and not (isinstance(separator, exp.Literal) and separator.is_string)
+        ):
+            raise refusal(
+                f"aggregate {name} with ORDER BY, DISTINCT or a non-constant separator spanning shards",
+                f"{self.sql(node)} spanning shards is not supported: the pieces of each shard would have to be "
+                f"merged one by one ({name} without ORDER BY or DISTINCT, with a constant separator, is)",
+                "CROSS_SHARD_AGGREGATE",
+            )
+        text = str(separator.this) if separator is not None else ","
+        column = self._partial(node.copy(), filter_where)
+        key = ("string_agg", (column,))
+        if key not in self.aggregate_index:
+            self.aggregate_index[key] = len(self.aggregates)
+            self.aggregates.append(Aggregate("string_agg", (column,), text))
+        return AggRef(self.aggregate_index[key])
 
     def _distinct_aggregate(
         self, node: exp.Expr, kind: str, argument: exp.Distinct, filter_where: exp.Expr | None
@@ -1060,8 +1142,15 @@ def output_name(projection: exp.Expr, statement: Statement, written: str | None 
     if isinstance(node, exp.Column):
         return node.name
     if statement.rules.name == "postgres":
-        return _postgres_name(node)
+        name = _postgres_name(node)
+        called = _WRITTEN_CALL.match(written or "")
+        if isinstance(node, exp.Func) and not isinstance(node, exp.Anonymous | exp.Cast) and called:
+            return called.group(1).lower()  # the function as written: var_pop, not sqlglot's VARIANCE_POP
+        return name
     return written or node.sql(dialect=statement.rules.sqlglot_dialect)
+
+
+_WRITTEN_CALL = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*\(")
 
 
 _SELECT_LIST_ENDS = frozenset(

@@ -457,7 +457,7 @@ def _link_in_subquery(in_node: exp.Expr, scope: Scope, analysis: Analysis) -> No
     child = next((s for s in scope.children if s.node is inner), None)
     if child is None or len(child.tables) != 1 or child.opaque or child.joins:
         return
-    if any(inner.args.get(k) for k in ("group", "having", "limit", "offset", "qualify", "windows")):
+    if any(inner.args.get(k) for k in ("limit", "offset", "qualify", "windows")):
         return
     distinct = inner.args.get("distinct")
     if distinct is not None and distinct.args.get("on") is not None:
@@ -468,8 +468,15 @@ def _link_in_subquery(in_node: exp.Expr, scope: Scope, analysis: Analysis) -> No
     if isinstance(projection, exp.Alias):
         projection = projection.this
     right = _key_ref(projection, child, analysis)
-    if right is not None and right.scope is child:
-        analysis.union(left, right)
+    if right is None or right.scope is not child:
+        return
+    # Grouped, the subquery must group by the key it returns: each group is then on one shard.
+    group = inner.args.get("group")
+    if (group is not None or inner.args.get("having") is not None) and not (
+        isinstance(group, exp.Group) and any(_key_ref(g, child, analysis) is right for g in group.expressions)
+    ):
+        return
+    analysis.union(left, right)
 
 
 def _key_ref(node: exp.Expr, scope: Scope, analysis: Analysis) -> TableRef | None:
@@ -688,6 +695,9 @@ def _decide(analysis: Analysis) -> _Decision:
         scope = _topmost(refs)
         local = [r for r in refs if r.scope is scope]
         pin = prune(scope.where, local, scope, analysis)
+        if (pin is None or len(pin) > 1) and _partitioned_source(scope, refs, analysis, root_groups, others):
+            decision = _Decision(pin)  # the outer query reads it like a sharded table
+            continue
         spanning = decision.shards is None or len(decision.shards) > 1
         if spanning or pin is None or len(pin) > 1 or (pin and decision.shards and pin != decision.shards):
             kind = {"derived": "a subquery in FROM", "cte": "a WITH query"}.get(scope.kind, "a subquery")
@@ -701,6 +711,82 @@ def _decide(analysis: Analysis) -> _Decision:
         if pin:
             decision = _Decision(pin)
     return decision
+
+
+def _partitioned_source(
+    scope: Scope,
+    refs: list[TableRef],
+    analysis: Analysis,
+    root_groups: set[int],
+    others: Mapping[int, list[TableRef]],
+) -> bool:
+    """A derived table or CTE whose rows each shard computes completely for its own keys.
+
+    It must be the top-level query's only source (no joins, referenced once, no other
+    sharded group anywhere), read one co-located group in its own scope, and be either a
+    plain row query or grouped by the sharding key; no LIMIT, OFFSET, window or DISTINCT
+    ON. Then the shards' derived rows are disjoint and complete, and the outer query
+    merges over them as it would over a sharded table.
+    """
+    if scope.kind not in ("derived", "cte") or root_groups or len(others) != 1 or len(analysis.roots) != 1:
+        return False
+    root = analysis.roots[0]
+    if scope.kind == "derived" and scope.parent is not root:
+        return False
+    node = scope.node
+    if not isinstance(node, exp.Select) or any(r.scope is not scope for r in refs):
+        return False
+    if root.joins or any(t.sharded for t in root.tables.values()):
+        return False
+    if scope.kind == "cte":
+        name = next(
+            (
+                c.alias_or_name.lower()
+                for c in analysis.statement.expression.find_all(exp.CTE)
+                if c.this is node
+            ),
+            None,
+        )
+        uses = [
+            t
+            for t in analysis.statement.expression.find_all(exp.Table)
+            if name is not None and t.name.lower() == name and not t.args.get("db")
+        ]
+        if name is None or len(uses) != 1 or uses[0].find_ancestor(exp.Select) is not root.node:
+            return False
+    if any(node.args.get(k) for k in ("limit", "offset", "qualify", "windows")) or next(
+        node.find_all(exp.Window), None
+    ):
+        return False
+    distinct = node.args.get("distinct")
+    if distinct is not None and distinct.args.get("on") is not None:
+        return False
+    group = node.args.get("group")
+    grouped = group is not None or node.args.get("having") is not None or _aggregates(node)
+    if grouped or distinct is not None:
+        keys = (
+            group.expressions if isinstance(group, exp.Group) else [_unaliased(p) for p in node.expressions]
+        )
+        if not any(_key_ref(k, scope, analysis) is not None for k in keys):
+            return False
+    return True
+
+
+def _unaliased(node: exp.Expr) -> exp.Expr:
+    return node.this if isinstance(node, exp.Alias) else node
+
+
+def _aggregates(select: exp.Select) -> bool:
+    """Whether the select list aggregates (outside nested queries and window functions)."""
+    stack: list[exp.Expr] = list(select.expressions)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, exp.Window | exp.Query):
+            continue
+        if isinstance(node, exp.AggFunc):
+            return True
+        stack.extend(node.iter_expressions())
+    return False
 
 
 def _as_route(decision: _Decision, layout: ShardLayout, why: str) -> Route:
@@ -886,18 +972,39 @@ def refuse_reference_writes_reading_sharded(analysis: Analysis, route: Route) ->
 
 
 def refuse_windows_spanning_shards(analysis: Analysis, route: Route) -> None:
-    """Window functions see only their shard's rows."""
+    """Window functions see only their shard's rows: exact when each partition is on one shard.
+
+    A window of the top-level (ungrouped) query whose PARTITION BY includes the sharding
+    key of the query's co-located tables sees every row of its partition on that shard.
+    """
     if route.single:
         return
-    window = next(analysis.statement.expression.find_all(exp.Window), None)
-    if window is not None:
+    for window in analysis.statement.expression.find_all(exp.Window):
+        if _window_partitioned_by_key(window, analysis):
+            continue
         raise refusal(
             "window function spanning shards",
             "a window function spanning shards cannot be answered exactly "
-            f"({window.sql(dialect=analysis.statement.rules.sqlglot_dialect)}): restrict the query to one "
-            "sharding key value",
+            f"({window.sql(dialect=analysis.statement.rules.sqlglot_dialect)}): partition it by the sharding key, "
+            "or restrict the query to one sharding key value",
             "CROSS_SHARD_WINDOW",
         )
+
+
+def _window_partitioned_by_key(window: exp.Window, analysis: Analysis) -> bool:
+    if len(analysis.roots) != 1 or analysis.statement.kind is not StatementKind.SELECT:
+        return False
+    root = analysis.roots[0]
+    node = root.node
+    if not isinstance(node, exp.Select) or window.find_ancestor(exp.Select) is not node:
+        return False
+    if node.args.get("group") is not None or node.args.get("having") is not None or _aggregates(node):
+        return False
+    sharded = [ref for ref in root.tables.values() if ref.sharded]
+    if not sharded or any(analysis.find(r) != analysis.find(sharded[0]) for r in sharded):
+        return False
+    partition = window.args.get("partition_by") or []
+    return any(_key_ref(term, root, analysis) is not None for term in partition)
 
 
 def refuse_reference_outer_joins_spanning_shards(analysis: Analysis, route: Route) -> None:
