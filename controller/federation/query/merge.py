@@ -824,7 +824,11 @@ def arithmetic(op: str, a: object, b: object, rules: DialectRules) -> object:
             if rules.integer_overflow_becomes_real:
                 return arithmetic(op, float(x), float(y), rules)
             raise InvalidArgument("bigint out of range", reason="NUMERIC_OUT_OF_RANGE")
-        return result
+        return _no_negative_zero(result)
+    if op == "%" and isinstance(x, float) and not rules.modulo_casts_to_integer:
+        raise InvalidArgument(
+            "operator does not exist: double precision % (cast to numeric first)", reason="UNDEFINED_OPERATOR"
+        )
     if y == 0:
         if rules.division_by_zero_is_null:
             return None
@@ -832,9 +836,14 @@ def arithmetic(op: str, a: object, b: object, rules: DialectRules) -> object:
     if op == "/":
         if isinstance(x, int) and isinstance(y, int):
             quotient = abs(x) // abs(y)
-            return quotient if (x >= 0) == (y >= 0) else -quotient
+            quotient = quotient if (x >= 0) == (y >= 0) else -quotient
+            if quotient >= 2**63:  # -2^63 / -1
+                if rules.integer_overflow_becomes_real:
+                    return float(x) / float(y)
+                raise InvalidArgument("bigint out of range", reason="NUMERIC_OUT_OF_RANGE")
+            return quotient
         if isinstance(x, Decimal) and isinstance(y, Decimal):
-            return numeric_divide(x, y)
+            return _no_negative_zero(numeric_divide(x, y))
         return x / y  # type: ignore[operator]
     if op == "%":
         if isinstance(x, int) and isinstance(y, int):
@@ -842,7 +851,7 @@ def arithmetic(op: str, a: object, b: object, rules: DialectRules) -> object:
             return remainder if x >= 0 else -remainder
         if isinstance(x, float):
             return math.fmod(x, float(y))
-        return x % y  # type: ignore[operator]
+        return _no_negative_zero(x % y)  # type: ignore[operator]
     raise FailedPrecondition(f"unknown operator {op}", reason="MERGE_EVALUATION_UNSUPPORTED")
 
 
@@ -860,7 +869,7 @@ def apply_operator(op: str, values: list[Any], param: str, rules: DialectRules) 
     if op in ("+", "-", "*", "/", "%"):
         return arithmetic(op, values[0], values[1], rules)
     if op == "neg":
-        return None if values[0] is None else -_number(values[0], "-")
+        return None if values[0] is None else _negate(_number(values[0], "-"), rules)
     if op in ("=", "<>", "<", "<=", ">", ">="):
         return _boolean(compare(op, values[0], values[1]), rules)
     if op == "not":
@@ -888,9 +897,12 @@ def apply_operator(op: str, values: list[Any], param: str, rules: DialectRules) 
     if op == "nullif":
         return None if compare("=", values[0], values[1]) is True else values[0]
     if op == "abs":
-        return None if values[0] is None else abs(_number(values[0], "ABS"))
+        if values[0] is None:
+            return None
+        number = _number(values[0], "ABS")
+        return _negate(number, rules, "integer overflow") if number < 0 else number
     if op == "round":
-        return _round(values[0], values[1] if len(values) > 1 else 0, rules)
+        return _round(values[0], values[1] if len(values) > 1 else 0, rules, len(values) > 1)
     if op == "cast":
         return _cast(values[0], param, rules)
     if op == "concat":
@@ -900,6 +912,23 @@ def apply_operator(op: str, values: list[Any], param: str, rules: DialectRules) 
     raise FailedPrecondition(
         f"cannot evaluate {op} after merging shards", reason="MERGE_EVALUATION_UNSUPPORTED"
     )
+
+
+def _negate(number: int | float | Decimal, rules: DialectRules, overflow: str = "") -> int | float | Decimal:
+    """``-x`` with the dialect's 64-bit edge: -(-2^63) is a REAL in SQLite (ABS fails), an error in PostgreSQL."""
+    if isinstance(number, int) and number == -(2**63):
+        if rules.integer_overflow_becomes_real and not overflow:
+            return -float(number)
+        raise InvalidArgument(overflow or "bigint out of range", reason="NUMERIC_OUT_OF_RANGE")
+    negated: int | float | Decimal = _no_negative_zero(-number)
+    return negated
+
+
+def _no_negative_zero(value: Any) -> Any:
+    """PostgreSQL's numeric has no negative zero (Python's Decimal does)."""
+    if isinstance(value, Decimal) and value.is_zero() and value.is_signed():
+        return value.copy_abs()
+    return value
 
 
 def _text(value: object) -> str:
@@ -913,7 +942,7 @@ def _text(value: object) -> str:
     )
 
 
-def _round(value: object, digits: object, rules: DialectRules) -> object:
+def _round(value: object, digits: object, rules: DialectRules, with_digits: bool = True) -> object:
     if value is None or digits is None:
         return None
     places = int(_number(digits, "ROUND"))
@@ -922,20 +951,41 @@ def _round(value: object, digits: object, rules: DialectRules) -> object:
     if isinstance(number, Decimal):
         return number.quantize(quantum, rounding=ROUND_HALF_UP)
     if isinstance(number, int) and rules.exact_average:
+        if not with_digits:  # PostgreSQL resolves round(bigint) to round(double precision)
+            return float(number)
         return Decimal(number).quantize(quantum, rounding=ROUND_HALF_UP)
+    if isinstance(number, float) and rules.exact_average and with_digits:
+        raise InvalidArgument(
+            "function round(double precision, integer) does not exist (cast to numeric first)",
+            reason="UNDEFINED_FUNCTION",
+        )
     if isinstance(number, float) and not rules.division_by_zero_is_null and places == 0:
         return float(round(number))  # PostgreSQL's round(double precision) rounds half to even
     return float(Decimal(repr(float(number))).quantize(quantum, rounding=ROUND_HALF_UP))
 
 
+_INTEGER_BITS = {"integer": 64, "int4": 32, "int2": 16}
+"""CAST targets of the integer kind and their width in PostgreSQL (``integer``: bigint)."""
+
+
 def _cast(value: object, target: str, rules: DialectRules) -> object:
     if value is None:
         return None
-    if target == "integer":
+    if target in _INTEGER_BITS:
         number = _number(value, "CAST") if not isinstance(value, str) else Decimal(value.strip())
-        if rules.cast_to_integer_rounds:
-            return int(Decimal(number).quantize(Decimal(1), rounding=ROUND_HALF_UP))
-        return int(number)
+        if not rules.cast_to_integer_rounds:
+            return int(number)  # SQLite truncates; its INTEGER is 64 bits whatever the name
+        # PostgreSQL: a double rounds half to even (rint), a numeric half away from zero.
+        whole = (
+            round(number)
+            if isinstance(number, float)
+            else int(Decimal(number).quantize(Decimal(1), ROUND_HALF_UP))
+        )
+        bits = _INTEGER_BITS[target]
+        if not -(2 ** (bits - 1)) <= whole < 2 ** (bits - 1):
+            name = {16: "smallint", 32: "integer", 64: "bigint"}[bits]
+            raise InvalidArgument(f"{name} out of range", reason="NUMERIC_OUT_OF_RANGE")
+        return whole
     if target == "float":
         return float(_number(value, "CAST") if not isinstance(value, str) else float(value))
     if target == "numeric":

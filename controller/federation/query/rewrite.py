@@ -133,9 +133,9 @@ _BINARY_OPS: Mapping[type[exp.Expr], str] = {
     exp.DPipe: "concat",
 }
 _CAST_TARGETS: Mapping[str, str] = {
-    "INT": "integer",
+    "INT": "int4",
     "BIGINT": "integer",
-    "SMALLINT": "integer",
+    "SMALLINT": "int2",
     "TINYINT": "integer",
     "FLOAT": "float",
     "DOUBLE": "float",
