@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 from automator67.v1 import auth_pb2_grpc, node_pb2, node_pb2_grpc, query_pb2, query_pb2_grpc
 from google.rpc import error_details_pb2
@@ -322,8 +323,14 @@ async def test_a_primary_killed_mid_query_falls_back_to_its_replica(setup: tuple
         "SELECT count(*) FROM orders a JOIN orders b ON a.customer_id = b.customer_id "
         f"WHERE a.customer_id = {customer} AND (a.id * b.id) % 7 = 3"
     )
+    agent = psutil.Process(fleet.agents[primary].pid)
+    before = sum(agent.cpu_times()[:2])
     running = asyncio.ensure_future(_query(stub, token, db_id, slow))
-    await asyncio.sleep(0.3)
+    # Kill the primary once it is busy with the join (its CPU time grows), not after a fixed delay.
+    for _ in range(2000):
+        if running.done() or sum(agent.cpu_times()[:2]) - before > 0.3:
+            break
+        await asyncio.sleep(0.01)
     assert not running.done(), "the query should still be running on the primary"
     fleet.kill(primary)
     answer = await running
