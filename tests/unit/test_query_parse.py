@@ -221,3 +221,24 @@ def test_a_schema_prefix_is_refused_even_public() -> None:
 def test_literal_values(text: str, dialect: str, value: object) -> None:
     rules = DIALECTS[dialect]
     assert literal_value(sqlglot.parse_one(text, read=rules.sqlglot_dialect), rules) == value
+
+
+@pytest.mark.parametrize(
+    ("sql", "plain"),
+    [
+        ("SELECT * FROM t WHERE", "WHERE needs a condition"),
+        ("SELECT 1 *", "the operator * needs a value on each side"),
+        ("SELECT a FROM", "expected table name, found the end of the statement"),
+        ("SELECT (1", "a closing parenthesis ) is missing"),
+        ("SELECT a FROM t ORDER BY", "ORDER BY needs at least one expression"),
+        ("SELECT a FROM t WHERE a = = 1", "the operator = needs a value on each side"),
+        ("SELECT a FROM t LIMIT", "LIMIT needs a number"),
+    ],
+)
+def test_syntax_errors_say_what_is_wrong_without_the_parsers_internals(sql: str, plain: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        parse(sql, "postgres")
+    message = str(caught.value)
+    assert plain in message
+    for internal in ("<class", "Token", "sqlglot"):
+        assert internal not in message

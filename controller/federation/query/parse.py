@@ -186,7 +186,7 @@ def parse(sql: str, dialect: str) -> Statement:
     >>> parse("SELECT * FROM t WHERE", "sqlite")
     Traceback (most recent call last):
     ...
-    controller.errors.InvalidArgument: SQL syntax error at line 1, column 17: Required keyword: 'this' missing for <class 'sqlglot.expressions.query.Where'> (near 'WHERE')
+    controller.errors.InvalidArgument: SQL syntax error at line 1, column 17: WHERE needs a condition (near 'WHERE')
     >>> parse("BEGIN", "postgres")
     Traceback (most recent call last):
     ...
@@ -406,7 +406,61 @@ def _syntax_error_from_tokens(sql: str, exc: TokenError) -> InvalidArgument:
     return _syntax_error(line, col, description, "")
 
 
+_MISSING = re.compile(r"Required keyword: '(\w+)' missing for <class '[\w.]*?(\w+)'>")
+_EXPECTED = re.compile(r"Expected (.+?) but got <Token token_type: TokenType\.(\w+), text: (.*?), line")
+_OPERATORS = {
+    "Add": "+", "Sub": "-", "Mul": "*", "Div": "/", "Mod": "%", "EQ": "=", "NEQ": "<>", "GT": ">",
+    "GTE": ">=", "LT": "<", "LTE": "<=", "And": "AND", "Or": "OR", "DPipe": "||", "Like": "LIKE",
+    "ILike": "ILIKE", "Is": "IS",
+}  # fmt: skip
+_CLAUSES = {
+    "Where": "WHERE needs a condition",
+    "Having": "HAVING needs a condition",
+    "Order": "ORDER BY needs at least one expression",
+    "Group": "GROUP BY needs at least one expression",
+    "Limit": "LIMIT needs a number",
+    "Offset": "OFFSET needs a number",
+    "Join": "the JOIN is incomplete",
+    "From": "FROM needs a table",
+    "Values": "VALUES needs at least one row",
+    "Between": "BETWEEN needs two values joined by AND",
+    "In": "IN needs a list of values or a subquery",
+}
+
+
+def plain_syntax_description(description: str) -> str:
+    """sqlglot's error text in plain words, without its internals (class names, token dumps).
+
+    >>> plain_syntax_description("Required keyword: 'this' missing for <class 'sqlglot.expressions.query.Where'>")
+    'WHERE needs a condition'
+    >>> plain_syntax_description("Required keyword: 'expression' missing for <class 'sqlglot.expressions.core.Mul'>")
+    'the operator * needs a value on each side'
+    """
+    missing = _MISSING.search(description)
+    if missing:
+        kind = missing.group(2)
+        if kind in _OPERATORS:
+            return f"the operator {_OPERATORS[kind]} needs a value on each side"
+        if kind in _CLAUSES:
+            return _CLAUSES[kind]
+        words = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", kind).upper()
+        return f"{words} is incomplete"
+    expected = _EXPECTED.search(description)
+    if expected:
+        what, kind, text = expected.groups()
+        found = "the end of the statement" if kind == "SENTINEL" else repr(text)
+        return f"expected {what}, found {found}"
+    if description.startswith("Expecting )"):
+        return "a closing parenthesis ) is missing"
+    if description.startswith("Invalid expression / Unexpected token"):
+        return "unexpected word or symbol"
+    if "<class '" in description or "<Token" in description:
+        return "the statement cannot be read here"
+    return description
+
+
 def _syntax_error(line: int, col: int, description: str, near: str) -> InvalidArgument:
+    description = plain_syntax_description(description)
     where = f"line {line}, column {col}"
     suffix = f" (near {near!r})" if near else ""
     return InvalidArgument(
