@@ -6,7 +6,11 @@
     a67 migrate    bring the store's schema up to date
     a67 agent      run the reference node agent (enrolls once, then streams heartbeats)
     a67 gateway    run Envoy: REST/JSON for the dashboard, transcoded to the controller's gRPC
-    a67 up         the controller and the gateway together, on embedded defaults
+    a67 up         the controller, the gateway and an ingress together, on embedded defaults
+    a67 ingress    run an ingress Envoy for app traffic, configured by the controller over xDS
+
+The commands for people (register, login, nodes, deploy, apps, db, metrics, …) are the
+user CLI of :mod:`controller.client` (docs/cli.md).
 """
 
 from __future__ import annotations
@@ -25,11 +29,9 @@ log = logging.getLogger("a67")
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from controller.logging_setup import configure_logging
+
+    configure_logging(level)
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +70,23 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_ingress_settings_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--xds-listen",
+        dest="xds_listen_address",
+        metavar="HOST:PORT",
+        help="where ingress Envoys get their configuration (xDS) and send access logs "
+        "(A67_XDS_LISTEN_ADDRESS; default 127.0.0.1:50053)",
+    )
+    parser.add_argument(
+        "--apps-domain", help="apps answer on <name>.<user handle>.<domain> (A67_APPS_DOMAIN; apps.localhost)"
+    )
+    parser.add_argument(
+        "--ingress-url",
+        help="the ingress as users reach it, for app URLs (A67_INGRESS_URL; http://127.0.0.1:8081)",
+    )
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env(
         listen_address=args.listen_address,
@@ -81,6 +100,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         max_receive_message_bytes=args.max_receive_message_bytes,
+        xds_listen_address=getattr(args, "xds_listen_address", None),
+        apps_domain=getattr(args, "apps_domain", None),
+        ingress_url=getattr(args, "ingress_url", None),
     )
 
 
@@ -112,20 +134,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the controller")
     _add_settings_flags(serve)
+    _add_ingress_settings_flags(serve)
     serve.set_defaults(func=_cmd_serve)
     migrate = sub.add_parser("migrate", help="upgrade the store schema to the newest revision")
     _add_settings_flags(migrate)
     migrate.set_defaults(func=_cmd_migrate)
     from controller.agent.cli import add_agent_parser
     from controller.gateway.cli import add_gateway_parser, add_up_parser
+    from controller.ingress.cli import add_ingress_parser
 
     add_agent_parser(sub)
     add_gateway_parser(sub)
     add_up_parser(sub)
+    add_ingress_parser(sub)
+    from controller.client.names import add_client_parsers
+
+    add_client_parsers(sub)  # listed in --help; main() hands them to the user CLI
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from controller.client.names import run_client, wants_client
+
+    if wants_client(argv := list(sys.argv[1:] if argv is None else argv)):
+        return run_client(argv)  # register, login, nodes, deploy, apps, db, … (controller/client/)
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)

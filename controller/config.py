@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
+
+from controller.limits import DEFAULT_MAX_PACKAGE_BYTES
 
 Environment = Literal["development", "production"]
 
@@ -163,6 +166,47 @@ class Settings:
     limit plus :data:`TRANSCODING_OVERHEAD_BYTES`, so that every body the gateway lets
     through reaches a servicer (``a67 up`` raises it when the gateway's limit needs it)."""
 
+    max_package_bytes: int = DEFAULT_MAX_PACKAGE_BYTES
+    """Largest uploaded application source (``UploadSource``), in bytes: 1 GiB."""
+
+    xds_listen_address: str = "127.0.0.1:50053"
+    """Where the controller serves Envoy's xDS (ADS) and access-log services to ingress
+    Envoys (docs/ingress.md). No authentication: loopback or a private network only.
+    Empty disables the ingress control plane."""
+
+    apps_domain: str = "apps.localhost"
+    """Apps answer on ``<deployment name>.<user handle>.<apps_domain>`` at the ingress."""
+
+    ingress_url: str = "http://127.0.0.1:8081"
+    """The ingress as users reach it: the base of the URLs GetDeployment shows."""
+
+    ingress_drain_seconds: float = 5.0
+    """A replica leaving (scale-down, rolling update) is first removed from the ingress
+    endpoints; its requests in flight get this long before it is stopped."""
+
+    storage_chunk_bytes: int = 4 * 1024 * 1024
+    """Plaintext bytes per stored chunk (docs/storage.md): 4 MiB."""
+
+    storage_max_bytes_per_user: int = 10 * 1024 * 1024 * 1024
+    """Storage quota: bytes of complete files per user (10 GiB)."""
+
+    storage_max_files_per_user: int = 100_000
+    """Storage quota: files per user."""
+
+    storage_gc_grace_seconds: float = 3600.0
+    """How long deleted, replaced and broken uploads' chunks stay on the nodes before
+    they are removed (readers that started before the change finish meanwhile)."""
+
+    storage_gc_interval_seconds: float = 60.0
+    """How often the storage garbage collector runs."""
+
+    storage_repair_interval_seconds: float = 10.0
+    """How often under-replicated chunks are looked for (besides node failures and
+    corruption reports, which start a repair at once)."""
+
+    storage_repair_rate_per_second: float = 20.0
+    """Chunk copies the repairer makes per second at most (burst: one second's worth)."""
+
     @property
     def tls(self) -> bool:
         """Whether the user-facing port serves TLS."""
@@ -213,6 +257,36 @@ class Settings:
             setting="A67_LISTEN_ADDRESS (--listen)",
             remedy="--tls-cert and --tls-key, or A67_TLS_CERT and A67_TLS_KEY",
         )
+        if self.max_package_bytes <= 0:
+            raise ValueError("A67_MAX_PACKAGE_BYTES must be positive")
+        if self.xds_listen_address:
+            try:
+                xds_host, _ = split_host_port(self.xds_listen_address)
+            except ValueError as exc:
+                raise ValueError(f"A67_XDS_LISTEN_ADDRESS must be host:port: {exc}") from None
+            if self.environment == "production" and not is_loopback(xds_host):
+                raise ValueError(
+                    f"A67_XDS_LISTEN_ADDRESS is {self.xds_listen_address!r}: the xDS port has no "
+                    "authentication, so in production it must listen on a loopback address"
+                )
+        if not re.fullmatch(
+            r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", self.apps_domain
+        ):
+            raise ValueError(f"A67_APPS_DOMAIN must be a lower-case DNS name, not {self.apps_domain!r}")
+        if not 0 <= self.ingress_drain_seconds <= 3600:
+            raise ValueError("A67_INGRESS_DRAIN_SECONDS must be between 0 and 3600")
+        if not 64 * 1024 <= self.storage_chunk_bytes <= 64 * 1024 * 1024:
+            raise ValueError("A67_STORAGE_CHUNK_BYTES must be between 65536 and 67108864")
+        if self.storage_max_bytes_per_user <= 0 or self.storage_max_files_per_user <= 0:
+            raise ValueError(
+                "A67_STORAGE_MAX_BYTES_PER_USER and A67_STORAGE_MAX_FILES_PER_USER must be positive"
+            )
+        if self.storage_gc_grace_seconds < 0 or self.storage_gc_interval_seconds <= 0:
+            raise ValueError("A67_STORAGE_GC_GRACE_SECONDS must be >= 0, A67_STORAGE_GC_INTERVAL_SECONDS > 0")
+        if self.storage_repair_interval_seconds <= 0 or self.storage_repair_rate_per_second <= 0:
+            raise ValueError(
+                "A67_STORAGE_REPAIR_INTERVAL_SECONDS and A67_STORAGE_REPAIR_RATE_PER_SECOND must be positive"
+            )
         if not 0 < self.max_receive_message_bytes < 2**31:
             raise ValueError("A67_MAX_RECEIVE_MESSAGE_BYTES must be between 1 and 2147483647")
         if not (

@@ -41,16 +41,22 @@ from controller.api.interceptors import ControllerInterceptor
 from controller.api.metrics_servicer import MetricsServicer
 from controller.api.node_servicer import NodeServicer
 from controller.api.query_servicer import QueryServicer
+from controller.api.storage_servicer import StorageServicer
 from controller.auth.passwords import PasswordHasher
 from controller.auth.service import AuthService
 from controller.auth.tokens import TokenService
 from controller.cache import open_cache
 from controller.cache.base import Cache
 from controller.config import Settings
+from controller.deployments.blobs import PackageStore
 from controller.deployments.service import DeploymentService
 from controller.errors import Unavailable
 from controller.federation.repository import DatabaseRepository
 from controller.federation.service import DatabaseService
+from controller.federation.storage import StorageLimits, StorageService
+from controller.federation.transactions import TransactionLog, TransactionManager
+from controller.ingress.service import IngressService
+from controller.ingress.snapshot import IngressOptions
 from controller.keys import KeyMaterial, load_key_material
 from controller.nodes.ca import CertificateAuthority
 from controller.nodes.enrollment import EnrollmentTokens
@@ -102,6 +108,9 @@ class Controller:
     ca: CertificateAuthority
     node_port: int | None
     draining: asyncio.Event = field(default_factory=asyncio.Event)
+    transactions: TransactionManager | None = None
+    ingress: IngressService | None = None
+    storage: StorageService | None = None
 
     @property
     def address(self) -> str:
@@ -115,6 +124,12 @@ class Controller:
         self.draining.set()
         await self.health.enter_graceful_shutdown()
         await self.deployments.stop()
+        if self.storage is not None:
+            await self.storage.stop()
+        if self.ingress is not None:
+            await self.ingress.stop()
+        if self.transactions is not None:
+            await self.transactions.stop()
         await self.fleet.stop()
         grace = self.settings.drain_grace_seconds if grace is None else grace
         log.info("draining: health is NOT_SERVING; in-flight calls have %.1f s to finish", grace)
@@ -161,9 +176,41 @@ async def start_controller(settings: Settings) -> Controller:
         fleet=fleet,
         vault=vault,
         reconcile_interval_seconds=settings.heartbeat_interval_seconds,
+        packages=PackageStore(settings.data_dir / "packages", max_bytes=settings.max_package_bytes),
     )
-    fleet.recovery_handler = deployments.on_node_failed
+    storage = StorageService(
+        store=store,
+        fleet=fleet,
+        vault=vault,
+        limits=StorageLimits(
+            chunk_bytes=settings.storage_chunk_bytes,
+            max_bytes_per_user=settings.storage_max_bytes_per_user,
+            max_files_per_user=settings.storage_max_files_per_user,
+            gc_grace_seconds=settings.storage_gc_grace_seconds,
+            gc_interval_seconds=settings.storage_gc_interval_seconds,
+            repair_interval_seconds=settings.storage_repair_interval_seconds,
+            repair_rate_per_second=settings.storage_repair_rate_per_second,
+        ),
+    )
+
+    async def on_node_failed(node_id: str, user_id: str) -> None:
+        await storage.on_node_failed(node_id, user_id)  # only wakes the repairer: never slow
+        await deployments.on_node_failed(node_id, user_id)
+
+    fleet.recovery_handler = on_node_failed
     fleet.replica_report_handler = deployments.on_replicas_reported
+    ingress: IngressService | None = None
+    if settings.xds_listen_address:
+        ingress = IngressService(
+            fleet=fleet,
+            users=UserRepository(store),
+            listen_address=settings.xds_listen_address,
+            options=IngressOptions(apps_domain=settings.apps_domain),
+            public_url=settings.ingress_url,
+        )
+        deployments.on_change = ingress.deployment_changed
+        fleet.app_traffic = ingress.node_traffic
+        deployments.drain_seconds = settings.ingress_drain_seconds
     registrar = NodeRegistrar(
         store,
         enrollment,
@@ -207,10 +254,15 @@ async def start_controller(settings: Settings) -> Controller:
             ca=ca,
             heartbeat_interval_ms=interval_ms,
             deployments_on=deployments.deployments_on_async,
+            serve_package=deployments.serve_package,
+            storage=storage,
         ),
         server,
     )
-    deployment_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentServicer(deployments), server)
+    deployment_pb2_grpc.add_DeploymentServiceServicer_to_server(
+        DeploymentServicer(deployments, ingress), server
+    )
+    transactions = TransactionManager(log_store=TransactionLog(store), streams=fleet.streams)
     query_pb2_grpc.add_QueryServiceServicer_to_server(
         QueryServicer(
             DatabaseService(
@@ -219,13 +271,12 @@ async def start_controller(settings: Settings) -> Controller:
                 streams=fleet.streams,
                 vault=vault,
                 cache=cache,
+                transactions=transactions,
             )
         ),
         server,
     )
-    # Not built yet: the generated base class answers UNIMPLEMENTED (through the
-    # interceptor, with an ErrorInfo detail).
-    storage_pb2_grpc.add_StorageServiceServicer_to_server(storage_pb2_grpc.StorageServiceServicer(), server)  # type: ignore[abstract]
+    storage_pb2_grpc.add_StorageServiceServicer_to_server(StorageServicer(storage), server)
 
     draining = asyncio.Event()
     metrics_pb2_grpc.add_MetricsServiceServicer_to_server(MetricsServicer(fleet, nodes, draining), server)
@@ -257,8 +308,17 @@ async def start_controller(settings: Settings) -> Controller:
         await store.close()
         raise Unavailable(f"Cannot listen: {exc}", reason="BIND_FAILED") from exc
     await server.start()
+    if ingress is not None:
+        try:
+            await ingress.start()
+        except (RuntimeError, OSError) as exc:
+            await server.stop(0)
+            await cache.close()
+            await store.close()
+            raise Unavailable(f"Cannot listen for xDS: {exc}", reason="BIND_FAILED") from exc
     await fleet.start()
     await deployments.start()
+    await storage.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     controller = Controller(
@@ -275,12 +335,17 @@ async def start_controller(settings: Settings) -> Controller:
         ca=ca,
         node_port=node_port,
         draining=draining,
+        transactions=transactions,
+        ingress=ingress,
+        storage=storage,
     )
+    transactions.start()
     log.info(
-        "serving on %s (%s), nodes on %s (mutual TLS) (store %s, cache %s)",
+        "serving on %s (%s), nodes on %s (mutual TLS), xDS on %s (store %s, cache %s)",
         controller.address,
         "TLS" if settings.tls else "plaintext",
         node_address,
+        ingress.address if ingress is not None else "-",
         store.url,
         redact(settings.cache_url),
     )

@@ -1,4 +1,9 @@
-"""Row values on the node stream: a JSON encoding that keeps SQL values exact.
+"""Row values between agents and the controller: a JSON encoding that keeps SQL values exact.
+
+A shard statement's rows travel in batches over ``NodeService.PushShardResult`` (the
+data path on the node port, see docs/databases.md): each batch is :func:`encode_rows`,
+a JSON array of rows. (A transaction step's small result still rides its command
+result as one :func:`encode_result` payload.)
 
 JSON has integers, floats, strings, booleans and null; SQL values that JSON
 cannot hold exactly travel tagged:
@@ -45,6 +50,35 @@ def decode_value(value: Any) -> Any:
         if "$dec" in value:
             return Decimal(value["$dec"])
     return value
+
+
+_NATIVE = (type(None), bool, int, float, str)
+
+
+def encode_rows(rows: list[tuple[Any, ...]] | list[list[Any]]) -> bytes:
+    """One batch of rows as JSON (values as :func:`encode_value`; native ones pass as they are).
+
+    >>> decode_rows(encode_rows([(1, "a", None), (2, b"\\x00", Decimal("1.5"))]))
+    [(1, 'a', None), (2, b'\\x00', Decimal('1.5'))]
+    """
+    return json.dumps(
+        [[v if type(v) in _NATIVE else encode_value(v) for v in row] for row in rows],
+        separators=(",", ":"),
+    ).encode()
+
+
+def _tagged(value: dict[str, Any]) -> Any:
+    if len(value) == 1:
+        if "$b64" in value:
+            return base64.b64decode(value["$b64"])
+        if "$dec" in value:
+            return Decimal(value["$dec"])
+    return value
+
+
+def decode_rows(data: bytes) -> list[tuple[Any, ...]]:
+    """The rows of an :func:`encode_rows` batch (C-speed JSON; only tagged values are touched)."""
+    return list(map(tuple, json.loads(data, object_hook=_tagged)))
 
 
 def encode_result(columns: list[tuple[str, str]], rows: list[tuple[Any, ...]], rowcount: int) -> bytes:

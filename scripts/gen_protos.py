@@ -33,6 +33,7 @@ THIRD_PARTY = ROOT / "third_party" / "googleapis"
 VENDORED = (
     "google/api/annotations.proto",
     "google/api/http.proto",
+    "google/api/httpbody.proto",
     "google/rpc/code.proto",
     "google/rpc/error_details.proto",
     "google/rpc/status.proto",

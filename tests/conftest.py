@@ -39,6 +39,17 @@ def service_missing(message: str) -> NoReturn:
     pytest.skip(message)
 
 
+def require_prepared_transactions(url: str) -> None:
+    """Skip (fail under CI) unless the PostgreSQL server behind ``url`` allows PREPARE TRANSACTION."""
+    with psycopg.connect(_conninfo(url), connect_timeout=5) as conn:
+        row = conn.execute("SHOW max_prepared_transactions").fetchone()
+    if row is None or int(row[0]) <= 0:
+        service_missing(
+            "PostgreSQL has max_prepared_transactions = 0: cross-shard commits need PREPARE TRANSACTION "
+            "(ALTER SYSTEM SET max_prepared_transactions = 100, then restart the server; .ci/run does)"
+        )
+
+
 def _conninfo(url: str) -> str:
     """A libpq URI (no SQLAlchemy driver suffix) for psycopg."""
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)

@@ -19,6 +19,7 @@ def controller_settings(data_dir: Path, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "listen_address": "127.0.0.1:0",
         "node_listen_address": "127.0.0.1:0",
+        "xds_listen_address": "127.0.0.1:0",
         "data_dir": data_dir,
         "drain_grace_seconds": 2.0,
     }

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from controller.agent.chunks import DEFAULT_SCRUB_INTERVAL_SECONDS, StorageAgent, storage_message_options
 from controller.agent.client import (
     DEFAULT_PROVIDER,
     PROVIDERS,
@@ -234,6 +235,12 @@ def add_agent_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="ports handed to replicas when the controller names none "
         f"(default {DEFAULT_PORT_RANGE[0]}-{DEFAULT_PORT_RANGE[1]}; env {PORT_RANGE_ENV})",
     )
+    parser.add_argument(
+        "--scrub-interval",
+        type=_positive_float,
+        default=DEFAULT_SCRUB_INTERVAL_SECONDS,
+        help="storage nodes: seconds between checks of every stored chunk's checksum (default 3600)",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.set_defaults(func=run_agent_command)
     return parser
@@ -322,6 +329,7 @@ async def run_agent(
     replica_uids: tuple[int, int] | None = None,
     replica_root: Path | None = None,
     replica_python: str = sys.executable,
+    scrub_interval_seconds: float = DEFAULT_SCRUB_INTERVAL_SECONDS,
 ) -> int:
     """Run an :class:`Agent` until SIGTERM or SIGINT; its exit code.
 
@@ -350,7 +358,18 @@ async def run_agent(
             loop.add_signal_handler(sig, stop.set)
             installed.append(sig)
     try:
-        return await Agent(config, handlers=handlers, replicas=supervisor.states).run(stop)
+        agent = Agent(config, handlers=handlers, replicas=supervisor.states)
+        supervisor.packages.fetch = agent.fetch_package
+        shards.open_push = agent.open_shard_push  # shard results' data path (PushShardResult)
+        if "storage" in config.node_types:  # chunks of files (controller/agent/chunks.py)
+            storage = StorageAgent(
+                config.data_dir,
+                lambda: agent.storage_channel(storage_message_options()),
+                scrub_interval_seconds=scrub_interval_seconds,
+            )
+            storage.register(handlers)
+            agent.on_connected = storage.connected
+        return await agent.run(stop)
     finally:
         await supervisor.close()
         await shards.close()
@@ -431,5 +450,6 @@ def run_agent_command(args: argparse.Namespace) -> int:
             replica_uids=replica_uids,
             replica_root=replica_root,
             replica_python=replica_python,
+            scrub_interval_seconds=args.scrub_interval,
         )
     )

@@ -38,7 +38,7 @@ import random
 import socket
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -53,6 +53,7 @@ from controller.agent.handlers import CommandHandlers
 from controller.agent.identity import DEFAULT_DATA_DIR, Enrollment, Identity, IdentityError
 from controller.agent.metrics import MetricsState, collect_metrics, measure_capabilities
 from controller.keepalive import client_options, server_options
+from controller.limits import MessageTooLarge, check_control_message, node_channel_options
 
 log = logging.getLogger("controller.agent")
 
@@ -356,6 +357,12 @@ class Agent:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._recent: OrderedDict[str, node_pb2.CommandResult] = OrderedDict()
         self._capabilities: common_pb2.NodeCapabilities | None = None
+        self._enrollment: Enrollment | None = None
+        self._bulk: grpc.aio.Channel | None = None
+        self._storage: grpc.aio.Channel | None = None
+        self._data: grpc.aio.Channel | None = None
+        self.on_connected: Callable[[], None] | None = None
+        """Called after each accepted hello (storage reports its inventory then)."""
 
     # ----------------------------------------------------------------- observable state
 
@@ -428,11 +435,21 @@ class Agent:
             log.error("cannot use the agent data directory %s: %s", self.identity.data_dir, exc)
             return EXIT_FAILURE
         self._node_id = enrollment.node_id
+        self._enrollment = enrollment
         self._interval_ms = enrollment.heartbeat_interval_ms or DEFAULT_HEARTBEAT_INTERVAL_MS
         try:
             await self._stay_connected(enrollment, stop)
         finally:
             await self._cancel_commands()
+            if self._bulk is not None:
+                await self._bulk.close()
+                self._bulk = None
+            if self._storage is not None:
+                await self._storage.close()
+                self._storage = None
+            if self._data is not None:
+                await self._data.close()
+                self._data = None
         log.info("agent stopped (node %s)", enrollment.node_id)
         return EXIT_OK
 
@@ -613,22 +630,71 @@ class Agent:
             if await _sleep_unless_stopped(stop, delay):
                 break
 
-    async def _session(self, enrollment: Enrollment, stop: asyncio.Event) -> _SessionEnd:
-        """One stream, from dialing to its end; raises _StopRequested when stopped."""
+    def storage_channel(self, message_options: list[tuple[str, int]]) -> grpc.aio.Channel:
+        """A channel of its own to the node port for chunk transfers (controller/agent/chunks.py),
+        with its own message limits."""
+        if self._enrollment is None:
+            raise RuntimeError("the agent is not enrolled yet")
+        if self._storage is None:
+            self._storage = self._node_port_channel(
+                self._enrollment, own_connection=True, limits=message_options
+            )
+        return self._storage
+
+    def _node_port_channel(
+        self,
+        enrollment: Enrollment,
+        *,
+        own_connection: bool = False,
+        limits: list[tuple[str, int]] | None = None,
+    ) -> grpc.aio.Channel:
+        """A mutual-TLS channel to the node port, with the shared message limits."""
         credentials = grpc.ssl_channel_credentials(
             root_certificates=enrollment.ca_certificate_pem,
             private_key=self.identity.private_key_pem(),
             certificate_chain=enrollment.certificate_pem,
         )
-        options = [
+        options: list[tuple[str, Any]] = [
             ("grpc.ssl_target_name_override", TARGET_NAME_OVERRIDE),
             *keepalive_options(self._interval_ms),
+            *(limits if limits is not None else node_channel_options()),
         ]
+        if own_connection:  # bulk transfers get their own TCP connection: heartbeats never queue behind them
+            options.append(("grpc.use_local_subchannel_pool", 1))
+        return grpc.aio.secure_channel(enrollment.controller_endpoint, credentials, options=options)
+
+    async def fetch_package(self, sha256: str, offset: int) -> AsyncIterator[node_pb2.FetchPackageResponse]:
+        """Chunks of package ``sha256`` from ``offset`` (``NodeService.FetchPackage``, on a
+        connection of its own beside the node stream)."""
+        enrollment = self._enrollment
+        if enrollment is None:
+            raise RuntimeError("the agent is not enrolled yet")
+        if self._bulk is None:
+            self._bulk = self._node_port_channel(enrollment, own_connection=True)
+        call = node_pb2_grpc.NodeServiceStub(self._bulk).FetchPackage(
+            node_pb2.FetchPackageRequest(sha256=sha256, offset=offset)
+        )
+        try:
+            async for chunk in call:
+                yield chunk
+        finally:
+            call.cancel()
+
+    def open_shard_push(self) -> Any:
+        """A ``NodeService.PushShardResult`` call (the rows of a shard statement), on a
+        connection of its own beside the node stream (controller/agent/shards.py)."""
+        enrollment = self._enrollment
+        if enrollment is None:
+            raise RuntimeError("the agent is not enrolled yet")
+        if self._data is None:
+            self._data = self._node_port_channel(enrollment, own_connection=True)
+        return node_pb2_grpc.NodeServiceStub(self._data).PushShardResult()
+
+    async def _session(self, enrollment: Enrollment, stop: asyncio.Event) -> _SessionEnd:
+        """One stream, from dialing to its end; raises _StopRequested when stopped."""
         end = _SessionEnd()
         log.debug("connecting to %s as node %s", enrollment.controller_endpoint, enrollment.node_id)
-        async with grpc.aio.secure_channel(
-            enrollment.controller_endpoint, credentials, options=options
-        ) as channel:
+        async with self._node_port_channel(enrollment) as channel:
             call = node_pb2_grpc.NodeServiceStub(channel).Connect()
             try:
                 await self._hold_stream(call, enrollment.controller_endpoint, stop, end)
@@ -662,6 +728,8 @@ class Agent:
         end.acked = True
         self._connected = True
         self._connections += 1
+        if self.on_connected is not None:
+            self.on_connected()
         outbox: asyncio.PriorityQueue[tuple[int, int, node_pb2.ConnectRequest]] = asyncio.PriorityQueue()
         self._outbox = outbox
         log.info(
@@ -769,7 +837,10 @@ class Agent:
         self, call: Any, outbox: asyncio.PriorityQueue[tuple[int, int, node_pb2.ConnectRequest]]
     ) -> None:
         while True:
-            _, _, request = await outbox.get()
+            _, _, queued = await outbox.get()
+            request = self._bounded(queued)
+            if request is None:
+                continue
             try:
                 await call.write(request)
             except BaseException:
@@ -778,6 +849,26 @@ class Agent:
                 raise
             if request.HasField("heartbeat"):
                 self._heartbeats_sent += 1
+
+    @staticmethod
+    def _bounded(request: node_pb2.ConnectRequest) -> node_pb2.ConnectRequest | None:
+        """``request`` if it fits the node stream's bound; an oversized command result is
+        replaced by a failed result saying so (gRPC would fail the whole stream), anything
+        else oversized is dropped with an error in the log."""
+        try:
+            check_control_message(request, f"The {request.WhichOneof('message')} message")
+            return request
+        except MessageTooLarge as exc:
+            log.error("not sent: %s", exc)
+            if not request.HasField("result"):
+                return None
+            return node_pb2.ConnectRequest(
+                result=node_pb2.CommandResult(
+                    command_id=request.result.command_id,
+                    ok=False,
+                    error_message=f"The result of command {request.result.command_id} was not sent: {exc}",
+                )
+            )
 
     # ----------------------------------------------------------------- commands
 

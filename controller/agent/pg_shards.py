@@ -55,9 +55,10 @@ from controller.agent.shards import ShardError
 log = logging.getLogger(__name__)
 
 SECRET_FILE = "postgres-shards.secret"  # noqa: S105 (a file name)
-# Connections a shard role may hold: the agent uses one per shard; the rest is slack
-# for a reconnect while the server still counts a dead connection.
-CONNECTION_LIMIT = 8
+# Connections a shard role may hold: the agent uses one per shard for single statements and
+# one per open transaction on the shard (at most ``shards.MAX_PG_TRANSACTIONS``); the rest
+# is slack for a reconnect while the server still counts a dead connection.
+CONNECTION_LIMIT = 40
 ROLE_PREFIX = "a67s"
 TAG_LENGTH = 10
 _MAX_IDENTIFIER = 63  # NAMEDATALEN - 1
@@ -161,6 +162,7 @@ class PostgresShards:
         self._privileged = False
         self._superuser = False
         self._claimed: str | None = None  # unprivileged: the one database id served
+        self._ready: set[str] = set()  # shards set up by open() in this process
 
     @property
     def privileged(self) -> bool:
@@ -174,8 +176,11 @@ class PostgresShards:
         name = shard_name(agent_tag(self._secret), database_id, shard_index)
         try:
             if self._privileged:
-                return await self._open_as_role(admin, name, database_id, shard_index)
-            return await self._open_shared(admin, name, database_id, shard_index)
+                conn = await self._open_as_role(admin, name, database_id, shard_index)
+            else:
+                conn = await self._open_shared(admin, name, database_id, shard_index)
+            self._ready.add(name)
+            return conn
         except psycopg.OperationalError as exc:
             await self._drop_admin()
             log.warning("PostgreSQL shard %s: %s", name, _redacted(str(exc).strip(), self._url))
@@ -185,6 +190,29 @@ class PostgresShards:
             raise ShardError(
                 "unavailable", "the shard's schema could not be set up (see the agent's log)"
             ) from exc
+
+    async def reopen(self, database_id: str, shard_index: int) -> psycopg.AsyncConnection[Any]:
+        """Another connection for a shard :meth:`open` has set up: no provisioning again
+        (a transaction's own connection; concurrent provisioning would race on the catalogue)."""
+        name = self.name_of(database_id, shard_index)
+        if name not in self._ready:
+            return await self.open(database_id, shard_index)
+        if not self._privileged:
+            conn = await self._connect()
+            try:
+                await conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(name)))
+            except psycopg.Error as exc:
+                await conn.close()
+                raise ShardError("unavailable", UNREACHABLE) from exc
+            return conn
+        assert self._secret is not None
+        return await self._connect(user=name, password=shard_password(self._secret, name))
+
+    def name_of(self, database_id: str, shard_index: int) -> str:
+        """The shard's role and schema name (used to name its prepared transactions)."""
+        if self._secret is None:
+            self._secret = load_secret(self._data_dir)
+        return shard_name(agent_tag(self._secret), database_id, shard_index)
 
     async def close(self) -> None:
         await self._drop_admin()

@@ -8,7 +8,10 @@ Deploying a replica (``deploy_replica``)
 ========================================
 
 1. **Fencing** (see below): a stale generation is refused at once.
-2. **Package**: the SHA-256 is verified and the package is unpacked safely
+2. **Package**: the command names the package by SHA-256 and size; the
+   :class:`~controller.agent.packages.PackageCache` fetches it over
+   ``NodeService.FetchPackage`` unless it is cached already (once per digest, however
+   many replicas wait for it), the SHA-256 is verified and the package is unpacked safely
    (:func:`controller.deployments.unpack_package`) into a fresh directory
    ``<data dir>/replicas/<deployment id>/<replica index>-g<generation>/`` (``app/``,
    ``Dockerfile``, ``manifest.json``, and the replica's log ``replica.log``). A bad
@@ -136,6 +139,7 @@ from automator67.v1 import node_pb2
 
 from controller.agent.handlers import CommandHandlers, error_result, ok_result
 from controller.agent.hardening import ensure_traversable
+from controller.agent.packages import PackageCache, PackageFetchError
 from controller.deployments.manifest import HealthCheckSpec
 from controller.deployments.package import unpack_package
 from controller.errors import InvalidArgument
@@ -155,6 +159,7 @@ ERROR_KINDS = (
     "invalid",  # the command itself is malformed (ids)
     "stale_generation",  # fenced: an older generation than the agent already has
     "checksum_mismatch",  # the package is not the one its SHA-256 names
+    "fetch_failed",  # the package could not be downloaded from the controller
     "invalid_package",  # the package cannot be unpacked, or its manifest.json is unusable
     "no_port",  # the requested port is in use, or the range has none free
     "spawn_failed",  # the program could not be started at all
@@ -567,6 +572,7 @@ class ReplicaSupervisor:
         rng: random.Random | None = None,
         root: str | os.PathLike[str] | None = None,
         uid_range: tuple[int, int] | None = None,
+        packages: PackageCache | None = None,
     ) -> None:
         low, high = port_range
         if not 1 <= low <= high <= 65535:
@@ -574,6 +580,8 @@ class ReplicaSupervisor:
         if uid_range is not None and not 1 <= uid_range[0] <= uid_range[1] < 2**32 - 1:
             raise ValueError(f"bad replica uid range {uid_range[0]}-{uid_range[1]}")
         self.root = Path(data_dir) / "replicas" if root is None else Path(root)
+        self.packages = packages if packages is not None else PackageCache(Path(data_dir) / "packages")
+        """Where packages come from (its ``fetch`` is the agent's, set once connected)."""
         self.uid_range = uid_range
         """Replicas run as users of this range (one per replica), or as the agent's user if None."""
         self._uids: dict[_Key, int] = {}
@@ -812,13 +820,22 @@ class ReplicaSupervisor:
             uid = self._uid(key)
         except OSError as exc:
             return f"cannot start the app: {exc}", "spawn_failed"
+        sha256 = request.package_sha256
         try:
-            spec = await asyncio.to_thread(
-                _prepare, directory, bytes(request.package), request.package_sha256, uid
-            )
-        except InvalidArgument as exc:
-            kind = "checksum_mismatch" if exc.reason == "PACKAGE_CHECKSUM_MISMATCH" else "invalid_package"
-            return exc.message, kind
+            for attempt in (1, 2):
+                package = await self.packages.get(sha256, request.package_size)
+                try:
+                    spec = await asyncio.to_thread(_prepare, directory, package, sha256, uid)
+                    break
+                except InvalidArgument as exc:
+                    if exc.reason != "PACKAGE_CHECKSUM_MISMATCH":
+                        return exc.message, "invalid_package"
+                    if attempt == 2:
+                        return exc.message, "checksum_mismatch"
+                    await self.packages.evict(sha256)  # corrupted on disk: fetch it again
+        except PackageFetchError as exc:
+            kind = "checksum_mismatch" if "checksum mismatch" in str(exc) else "fetch_failed"
+            return f"cannot fetch the package: {exc}", kind
         except (ValueError, OSError) as exc:
             return f"invalid package: {exc}", "invalid_package"
         if current is not None and current.status != STOPPED:
@@ -1054,7 +1071,7 @@ def _failure(command: node_pb2.NodeCommand, message: str, kind: str) -> node_pb2
     return result
 
 
-def _prepare(directory: Path, package: bytes, sha256: str, owner: int | None = None) -> AppSpec:
+def _prepare(directory: Path, package: bytes | Path, sha256: str, owner: int | None = None) -> AppSpec:
     """Verify and unpack ``package`` into a fresh ``directory``; its :class:`AppSpec`.
 
     With an ``owner`` (replicas run as their own users): the replica root, the

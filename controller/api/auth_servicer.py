@@ -62,7 +62,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def GetCurrentUser(
         self, request: auth_pb2.GetCurrentUserRequest, context: Context
     ) -> auth_pb2.GetCurrentUserResponse:
-        user = await self._users.get(current_principal().user_id)
+        user = await self._service.current_user(current_principal().user_id)
         if user is None:
             raise NotFound("This account no longer exists", reason="USER_NOT_FOUND")
         return auth_pb2.GetCurrentUserResponse(

@@ -7,17 +7,28 @@ from typing import Any, TypeAlias
 
 import grpc
 from automator67.v1 import deployment_pb2, deployment_pb2_grpc
+from google.api import httpbody_pb2
 
 from controller.api.context import current_principal
 from controller.api.http import set_http_status
 from controller.deployments.service import STATUS_ENUM, DeploymentService
+from controller.errors import FieldViolation, InvalidArgument
+from controller.ingress.service import IngressService
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 class DeploymentServicer(deployment_pb2_grpc.DeploymentServiceServicer):
-    def __init__(self, service: DeploymentService) -> None:
+    def __init__(self, service: DeploymentService, ingress: IngressService | None = None) -> None:
         self._service = service
+        self._ingress = ingress
+
+    async def _proto(self, row: Any) -> deployment_pb2.Deployment:
+        """The deployment as returned, with its ingress URLs and traffic when there is an ingress."""
+        deployment = self._service.to_proto(row)
+        if self._ingress is not None:
+            await self._ingress.describe(deployment)
+        return deployment
 
     async def CreateDeployment(
         self, request: deployment_pb2.CreateDeploymentRequest, context: Context
@@ -33,7 +44,7 @@ class DeploymentServicer(deployment_pb2_grpc.DeploymentServiceServicer):
         self, request: deployment_pb2.GetDeploymentRequest, context: Context
     ) -> deployment_pb2.GetDeploymentResponse:
         row = await self._service.owned(current_principal().user_id, request.deployment_id)
-        return deployment_pb2.GetDeploymentResponse(deployment=self._service.to_proto(row))
+        return deployment_pb2.GetDeploymentResponse(deployment=await self._proto(row))
 
     async def ListDeployments(
         self, request: deployment_pb2.ListDeploymentsRequest, context: Context
@@ -42,7 +53,7 @@ class DeploymentServicer(deployment_pb2_grpc.DeploymentServiceServicer):
             current_principal().user_id, request.page_size, request.page_token
         )
         return deployment_pb2.ListDeploymentsResponse(
-            deployments=[self._service.to_proto(row) for row in rows], next_page_token=token
+            deployments=[await self._proto(row) for row in rows], next_page_token=token
         )
 
     async def WatchDeployment(
@@ -87,3 +98,43 @@ class DeploymentServicer(deployment_pb2_grpc.DeploymentServiceServicer):
         rolled = await self._service.rollback(row, request.version)
         await set_http_status(context, 202)
         return deployment_pb2.RollbackDeploymentResponse(deployment=self._service.to_proto(rolled))
+
+    async def UploadSource(
+        self, request_iterator: AsyncIterator[deployment_pb2.UploadSourceRequest], context: Context
+    ) -> deployment_pb2.UploadSourceResponse:
+        user_id = current_principal().user_id
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("kind") != "metadata":
+            raise InvalidArgument(
+                "An upload starts with a metadata message, then sends chunks",
+                reason="UPLOAD_METADATA_EXPECTED",
+                field_violations=[FieldViolation("metadata", "must be the first message")],
+            )
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for message in request_iterator:
+                if message.WhichOneof("kind") != "chunk":
+                    raise InvalidArgument(
+                        "Only the first message of an upload holds metadata",
+                        reason="UPLOAD_METADATA_REPEATED",
+                        field_violations=[FieldViolation("metadata", "must be sent once, first")],
+                    )
+                yield message.chunk
+
+        stored = await self._service.packages.receive(
+            user_id, chunks(), expected_size=first.metadata.size, expected_sha256=first.metadata.sha256
+        )
+        return deployment_pb2.UploadSourceResponse(sha256=stored.sha256, size=stored.size)
+
+    async def UploadSourceBody(
+        self, request_iterator: AsyncIterator[httpbody_pb2.HttpBody], context: Context
+    ) -> deployment_pb2.UploadSourceBodyResponse:
+        user_id = current_principal().user_id
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for message in request_iterator:
+                yield message.data
+
+        stored = await self._service.packages.receive(user_id, chunks())
+        await set_http_status(context, 201)
+        return deployment_pb2.UploadSourceBodyResponse(sha256=stored.sha256, size=stored.size)

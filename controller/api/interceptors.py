@@ -57,11 +57,22 @@ PUBLIC_METHODS = frozenset(
         "/automator67.v1.AuthService/Refresh",
         "/automator67.v1.NodeService/RegisterNode",
         "/automator67.v1.NodeService/Connect",
+        "/automator67.v1.NodeService/FetchPackage",
+        *(f"/automator67.v1.NodeService/{m}" for m in ("FetchChunk", "PushChunk", "ReportChunks")),  # storage
+        "/automator67.v1.NodeService/PushShardResult",  # shard results (controller/federation/results.py)
     }
 )
 PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 # The only methods a caller holding a node certificate (mutual TLS) may call.
-NODE_METHODS = frozenset({"/automator67.v1.NodeService/Connect", "/grpc.health.v1.Health/Check"})
+NODE_METHODS = frozenset(
+    {
+        "/automator67.v1.NodeService/Connect",
+        "/automator67.v1.NodeService/FetchPackage",
+        *(f"/automator67.v1.NodeService/{m}" for m in ("FetchChunk", "PushChunk", "ReportChunks")),  # storage
+        "/automator67.v1.NodeService/PushShardResult",  # shard results (controller/federation/results.py)
+        "/grpc.health.v1.Health/Check",
+    }
+)
 
 STREAM_RECHECK_SECONDS = 2.0
 """How often an authenticated stream re-checks its caller's token and session (seconds).
@@ -172,7 +183,8 @@ class ControllerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         """Check who may call ``method``; the principal for user RPCs."""
         if "x509_pem_cert" in (context.auth_context() or {}) and method not in NODE_METHODS:
             raise PermissionDenied(
-                "A node certificate may only hold the node stream (NodeService/Connect)",
+                "A node certificate may only hold the node stream and fetch packages "
+                "(NodeService/Connect, NodeService/FetchPackage)",
                 reason="NODE_CERTIFICATE_NOT_ALLOWED",
             )
         if not needs_auth:
@@ -324,12 +336,19 @@ async def _handle(method: str, context: grpc.aio.ServicerContext[Any, Any], exc:
 def _log_call(
     method: str, context: grpc.aio.ServicerContext[Any, Any], started: float, principal: Principal | None
 ) -> None:
+    """The access-log line of one call: ``rpc method=… code=… duration_ms=… user=…``.
+
+    Structured (``key=value``, values without spaces) and lazy: below INFO nothing
+    is looked up or formatted, and the text is made only when a handler writes it.
+    """
+    if not log.isEnabledFor(logging.INFO):
+        return
     code = context.code()
     name = code.name if isinstance(code, grpc.StatusCode) else "OK" if code is None else str(code)
-    if context.cancelled() and code is None:
+    if code is None and context.cancelled():
         name = "CANCELLED"
     log.info(
-        "rpc %s code=%s duration_ms=%.1f user=%s",
+        "rpc method=%s code=%s duration_ms=%.3f user=%s",
         method,
         name,
         (time.perf_counter() - started) * 1000,

@@ -10,9 +10,12 @@ from typing import Any, TypeAlias
 import grpc
 from automator67.v1 import common_pb2, node_pb2, node_pb2_grpc
 
+from controller.api import storage_servicer as storage_rpcs
 from controller.api.context import current_principal
 from controller.api.http import set_http_status
 from controller.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from controller.federation.results import ShardResults
+from controller.federation.storage import StorageService
 from controller.nodes.ca import CertificateAuthority
 from controller.nodes.enrollment import EnrollmentTokens
 from controller.nodes.fleet import STATUS_ENUM, Fleet
@@ -50,6 +53,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         ca: CertificateAuthority,
         heartbeat_interval_ms: int,
         deployments_on: Callable[[str], Awaitable[int]] | None = None,
+        serve_package: Callable[[str, str, int], AsyncIterator[tuple[int, bytes, int]]] | None = None,
+        storage: StorageService | None = None,
+        shard_results: ShardResults | None = None,
     ) -> None:
         self._fleet = fleet
         self._nodes = nodes
@@ -58,6 +64,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self._ca = ca
         self._interval_ms = heartbeat_interval_ms
         self._deployments_on = deployments_on
+        self._serve_package = serve_package
+        self._storage = storage
+        self._shard_results = shard_results
 
     # -- user RPCs ----------------------------------------------------------------------
 
@@ -116,13 +125,12 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         await set_http_status(context, 201)
         return response
 
-    async def Connect(
-        self, request_iterator: AsyncIterator[node_pb2.ConnectRequest], context: Context
-    ) -> AsyncIterator[node_pb2.ConnectResponse]:
+    async def _calling_node(self, context: Context, method: str) -> Node:
+        """The node whose client certificate made this call (mutual TLS on the node port)."""
         identity = self._ca.node_id_from_auth_context(context.auth_context())
         if identity is None:
             raise Unauthenticated(
-                "Connect needs the node's client certificate: use the node port (mutual TLS)",
+                f"{method} needs the node's client certificate: use the node port (mutual TLS)",
                 reason="NODE_CERTIFICATE_REQUIRED",
             )
         node_id, serial = identity
@@ -131,6 +139,60 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             raise PermissionDenied(
                 "This node certificate is no longer accepted", reason="NODE_CERTIFICATE_REVOKED"
             )
+        return node
+
+    async def FetchPackage(
+        self, request: node_pb2.FetchPackageRequest, context: Context
+    ) -> AsyncIterator[node_pb2.FetchPackageResponse]:
+        """A package in chunks, to a node that runs (or is being given) one of its replicas."""
+        node = await self._calling_node(context, "FetchPackage")
+        if self._serve_package is None:
+            raise PermissionDenied("This controller serves no packages", reason="PACKAGE_NOT_ASSIGNED")
+        async for offset, data, total in self._serve_package(node.id, request.sha256, request.offset):
+            yield node_pb2.FetchPackageResponse(offset=offset, data=data, total_size=total)
+
+    def _storage_service(self) -> StorageService:
+        if self._storage is None:
+            raise PermissionDenied("This controller stores no files", reason="CHUNK_TRANSFER_UNKNOWN")
+        return self._storage
+
+    async def FetchChunk(
+        self, request: node_pb2.FetchChunkRequest, context: Context
+    ) -> AsyncIterator[node_pb2.FetchChunkResponse]:
+        """Storage: the ciphertext of a chunk this node was told to store."""
+        node = await self._calling_node(context, "FetchChunk")
+        async for message in storage_rpcs.fetch_chunk(self._storage_service(), node.id, request):
+            yield message
+
+    async def PushChunk(
+        self, request_iterator: AsyncIterator[node_pb2.PushChunkRequest], context: Context
+    ) -> node_pb2.PushChunkResponse:
+        """Storage: the ciphertext of a chunk this node was told to send."""
+        node = await self._calling_node(context, "PushChunk")
+        return await storage_rpcs.push_chunk(self._storage_service(), node.id, request_iterator)
+
+    async def ReportChunks(
+        self, request_iterator: AsyncIterator[node_pb2.ReportChunksRequest], context: Context
+    ) -> node_pb2.ReportChunksResponse:
+        """Storage: the node's inventory of copies, or its scrubber's findings."""
+        node = await self._calling_node(context, "ReportChunks")
+        return await storage_rpcs.report_chunks(self._storage_service(), node.id, request_iterator)
+
+    async def PushShardResult(
+        self, request_iterator: AsyncIterator[node_pb2.PushShardResultRequest], context: Context
+    ) -> node_pb2.PushShardResultResponse:
+        """The rows of a shard statement this node was sent (controller/federation/results.py)."""
+        node = await self._calling_node(context, "PushShardResult")
+        if self._shard_results is None:
+            raise NotFound("This controller runs no shard statements", reason="SHARD_RESULT_UNKNOWN")
+        if not await self._shard_results.receive(node.id, request_iterator):
+            await context.abort(grpc.StatusCode.CANCELLED, "The rows are no longer needed")
+        return node_pb2.PushShardResultResponse()
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[node_pb2.ConnectRequest], context: Context
+    ) -> AsyncIterator[node_pb2.ConnectResponse]:
+        node = await self._calling_node(context, "Connect")
         try:
             first = await asyncio.wait_for(anext(aiter(request_iterator)), HELLO_TIMEOUT_SECONDS)
         except (TimeoutError, StopAsyncIteration) as exc:
@@ -158,13 +220,18 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 generation=session.generation, heartbeat_interval_ms=self._interval_ms
             )
         )
-        reader = asyncio.create_task(self._read(session, request_iterator))
+        # One reader task per stream: it acknowledges each heartbeat itself with
+        # context.write (no queue, no second task woken per heartbeat); this loop writes
+        # the commands queued by other tasks. The session's write lock keeps the two from
+        # writing at once (gRPC allows one write in flight per call).
+        reader = asyncio.create_task(self._read(session, request_iterator, context))
         try:
             while True:
                 message = await session.outbound.get()
                 if message is None:
                     break
-                yield message
+                async with session.write_lock:
+                    yield message  # resumed only once gRPC has sent it
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
@@ -173,23 +240,34 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 self._fleet.stream_broken(node.id)
             log.info("node %s stream closed (generation %d): %s", node.id, session.generation, reason)
 
-    async def _read(self, session: NodeSession, requests: AsyncIterator[node_pb2.ConnectRequest]) -> None:
-        """Consume what the node sends until its stream ends or is replaced."""
+    async def _read(
+        self, session: NodeSession, requests: AsyncIterator[node_pb2.ConnectRequest], context: Context
+    ) -> None:
+        """Consume what the node sends until its stream ends or is replaced; ack heartbeats.
+
+        Per heartbeat: memory only (:meth:`Fleet.heartbeat`), no task, no store, and the
+        ack written directly (next request read once it is sent: back-pressure)."""
+        fleet = self._fleet
+        node_id = session.node_id
         try:
             async for request in requests:
-                if not self._fleet.streams.is_current(session):
+                if not fleet.streams.is_current(session):
                     return  # a replaced stream: anything it still sends is stale
                 kind = request.WhichOneof("message")
                 if kind == "heartbeat":
-                    state = self._fleet.heartbeat(session.node_id, request.heartbeat.metrics)
-                    self._fleet.replicas_reported(session.node_id, request.heartbeat.replicas, complete=False)
-                    session.send(
-                        node_pb2.ConnectResponse(
-                            heartbeat_ack=node_pb2.HeartbeatAck(
-                                sequence=request.heartbeat.sequence, status=STATUS_ENUM[state]
-                            )
+                    heartbeat = request.heartbeat
+                    state = fleet.heartbeat(node_id, heartbeat.metrics)
+                    if heartbeat.replicas:
+                        fleet.replicas_reported(node_id, heartbeat.replicas, complete=False)
+                    ack = node_pb2.ConnectResponse(
+                        heartbeat_ack=node_pb2.HeartbeatAck(
+                            sequence=heartbeat.sequence, status=STATUS_ENUM[state]
                         )
                     )
+                    if session.closed.is_set():
+                        return
+                    async with session.write_lock:
+                        await context.write(ack)
                 elif kind == "result":
                     session.resolve(request.result)
             session.close("node closed its stream")

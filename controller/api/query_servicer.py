@@ -9,7 +9,7 @@ from automator67.v1 import query_pb2, query_pb2_grpc
 
 from controller.api.context import current_principal
 from controller.api.http import set_http_status
-from controller.federation.service import DatabaseService, to_proto
+from controller.federation.service import DatabaseService, to_proto, transaction_to_proto
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -56,3 +56,26 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
         self, request: query_pb2.ExecuteQueryRequest, context: Context
     ) -> query_pb2.ExecuteQueryResponse:
         return await self._service.execute_query(current_principal().user_id, request)
+
+    async def BeginTransaction(
+        self, request: query_pb2.BeginTransactionRequest, context: Context
+    ) -> query_pb2.BeginTransactionResponse:
+        txn = await self._service.begin_transaction(current_principal().user_id, request)
+        await set_http_status(context, 201)
+        return query_pb2.BeginTransactionResponse(transaction=transaction_to_proto(txn))
+
+    async def CommitTransaction(
+        self, request: query_pb2.CommitTransactionRequest, context: Context
+    ) -> query_pb2.CommitTransactionResponse:
+        txn = await self._service.commit_transaction(
+            current_principal().user_id, request.db_id, request.transaction_id
+        )
+        return query_pb2.CommitTransactionResponse(transaction=transaction_to_proto(txn))
+
+    async def RollbackTransaction(
+        self, request: query_pb2.RollbackTransactionRequest, context: Context
+    ) -> query_pb2.RollbackTransactionResponse:
+        txn = await self._service.rollback_transaction(
+            current_principal().user_id, request.db_id, request.transaction_id
+        )
+        return query_pb2.RollbackTransactionResponse(transaction=transaction_to_proto(txn))

@@ -35,9 +35,11 @@ from datetime import UTC, datetime
 
 from controller.api.context import Principal
 from controller.auth.passwords import PasswordHasher
+from controller.auth.session_cache import AUTH_CACHE_SECONDS, AuthCache, UserRecord
 from controller.auth.tokens import IssuedToken, TokenService
 from controller.auth.validation import normalise_email, validate_credentials
 from controller.cache.base import Cache
+from controller.cache.bus import invalidation_bus
 from controller.errors import ResourceExhausted, Unauthenticated, require_fields
 from controller.store.repositories import AuthFailureRepository, RefreshTokenRepository, UserRepository
 
@@ -49,8 +51,9 @@ THROTTLE_FREE_FAILURES = 5
 THROTTLE_WINDOW_SECONDS = 15 * 60
 # Upper bound of the delay between attempts once throttled.
 THROTTLE_MAX_DELAY_SECONDS = 15 * 60
-# How long a checked session stays trusted in the cache before the store is asked again.
-SESSION_CACHE_SECONDS = 30.0
+# How long a checked session (or user record) stays trusted in memory before the store is
+# asked again, unless an invalidation comes first (see controller/auth/session_cache.py).
+SESSION_CACHE_SECONDS = AUTH_CACHE_SECONDS
 
 INVALID_CREDENTIALS = "The email or password is not correct"
 
@@ -77,6 +80,8 @@ class AuthService:
         passwords: PasswordHasher,
         cache: Cache,
         clock: Callable[[], float] = time.time,
+        auth_cache: AuthCache | None = None,
+        auth_cache_seconds: float = SESSION_CACHE_SECONDS,
     ) -> None:
         self._users = users
         self._refresh_tokens = refresh_tokens
@@ -85,6 +90,16 @@ class AuthService:
         self._passwords = passwords
         self._cache = cache
         self._clock = clock
+        self._memory = (
+            auth_cache
+            if auth_cache is not None
+            else AuthCache(bus=invalidation_bus(cache), ttl_seconds=auth_cache_seconds, clock=clock)
+        )
+
+    @property
+    def auth_cache(self) -> AuthCache:
+        """Session states and user records held in memory."""
+        return self._memory
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock(), UTC)
@@ -116,6 +131,7 @@ class AuthService:
         if self._passwords.needs_rehash(user.password_hash):
             await self._users.update_password_hash(user.id, await self._passwords.hash(password_hash))
         await self._users.touch_last_login(user.id, self._now())
+        await self._memory.user_changed(user.id)
         return await self._start_session(user.id)
 
     async def refresh(self, refresh_token: str) -> Session:
@@ -152,17 +168,44 @@ class AuthService:
         await self._revoke_session(principal.session_id, "logout")
 
     async def authenticate(self, token: str) -> Principal:
-        """Verify an access token and that its session is still open."""
+        """Verify an access token and that its session is still open.
+
+        The common path does no I/O: the token's signature is checked once per token
+        (:meth:`TokenService.verify_access`) and the session's state comes from memory
+        (:class:`~controller.auth.session_cache.AuthCache`); the store is asked when
+        the state is not known here (first use, expired, or the bus is down).
+        """
         claims = self._tokens.verify_access(token)
-        cache_key = f"auth:session:{claims.session_id}"
-        cached = await self._cache.get(cache_key)
-        if cached is None:
+        revoked = self._memory.session_revoked(claims.session_id)
+        if revoked is None:
+            await self._memory.start()
+            generation = self._memory.generation
             revoked = await self._refresh_tokens.is_family_revoked(claims.session_id)
-            cached = b"revoked" if revoked else b"open"
-            await self._cache.set(cache_key, cached, SESSION_CACHE_SECONDS)
-        if cached == b"revoked":
+            self._memory.remember_session(claims.session_id, revoked, generation)
+        if revoked:
             raise Unauthenticated("This session has ended; sign in again", reason="SESSION_REVOKED")
         return Principal(user_id=claims.user_id, session_id=claims.session_id, token_id=claims.jti)
+
+    async def current_user(self, user_id: str) -> UserRecord | None:
+        """The account ``user_id`` (from memory when known there), or None if it does not exist."""
+        record = self._memory.user(user_id)
+        if record is not None:
+            return record
+        await self._memory.start()
+        generation = self._memory.generation
+        user = await self._users.get(user_id)
+        if user is None:
+            return None
+        record = UserRecord(
+            id=user.id,
+            email=user.email,
+            created_at=user.created_at,
+            last_login=user.last_login,
+            mfa_enabled=user.mfa_enabled,
+            active=user.active,
+        )
+        self._memory.remember_user(record, generation)
+        return record
 
     async def _start_session(self, user_id: str) -> Session:
         session_id = await self._refresh_tokens.create_family(user_id)
@@ -175,7 +218,7 @@ class AuthService:
 
     async def _revoke_session(self, session_id: str, reason: str) -> None:
         await self._refresh_tokens.revoke_family(session_id, reason, self._now())
-        await self._cache.set(f"auth:session:{session_id}", b"revoked", SESSION_CACHE_SECONDS)
+        await self._memory.session_revoked_now(session_id)
 
     async def _reserve_attempt(self, key: str) -> None:
         """Count this attempt before the password is checked; ``ResourceExhausted`` if locked."""

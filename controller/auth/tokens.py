@@ -45,7 +45,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import jwt
@@ -80,6 +80,9 @@ KID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 REQUIRED_CLAIMS = ("iss", "aud", "sub", "sid", "iat", "nbf", "exp", "jti", "token_use")
 
+VERIFIED_CACHE_SIZE = 20_000
+"""Access tokens whose signature and claims were verified, remembered by their exact text."""
+
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
 _MAX_ID_LENGTH = 256
 
@@ -110,6 +113,8 @@ class Claims:
     jti: str
     issued_at: float
     expires_at: float
+    not_before: float = field(default=0.0, compare=False, repr=False)
+    """``nbf``: kept so that a remembered token's times can be re-checked."""
 
 
 def _b64e(raw: bytes) -> str:
@@ -192,6 +197,9 @@ class TokenService:
         self._clock = clock
         self._leeway = float(leeway)
         self._jws = jwt.PyJWS(algorithms=[ALGORITHM])
+        # Exact token text -> its verified claims. A token is added only after every
+        # check passed; a hit re-checks only the times (against the clock, as on a miss).
+        self._verified: dict[str, Claims] = {}
 
     @classmethod
     def from_key_material(
@@ -268,8 +276,23 @@ class TokenService:
     # -- verifying ----------------------------------------------------------
 
     def verify_access(self, token: str) -> Claims:
-        """The claims of a valid access token; raises ``Unauthenticated`` otherwise."""
-        return self._verify(token, "access")
+        """The claims of a valid access token; raises ``Unauthenticated`` otherwise.
+
+        The signature and the claims of one token never change, so they are checked
+        once: the verified claims are remembered under the token's exact text
+        (:data:`VERIFIED_CACHE_SIZE` at most, oldest forgotten first) and a later call
+        with the same text only re-checks the times against the clock.
+        """
+        claims = self._verified.get(token) if isinstance(token, str) else None
+        if claims is not None:
+            self._check_times(claims, "access")
+            return claims
+        claims = self._verify(token, "access")
+        verified = self._verified
+        verified[token] = claims
+        if len(verified) > VERIFIED_CACHE_SIZE:
+            del verified[next(iter(verified))]
+        return claims
 
     def verify_refresh(self, token: str) -> Claims:
         """The claims of a valid refresh token; raises ``Unauthenticated`` otherwise."""
@@ -341,26 +364,34 @@ class TokenService:
                 raise invalid(f"malformed claim {name!r}")
 
         issued_at = float(payload["iat"])
-        not_before = float(payload["nbf"])
         expires_at = float(payload["exp"])
         if expires_at <= issued_at:
             raise invalid("expires before it was issued")
-        now = self._clock()
-        if issued_at > now + self._leeway:
-            raise invalid("issued in the future")
-        if not_before > now + self._leeway:
-            raise invalid("not valid yet")
-        if now >= expires_at + self._leeway:
-            hint = "refresh it or sign in again" if kind == "access" else "sign in again"
-            raise Unauthenticated(f"The {kind} token has expired; {hint}", reason=REASON_EXPIRED)
-
-        return Claims(
+        claims = Claims(
             user_id=payload["sub"],
             session_id=payload["sid"],
             jti=payload["jti"],
             issued_at=issued_at,
             expires_at=expires_at,
+            not_before=float(payload["nbf"]),
         )
+        self._check_times(claims, kind)
+        return claims
+
+    def _check_times(self, claims: Claims, kind: TokenKind) -> None:
+        """``iat``, ``nbf`` and ``exp`` against the clock (with the leeway)."""
+        now = self._clock()
+        if claims.issued_at > now + self._leeway:
+            raise Unauthenticated(
+                f"The {kind} token is not valid (issued in the future); sign in again", reason=REASON_INVALID
+            )
+        if claims.not_before > now + self._leeway:
+            raise Unauthenticated(
+                f"The {kind} token is not valid (not valid yet); sign in again", reason=REASON_INVALID
+            )
+        if now >= claims.expires_at + self._leeway:
+            hint = "refresh it or sign in again" if kind == "access" else "sign in again"
+            raise Unauthenticated(f"The {kind} token has expired; {hint}", reason=REASON_EXPIRED)
 
     @staticmethod
     def _check_kind(

@@ -23,6 +23,7 @@ from typing import TypeVar
 from redis.exceptions import RedisError
 
 from controller.cache.base import Cache, CacheUnavailable, check_ttl
+from controller.cache.bus import InvalidationBus, LocalBus, RedisBus, invalidation_bus
 from controller.cache.memory import MemoryCache
 from controller.cache.redis_cache import RedisCache
 
@@ -112,6 +113,10 @@ class ResilientCache:
             return stored
         return await self._fallback.set_if_absent(key, value, ttl_seconds)
 
+    def invalidation_bus(self) -> InvalidationBus:
+        """The wrapped cache's bus (see :mod:`controller.cache.bus`)."""
+        return invalidation_bus(self._inner)
+
     async def ping(self) -> bool:
         """True if the backend answers; False (never an error) if it does not."""
         ok, answered = await self._call("ping", self._inner.ping())
@@ -141,8 +146,12 @@ __all__ = [
     "CACHE_ERRORS",
     "Cache",
     "CacheUnavailable",
+    "InvalidationBus",
+    "LocalBus",
     "MemoryCache",
+    "RedisBus",
     "RedisCache",
     "ResilientCache",
+    "invalidation_bus",
     "open_cache",
 ]

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from controller.cache.base import check_ttl
+from controller.cache.bus import LocalBus
 
 _Entry = tuple[bytes, float | None]
 
@@ -29,6 +30,13 @@ class MemoryCache:
         self._max_entries = max_entries
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
+        self._bus: LocalBus | None = None
+
+    def invalidation_bus(self) -> LocalBus:
+        """The in-process bus of everything sharing this cache (see :mod:`controller.cache.bus`)."""
+        if self._bus is None:
+            self._bus = LocalBus()
+        return self._bus
 
     def __len__(self) -> int:
         """How many entries are held (expired ones not yet purged included)."""

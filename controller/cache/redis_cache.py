@@ -16,6 +16,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
 
 from controller.cache.base import CacheUnavailable, check_ttl
+from controller.cache.bus import CHANNEL, RedisBus
 
 # INCR, and start the TTL when the counter is created: one atomic step.
 _INCR_WITH_TTL = """
@@ -43,6 +44,8 @@ class RedisCache:
         connect_timeout: float = 0.5,
     ) -> None:
         self._prefix = key_prefix
+        self._url = url
+        self._bus: RedisBus | None = None
         self._client: Redis = Redis.from_url(
             url,
             socket_timeout=socket_timeout,
@@ -55,6 +58,12 @@ class RedisCache:
     def key_prefix(self) -> str:
         """What every key is prefixed with in Redis."""
         return self._prefix
+
+    def invalidation_bus(self) -> RedisBus:
+        """Pub/sub on ``<key_prefix>a67:invalidate`` of this Redis (see :mod:`controller.cache.bus`)."""
+        if self._bus is None:
+            self._bus = RedisBus(self._url, self._prefix + CHANNEL)
+        return self._bus
 
     def _k(self, key: str) -> str:
         return self._prefix + key
@@ -109,6 +118,8 @@ class RedisCache:
             raise CacheUnavailable(f"redis: {type(exc).__name__}") from exc
 
     async def close(self) -> None:
+        if self._bus is not None:
+            await self._bus.close()
         await self._client.aclose()
 
 

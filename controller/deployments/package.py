@@ -52,7 +52,7 @@ from collections.abc import Generator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, Any, Protocol, cast
 
 from controller.deployments.manifest import MAX_SOURCE_BYTES, RUNTIMES, ValidManifest
 from controller.errors import FieldViolation, InvalidArgument
@@ -176,15 +176,24 @@ def _name_problem(raw: str) -> str:
     return f"member {_shown(raw)} has a name that is not valid UTF-8"
 
 
-def _read_archive(data: bytes, limits: PackageLimits, where: str) -> Generator[_Entry, None, None]:
-    """The members of a gzipped tar, checked against ``limits``, in archive order."""
-    if not data.startswith(_GZIP_MAGIC):
+def _open_archive(data: bytes | Path, where: str) -> IO[bytes]:
+    """A binary reader over ``data`` (bytes, or the path of a file) after checking the gzip magic."""
+    handle: IO[bytes] = data.open("rb") if isinstance(data, Path) else io.BytesIO(data)
+    if handle.read(2) != _GZIP_MAGIC:
+        handle.close()
         raise _invalid(where, "is not gzip-compressed (expected a .tar.gz)")
+    handle.seek(0)
+    return handle
+
+
+def _read_archive(data: bytes | Path, limits: PackageLimits, where: str) -> Generator[_Entry, None, None]:
+    """The members of a gzipped tar (bytes or a file), checked against ``limits``, in archive order."""
+    handle = _open_archive(data, where)
     cap = limits.max_unpacked_bytes + limits.max_members * HEADER_ALLOWANCE_BYTES + 64 * 1024
     count = 0
     total = 0
     try:
-        raw = gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb")
+        raw = gzip.GzipFile(fileobj=handle, mode="rb")
         capped = cast(IO[bytes], _Capped(raw, cap))
         with (
             raw,
@@ -233,6 +242,8 @@ def _read_archive(data: bytes, limits: PackageLimits, where: str) -> Generator[_
         ) from None
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise _invalid(where, f"is not a valid gzipped tar archive ({type(exc).__name__})") from None
+    finally:
+        handle.close()
 
 
 def _resolve_link(name: str, links: dict[str, str]) -> str | None:
@@ -264,7 +275,9 @@ def _resolve_link(name: str, links: dict[str, str]) -> str | None:
     return "/".join(resolved)
 
 
-def _load_source(source: bytes, limits: PackageLimits) -> tuple[dict[str, tuple[bytes, bool]], set[str]]:
+def _load_source(
+    source: bytes | Path, limits: PackageLimits
+) -> tuple[dict[str, tuple[bytes, bool]], set[str]]:
     """The source's regular files (name → (data, executable)) with links replaced by
     copies, and its directories."""
     where = SOURCE_FIELD
@@ -383,32 +396,35 @@ def _tar_member(
     return info
 
 
-def _deterministic_tar_gz(files: dict[str, tuple[bytes, bool]], dirs: set[str]) -> bytes:
-    buffer = io.BytesIO()
+def _write_tar_gz(files: dict[str, tuple[bytes, bool]], dirs: set[str], out: IO[bytes]) -> None:
+    """Write the deterministic gzipped tar of ``files`` and ``dirs`` to ``out``, streaming."""
     entries = sorted([(name, True) for name in dirs] + [(name, False) for name in files])
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8") as archive:
+    with (
+        gzip.GzipFile(filename="", fileobj=out, mode="wb", compresslevel=9, mtime=0) as compressed,
+        tarfile.open(fileobj=compressed, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8") as archive,
+    ):
         for name, directory in entries:
             if directory:
                 archive.addfile(_tar_member(name, directory=True))
             else:
                 data, executable = files[name]
                 archive.addfile(_tar_member(name, data=data, executable=executable), io.BytesIO(data))
-    return gzip.compress(buffer.getvalue(), compresslevel=9, mtime=0)
 
 
-def build_package(
-    manifest: ValidManifest, source_tar_gz: bytes, *, limits: PackageLimits = DEFAULT_LIMITS
-) -> Package:
-    """Check the source, and build the deterministic package for ``manifest`` (see the module doc).
+def _deterministic_tar_gz(files: dict[str, tuple[bytes, bool]], dirs: set[str]) -> bytes:
+    buffer = io.BytesIO()
+    _write_tar_gz(files, dirs, buffer)
+    return buffer.getvalue()
 
-    Raises ``InvalidArgument`` on field ``source_tar_gz`` for an unacceptable
-    archive, and on ``manifest.entrypoint`` if the file it names is missing.
-    """
-    if not source_tar_gz:
+
+def _package_members(
+    manifest: ValidManifest, source: bytes | Path, size: int, limits: PackageLimits
+) -> tuple[dict[str, tuple[bytes, bool]], set[str]]:
+    if not size:
         raise _invalid(SOURCE_FIELD, "is required")
-    if len(source_tar_gz) > limits.max_compressed_bytes:
+    if size > limits.max_compressed_bytes:
         raise _invalid(SOURCE_FIELD, f"must be at most {limits.max_compressed_bytes} bytes")
-    files, dirs = _load_source(source_tar_gz, limits)
+    files, dirs = _load_source(source, limits)
     file = manifest.entrypoint_file
     if file is not None:
         if file not in files:
@@ -424,9 +440,54 @@ def build_package(
     dockerfile = render_dockerfile(manifest, has_requirements="requirements.txt" in files)
     package_files["Dockerfile"] = (dockerfile.encode(), False)
     package_files["manifest.json"] = (manifest.public_json().encode(), False)
+    return package_files, package_dirs
 
-    data = _deterministic_tar_gz(package_files, package_dirs)
+
+def build_package(
+    manifest: ValidManifest, source_tar_gz: bytes, *, limits: PackageLimits = DEFAULT_LIMITS
+) -> Package:
+    """Check the source, and build the deterministic package for ``manifest`` (see the module doc).
+
+    Raises ``InvalidArgument`` on field ``source_tar_gz`` for an unacceptable
+    archive, and on ``manifest.entrypoint`` if the file it names is missing.
+    """
+    files, dirs = _package_members(manifest, source_tar_gz, len(source_tar_gz), limits)
+    data = _deterministic_tar_gz(files, dirs)
     return Package(data=data, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+
+
+class _PackageSink(Protocol):
+    hasher: Any
+    size: int
+
+    def write(self, data: bytes) -> int: ...
+    def commit(self, target: Path) -> None: ...
+    def discard(self) -> None: ...
+
+
+def build_package_file(
+    manifest: ValidManifest,
+    source: Path,
+    sink: _PackageSink,
+    packages_dir: Path,
+    *,
+    limits: PackageLimits = DEFAULT_LIMITS,
+) -> tuple[str, int, Path]:
+    """:func:`build_package` from the source file ``source``, written (and hashed) straight
+    into ``sink`` and committed to ``packages_dir/<sha256>``: (SHA-256, size, path).
+
+    Blocking and CPU-heavy (decompression, compression, hashing): run it in a worker
+    thread. The sink is discarded on any failure, so nothing is half-stored."""
+    try:
+        files, dirs = _package_members(manifest, source, source.stat().st_size, limits)
+        _write_tar_gz(files, dirs, cast(IO[bytes], sink))
+        digest = str(sink.hasher.hexdigest())
+        target = packages_dir / digest
+        sink.commit(target)
+        return digest, sink.size, target
+    except BaseException:
+        sink.discard()
+        raise
 
 
 def verify_package(data: bytes, sha256: str) -> None:
@@ -445,8 +506,25 @@ def verify_package(data: bytes, sha256: str) -> None:
         )
 
 
+def verify_package_file(path: Path, sha256: str) -> None:
+    """:func:`verify_package` for a file, read in pieces (blocking: run in a worker thread)."""
+    hasher = hashlib.sha256()
+    with path.open("rb") as handle:
+        while piece := handle.read(1024 * 1024):
+            hasher.update(piece)
+    expected = sha256.strip().lower()
+    actual = hasher.hexdigest()
+    if not hmac.compare_digest(actual, expected):
+        description = f"SHA-256 is {actual}, expected {expected}"
+        raise InvalidArgument(
+            f"Package checksum mismatch: {description}",
+            reason="PACKAGE_CHECKSUM_MISMATCH",
+            field_violations=[FieldViolation(PACKAGE_FIELD, description)],
+        )
+
+
 def unpack_package(
-    data: bytes,
+    data: bytes | Path,
     dest_dir: str | os.PathLike[str],
     *,
     sha256: str | None = None,
@@ -461,7 +539,10 @@ def unpack_package(
     ``dest_dir / "app"``. Raises ``ValueError`` if ``dest_dir`` is not empty.
     """
     if sha256 is not None:
-        verify_package(data, sha256)
+        if isinstance(data, Path):
+            verify_package_file(data, sha256)
+        else:
+            verify_package(data, sha256)
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     if any(dest.iterdir()):

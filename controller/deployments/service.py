@@ -34,6 +34,7 @@ import contextlib
 import json
 import logging
 import random
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -44,8 +45,9 @@ from typing import Any
 from automator67.v1 import deployment_pb2, node_pb2
 from google.protobuf import json_format
 
+from controller.deployments.blobs import PackageStore, Stored, is_sha256
 from controller.deployments.manifest import MAX_REPLICAS, validate_manifest
-from controller.deployments.package import build_package
+from controller.deployments.package import PackageLimits, build_package_file
 from controller.deployments.repository import NAME_TAKEN, DeploymentRepository, RequestIdTaken
 from controller.deployments.snapshot import NodeRows, build_snapshot
 from controller.errors import (
@@ -55,6 +57,7 @@ from controller.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
 )
 from controller.nodes.fleet import Fleet
 from controller.nodes.health import NodeState, is_routable
@@ -72,6 +75,8 @@ ROLLOUT_DEADLINE_SECONDS = 300.0
 DEPLOY_MARGIN_SECONDS = 15.0
 """Added to a manifest's startup window (health interval * retries + timeout) to get the
 deadline of one DeployReplica (unpacking, starting the interpreter, the network)."""
+PACKAGE_BYTES_PER_SECOND = 20e6
+"""A DeployReplica's deadline grows by the package's size at this rate (the node fetches it)."""
 MAX_ATTEMPTS_PER_REPLICA = 3
 """Nodes one replica is tried on within one rollout before it counts as failed."""
 STOP_TIMEOUT_SECONDS = 10.0
@@ -134,6 +139,8 @@ class _Known:
     user_id: str
     request: Resources
     assignments: dict[int, Assignment] = field(default_factory=dict)
+    packages: frozenset[str] = frozenset()
+    """The package digests of every version (what its nodes may fetch)."""
 
 
 def _assignments(row: Deployment) -> list[Assignment]:
@@ -186,8 +193,12 @@ class DeploymentService:
         deploy_margin_seconds: float = DEPLOY_MARGIN_SECONDS,
         recovery_per_second: float = RECOVERY_PER_SECOND,
         clock: Callable[[], float] = time.monotonic,
+        packages: PackageStore | None = None,
     ) -> None:
         self._store = store
+        self.packages = packages or PackageStore(tempfile.mkdtemp(prefix="a67-packages-"))
+        self._package_limits = PackageLimits(max_compressed_bytes=self.packages.max_bytes)
+        self._granted: set[tuple[str, str]] = set()
         self.repo = DeploymentRepository(store)
         self._fleet = fleet
         self._node_rows = NodeRows(store, fleet)
@@ -213,6 +224,11 @@ class DeploymentService:
         self._loaded = False
         self._closing = False
         self._rng = random.Random()  # noqa: S311 (load spreading, not security)
+        self.on_change: Callable[[str, Deployment | None], None] | None = None
+        """Called with every deployment stored (None: deleted): the ingress routes follow it."""
+        self.drain_seconds = 0.0
+        """A replica leaving on a scale-down or rolling update is stopped this long after
+        its endpoint left the ingress, so that requests in flight finish."""
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -264,7 +280,16 @@ class DeploymentService:
                 disk_mb=int(row.manifest["resources"]["disk_mb"]),
             ),
             assignments={int(a["replica_index"]): dict(a) for a in row.node_assignments},
+            packages=frozenset(
+                {str(row.manifest.get("package_sha256", ""))}
+                | {
+                    str(v.get("package_sha256", ""))
+                    for v in dict(row.manifest.get("versions") or {}).values()
+                }
+            ),
         )
+        if self.on_change is not None:
+            self.on_change(row.id, row)
 
     def _reserved(self, user_id: str, skip: tuple[str, int] | None = None) -> dict[str, Resources]:
         reserved: dict[str, Resources] = {}
@@ -349,7 +374,7 @@ class DeploymentService:
                 "Invalid request",
                 field_violations=[FieldViolation("request_id", "must be at most 255 characters")],
             )
-        valid = validate_manifest(request.manifest, source_size=len(request.source_tar_gz))
+        valid = validate_manifest(request.manifest, source_size=self._source_size(request))
         if request.request_id:
             existing = await self.repo.get_by_request_id(user_id, request.request_id)
             if existing is not None:
@@ -360,7 +385,7 @@ class DeploymentService:
                 reason=NAME_TAKEN,
                 metadata={"name": valid.name},
             )
-        package = await asyncio.to_thread(build_package, valid, request.source_tar_gz)
+        package = await self._build(user_id, valid, request.source_tar_gz, request.source_sha256)
         deployment_id = new_id()
         snapshot = build_snapshot(
             user_id, await self._node_rows.get(user_id), self._fleet, self._reserved(user_id)
@@ -424,10 +449,7 @@ class DeploymentService:
         )
         try:
             await self.repo.create(
-                row,
-                DeploymentPackage(
-                    sha256=package.sha256, data=package.data, size=package.size, created_at=now
-                ),
+                row, DeploymentPackage(sha256=package.sha256, data=b"", size=package.size, created_at=now)
             )
         except RequestIdTaken:
             existing = await self.repo.get_by_request_id(user_id, request.request_id)
@@ -437,6 +459,106 @@ class DeploymentService:
         log.info("deployment %s (%s) placed on %s", deployment_id, valid.name, ", ".join(placement.node_ids))
         self._start_rollout(deployment_id, list(range(valid.replicas)), initial=True)
         return deployment_id, PENDING
+
+    # -- packages ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _source_size(
+        request: deployment_pb2.CreateDeploymentRequest | deployment_pb2.UpdateDeploymentRequest,
+    ) -> int:
+        """What the manifest validator checks as the source's size: the inline bytes' length
+        (at most 10 MiB), or 1 for an uploaded source (its own limit was checked at upload)."""
+        if request.source_sha256 and not request.source_tar_gz:
+            return 1
+        return len(request.source_tar_gz)
+
+    async def _build(self, user_id: str, valid: Any, inline: bytes, source_sha256: str) -> Stored:
+        """The package of ``valid`` from the inline source or the user's uploaded one, built in a
+        worker thread straight to disk (by digest); the inline source is kept as an upload too."""
+        if inline and source_sha256:
+            raise InvalidArgument(
+                "Give the source either inline or by digest, not both",
+                field_violations=[
+                    FieldViolation("source_sha256", "must be empty when source_tar_gz is given")
+                ],
+            )
+        if inline:
+            source = await self.packages.receive_bytes(user_id, inline)
+        else:
+            digest = source_sha256.strip().lower()
+            if not is_sha256(digest):
+                raise InvalidArgument(
+                    "Invalid source digest",
+                    field_violations=[FieldViolation("source_sha256", "must be 64 hexadecimal characters")],
+                )
+            found = self.packages.source(user_id, digest)
+            if found is None:
+                raise NotFound(
+                    f"Source {digest} was not found: upload it first (UploadSource)",
+                    reason="SOURCE_NOT_FOUND",
+                )
+            source = found
+        sha256, size, path = await asyncio.to_thread(
+            build_package_file,
+            valid,
+            source.path,
+            self.packages.new_sink(),
+            self.packages.packages_dir,
+            limits=self._package_limits,
+        )
+        return Stored(sha256, size, path)
+
+    async def _package_file(self, sha256: str) -> Stored | None:
+        """The package ``sha256`` on disk (written out from the store if an older version kept
+        its bytes in the row); None if it is unknown."""
+        found = self.packages.package(sha256)
+        if found is not None:
+            return found
+        row = await self.repo.get_package(sha256)
+        if row is None or not row.data:
+            return None
+        return await self.packages.put_package_bytes(sha256, bytes(row.data))
+
+    def may_fetch(self, node_id: str, sha256: str) -> bool:
+        """Whether ``node_id`` may download package ``sha256``: it was sent a replica of it, or
+        holds (or is being given) a replica of a deployment that has it as a version."""
+        if (node_id, sha256) in self._granted:
+            return True
+        for deployment_id, known in self._index.items():
+            if sha256 not in known.packages:
+                continue
+            if any(a["node_id"] == node_id and a["status"] in ACTIVE for a in known.assignments.values()):
+                return True
+            if any(key[0] == deployment_id and target[0] == node_id for key, target in self._surging.items()):
+                return True
+        return False
+
+    def check_fetch(self, node_id: str, sha256: str) -> Stored:
+        """The package a node asks for: ``PERMISSION_DENIED`` unless :meth:`may_fetch`."""
+        if not is_sha256(sha256):
+            raise InvalidArgument(
+                "Invalid package digest",
+                field_violations=[FieldViolation("sha256", "must be 64 lower-case hexadecimal characters")],
+            )
+        found = self.packages.package(sha256) if self.may_fetch(node_id, sha256) else None
+        if found is None:
+            raise PermissionDenied(
+                f"Node {node_id} has no replica of package {sha256}", reason="PACKAGE_NOT_ASSIGNED"
+            )
+        return found
+
+    async def serve_package(
+        self, node_id: str, sha256: str, offset: int
+    ) -> AsyncIterator[tuple[int, bytes, int]]:
+        """``(offset, data, total)`` chunks of a package for ``node_id`` (see :meth:`check_fetch`)."""
+        found = self.check_fetch(node_id, sha256)
+        if not 0 <= offset <= found.size:
+            raise InvalidArgument(
+                f"Offset {offset} is outside package {sha256} ({found.size} bytes)",
+                field_violations=[FieldViolation("offset", f"must be between 0 and {found.size}")],
+            )
+        async for piece in self.packages.read_package(found.sha256, offset):
+            yield piece
 
     # -- rollout ------------------------------------------------------------------------------
 
@@ -652,11 +774,12 @@ class DeploymentService:
             _set_assignments(row, assignments)
             await self.repo.save(row)
             self._remember(row)
-            package = await self.repo.get_package(str(meta["package_sha256"]))
+            package = await self._package_file(str(meta["package_sha256"]))
             if package is None:  # cannot happen: packages are never deleted
                 raise RuntimeError(
                     f"package {meta['package_sha256']} of deployment {deployment_id} is missing"
                 )
+            self._granted.add((node_id, package.sha256))
             env = json.loads(
                 self._vault.decrypt_str(str(meta["env_sealed"]), owner=deployment_id, purpose=ENV_PURPOSE)
             )
@@ -666,13 +789,14 @@ class DeploymentService:
                 deployment_id=deployment_id,
                 replica_index=index,
                 generation=generation,
-                package=package.data,
                 package_sha256=package.sha256,
+                package_size=package.size,
                 env=env,
                 port=0,
             )
         )
-        return node_id, generation, command, self._deploy_deadline(meta)
+        deadline = self._deploy_deadline(meta) + package.size / PACKAGE_BYTES_PER_SECOND
+        return node_id, generation, command, deadline
 
     async def _mark_running(
         self, deployment_id: str, index: int, node_id: str, generation: int, endpoint: str
@@ -739,6 +863,13 @@ class DeploymentService:
         if not result.ok:
             log.info("node %s refused to stop %s/%d: %s", node_id, deployment_id, index, result.error_message)
         return result.ok
+
+    async def _drain_then_stop(self, deployment_id: str, assignments: list[Assignment]) -> None:
+        """Stop replicas that no longer get traffic, after the drain time (their endpoints
+        left the ingress when the deployment was stored without them)."""
+        if assignments and self.drain_seconds > 0:
+            await asyncio.sleep(self.drain_seconds)
+        await self._stop_all(deployment_id, assignments)
 
     async def _stop_all(self, deployment_id: str, assignments: Iterable[Assignment]) -> None:
         await asyncio.gather(
@@ -847,6 +978,8 @@ class DeploymentService:
             fresh.status = STOPPED
             await self.repo.save(fresh)
             self._index.pop(row.id, None)
+            if self.on_change is not None:
+                self.on_change(row.id, None)
             self._publish(fresh, "deleting: stopping every replica")
         await self._stop_all(row.id, assignments)
         async with self._locks[row.id]:
@@ -923,7 +1056,7 @@ class DeploymentService:
         if added:
             self._start_rollout(fresh.id, added, initial=False)
         if removed:
-            self._spawn(self._stop_all(fresh.id, [a for a in removed if a["status"] in ACTIVE]))
+            self._spawn(self._drain_then_stop(fresh.id, [a for a in removed if a["status"] in ACTIVE]))
         return fresh
 
     # -- rolling update and rollback ------------------------------------------------------------
@@ -958,8 +1091,8 @@ class DeploymentService:
                 "A deployment cannot be renamed",
                 field_violations=[FieldViolation("manifest.name", f"must be {row.name!r} (or empty)")],
             )
-        valid = validate_manifest(manifest, source_size=len(request.source_tar_gz))
-        package = await asyncio.to_thread(build_package, valid, request.source_tar_gz)
+        valid = validate_manifest(manifest, source_size=self._source_size(request))
+        package = await self._build(row.user_id, valid, request.source_tar_gz, request.source_sha256)
         spec = deployment_pb2.DeploymentManifest()
         spec.CopyFrom(manifest)
         spec.ClearField("env")
@@ -980,9 +1113,7 @@ class DeploymentService:
             "atomic": valid.atomic,
         }
         await self.repo.add_package(
-            DeploymentPackage(
-                sha256=package.sha256, data=package.data, size=package.size, created_at=utcnow()
-            )
+            DeploymentPackage(sha256=package.sha256, data=b"", size=package.size, created_at=utcnow())
         )
         return await self._begin_versioned_rollout(row.id, record=record, target=None)
 
@@ -1115,7 +1246,9 @@ class DeploymentService:
             await self.repo.save(row)
             self._remember(row)
             self._surging[(deployment_id, index)] = (node_id, generation)
-            package = await self.repo.get_package(str(record["package_sha256"]))
+            package = await self._package_file(str(record["package_sha256"]))
+            if package is not None:
+                self._granted.add((node_id, package.sha256))
             env = json.loads(
                 self._vault.decrypt_str(str(record["env_sealed"]), owner=deployment_id, purpose=ENV_PURPOSE)
             )
@@ -1128,13 +1261,15 @@ class DeploymentService:
                 deployment_id=deployment_id,
                 replica_index=index,
                 generation=generation,
-                package=package.data,
                 package_sha256=package.sha256,
+                package_size=package.size,
                 env=env,
                 port=0,
             )
         )
-        endpoint, error = await self._send_deploy(node_id, command, self._deploy_deadline(record))
+        endpoint, error = await self._send_deploy(
+            node_id, command, self._deploy_deadline(record) + package.size / PACKAGE_BYTES_PER_SECOND
+        )
         if error:
             self._surging.pop((deployment_id, index), None)
             self._spawn(self._stop(node_id, deployment_id, index, generation))
@@ -1176,7 +1311,8 @@ class DeploymentService:
             self._spawn(self._stop(node_id, deployment_id, index, generation))
             return None
         if replaced["node_id"] != node_id and replaced["status"] in ACTIVE:
-            await self._stop(str(replaced["node_id"]), deployment_id, index, int(replaced["generation"]))
+            # Its endpoint left the ingress at the switch: stop it once its requests drained.
+            self._spawn(self._drain_then_stop(deployment_id, [replaced]))
         if updated is not None:
             self._publish(updated, f"replica {index} at version {version} on node {node_id}")
         return None

@@ -31,10 +31,18 @@ from automator67.v1 import query_pb2
 from google.protobuf import json_format
 
 from controller.cache.base import Cache
-from controller.errors import FieldViolation, InvalidArgument, PermissionDenied, require_fields
+from controller.errors import (
+    ControllerError,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    PermissionDenied,
+    require_fields,
+)
 from controller.federation.query import (
     PlanCache,
     QueryResult,
+    ShardError,
     ShardLayout,
     StatementKind,
     declared_collations,
@@ -45,6 +53,7 @@ from controller.federation.query import (
 )
 from controller.federation.repository import DatabaseRepository
 from controller.federation.shards import NodeShardExecutor, ReplicationState, ShardNodes
+from controller.federation.transactions import Transaction, TransactionManager
 from controller.nodes.repository import NodeRepository
 from controller.nodes.sessions import StreamRegistry
 from controller.store.models import DatabaseInstance
@@ -70,7 +79,8 @@ _SCHEMA_SQL = {
     "sqlite": (
         'SELECT m.name, p.name, p.type, p."notnull", CASE WHEN p.cid = 0 THEN m.sql END '
         "FROM sqlite_master m, pragma_table_info(m.name) p "
-        "WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' ORDER BY m.name, p.cid"
+        "WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' AND m.name NOT LIKE '\\_a67\\_%' ESCAPE '\\' "
+        "ORDER BY m.name, p.cid"
     ),
     "postgres": (
         "SELECT table_name, column_name, data_type, CASE WHEN is_nullable = 'NO' THEN 1 ELSE 0 END, "
@@ -99,8 +109,10 @@ class DatabaseService:
         streams: StreamRegistry,
         vault: Vault,
         cache: Cache,
+        transactions: TransactionManager | None = None,
     ) -> None:
         self._databases = databases
+        self.transactions = transactions
         self._nodes = nodes
         self._streams = streams
         self._vault = vault
@@ -236,6 +248,11 @@ class DatabaseService:
                 "query is required", field_violations=[FieldViolation("query", "is required")]
             )
         loaded = await self._load(user_id, request.db_id)
+        txn = (
+            await self._transaction_manager().get(user_id, loaded.row.id, request.transaction_id)
+            if request.transaction_id
+            else None
+        )
         plan = self._plans.plan(
             request.query,
             loaded.row.connection["dialect"],
@@ -245,9 +262,14 @@ class DatabaseService:
             database=loaded.row.id,
             collations=loaded.collations,
         )
-        result = await self._run(
-            loaded, plan, (request.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000, request.allow_partial_results
-        )
+        if txn is not None:
+            result = await self._run_in_transaction(
+                loaded, plan, txn, (request.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
+            )
+        else:
+            result = await self._run(
+                loaded, plan, (request.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000, request.allow_partial_results
+            )
         if plan.kind is StatementKind.DDL:
             await self._refresh_schema(loaded)
         if len(result.rows) > MAX_RESULT_ROWS:
@@ -279,6 +301,124 @@ class DatabaseService:
         for row in result.rows:
             response.data.add().extend([json_value(v) for v in row])
         return response
+
+    # -- transactions (controller/federation/transactions.py) ------------------------------
+
+    def _transaction_manager(self) -> TransactionManager:
+        if self.transactions is None:
+            raise FailedPrecondition(
+                "transactions are not enabled on this controller", reason="NO_TRANSACTIONS"
+            )
+        return self.transactions
+
+    async def begin_transaction(
+        self, user_id: str, request: query_pb2.BeginTransactionRequest
+    ) -> Transaction:
+        row = await self.get(user_id, request.db_id)
+        return await self._transaction_manager().begin(
+            user_id,
+            row.id,
+            distributed=request.distributed,
+            idle_timeout_ms=request.idle_timeout_ms,
+            timeout_ms=request.timeout_ms,
+        )
+
+    async def commit_transaction(self, user_id: str, database_id: str, transaction_id: str) -> Transaction:
+        loaded = await self._load(user_id, database_id)
+        manager = self._transaction_manager()
+        txn = await manager.get(user_id, loaded.row.id, _required_id(transaction_id))
+        written = {s: list(w) for s, w in txn_writes(txn).items() if w}
+        with_replicas = [
+            s for s in written if s in loaded.replication.shards and loaded.replication.shards[s].replicas
+        ]
+        if not with_replicas:
+            return await manager.commit(txn)
+        state = loaded.replication
+        async with state.lock:  # the replicas' log must follow the primaries' commit order
+            await self._mark_stale(loaded, with_replicas)
+            await manager.commit(txn)
+            executor = self._replica_executor(loaded)
+            for shard in with_replicas:
+                shard_log = state.log(shard)
+                shard_log.sequence += 1
+                shard_log.writes.append((shard_log.sequence, tuple(written[shard])))
+        for shard in with_replicas:
+            for replica in state.shards[shard].replicas:
+                await executor.catch_up(
+                    shard, replica, asyncio.get_running_loop().time() + DEFAULT_TIMEOUT_MS / 1000
+                )
+        return txn
+
+    async def rollback_transaction(self, user_id: str, database_id: str, transaction_id: str) -> Transaction:
+        row = await self.get(user_id, database_id)
+        manager = self._transaction_manager()
+        txn = await manager.get(user_id, row.id, _required_id(transaction_id))
+        return await manager.rollback(txn, "rolled back by the caller")
+
+    async def _mark_stale(self, loaded: _Loaded, shards: list[int]) -> None:
+        """Before a commit: the replicas of the written shards are stale until they replay it."""
+        state = loaded.replication
+        changed = False
+        for shard in shards:
+            for replica in state.shards[shard].replicas:
+                if replica not in state.stale.get(shard, set()):
+                    state.stale.setdefault(shard, set()).add(replica)
+                    state.log(shard).applied.setdefault(replica, state.log(shard).sequence)
+                    changed = True
+        if changed:
+            await self._persist_stale(loaded, state)
+
+    async def _persist_stale(self, loaded: _Loaded, state: ReplicationState) -> None:
+        replication = dict(loaded.row.replication or {})
+        replication["stale"] = state.stale_map()
+        loaded.row.replication = replication
+        await self._databases.set_replication(loaded.row.id, replication)
+
+    def _replica_executor(self, loaded: _Loaded) -> NodeShardExecutor:
+        async def persist(state: ReplicationState) -> None:
+            await self._persist_stale(loaded, state)
+
+        return NodeShardExecutor(
+            database_id=loaded.row.id,
+            streams=self._streams,
+            replication=loaded.replication,
+            is_write=True,
+            on_stale_changed=persist,
+        )
+
+    async def _run_in_transaction(
+        self, loaded: _Loaded, plan: Any, txn: Transaction, deadline_seconds: float
+    ) -> QueryResult:
+        manager = self._transaction_manager()
+        if plan.kind is StatementKind.DDL:
+            raise InvalidArgument(
+                "DDL cannot run in a transaction: use ApplySchema, or ExecuteQuery without transaction_id",
+                reason="TRANSACTION_DDL",
+                field_violations=[FieldViolation("query", "must not be DDL inside a transaction")],
+            )
+        async with txn.lock:
+            manager.touch(txn)
+            manager.require_active(txn)
+            manager.check_shards(txn, plan.shards)
+            placements = loaded.replication.shards
+            missing = [s for s in plan.shards if s not in placements]
+            if missing:
+                raise FailedPrecondition(f"shard {missing[0]} has no placement", reason="SHARD_NOT_PLACED")
+            await manager.enlist(txn, {s: placements[s].primary for s in plan.shards})
+            try:
+                result = await execute(
+                    plan,
+                    manager.executor(txn, deadline_seconds, len(plan.shards)),
+                    deadline_seconds=deadline_seconds,
+                )
+            except (ControllerError, ShardError) as exc:
+                raise await manager.abort_after_error(txn, exc) from exc
+            if plan.is_write:
+                writes = txn_writes(txn)
+                for shard in plan.shards:
+                    writes.setdefault(shard, []).append(plan.shard_sql[shard])
+            manager.touch(txn)
+            return result
 
     async def _run(
         self, loaded: _Loaded, plan: Any, deadline_seconds: float, allow_partial: bool
@@ -382,6 +522,33 @@ class DatabaseService:
 
 async def _nothing(_: ReplicationState) -> None:
     return None
+
+
+def txn_writes(txn: Transaction) -> dict[int, list[str]]:
+    """The write statements a transaction sent each shard (replayed to replicas after commit)."""
+    return txn.writes
+
+
+def _required_id(transaction_id: str) -> str:
+    if not transaction_id:
+        raise InvalidArgument(
+            "transaction_id is required", field_violations=[FieldViolation("transaction_id", "is required")]
+        )
+    return transaction_id
+
+
+def transaction_to_proto(txn: Transaction) -> query_pb2.Transaction:
+    return query_pb2.Transaction(
+        id=txn.id,
+        db_id=txn.database_id,
+        distributed=txn.distributed,
+        state=txn.state,
+        participants=sorted(txn.participants),
+        idle_timeout_ms=round(txn.idle_timeout * 1000),
+        timeout_ms=round(txn.timeout * 1000),
+        created_at=timestamp(txn.created_at),
+        expires_at=timestamp(txn.expires_at),
+    )
 
 
 def _key_type(tables: Sequence[Mapping[str, Any]], key: str) -> Any:

@@ -25,6 +25,7 @@ Writes (INSERT/UPDATE/DELETE/DDL)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -62,7 +63,10 @@ class ShardNodes:
 
 @dataclass
 class _ShardLog:
-    writes: deque[tuple[int, str]] = field(default_factory=lambda: deque(maxlen=WRITE_LOG_SIZE))
+    # a write: one statement, or the write statements of one committed transaction
+    writes: deque[tuple[int, str | tuple[str, ...]]] = field(
+        default_factory=lambda: deque(maxlen=WRITE_LOG_SIZE)
+    )
     sequence: int = 0
     applied: dict[str, int] = field(default_factory=dict)  # replica node → last applied sequence
 
@@ -186,6 +190,10 @@ class NodeShardExecutor:
                 await self._on_stale_changed(state)
             return result
 
+    async def catch_up(self, shard: int, replica: str, deadline: float) -> bool:
+        """Make a stale replica current (see :meth:`_catch_up`); whether it is usable."""
+        return await self._catch_up(shard, replica, deadline)
+
     async def _catch_up(self, shard: int, replica: str, deadline: float) -> bool:
         """Make a stale replica current by replaying missed writes; whether it is usable."""
         state = self._replication
@@ -199,7 +207,12 @@ class NodeShardExecutor:
         try:
             for sequence, sql in list(shard_log.writes):
                 if sequence > applied:
-                    await self._send(replica, shard, sql, deadline, f"replay-{shard}-{sequence}-{replica}")
+                    if isinstance(sql, tuple):
+                        await self._replay_transaction(replica, shard, sql, deadline, sequence)
+                    else:
+                        await self._send(
+                            replica, shard, sql, deadline, f"replay-{shard}-{sequence}-{replica}"
+                        )
                     shard_log.applied[replica] = sequence
         except ShardError:
             return False
@@ -207,6 +220,56 @@ class NodeShardExecutor:
         log.info("replica %s of shard %d caught up", replica, shard)
         await self._on_stale_changed(state)
         return True
+
+    async def _replay_transaction(
+        self, replica: str, shard: int, statements: tuple[str, ...], deadline: float, sequence: int
+    ) -> None:
+        """Apply a committed transaction's writes to a replica as one transaction."""
+        actions = node_pb2.ShardTransactionAction
+        transaction_id = f"replay-{sequence}-{shard}-{uuid.uuid4().hex[:12]}"
+        steps: list[tuple[int, str]] = [
+            (
+                actions.SHARD_TRANSACTION_ACTION_BEGIN
+                if i == 0
+                else actions.SHARD_TRANSACTION_ACTION_EXECUTE,
+                sql,
+            )
+            for i, sql in enumerate(statements)
+        ]
+        steps.append((actions.SHARD_TRANSACTION_ACTION_COMMIT, ""))
+        try:
+            for action, sql in steps:
+                await self._send_step(replica, shard, transaction_id, action, sql, deadline)
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                await self._send_step(
+                    replica, shard, transaction_id, actions.SHARD_TRANSACTION_ACTION_ROLLBACK, "", deadline
+                )
+            raise
+
+    async def _send_step(
+        self, node_id: str, shard: int, transaction_id: str, action: int, sql: str, deadline: float
+    ) -> None:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise TimeoutError
+        command = node_pb2.NodeCommand(
+            command_id=str(uuid.uuid4()),
+            shard_transaction=node_pb2.ShardTransaction(
+                database_id=self._database_id,
+                shard_index=shard,
+                transaction_id=transaction_id,
+                action=action,  # type: ignore[arg-type]
+                sql=sql,
+                timeout_ms=max(1, int(remaining * 1000)),
+            ),
+        )
+        try:
+            result = await self._streams.send_command(node_id, command, remaining + 0.5)
+        except ControllerError as exc:
+            raise ShardError(shard, f"node {node_id}: {exc.message}", retryable=True) from exc
+        if not result.ok:
+            raise ShardError(shard, f"node {node_id}: {result.error_message}", retryable=True)
 
     async def _send(
         self, node_id: str, shard: int, sql: str, deadline: float, command_id: str

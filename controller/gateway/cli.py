@@ -35,6 +35,7 @@ from controller.gateway.process import (
     supervise,
 )
 from controller.gateway.render import GatewayConfigError, render, validate, write_config
+from controller.ingress.bootstrap import IngressConfigError
 
 CONTROLLER_READY_TIMEOUT = 60.0
 """Seconds the controller may take to start (store migration, key generation)."""
@@ -227,6 +228,15 @@ def add_up_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="CA bundle that verifies --tls-cert, for the gateway's calls to the controller "
         "(A67_TLS_CA; default: the certificate itself, right for a self-signed one)",
     )
+    from controller.ingress.cli import add_ingress_flags
+
+    add_ingress_flags(parser, listen_flag="--ingress-listen")
+    parser.add_argument(
+        "--xds-listen",
+        metavar="HOST:PORT",
+        help="the controller's xDS port for ingresses (A67_XDS_LISTEN_ADDRESS; default 127.0.0.1:50053; "
+        "empty: no ingress)",
+    )
     parser.set_defaults(func=run_up)
     return parser
 
@@ -246,6 +256,7 @@ def run_up(args: argparse.Namespace) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_ca=args.tls_ca,
+            xds_listen_address=args.xds_listen,
         )
         upstream_ca, server_name = "", ""
         if controller_settings.tls:
@@ -279,6 +290,15 @@ def run_up(args: argparse.Namespace) -> int:
         ):
             if value:
                 extra += [flag, value]
+        from controller.ingress.bootstrap import IngressProcess
+        from controller.ingress.cli import INGRESS_READY_TIMEOUT, ingress_settings
+
+        ingress = None
+        if controller_settings.xds_listen_address:
+            ingress = ingress_settings(args, xds_address=controller_settings.xds_listen_address)
+            ingress_host, ingress_port = ingress.listen
+            ingress_url = f"http://{connect_host(ingress_host)}:{ingress_port}"
+            extra += ["--xds-listen", controller_settings.xds_listen_address, "--ingress-url", ingress_url]
         controller = ControllerProcess(
             controller_settings.listen_address,
             controller_settings.data_dir,
@@ -289,6 +309,20 @@ def run_up(args: argparse.Namespace) -> int:
         )
         with tempfile.TemporaryDirectory(prefix="a67-gateway-") as tmp:
             envoy = EnvoyProcess(write_config(settings, Path(tmp) / "envoy.yaml"), settings)
+            processes: list[ManagedProcess] = [controller, envoy]
+            timeouts = [CONTROLLER_READY_TIMEOUT, GATEWAY_READY_TIMEOUT]
+            apps_line = "  apps  off   (no xDS port)"
+            if ingress is not None:
+                from controller.ingress import bootstrap
+
+                processes.append(
+                    IngressProcess(bootstrap.write_config(ingress, Path(tmp) / "ingress.yaml"), ingress)
+                )
+                timeouts.append(INGRESS_READY_TIMEOUT)
+                apps_line = (
+                    f"  apps  {ingress_url}   (ingress: Host <app>.<handle>.{controller_settings.apps_domain}, "
+                    f"or /apps/<deployment id>/)"
+                )
             http_host, http_port = settings.listen
             scheme = "https" if settings.tls else "http"
             grpcurl = f"grpcurl -cacert {upstream_ca}" if upstream_ca else "grpcurl -plaintext"
@@ -298,12 +332,13 @@ def run_up(args: argparse.Namespace) -> int:
                     f"  REST  {scheme}://{connect_host(http_host)}:{http_port}   (dashboard, curl)",
                     f"  gRPC  {controller_settings.listen_address}   ({grpcurl}, the a67 command line)",
                     f"  nodes {controller_settings.node_listen_address or 'off'}   (agents, mutual TLS)",
+                    apps_line,
                     f"  data  {controller_settings.data_dir}",
                     "Press Ctrl-C to stop.",
                 )
             )
-            return _run([controller, envoy], [CONTROLLER_READY_TIMEOUT, GATEWAY_READY_TIMEOUT], banner)
-    except (ValueError, GatewayConfigError, ProcessError) as exc:
+            return _run(processes, timeouts, banner)
+    except (ValueError, GatewayConfigError, ProcessError, IngressConfigError) as exc:
         return _fail(str(exc))
     except OSError as exc:
         return _fail(f"cannot read {exc.filename}: {exc.strerror}")

@@ -23,6 +23,7 @@ from controller.config import (
     split_host_port,
     values_from_env,
 )
+from controller.limits import DEFAULT_MAX_PACKAGE_BYTES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The checkout this package runs from (the gateway template and the descriptor live there)."""
@@ -79,6 +80,11 @@ class GatewaySettings:
     which JSON carries as base64 (about 13.4 MiB). The controller's
     ``max_receive_message_bytes`` must be at least this plus
     :data:`~controller.config.TRANSCODING_OVERHEAD_BYTES` (its default is)."""
+
+    max_upload_body_size: int = DEFAULT_MAX_PACKAGE_BYTES
+    """Largest body of a source upload (``POST /api/v1/sources``, a raw tar.gz): that
+    route has its own limit (1 GiB by default; keep it at most the controller's
+    ``max_package_bytes``, which refuses anything bigger anyway). Bigger → 413."""
 
     request_timeout_seconds: float = 60.0
     """Upper bound on a unary call through the gateway (then 504). Watch
@@ -188,6 +194,11 @@ class GatewaySettings:
             raise ValueError(f"A67_GATEWAY_STREAM_FORMAT must be one of {', '.join(STREAM_FORMATS)}")
         if self.max_connections <= 0:
             raise ValueError("A67_GATEWAY_MAX_CONNECTIONS must be positive")
+        if not 0 < self.max_upload_body_size <= MAX_BODY_LIMIT:
+            raise ValueError(
+                f"A67_GATEWAY_MAX_UPLOAD_BODY_SIZE must be between 1 and {MAX_BODY_LIMIT} bytes, "
+                f"not {self.max_upload_body_size}"
+            )
         if not 0 < self.max_request_body_size <= MAX_BODY_LIMIT:
             raise ValueError(
                 f"A67_GATEWAY_MAX_REQUEST_BODY_SIZE must be between 1 and {MAX_BODY_LIMIT} bytes, "

@@ -158,6 +158,7 @@ def render(settings: GatewaySettings) -> str:
         "services": _flow_list(api_services(settings.descriptor_path)),
         "cors_origins": _origin_matchers(settings.cors_allowed_origins),
         "max_request_body_size": str(settings.max_request_body_size),
+        "max_upload_body_size": str(settings.max_upload_body_size),
         "transcoder_buffer_size": str(controller_receive_limit(settings.max_request_body_size)),
         "max_connections": str(settings.max_connections),
         "stream_format_option": _STREAM_FORMAT_OPTIONS[settings.stream_format],

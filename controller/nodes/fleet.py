@@ -21,6 +21,7 @@ This is the edge between the pure health logic (:mod:`controller.nodes.health`,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -106,6 +107,9 @@ class Fleet:
     clock: Callable[[], float] = time.time
     recovery_handler: RecoveryHandler | None = None
     replica_report_handler: ReplicaReportHandler | None = None
+    app_traffic: Callable[[str], tuple[float, float] | None] | None = None
+    """The node's app traffic through the ingresses: ``(error rate %, average response
+    time ms)``, or None without enough of it (:meth:`IngressService.node_traffic`)."""
     streams: StreamRegistry = field(default_factory=StreamRegistry)
     live: dict[str, LiveMetrics] = field(default_factory=dict)
     announced: dict[str, common_pb2.NodeCapabilities] = field(default_factory=dict)
@@ -190,6 +194,7 @@ class Fleet:
         )
         problem = metrics_problem(reported)
         if problem is None:
+            reported = self._app_figures(node_id, metrics, reported)
             self.heartbeat_problems.pop(node_id, None)
             self.live[node_id] = LiveMetrics(
                 metrics=metrics,
@@ -203,7 +208,8 @@ class Fleet:
                 )
             self.heartbeat_problems[node_id] = problem
         result = self.monitor.heartbeat(node_id, now, reported)
-        if self.monitor.pending:
+        if self.monitor.pending and not self.monitor.running:
+            # A running monitor delivers its queue itself: no task per heartbeat.
             self._background(self.monitor.flush())
         if now - self._cache_refreshed.get(node_id, 0.0) >= CACHE_REFRESH_SECONDS:
             self._cache_refreshed[node_id] = now
@@ -217,6 +223,19 @@ class Fleet:
             self.monitor.mark_persisted(node_id, now)
             self._background(self._persist_metrics(node_id, now, metrics))
         return result.new.state
+
+    def _app_figures(self, node_id: str, metrics: common_pb2.NodeMetrics, reported: Metrics) -> Metrics:
+        """A node's error rate and response time measure its apps' traffic (the ingress
+        access logs), not what the agent counts (its commands: a user's bad SQL or broken
+        deploy is not the node's fault). Without app traffic: no errors, and the response
+        time of the node's own probe (the stream's heartbeat round trip)."""
+        figures = self.app_traffic(node_id) if self.app_traffic is not None else None
+        if figures is None:
+            session = self.streams.get(node_id)
+            rtt = session.last_rtt_ms if session is not None else None
+            figures = (0.0, float(rtt) if rtt is not None else 0.0)
+        metrics.error_rate, metrics.avg_response_time_ms = figures
+        return dataclasses.replace(reported, error_rate=figures[0], avg_response_time_ms=figures[1])
 
     def replicas_reported(
         self, node_id: str, replicas: Sequence[node_pb2.ReplicaState], *, complete: bool

@@ -87,7 +87,7 @@ from dataclasses import dataclass, fields, replace
 from enum import IntEnum, StrEnum
 from typing import TypeAlias
 
-from controller.nodes.validation import METRIC_LIMITS, values_problem
+from controller.nodes.validation import METRIC_LIMITS, number_problem
 
 
 class NodeState(StrEnum):
@@ -204,6 +204,12 @@ class Metrics:
     """Seconds since the node's agent started."""
 
 
+# (field, limit) of every metric with a limit, in field order: the first problem is reported.
+_METRIC_CHECKS = tuple(
+    (item.name, METRIC_LIMITS[item.name]) for item in fields(Metrics) if item.name in METRIC_LIMITS
+)
+
+
 def metrics_problem(metrics: Metrics) -> str | None:
     """Why a heartbeat's metrics are invalid, or ``None`` when they are valid.
 
@@ -218,7 +224,17 @@ def metrics_problem(metrics: Metrics) -> str | None:
     >>> metrics_problem(Metrics(1, 1, 1, 0, 0, 1e308))
     'avg_response_time_ms is above 86400000 (1e+308)'
     """
-    return values_problem({item.name: getattr(metrics, item.name) for item in fields(metrics)}, METRIC_LIMITS)
+    # Once per heartbeat (twice: the fleet, then the state machine), so the common case,
+    # a plain number within its range, is decided inline; anything else gets the full check.
+    for name, limit in _METRIC_CHECKS:
+        value = getattr(metrics, name)
+        kind = type(value)
+        if (kind is float or kind is int) and limit.low <= value <= limit.high and not limit.positive:
+            continue  # NaN fails both comparisons, infinities the bounds
+        problem = number_problem(value, limit)
+        if problem is not None:
+            return f"{name} {problem}"
+    return None
 
 
 def condition(metrics: Metrics, config: HealthConfig) -> tuple[NodeState, str]:
@@ -455,21 +471,24 @@ def _heartbeat(health: NodeHealth, event: HeartbeatReceived, config: HealthConfi
         metrics = event.metrics
     if health.draining:
         state, reason = NodeState.DRAINING, f"drain requested (heartbeat: {reason})"
-    new = replace(
-        health,
+    changed = state is not health.state
+    # Built directly (not dataclasses.replace, which looks up every field): once per heartbeat.
+    new = NodeHealth(
+        node_id=health.node_id,
         state=state,
+        monitored_since=health.monitored_since,
+        last_transition_at=event.at if changed else health.last_transition_at,
         reason=reason,
         last_heartbeat_at=event.at,
         consecutive_missed=0,
         stream_connected=True,
+        draining=health.draining,
         grace_until=None,
         last_metrics=metrics,
     )
-    if state is health.state:  # the common case: no equality check of the whole record
+    if not changed:  # the common case: no equality check of the whole record
         return Transition(new=new, changed=False, previous_state=state)
-    return Transition(
-        new=replace(new, last_transition_at=event.at), changed=True, previous_state=health.state
-    )
+    return Transition(new=new, changed=True, previous_state=health.state)
 
 
 def _tick_changes_nothing(health: NodeHealth, at: float, config: HealthConfig) -> bool:

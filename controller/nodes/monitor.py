@@ -497,6 +497,11 @@ class HealthMonitor:
         self._wakeup.set()
 
     @property
+    def running(self) -> bool:
+        """Whether :meth:`run` is active (it delivers whatever is queued, promptly)."""
+        return self._running
+
+    @property
     def pending(self) -> int:
         """Notifications queued and not yet delivered."""
         return len(self._queue)

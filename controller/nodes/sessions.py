@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 from automator67.v1 import node_pb2
 
-from controller.errors import DeadlineExceeded, Unavailable
+from controller.errors import DeadlineExceeded, FailedPrecondition, Unavailable
+from controller.limits import MessageTooLarge, check_control_message
 
 # Outbound messages a slow node may have queued before it is considered stuck.
 MAX_OUTBOUND_QUEUE = 1000
@@ -40,6 +41,8 @@ class NodeSession:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
     last_rtt_ms: float | None = None
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while a message is written to the stream (one write in flight per call)."""
 
     def send(self, message: node_pb2.ConnectResponse) -> None:
         """Queue a message for the node; ``Unavailable`` if the session is gone or stuck."""
@@ -136,10 +139,15 @@ class StreamRegistry:
             raise Unavailable(f"Node {node_id} is not connected", reason="NODE_NOT_CONNECTED")
         if not command.command_id:
             command.command_id = str(uuid.uuid4())
+        message = node_pb2.ConnectResponse(command=command)
+        try:  # refused here, with a clear error: gRPC would fail the whole stream instead
+            check_control_message(message, f"Command {command.WhichOneof('kind')} for node {node_id}")
+        except MessageTooLarge as exc:
+            raise FailedPrecondition(str(exc), reason="CONTROL_MESSAGE_TOO_LARGE") from None
         future: asyncio.Future[node_pb2.CommandResult] = asyncio.get_running_loop().create_future()
         session.pending[command.command_id] = future
         try:
-            session.send(node_pb2.ConnectResponse(command=command))
+            session.send(message)
             return await asyncio.wait_for(future, wait_seconds)
         except TimeoutError as exc:
             raise DeadlineExceeded(

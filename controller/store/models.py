@@ -207,6 +207,35 @@ class DatabaseInstance(Base):
     last_synced: Mapped[datetime | None] = mapped_column(default=None)
 
 
+class DatabaseTransaction(Base):
+    """A transaction on a federated database: the controller's durable decision log.
+
+    ``state`` is ``active`` → (``preparing`` →) ``committed`` or ``aborted``; the
+    ``committed`` row of a two-phase commit is the commit point. ``participants`` lists
+    the shards touched, with the node each ran on (``[{"shard": 0, "node": "…"}]``),
+    written before the shard is first sent a statement. ``resolved_at`` is set once
+    every participant has applied the outcome; until then the recovery loop keeps
+    sending it (see :mod:`controller.federation.transactions`).
+    """
+
+    __tablename__ = "database_transactions"
+    __table_args__ = (
+        Index(None, "user_id"),
+        Index(None, "resolved_at"),
+    )
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id", ondelete="CASCADE"))
+    database_id: Mapped[str] = mapped_column(ID)
+    distributed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    state: Mapped[str] = mapped_column(String(20), default="active", server_default="active")
+    participants: Mapped[list[Any]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    decided_at: Mapped[datetime | None] = mapped_column(default=None)
+    resolved_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
 class StorageFile(Base):
     """Metadata of a file stored across nodes (spec §3.5); its placement lives in JSON."""
 
@@ -232,6 +261,52 @@ class StorageFile(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     modified_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_accessed: Mapped[datetime | None] = mapped_column(default=None)
+    version_id: Mapped[str | None] = mapped_column(ID, default=None)
+    """The upload whose chunks the file holds now (``storage_chunks.version_id``); an
+    upload to the same path replaces it in one transaction (migration 0005)."""
+
+
+class StorageChunk(Base):
+    """One chunk of one version of a stored file (see :mod:`controller.federation.storage`).
+
+    ``state``: ``pending`` (its upload is running), ``live`` (its version is the file's
+    current one), ``garbage`` (deleted, replaced or a broken upload; ``garbage_at`` says
+    since when: its copies are removed from the nodes after the grace period).
+    ``checksum`` is the SHA-256 of the ciphertext the nodes hold; ``size`` the plaintext.
+    """
+
+    __tablename__ = "storage_chunks"
+    __table_args__ = (
+        Index(None, "version_id"),
+        Index(None, "state"),
+        Index(None, "user_id"),
+    )
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id", ondelete="CASCADE"))
+    version_id: Mapped[str] = mapped_column(ID)
+    index: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)
+    stored_size: Mapped[int] = mapped_column(BigInteger)
+    checksum: Mapped[str] = mapped_column(String(64))
+    replicas: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(20), default="pending", server_default="pending")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    garbage_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class StorageChunkCopy(Base):
+    """A copy of a chunk on a node: ``writing`` (sent, not yet verified) or ``ok``."""
+
+    __tablename__ = "storage_chunk_copies"
+    __table_args__ = (Index(None, "node_id"),)
+
+    chunk_id: Mapped[str] = mapped_column(
+        ID, ForeignKey("storage_chunks.id", ondelete="CASCADE"), primary_key=True
+    )
+    node_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    state: Mapped[str] = mapped_column(String(20), default="writing", server_default="writing")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class RefreshTokenFamily(Base):
@@ -299,6 +374,8 @@ __all__ = [
     "NodeEnrollmentToken",
     "RefreshToken",
     "RefreshTokenFamily",
+    "StorageChunk",
+    "StorageChunkCopy",
     "StorageFile",
     "UTCDateTime",
     "User",

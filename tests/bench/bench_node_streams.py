@@ -63,6 +63,9 @@ from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 
+from controller import keepalive  # noqa: E402
+from tests.bench.stats import percentile, tail  # noqa: E402
+
 SERVER_NAME = "automator67-controller"
 PASSWORD_HASH = "YmVuY2htYXJrLWNsaWVudC1zYWx0ZWQtaGFzaA=="
 
@@ -95,19 +98,30 @@ class ControllerProc:
 
 
 def start_controller(
-    data_dir: Path, interval: float = 1.0, timeout: float = 30.0, store_url: str | None = None
+    data_dir: Path,
+    interval: float = 1.0,
+    timeout: float = 30.0,
+    store_url: str | None = None,
+    *,
+    log_level: str = "WARNING",
+    extra_args: tuple[str, ...] = (),
+    env_overrides: dict[str, str] | None = None,
 ) -> ControllerProc:
     """``controller.cli serve`` on free ports (SQLite in ``data_dir`` unless ``store_url``)."""
     port, node_port = free_port(), free_port()
     log_path = data_dir / "controller.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("A67_")}
+    # any further port the controller may open (xDS), free too (ignored where unknown)
+    env["A67_XDS_LISTEN_ADDRESS"] = f"127.0.0.1:{free_port()}"
+    env.update(env_overrides or {})
     args = [
         sys.executable, "-m", "controller.cli", "serve",
         "--listen", f"127.0.0.1:{port}",
         "--node-listen", f"127.0.0.1:{node_port}",
         "--data-dir", str(data_dir),
         "--heartbeat-interval", str(interval),
-        "--log-level", "WARNING",
+        "--log-level", log_level,
+        *extra_args,
     ]  # fmt: skip
     if store_url:
         args += ["--store-url", store_url]
@@ -174,8 +188,14 @@ class SimNode:
             fingerprint=self.fingerprint,
         )
 
-    def channel(self, node_address: str) -> grpc.aio.Channel:
+    def channel(self, node_address: str, tls: bool = True, interval_ms: int = 1000) -> grpc.aio.Channel:
         assert self.reply is not None
+        # the agent's own channel settings (controller/keepalive.py), one connection per node
+        options = [*keepalive.client_options(interval_ms), ("grpc.use_local_subchannel_pool", 1)]
+        if os.environ.get("BENCH_CLIENT_KEEPALIVE_MS"):  # experiments: the agent's ping period
+            options.append(("grpc.keepalive_time_ms", int(os.environ["BENCH_CLIENT_KEEPALIVE_MS"])))
+        if not tls:
+            return grpc.aio.insecure_channel(node_address, options=options)
         key_pem = self.key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
@@ -187,11 +207,7 @@ class SimNode:
         return grpc.aio.secure_channel(
             node_address,
             credentials,
-            options=[
-                ("grpc.ssl_target_name_override", SERVER_NAME),
-                # one connection per node, never pooled with another node's
-                ("grpc.use_local_subchannel_pool", 1),
-            ],
+            options=[("grpc.ssl_target_name_override", SERVER_NAME), *options],
         )
 
 
@@ -206,6 +222,7 @@ def _code(err: BaseException) -> str:
 class WorkerResult:
     worker: int
     nodes: int
+    target: str = ""
     enrolled: int = 0
     enroll_seconds: float = 0.0
     connected: int = 0
@@ -223,18 +240,18 @@ async def _worker_main(
     count: int,
     tokens: list[str],
     address: str,
-    node_address: str,
+    targets: list[tuple[str, str, bool]],
     seconds: float,
     interval: float,
     enroll_concurrency: int,
     connect_concurrency: int,
     ready: multiprocessing.synchronize.Barrier,
     go: multiprocessing.synchronize.Barrier,
-) -> WorkerResult:
-    result = WorkerResult(worker=index, nodes=count)
+    queue: multiprocessing.Queue,  # type: ignore[type-arg]
+) -> None:
     errors: collections.Counter[str] = collections.Counter()
 
-    # 1. enrollment
+    # 1. enrollment (once, with the controller: its CA signs every node's certificate)
     t0 = time.monotonic()
     nodes = [SimNode() for _ in range(count)]
     sem = asyncio.Semaphore(enroll_concurrency)
@@ -250,17 +267,38 @@ async def _worker_main(
 
         await asyncio.gather(*(enroll(i, n) for i, n in enumerate(nodes)))
     nodes = [n for n in nodes if n.reply is not None]
-    result.enrolled = len(nodes)
-    result.enroll_seconds = time.monotonic() - t0
+    enrolled, enroll_seconds = len(nodes), time.monotonic() - t0
 
-    # 2. connect
+    # 2. per target (the controller, the bare echo server, ...), one after the other
+    for name, node_address, tls in targets:
+        result = WorkerResult(
+            worker=index, nodes=count, target=name, enrolled=enrolled, enroll_seconds=enroll_seconds
+        )
+        result.errors = dict(errors)
+        await _measure(result, nodes, node_address, tls, seconds, interval, connect_concurrency, ready, go)
+        queue.put(result)
+
+
+async def _measure(
+    result: WorkerResult,
+    nodes: list[SimNode],
+    node_address: str,
+    tls: bool,
+    seconds: float,
+    interval: float,
+    connect_concurrency: int,
+    ready: multiprocessing.synchronize.Barrier,
+    go: multiprocessing.synchronize.Barrier,
+) -> None:
+    errors: collections.Counter[str] = collections.Counter(result.errors)
+    interval_ms = round(interval * 1000)
     t0 = time.monotonic()
     sem = asyncio.Semaphore(connect_concurrency)
     streams: list[tuple[grpc.aio.Channel, grpc.aio.StreamStreamCall]] = []
 
     async def connect(node: SimNode) -> None:
         async with sem:
-            channel = node.channel(node_address)
+            channel = node.channel(node_address, tls, interval_ms)
             try:
                 call = node_pb2_grpc.NodeServiceStub(channel).Connect()
                 await call.write(node_pb2.ConnectRequest(hello=node_pb2.NodeHello(agent_version="bench")))
@@ -282,7 +320,7 @@ async def _worker_main(
     await asyncio.get_running_loop().run_in_executor(None, ready.wait)
     await asyncio.get_running_loop().run_in_executor(None, go.wait)
 
-    # 3. measure
+    # measure
     latencies: list[float] = []
     held = [0]
     counts = {"sent": 0, "acks": 0}
@@ -319,13 +357,15 @@ async def _worker_main(
                         break
                 latencies.append((time.perf_counter() - sent) * 1000)
                 counts["acks"] += 1
-                # next tick on the 1 s grid of this stream
+                # next tick on the grid of this stream
                 next_at = now + interval
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
         except Exception as err:
             errors["stream " + _code(err)] += 1
 
+    cpu0 = psutil.Process().cpu_times()
     await asyncio.gather(*(heartbeats(call) for _, call in streams))
+    cpu1 = psutil.Process().cpu_times()
     result.held_at_end = held[0]
     result.sent = counts["sent"]
     result.acks = counts["acks"]
@@ -334,28 +374,175 @@ async def _worker_main(
         call.cancel()
     await asyncio.gather(*(channel.close() for channel, _ in streams), return_exceptions=True)
     result.errors = dict(errors)
-    usage = psutil.Process().cpu_times()
-    result.cpu_seconds = usage.user + usage.system
-    return result
+    result.cpu_seconds = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
 
 
 def _worker(index: int, count: int, tokens: list[str], *args: object) -> None:
     queue = args[-1]
     try:
-        result = asyncio.run(_worker_main(index, count, tokens, *args[:-1]))  # type: ignore[arg-type]
+        asyncio.run(_worker_main(index, count, tokens, *args))  # type: ignore[arg-type]
     except Exception as err:
-        result = WorkerResult(worker=index, nodes=count, errors={"worker " + _code(err): 1})
-    queue.put(result)  # type: ignore[attr-defined]
+        queue.put(WorkerResult(worker=index, nodes=count, errors={"worker " + _code(err): 1}))  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- the bare server
+
+
+def serve_bare(port: int, keys_dir: Path | None, proto: bool) -> None:
+    """A bare grpc.aio echo of the node stream: the floor of the stack the controller runs on.
+
+    The same transport as the controller's node port (mutual TLS with a certificate from
+    the controller's CA, or plaintext when ``keys_dir`` is None), the same keepalive
+    options, the same messages: hello -> hello_ack, heartbeat -> heartbeat_ack with the
+    sequence. ``proto=False`` skips protobuf: requests stay bytes and every ack is one
+    pre-serialised message (to measure what protobuf costs).
+    """
+
+    from controller.nodes.ca import CertificateAuthority
+
+    hello_ack = node_pb2.ConnectResponse(
+        hello_ack=node_pb2.HelloAck(generation=1, heartbeat_interval_ms=1000)
+    )
+    ready_ack = common_pb2.NODE_STATUS_READY
+
+    async def connect_proto(requests: object, context: object) -> object:
+        async for request in requests:  # type: ignore[attr-defined]
+            if request.WhichOneof("message") == "heartbeat":
+                yield node_pb2.ConnectResponse(
+                    heartbeat_ack=node_pb2.HeartbeatAck(sequence=request.heartbeat.sequence, status=ready_ack)
+                )
+            else:
+                yield hello_ack
+
+    hello_bytes = hello_ack.SerializeToString()
+    ack_bytes = node_pb2.ConnectResponse(
+        heartbeat_ack=node_pb2.HeartbeatAck(sequence=1, status=ready_ack)
+    ).SerializeToString()
+
+    async def connect_raw(requests: object, context: object) -> object:
+        first = True
+        async for _ in requests:  # type: ignore[attr-defined]
+            yield hello_bytes if first else ack_bytes
+            first = False
+
+    handler = (
+        grpc.stream_stream_rpc_method_handler(
+            connect_proto,
+            request_deserializer=node_pb2.ConnectRequest.FromString,
+            response_serializer=node_pb2.ConnectResponse.SerializeToString,
+        )
+        if proto
+        else grpc.stream_stream_rpc_method_handler(connect_raw)
+    )
+
+    async def main() -> None:
+        options = keepalive.server_options(1000)
+        if os.environ.get("BENCH_SERVER_KEEPALIVE_MS"):  # experiments: the bare server's ping period
+            options.append(("grpc.keepalive_time_ms", int(os.environ["BENCH_SERVER_KEEPALIVE_MS"])))
+        server = grpc.aio.server(options=options)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("automator67.v1.NodeService", {"Connect": handler}),)
+        )
+        if keys_dir is None:
+            server.add_insecure_port(f"127.0.0.1:{port}")
+        else:
+            ca = CertificateAuthority.load_or_create(keys_dir)
+            key_pem, cert_pem = ca.server_certificate(["127.0.0.1", "localhost"])
+            credentials = grpc.ssl_server_credentials(
+                [(key_pem, cert_pem)], root_certificates=ca.ca_cert_pem, require_client_auth=True
+            )
+            server.add_secure_port(f"127.0.0.1:{port}", credentials)
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+def start_bare(
+    data_dir: Path, interval: float, tls: bool, proto: bool
+) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    args = [
+        sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(port),
+        "--interval", str(interval), "--bare-proto", "1" if proto else "0",
+    ]  # fmt: skip
+    if tls:
+        args += ["--bare-keys", str(data_dir / "keys")]
+    proc = subprocess.Popen(args, cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return proc, f"127.0.0.1:{port}"
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("bare server did not start")
+
+
+# --------------------------------------------------------------------------- the handler alone
+
+
+def handler_cost(nodes: int = 1000, rounds: int = 50) -> None:
+    """The controller's Python work per heartbeat, in-process, without gRPC: parse the
+    request, :meth:`Fleet.heartbeat`, build and serialise the ack (1,000 nodes, steady state)."""
+    from controller.cache.memory import MemoryCache
+    from controller.nodes.fleet import STATUS_ENUM, Fleet
+    from controller.nodes.health import HealthConfig
+
+    async def main() -> None:
+        clock = [1000.0]
+        fleet = Fleet(
+            nodes=None, cache=MemoryCache(), health_config=HealthConfig(1.0), clock=lambda: clock[0]
+        )  # type: ignore[arg-type]
+        ids = [f"node-{i}" for i in range(nodes)]
+        for node_id in ids:
+            fleet.track(node_id, "user")
+        wire = node_pb2.ConnectRequest(
+            heartbeat=node_pb2.Heartbeat(
+                sequence=1, metrics=common_pb2.NodeMetrics(cpu_percent=10, memory_percent=20, disk_percent=30)
+            )
+        ).SerializeToString()
+        timings = {"parse": 0.0, "fleet": 0.0, "ack": 0.0}
+        for round_no in range(rounds + 1):
+            clock[0] += 1.0
+            for node_id in ids:
+                t0 = time.perf_counter()
+                request = node_pb2.ConnectRequest.FromString(wire)
+                t1 = time.perf_counter()
+                state = fleet.heartbeat(node_id, request.heartbeat.metrics)
+                t2 = time.perf_counter()
+                node_pb2.ConnectResponse(
+                    heartbeat_ack=node_pb2.HeartbeatAck(
+                        sequence=request.heartbeat.sequence, status=STATUS_ENUM[state]
+                    )
+                ).SerializeToString()
+                t3 = time.perf_counter()
+                if round_no:  # the first round takes every node from initializing to ready
+                    timings["parse"] += t1 - t0
+                    timings["fleet"] += t2 - t1
+                    timings["ack"] += t3 - t2
+            await asyncio.sleep(0)
+        count = nodes * rounds
+        for name, total in timings.items():
+            print(f"  {name:<6} {total / count * 1e6:6.1f} µs per heartbeat")
+        fleet.monitor.stop()
+
+    print(f"The Python handler alone ({nodes} nodes, {rounds} rounds, in-process):")
+    asyncio.run(main())
 
 
 # --------------------------------------------------------------------------- main
 
 
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, math.ceil(p / 100 * len(values)) - 1))]
+pct = percentile  # the one helper of tests/bench/stats.py (other benchmarks import it from here)
+
+
+def loopback_packets() -> int:
+    """Packets through the loopback interface so far (received side)."""
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name.strip() == "lo":
+            return int(rest.split()[1])
+    return 0
 
 
 def main() -> None:
@@ -366,10 +553,31 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--enroll-concurrency", type=int, default=50, help="in total")
     parser.add_argument("--connect-concurrency", type=int, default=100, help="in total")
+    parser.add_argument(
+        "--targets",
+        default="controller",
+        help="comma-separated, measured one after the other with the same nodes: controller, "
+        "bare (grpc.aio echo, mutual TLS), bare-plain (plaintext), bare-raw (mutual TLS, no protobuf)",
+    )
+    parser.add_argument(
+        "--handler-only", action="store_true", help="only time the Python handler in-process (no gRPC)"
+    )
+    parser.add_argument("--serve-bare", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--bare-keys", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--bare-proto", default="1", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.handler_only:
+        handler_cost()
+        return
+    if args.serve_bare:
+        serve_bare(args.serve_bare, args.bare_keys, args.bare_proto == "1")
+        return
 
     with tempfile.TemporaryDirectory(prefix="a67-bench-streams-") as tmp:
-        ctl = start_controller(Path(tmp), args.interval)
+        ctl = start_controller(
+            Path(tmp),
+            args.interval,
+        )
         try:
             run(args, ctl)
         finally:
@@ -380,6 +588,34 @@ def run(args: argparse.Namespace, ctl: ControllerProc) -> None:
     t0 = time.monotonic()
     _, tokens = make_user_and_tokens(ctl.address, math.ceil(args.nodes / 100))
     print(f"controller pid {ctl.proc.pid}; {len(tokens)} enrollment tokens in {time.monotonic() - t0:.1f} s")
+    names = [name.strip() for name in args.targets.split(",") if name.strip()]
+    servers: dict[str, tuple[psutil.Process, str, bool]] = {}
+    bare_procs: list[subprocess.Popen[bytes]] = []
+    for name in names:
+        if name == "controller":
+            servers[name] = (psutil.Process(ctl.proc.pid), ctl.node_address, True)
+        elif name in ("bare", "bare-plain", "bare-raw"):
+            tls = name != "bare-plain"
+            proc, address = start_bare(ctl.data_dir, args.interval, tls, proto=name != "bare-raw")
+            bare_procs.append(proc)
+            servers[name] = (psutil.Process(proc.pid), address, tls)
+        else:
+            raise SystemExit(f"unknown target {name!r}")
+    try:
+        _run(args, ctl, tokens, names, servers)
+    finally:
+        for proc in bare_procs:
+            proc.kill()
+            proc.wait()
+
+
+def _run(
+    args: argparse.Namespace,
+    ctl: ControllerProc,
+    tokens: list[str],
+    names: list[str],
+    servers: dict[str, tuple[psutil.Process, str, bool]],
+) -> None:
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Barrier(args.workers + 1)
     go = ctx.Barrier(args.workers + 1)
@@ -387,6 +623,7 @@ def run(args: argparse.Namespace, ctl: ControllerProc) -> None:
     per = [
         args.nodes // args.workers + (1 if i < args.nodes % args.workers else 0) for i in range(args.workers)
     ]
+    targets = [(name, servers[name][1], servers[name][2]) for name in names]
     procs = []
     offset = 0
     for i, count in enumerate(per):
@@ -394,89 +631,118 @@ def run(args: argparse.Namespace, ctl: ControllerProc) -> None:
         procs.append(
             ctx.Process(
                 target=_worker,
-                args=(i, count, worker_tokens, ctl.address, ctl.node_address, args.seconds,
+                args=(i, count, worker_tokens, ctl.address, targets, args.seconds,
                       args.interval, max(1, args.enroll_concurrency // args.workers),
                       max(1, args.connect_concurrency // args.workers), ready, go, queue),
             )
         )  # fmt: skip
         offset += count
-    t_setup = time.monotonic()
     for p in procs:
         p.start()
-    controller = psutil.Process(ctl.proc.pid)
+    summary = []
+    for name in names:
+        summary.append(_phase(args, name, servers[name][0], procs, ready, go, queue))
+    for p in procs:
+        p.join(30)
+    if len(summary) > 1:
+        base = summary[0]
+        print("\nside by side (server CPU per heartbeat, ms; loopback packets per heartbeat):")
+        for row in summary:
+            print(f"  {row['name']:<11} {row['cpu_ms']:.3f} ms ({row['cpu_ms'] / base['cpu_ms']:.2f}x of {base['name']}), "
+                  f"{row['packets']:.1f} packets, ack {row['latency']}")  # fmt: skip
+    if ctl.proc.poll() is not None:
+        print(f"CONTROLLER EXITED rc={ctl.proc.returncode}")
+
+
+def _phase(
+    args: argparse.Namespace,
+    name: str,
+    server: psutil.Process,
+    procs: list[multiprocessing.process.BaseProcess],
+    ready: multiprocessing.synchronize.Barrier,
+    go: multiprocessing.synchronize.Barrier,
+    queue: multiprocessing.Queue,  # type: ignore[type-arg]
+) -> dict[str, object]:
+    t_setup = time.monotonic()
     try:
-        ready.wait(timeout=max(120.0, args.nodes / 20))
+        ready.wait(timeout=max(300.0, args.nodes / 20))
     except Exception:
         print("workers did not become ready in time")
         for p in procs:
             p.kill()
         raise
-    print(f"setup (enroll + connect) {time.monotonic() - t_setup:.1f} s; "
-          f"controller RSS {controller.memory_info().rss / 2**20:.0f} MiB")  # fmt: skip
+    print(
+        f"\n[{name}] setup {time.monotonic() - t_setup:.1f} s; server RSS {server.memory_info().rss / 2**20:.0f} MiB"
+    )
     go.wait()
     t_start = time.monotonic()
-    controller.cpu_percent(None)
+    cpu_start = server.cpu_times()
+    packets_start = loopback_packets()
+    server.cpu_percent(None)
     gens = [psutil.Process(p.pid) for p in procs]
     for g in gens:
         g.cpu_percent(None)
-    cpu, rss, gen_cpu, gen_max, busiest, machine = [], [], [], [], [], []
+    cpu, rss, gen_cpu, busiest, machine = [], [], [], [], []
     psutil.cpu_percent(None)
 
     def thread_times() -> dict[int, float]:
-        return {t.id: t.user_time + t.system_time for t in controller.threads()}
+        return {t.id: t.user_time + t.system_time for t in server.threads()}
 
     before, t_prev = thread_times(), time.monotonic()
-    while time.monotonic() - t_start < args.seconds + 0.5:
-        time.sleep(1.0)
-        cpu.append(controller.cpu_percent(None))
-        rss.append(controller.memory_info().rss / 2**20)
+    while time.monotonic() - t_start < args.seconds:
+        time.sleep(min(1.0, max(0.05, args.seconds - (time.monotonic() - t_start))))
+        cpu.append(server.cpu_percent(None))
+        rss.append(server.memory_info().rss / 2**20)
         after, t_now = thread_times(), time.monotonic()
-        # the busiest controller thread (the asyncio/Python thread is capped at 100 %)
         busiest.append(max(after[k] - before.get(k, 0.0) for k in after) / (t_now - t_prev) * 100)
         before, t_prev = after, t_now
         machine.append(psutil.cpu_percent(None) * (os.cpu_count() or 1))
         with contextlib.suppress(psutil.Error):
-            per = [g.cpu_percent(None) for g in gens]
-            gen_cpu.append(sum(per))
-            gen_max.append(max(per))
-    results: list[WorkerResult] = [queue.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(10)
-    elapsed = args.seconds
-
+            gen_cpu.append(sum(g.cpu_percent(None) for g in gens))
+    cpu_end = server.cpu_times()
+    packets = loopback_packets() - packets_start
+    window = time.monotonic() - t_start
+    results: list[WorkerResult] = [queue.get(timeout=300) for _ in procs]
     latencies = [x for r in results for x in r.latencies_ms]
     errors: collections.Counter[str] = collections.Counter()
     for r in results:
         errors.update(r.errors)
-    enrolled = sum(r.enrolled for r in results)
     connected = sum(r.connected for r in results)
     held = sum(r.held_at_end for r in results)
     acks = sum(r.acks for r in results)
     sent = sum(r.sent for r in results)
+    server_cpu = (cpu_end.user - cpu_start.user) + (cpu_end.system - cpu_start.system)
     steady_cpu = cpu[1:] if len(cpu) > 2 else cpu
-    print()
-    print(f"nodes={args.nodes} workers={args.workers} interval={args.interval}s window={elapsed:.0f}s "
-          f"cores={os.cpu_count()} grpcio={grpc.__version__}")  # fmt: skip
-    print(f"enrolled           {enrolled}/{args.nodes} (max {max(r.enroll_seconds for r in results):.1f} s)")
+    tail_name, tail_value = tail(latencies) if latencies else ("p99", float("nan"))
+    print(f"nodes={args.nodes} workers={args.workers} interval={args.interval}s window={args.seconds:.0f}s "
+          f"cores={os.cpu_count()} grpcio={grpc.__version__} load={os.getloadavg()[0]:.2f}")  # fmt: skip
+    print(
+        f"enrolled           {sum(r.enrolled for r in results)}/{args.nodes} (max {max(r.enroll_seconds for r in results):.1f} s)"
+    )
     print(f"streams connected  {connected} (max {max(r.connect_seconds for r in results):.1f} s)")
     print(f"streams held @end  {held}")
-    print(f"heartbeats sent    {sent}  acked {acks}  -> {acks / elapsed:.0f} acks/s "
+    print(f"heartbeats sent    {sent}  acked {acks}  -> {acks / args.seconds:.0f} acks/s "
           f"(offered {connected / args.interval:.0f}/s)")  # fmt: skip
-    print(f"ack latency ms     p50 {pct(latencies, 50):.1f}  p99 {pct(latencies, 99):.1f}  "
+    print(f"ack latency ms     p50 {pct(latencies, 50):.1f}  {tail_name} {tail_value:.1f}  "
           f"max {max(latencies) if latencies else float('nan'):.1f}")  # fmt: skip
-    print(f"controller CPU %   mean {statistics.fmean(steady_cpu) if steady_cpu else 0:.0f}  "
-          f"max {max(cpu) if cpu else 0:.0f}  (100 = one core)")  # fmt: skip
-    print(f"controller RSS MiB end {rss[-1] if rss else 0:.0f}  max {max(rss) if rss else 0:.0f}")
-    print(f"controller busiest thread CPU %  mean {statistics.fmean(busiest[1:] or busiest) if busiest else 0:.0f}  "
-          f"max {max(busiest) if busiest else 0:.0f}  (threads: {controller.num_threads()})")  # fmt: skip
-    print(f"load gen CPU %     mean {statistics.fmean(gen_cpu) if gen_cpu else 0:.0f} (all workers), "
-          f"busiest worker mean {statistics.fmean(gen_max) if gen_max else 0:.0f}")  # fmt: skip
+    print(f"server CPU         {server_cpu / max(acks, 1) * 1000:.3f} ms per heartbeat; mean {statistics.fmean(steady_cpu) if steady_cpu else 0:.0f} %  "
+          f"max {max(cpu) if cpu else 0:.0f} % (100 = one core)")  # fmt: skip
+    print(f"server RSS MiB     end {rss[-1] if rss else 0:.0f}  max {max(rss) if rss else 0:.0f}")
+    print(f"busiest thread CPU mean {statistics.fmean(busiest[1:] or busiest) if busiest else 0:.0f} %  "
+          f"max {max(busiest) if busiest else 0:.0f} % (threads: {server.num_threads()})")  # fmt: skip
+    print(f"loopback packets   {packets / max(acks, 1):.1f} per heartbeat ({packets / window:.0f}/s)")
+    print(f"load gen CPU       {sum(r.cpu_seconds for r in results) / max(acks, 1) * 1000:.3f} ms per heartbeat, "
+          f"mean {statistics.fmean(gen_cpu) if gen_cpu else 0:.0f} % (all workers)")  # fmt: skip
     print(
         f"machine CPU %      mean {statistics.fmean(machine) if machine else 0:.0f} (of {os.cpu_count()} cores x 100)"
     )
     print(f"errors             {dict(errors) if errors else 'none'}")
-    if ctl.proc.poll() is not None:
-        print(f"CONTROLLER EXITED rc={ctl.proc.returncode}")
+    return {
+        "name": name,
+        "cpu_ms": server_cpu / max(acks, 1) * 1000,
+        "packets": packets / max(acks, 1),
+        "latency": f"p50 {pct(latencies, 50):.1f} ms, {tail_name} {tail_value:.1f} ms",
+    }
 
 
 if __name__ == "__main__":

@@ -223,6 +223,7 @@ def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCont
         address,
         workdir / "data",
         node_listen_address=f"127.0.0.1:{node_port}",
+        extra_args=["--xds-listen", "127.0.0.1:0"],
         log_path=workdir / "controller.log",
         own_session=False,
     )

@@ -61,7 +61,9 @@ class Up:
                 child.kill()
 
 
-def up_args(workdir: Path, http_port: int, grpc_port: int, node_port: int) -> list[str]:
+def up_args(
+    workdir: Path, http_port: int, grpc_port: int, node_port: int, ingress_port: int = 0, xds_port: int = 0
+) -> list[str]:
     return [
         "--grpc-listen",
         f"127.0.0.1:{grpc_port}",
@@ -69,6 +71,10 @@ def up_args(workdir: Path, http_port: int, grpc_port: int, node_port: int) -> li
         f"127.0.0.1:{node_port}",
         "--http-listen",
         f"127.0.0.1:{http_port}",
+        "--ingress-listen",
+        f"127.0.0.1:{ingress_port or free_port()}",
+        "--xds-listen",
+        f"127.0.0.1:{xds_port or free_port()}",
         "--data-dir",
         str(workdir / "data"),
         "--log-level",
@@ -80,24 +86,24 @@ def up_args(workdir: Path, http_port: int, grpc_port: int, node_port: int) -> li
 
 
 def test_children_die_with_a_killed_a67_up_and_the_ports_can_be_reused(tmp_path: Path) -> None:
-    ports = free_port(), free_port(), free_port()
-    http_port, grpc_port, _ = ports
-    args = up_args(tmp_path, *ports)
+    ports = free_port(), free_port(), free_port(), free_port(), free_port()
+    http_port, grpc_port, _, _, _ = ports
+    args = up_args(tmp_path, *ports)  # the same ports again after the kill
     first = Up(tmp_path, *args)
     children: list[psutil.Process] = []
     try:
         first.wait_banner()
         children = first.children()
-        assert len(children) == 2, children  # the controller and Envoy, nothing between
+        assert len(children) == 3, children  # the controller, the gateway and the ingress, nothing between
         names = sorted(" ".join(c.cmdline()) for c in children)
         assert any("controller.cli serve" in n for n in names), names
-        assert any("envoy" in n for n in names), names
+        assert sum("envoy" in n for n in names) == 2, names
 
         first.process.kill()  # SIGKILL: no handler runs, nothing is stopped politely
         assert first.process.wait(timeout=10) == -signal.SIGKILL
         gone, alive = psutil.wait_procs(children, timeout=30)
         assert not alive, [(p.pid, p.cmdline()) for p in alive]
-        assert len(gone) == 2
+        assert len(gone) == 3
     finally:
         first.stop(children)
 

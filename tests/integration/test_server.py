@@ -72,6 +72,8 @@ def _start_serve(data_dir: Path, port: int, *extra: str) -> subprocess.Popen[str
             str(data_dir),
             "--node-listen",
             "127.0.0.1:0",
+            "--xds-listen",
+            "127.0.0.1:0",
             *extra,
         ],
         stdout=subprocess.PIPE,

@@ -31,6 +31,7 @@ import pytest
 from automator67.v1 import deployment_pb2 as pb
 from automator67.v1 import node_pb2, node_pb2_grpc
 
+from controller.agent import replicas as replicas_module
 from controller.agent.cli import add_agent_parser
 from controller.agent.client import server_keepalive_options
 from controller.agent.handlers import CommandHandlers
@@ -139,6 +140,28 @@ def strict_package() -> Package:
     )
 
 
+SERVED: dict[str, bytes] = {}
+"""Packages a test deploys, served to every supervisor's cache as the controller would."""
+
+
+async def _serve(sha256: str, offset: int) -> AsyncIterator[node_pb2.FetchPackageResponse]:
+    data = SERVED[sha256]
+    for start in range(offset, len(data), 65536):
+        yield node_pb2.FetchPackageResponse(
+            offset=start, data=data[start : start + 65536], total_size=len(data)
+        )
+
+
+class _ServedCache(replicas_module.PackageCache):
+    def __init__(self, directory: Path, fetch: Any = None, **kwargs: Any) -> None:
+        super().__init__(directory, fetch or _serve, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _packages_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(replicas_module, "PackageCache", _ServedCache)
+
+
 @pytest.fixture
 async def supervisor(tmp_path: Path) -> AsyncIterator[ReplicaSupervisor]:
     sup = ReplicaSupervisor(tmp_path / "agent", stop_grace_seconds=2.0)
@@ -164,12 +187,19 @@ def deploy(
             deployment_id=deployment_id,
             replica_index=index,
             generation=generation,
-            package=package.data,
-            package_sha256=package.sha256 if sha256 is None else sha256,
+            package_sha256=_served(package, sha256),
+            package_size=package.size,
             env=env or {},
             port=port,
         ),
     )
+
+
+def _served(package: Package, sha256: str | None = None) -> str:
+    """Serve ``package`` under its digest, or under a wrong one (bytes that do not match it)."""
+    digest = package.sha256 if sha256 is None else sha256
+    SERVED[digest] = package.data
+    return digest
 
 
 def stop(*, deployment_id: str = "dep-1", index: int = 0, generation: int = 1) -> node_pb2.NodeCommand:
@@ -589,9 +619,9 @@ DEATH_SCRIPT = textwrap.dedent(
 
     async def main():
         sup = ReplicaSupervisor(Path(sys.argv[1]))
+        (Path(sys.argv[1]) / "packages" / sys.argv[3]).write_bytes(Path(sys.argv[2]).read_bytes())
         command = node_pb2.NodeCommand(command_id="c", deploy_replica=node_pb2.DeployReplica(
-            deployment_id="dz", replica_index=0, generation=1,
-            package=Path(sys.argv[2]).read_bytes(), package_sha256=sys.argv[3]))
+            deployment_id="dz", replica_index=0, generation=1, package_sha256=sys.argv[3]))
         result = await sup.deploy_replica(command)
         print(result.payload.decode() if result.ok else "ERROR " + result.error_message, flush=True)
         await asyncio.sleep(3600)
@@ -714,12 +744,22 @@ AGENT_SCRIPT = (
 )
 
 
+class _ServingNodeService(FakeNodeService):
+    """The fake controller, serving the packages a test deploys (mutual TLS, node port)."""
+
+    async def FetchPackage(
+        self, request: node_pb2.FetchPackageRequest, context: Any
+    ) -> AsyncIterator[node_pb2.FetchPackageResponse]:
+        async for chunk in _serve(request.sha256, request.offset):
+            yield chunk
+
+
 async def test_agent_process_runs_replicas_reports_them_and_stops_them_on_sigterm(
     tmp_path: Path, web_package: Package
 ) -> None:
     """The real ``a67 agent`` against a fake controller: deploy over the stream, the
     replica's state in heartbeats, and SIGTERM stops the replica before the agent exits."""
-    service = FakeNodeService(Pki.create())
+    service = _ServingNodeService(Pki.create())
     service.commands = [deploy(web_package, env={"GREETING": "via the stream"})]
     server = grpc.aio.server(options=server_keepalive_options(INTERVAL_MS))
     node_pb2_grpc.add_NodeServiceServicer_to_server(service, server)

@@ -307,6 +307,8 @@ class Deployment(_message.Message):
     LAST_SCALED_AT_FIELD_NUMBER: _builtins.int
     PACKAGE_SHA256_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    URLS_FIELD_NUMBER: _builtins.int
+    TRAFFIC_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     user_id: _builtins.str
     name: _builtins.str
@@ -332,6 +334,17 @@ class Deployment(_message.Message):
     def deployed_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def last_scaled_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Where the app answers through the ingress: the host form
+        (http://<name>.<user handle>.<apps domain>[:port]/) and the path form
+        (<ingress URL>/apps/<deployment id>/). See docs/ingress.md.
+        """
+
+    @_builtins.property
+    def traffic(self) -> Global___DeploymentTraffic:
+        """App traffic through the ingresses (their access logs), over the last minute."""
+
     def __init__(
         self,
         *,
@@ -352,14 +365,56 @@ class Deployment(_message.Message):
         last_scaled_at: _timestamp_pb2.Timestamp | None = ...,
         package_sha256: _builtins.str = ...,
         version: _builtins.int = ...,
+        urls: _abc.Iterable[_builtins.str] | None = ...,
+        traffic: Global___DeploymentTraffic | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deployed_at", b"deployed_at", "last_scaled_at", b"last_scaled_at", "manifest", b"manifest", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deployed_at", b"deployed_at", "last_scaled_at", b"last_scaled_at", "manifest", b"manifest", "traffic", b"traffic", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_type", b"app_type", "created_at", b"created_at", "current_replicas", b"current_replicas", "deployed_at", b"deployed_at", "desired_replicas", b"desired_replicas", "endpoints", b"endpoints", "id", b"id", "last_scaled_at", b"last_scaled_at", "manifest", b"manifest", "name", b"name", "node_assignments", b"node_assignments", "package_sha256", b"package_sha256", "placement", b"placement", "status", b"status", "updated_at", b"updated_at", "user_id", b"user_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_type", b"app_type", "created_at", b"created_at", "current_replicas", b"current_replicas", "deployed_at", b"deployed_at", "desired_replicas", b"desired_replicas", "endpoints", b"endpoints", "id", b"id", "last_scaled_at", b"last_scaled_at", "manifest", b"manifest", "name", b"name", "node_assignments", b"node_assignments", "package_sha256", b"package_sha256", "placement", b"placement", "status", b"status", "traffic", b"traffic", "updated_at", b"updated_at", "urls", b"urls", "user_id", b"user_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Deployment: _TypeAlias = Deployment  # noqa: Y015
+
+@_typing.final
+class DeploymentTraffic(_message.Message):
+    """Requests to one deployment as the ingresses saw them (what clients got, retries included)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    ERROR_RATE_FIELD_NUMBER: _builtins.int
+    LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_P99_MS_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
+    requests_per_second: _builtins.float
+    """Requests per second over the last 10 seconds."""
+    error_rate: _builtins.float
+    """Share of requests answered 5xx (or not answered), in percent."""
+    latency_p50_ms: _builtins.float
+    latency_p99_ms: _builtins.float
+    requests: _builtins.int
+    """Requests in the window."""
+    window_seconds: _builtins.float
+    """The window of error_rate, the latencies and requests, in seconds."""
+    def __init__(
+        self,
+        *,
+        requests_per_second: _builtins.float = ...,
+        error_rate: _builtins.float = ...,
+        latency_p50_ms: _builtins.float = ...,
+        latency_p99_ms: _builtins.float = ...,
+        requests: _builtins.int = ...,
+        window_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_rate", b"error_rate", "latency_p50_ms", b"latency_p50_ms", "latency_p99_ms", b"latency_p99_ms", "requests", b"requests", "requests_per_second", b"requests_per_second", "window_seconds", b"window_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeploymentTraffic: _TypeAlias = DeploymentTraffic  # noqa: Y015
 
 @_typing.final
 class CreateDeploymentRequest(_message.Message):
@@ -368,10 +423,15 @@ class CreateDeploymentRequest(_message.Message):
     MANIFEST_FIELD_NUMBER: _builtins.int
     SOURCE_TAR_GZ_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_SHA256_FIELD_NUMBER: _builtins.int
     source_tar_gz: _builtins.bytes
-    """The application source: a tar.gz of a directory."""
+    """The application source inline: a tar.gz of a directory (small sources only;
+    give either this or source_sha256).
+    """
     request_id: _builtins.str
     """Makes a retried create idempotent."""
+    source_sha256: _builtins.str
+    """The SHA-256 UploadSource returned for the caller's uploaded source."""
     @_builtins.property
     def manifest(self) -> Global___DeploymentManifest: ...
     def __init__(
@@ -380,10 +440,11 @@ class CreateDeploymentRequest(_message.Message):
         manifest: Global___DeploymentManifest | None = ...,
         source_tar_gz: _builtins.bytes = ...,
         request_id: _builtins.str = ...,
+        source_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "request_id", b"request_id", "source_tar_gz", b"source_tar_gz"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "request_id", b"request_id", "source_sha256", b"source_sha256", "source_tar_gz", b"source_tar_gz"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -595,10 +656,14 @@ class UpdateDeploymentRequest(_message.Message):
     SOURCE_TAR_GZ_FIELD_NUMBER: _builtins.int
     MAX_SURGE_FIELD_NUMBER: _builtins.int
     MAX_UNAVAILABLE_FIELD_NUMBER: _builtins.int
+    SOURCE_SHA256_FIELD_NUMBER: _builtins.int
     deployment_id: _builtins.str
     source_tar_gz: _builtins.bytes
+    """The new source inline (small sources only); or source_sha256."""
     max_surge: _builtins.int
     max_unavailable: _builtins.int
+    source_sha256: _builtins.str
+    """The SHA-256 UploadSource returned for the caller's uploaded source."""
     @_builtins.property
     def manifest(self) -> Global___DeploymentManifest: ...
     def __init__(
@@ -609,14 +674,115 @@ class UpdateDeploymentRequest(_message.Message):
         source_tar_gz: _builtins.bytes = ...,
         max_surge: _builtins.int = ...,
         max_unavailable: _builtins.int = ...,
+        source_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment_id", b"deployment_id", "manifest", b"manifest", "max_surge", b"max_surge", "max_unavailable", b"max_unavailable", "source_tar_gz", b"source_tar_gz"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment_id", b"deployment_id", "manifest", b"manifest", "max_surge", b"max_surge", "max_unavailable", b"max_unavailable", "source_sha256", b"source_sha256", "source_tar_gz", b"source_tar_gz"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateDeploymentRequest: _TypeAlias = UpdateDeploymentRequest  # noqa: Y015
+
+@_typing.final
+class UploadSourceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METADATA_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """Every later message: the next piece of the source (at most 192 KiB each)."""
+    @_builtins.property
+    def metadata(self) -> Global___UploadSourceMetadata:
+        """First message: what is coming."""
+
+    def __init__(
+        self,
+        *,
+        metadata: Global___UploadSourceMetadata | None = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "kind", b"kind", "metadata", b"metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "kind", b"kind", "metadata", b"metadata"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["metadata", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___UploadSourceRequest: _TypeAlias = UploadSourceRequest  # noqa: Y015
+
+@_typing.final
+class UploadSourceMetadata(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    """The source's size in bytes, if known (checked against the limit at once
+    and against what arrives).
+    """
+    sha256: _builtins.str
+    """The SHA-256 the client expects (lower-case hex), if known: a different
+    one is refused with INVALID_ARGUMENT and nothing is kept.
+    """
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadSourceMetadata: _TypeAlias = UploadSourceMetadata  # noqa: Y015
+
+@_typing.final
+class UploadSourceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadSourceResponse: _TypeAlias = UploadSourceResponse  # noqa: Y015
+
+@_typing.final
+class UploadSourceBodyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadSourceBodyResponse: _TypeAlias = UploadSourceBodyResponse  # noqa: Y015
 
 @_typing.final
 class UpdateDeploymentResponse(_message.Message):

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from automator67.v1 import deployment_pb2 as automator67_dot_v1_dot_deployment__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -80,6 +81,16 @@ class DeploymentServiceStub:
                 request_serializer=automator67_dot_v1_dot_deployment__pb2.ResolveEndpointRequest.SerializeToString,
                 response_deserializer=automator67_dot_v1_dot_deployment__pb2.ResolveEndpointResponse.FromString,
                 _registered_method=True)
+        self.UploadSource = channel.stream_unary(
+                '/automator67.v1.DeploymentService/UploadSource',
+                request_serializer=automator67_dot_v1_dot_deployment__pb2.UploadSourceRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_deployment__pb2.UploadSourceResponse.FromString,
+                _registered_method=True)
+        self.UploadSourceBody = channel.stream_unary(
+                '/automator67.v1.DeploymentService/UploadSourceBody',
+                request_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_deployment__pb2.UploadSourceBodyResponse.FromString,
+                _registered_method=True)
 
 
 class DeploymentServiceServicer:
@@ -144,6 +155,26 @@ class DeploymentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadSource(self, request_iterator, context):
+        """Uploads an application source (a tar.gz) once, in chunks: the first message
+        holds the metadata, every later one a chunk. Returns its SHA-256, which
+        CreateDeployment and UpdateDeployment take as `source_sha256`. Over the
+        size limit (1 GiB by default): RESOURCE_EXHAUSTED, nothing kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadSourceBody(self, request_iterator, context):
+        """The same over REST: the raw tar.gz as the request body (not JSON, not base64).
+        Over the gateway's upload limit: 413. HTTP 201.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeploymentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -191,6 +222,16 @@ def add_DeploymentServiceServicer_to_server(servicer, server):
                     servicer.ResolveEndpoint,
                     request_deserializer=automator67_dot_v1_dot_deployment__pb2.ResolveEndpointRequest.FromString,
                     response_serializer=automator67_dot_v1_dot_deployment__pb2.ResolveEndpointResponse.SerializeToString,
+            ),
+            'UploadSource': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadSource,
+                    request_deserializer=automator67_dot_v1_dot_deployment__pb2.UploadSourceRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_deployment__pb2.UploadSourceResponse.SerializeToString,
+            ),
+            'UploadSourceBody': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadSourceBody,
+                    request_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                    response_serializer=automator67_dot_v1_dot_deployment__pb2.UploadSourceBodyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -437,6 +478,60 @@ class DeploymentService:
             '/automator67.v1.DeploymentService/ResolveEndpoint',
             automator67_dot_v1_dot_deployment__pb2.ResolveEndpointRequest.SerializeToString,
             automator67_dot_v1_dot_deployment__pb2.ResolveEndpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadSource(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/automator67.v1.DeploymentService/UploadSource',
+            automator67_dot_v1_dot_deployment__pb2.UploadSourceRequest.SerializeToString,
+            automator67_dot_v1_dot_deployment__pb2.UploadSourceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadSourceBody(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/automator67.v1.DeploymentService/UploadSourceBody',
+            google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            automator67_dot_v1_dot_deployment__pb2.UploadSourceBodyResponse.FromString,
             options,
             channel_credentials,
             insecure,

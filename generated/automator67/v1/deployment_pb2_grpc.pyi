@@ -5,6 +5,7 @@ isort:skip_file
 
 from automator67.v1 import deployment_pb2 as _deployment_pb2
 from collections import abc as _abc
+from google.api import httpbody_pb2 as _httpbody_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -46,6 +47,18 @@ class DeploymentServiceStub:
     DeleteDeployment: _grpc.UnaryUnaryMultiCallable[_deployment_pb2.DeleteDeploymentRequest, _deployment_pb2.DeleteDeploymentResponse]
     ResolveEndpoint: _grpc.UnaryUnaryMultiCallable[_deployment_pb2.ResolveEndpointRequest, _deployment_pb2.ResolveEndpointResponse]
     """Returns the replica endpoint to send the next request to."""
+    UploadSource: _grpc.StreamUnaryMultiCallable[_deployment_pb2.UploadSourceRequest, _deployment_pb2.UploadSourceResponse]
+    """Uploads an application source (a tar.gz) once, in chunks: the first message
+    holds the metadata, every later one a chunk. Returns its SHA-256, which
+    CreateDeployment and UpdateDeployment take as `source_sha256`. Over the
+    size limit (1 GiB by default): RESOURCE_EXHAUSTED, nothing kept.
+    """
+    UploadSourceBody: _grpc.StreamUnaryMultiCallable[_httpbody_pb2.HttpBody, _deployment_pb2.UploadSourceBodyResponse]
+    """The same over REST: the raw tar.gz as the request body (not JSON, not base64).
+    Over the gateway's upload limit: 413. HTTP 201.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
 
 @_typing.type_check_only
 class DeploymentServiceAsyncStub(DeploymentServiceStub):
@@ -65,6 +78,18 @@ class DeploymentServiceAsyncStub(DeploymentServiceStub):
     DeleteDeployment: _aio.UnaryUnaryMultiCallable[_deployment_pb2.DeleteDeploymentRequest, _deployment_pb2.DeleteDeploymentResponse]  # type: ignore[assignment]
     ResolveEndpoint: _aio.UnaryUnaryMultiCallable[_deployment_pb2.ResolveEndpointRequest, _deployment_pb2.ResolveEndpointResponse]  # type: ignore[assignment]
     """Returns the replica endpoint to send the next request to."""
+    UploadSource: _aio.StreamUnaryMultiCallable[_deployment_pb2.UploadSourceRequest, _deployment_pb2.UploadSourceResponse]  # type: ignore[assignment]
+    """Uploads an application source (a tar.gz) once, in chunks: the first message
+    holds the metadata, every later one a chunk. Returns its SHA-256, which
+    CreateDeployment and UpdateDeployment take as `source_sha256`. Over the
+    size limit (1 GiB by default): RESOURCE_EXHAUSTED, nothing kept.
+    """
+    UploadSourceBody: _aio.StreamUnaryMultiCallable[_httpbody_pb2.HttpBody, _deployment_pb2.UploadSourceBodyResponse]  # type: ignore[assignment]
+    """The same over REST: the raw tar.gz as the request body (not JSON, not base64).
+    Over the gateway's upload limit: 413. HTTP 201.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
 
 class DeploymentServiceServicer(metaclass=_abc_1.ABCMeta):
     """Application deployments (spec §3.3, §4.2, §4.3, §5.2)."""
@@ -135,5 +160,29 @@ class DeploymentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_deployment_pb2.ResolveEndpointResponse, _abc.Awaitable[_deployment_pb2.ResolveEndpointResponse]]:
         """Returns the replica endpoint to send the next request to."""
+
+    @_abc_1.abstractmethod
+    def UploadSource(
+        self,
+        request_iterator: _MaybeAsyncIterator[_deployment_pb2.UploadSourceRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_deployment_pb2.UploadSourceResponse, _abc.Awaitable[_deployment_pb2.UploadSourceResponse]]:
+        """Uploads an application source (a tar.gz) once, in chunks: the first message
+        holds the metadata, every later one a chunk. Returns its SHA-256, which
+        CreateDeployment and UpdateDeployment take as `source_sha256`. Over the
+        size limit (1 GiB by default): RESOURCE_EXHAUSTED, nothing kept.
+        """
+
+    @_abc_1.abstractmethod
+    def UploadSourceBody(
+        self,
+        request_iterator: _MaybeAsyncIterator[_httpbody_pb2.HttpBody],
+        context: _ServicerContext,
+    ) -> _typing.Union[_deployment_pb2.UploadSourceBodyResponse, _abc.Awaitable[_deployment_pb2.UploadSourceBodyResponse]]:
+        """The same over REST: the raw tar.gz as the request body (not JSON, not base64).
+        Over the gateway's upload limit: 413. HTTP 201.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
 
 def add_DeploymentServiceServicer_to_server(servicer: DeploymentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

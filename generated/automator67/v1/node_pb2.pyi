@@ -9,6 +9,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +20,52 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ShardTransactionAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ShardTransactionActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShardTransactionAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SHARD_TRANSACTION_ACTION_UNSPECIFIED: _ShardTransactionAction.ValueType  # 0
+    SHARD_TRANSACTION_ACTION_BEGIN: _ShardTransactionAction.ValueType  # 1
+    """Open the transaction (SQLite: BEGIN IMMEDIATE on a dedicated connection;
+    PostgreSQL: a dedicated connection as the shard's role), then run sql if given.
+    """
+    SHARD_TRANSACTION_ACTION_EXECUTE: _ShardTransactionAction.ValueType  # 2
+    """Run sql in the open transaction."""
+    SHARD_TRANSACTION_ACTION_PREPARE: _ShardTransactionAction.ValueType  # 3
+    """Make the transaction durable but undecided (PostgreSQL PREPARE TRANSACTION;
+    SQLite: an fsynced redo log on the agent).
+    """
+    SHARD_TRANSACTION_ACTION_COMMIT: _ShardTransactionAction.ValueType  # 4
+    """Commit an open or prepared transaction; an unknown one was already resolved."""
+    SHARD_TRANSACTION_ACTION_ROLLBACK: _ShardTransactionAction.ValueType  # 5
+    """Roll back an open or prepared transaction; an unknown one is no error."""
+    SHARD_TRANSACTION_ACTION_LIST_PREPARED: _ShardTransactionAction.ValueType  # 6
+    """List the prepared transactions of the shard (payload {"prepared": [ids]})."""
+
+class ShardTransactionAction(_ShardTransactionAction, metaclass=_ShardTransactionActionEnumTypeWrapper):
+    """What a ShardTransaction command does on its shard."""
+
+SHARD_TRANSACTION_ACTION_UNSPECIFIED: ShardTransactionAction.ValueType  # 0
+SHARD_TRANSACTION_ACTION_BEGIN: ShardTransactionAction.ValueType  # 1
+"""Open the transaction (SQLite: BEGIN IMMEDIATE on a dedicated connection;
+PostgreSQL: a dedicated connection as the shard's role), then run sql if given.
+"""
+SHARD_TRANSACTION_ACTION_EXECUTE: ShardTransactionAction.ValueType  # 2
+"""Run sql in the open transaction."""
+SHARD_TRANSACTION_ACTION_PREPARE: ShardTransactionAction.ValueType  # 3
+"""Make the transaction durable but undecided (PostgreSQL PREPARE TRANSACTION;
+SQLite: an fsynced redo log on the agent).
+"""
+SHARD_TRANSACTION_ACTION_COMMIT: ShardTransactionAction.ValueType  # 4
+"""Commit an open or prepared transaction; an unknown one was already resolved."""
+SHARD_TRANSACTION_ACTION_ROLLBACK: ShardTransactionAction.ValueType  # 5
+"""Roll back an open or prepared transaction; an unknown one is no error."""
+SHARD_TRANSACTION_ACTION_LIST_PREPARED: ShardTransactionAction.ValueType  # 6
+"""List the prepared transactions of the shard (payload {"prepared": [ids]})."""
+Global___ShardTransactionAction: _TypeAlias = ShardTransactionAction  # noqa: Y015
 
 @_typing.final
 class Node(_message.Message):
@@ -434,6 +481,10 @@ class NodeCommand(_message.Message):
     DEPLOY_REPLICA_FIELD_NUMBER: _builtins.int
     STOP_REPLICA_FIELD_NUMBER: _builtins.int
     EXECUTE_SHARD_STATEMENT_FIELD_NUMBER: _builtins.int
+    SHARD_TRANSACTION_FIELD_NUMBER: _builtins.int
+    STORE_CHUNK_FIELD_NUMBER: _builtins.int
+    READ_CHUNK_FIELD_NUMBER: _builtins.int
+    DELETE_CHUNKS_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     @_builtins.property
     def deploy_replica(self) -> Global___DeployReplica: ...
@@ -441,6 +492,22 @@ class NodeCommand(_message.Message):
     def stop_replica(self) -> Global___StopReplica: ...
     @_builtins.property
     def execute_shard_statement(self) -> Global___ExecuteShardStatement: ...
+    @_builtins.property
+    def shard_transaction(self) -> Global___ShardTransaction:
+        """A step of a transaction on one shard (BEGIN/EXECUTE/PREPARE/COMMIT/ROLLBACK)."""
+
+    @_builtins.property
+    def store_chunk(self) -> Global___StoreChunk:
+        """Storage: fetch a chunk's ciphertext (FetchChunk), verify and keep it."""
+
+    @_builtins.property
+    def read_chunk(self) -> Global___ReadChunk:
+        """Storage: send a chunk's ciphertext (PushChunk)."""
+
+    @_builtins.property
+    def delete_chunks(self) -> Global___DeleteChunks:
+        """Storage: remove chunks (garbage, stale or corrupt copies)."""
+
     def __init__(
         self,
         *,
@@ -448,12 +515,16 @@ class NodeCommand(_message.Message):
         deploy_replica: Global___DeployReplica | None = ...,
         stop_replica: Global___StopReplica | None = ...,
         execute_shard_statement: Global___ExecuteShardStatement | None = ...,
+        shard_transaction: Global___ShardTransaction | None = ...,
+        store_chunk: Global___StoreChunk | None = ...,
+        read_chunk: Global___ReadChunk | None = ...,
+        delete_chunks: Global___DeleteChunks | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deploy_replica", b"deploy_replica", "execute_shard_statement", b"execute_shard_statement", "kind", b"kind", "stop_replica", b"stop_replica"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delete_chunks", b"delete_chunks", "deploy_replica", b"deploy_replica", "execute_shard_statement", b"execute_shard_statement", "kind", b"kind", "read_chunk", b"read_chunk", "shard_transaction", b"shard_transaction", "stop_replica", b"stop_replica", "store_chunk", b"store_chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "deploy_replica", b"deploy_replica", "execute_shard_statement", b"execute_shard_statement", "kind", b"kind", "stop_replica", b"stop_replica"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "delete_chunks", b"delete_chunks", "deploy_replica", b"deploy_replica", "execute_shard_statement", b"execute_shard_statement", "kind", b"kind", "read_chunk", b"read_chunk", "shard_transaction", b"shard_transaction", "stop_replica", b"stop_replica", "store_chunk", b"store_chunk"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["deploy_replica", "stop_replica", "execute_shard_statement"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["deploy_replica", "stop_replica", "execute_shard_statement", "shard_transaction", "store_chunk", "read_chunk", "delete_chunks"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -486,17 +557,18 @@ class DeployReplica(_message.Message):
     DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
     REPLICA_INDEX_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
-    PACKAGE_FIELD_NUMBER: _builtins.int
     PACKAGE_SHA256_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
     PORT_FIELD_NUMBER: _builtins.int
+    PACKAGE_SIZE_FIELD_NUMBER: _builtins.int
     deployment_id: _builtins.str
     replica_index: _builtins.int
     generation: _builtins.int
-    package: _builtins.bytes
-    """The gzipped tarball of the application package."""
     package_sha256: _builtins.str
+    """The package to run (fetched by this SHA-256, lower-case hex)."""
     port: _builtins.int
+    package_size: _builtins.int
+    """The package's size in bytes."""
     @_builtins.property
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -505,18 +577,70 @@ class DeployReplica(_message.Message):
         deployment_id: _builtins.str = ...,
         replica_index: _builtins.int = ...,
         generation: _builtins.int = ...,
-        package: _builtins.bytes = ...,
         package_sha256: _builtins.str = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         port: _builtins.int = ...,
+        package_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment_id", b"deployment_id", "env", b"env", "generation", b"generation", "package", b"package", "package_sha256", b"package_sha256", "port", b"port", "replica_index", b"replica_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment_id", b"deployment_id", "env", b"env", "generation", b"generation", "package_sha256", b"package_sha256", "package_size", b"package_size", "port", b"port", "replica_index", b"replica_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeployReplica: _TypeAlias = DeployReplica  # noqa: Y015
+
+@_typing.final
+class FetchPackageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    offset: _builtins.int
+    """Where to start (resuming a broken download); 0 for the whole package."""
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchPackageRequest: _TypeAlias = FetchPackageRequest  # noqa: Y015
+
+@_typing.final
+class FetchPackageResponse(_message.Message):
+    """One piece of a package (at most 192 KiB of data, see controller/limits.py)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """Where `data` starts in the package."""
+    data: _builtins.bytes
+    total_size: _builtins.int
+    """The whole package's size in bytes."""
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        total_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchPackageResponse: _TypeAlias = FetchPackageResponse  # noqa: Y015
 
 @_typing.final
 class StopReplica(_message.Message):
@@ -551,10 +675,22 @@ class ExecuteShardStatement(_message.Message):
     SHARD_INDEX_FIELD_NUMBER: _builtins.int
     SQL_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    MAX_ROWS_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
+    READ_ONLY_FIELD_NUMBER: _builtins.int
     database_id: _builtins.str
     shard_index: _builtins.int
     sql: _builtins.str
     timeout_ms: _builtins.int
+    max_rows: _builtins.int
+    """The rows go back over PushShardResult keyed by the command id. The node fetches
+    at most max_rows + 1 rows (0: no cap), so "more than the cap" is known exactly,
+    and stops with error_kind "too_large" past max_rows rows or max_bytes encoded
+    bytes (0: no cap).
+    """
+    max_bytes: _builtins.int
+    read_only: _builtins.bool
+    """The statement only reads (the node may run it on a read-only connection of its own)."""
     def __init__(
         self,
         *,
@@ -562,14 +698,161 @@ class ExecuteShardStatement(_message.Message):
         shard_index: _builtins.int = ...,
         sql: _builtins.str = ...,
         timeout_ms: _builtins.int = ...,
+        max_rows: _builtins.int = ...,
+        max_bytes: _builtins.int = ...,
+        read_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_id", b"database_id", "shard_index", b"shard_index", "sql", b"sql", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_id", b"database_id", "max_bytes", b"max_bytes", "max_rows", b"max_rows", "read_only", b"read_only", "shard_index", b"shard_index", "sql", b"sql", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExecuteShardStatement: _TypeAlias = ExecuteShardStatement  # noqa: Y015
+
+@_typing.final
+class ShardResultColumn(_message.Message):
+    """A column of a shard statement's result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    type: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShardResultColumn: _TypeAlias = ShardResultColumn  # noqa: Y015
+
+@_typing.final
+class PushShardResultRequest(_message.Message):
+    """One message of PushShardResult."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
+    COLUMNS_FIELD_NUMBER: _builtins.int
+    COLUMNS_KNOWN_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    ROW_COUNT_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    ROWCOUNT_FIELD_NUMBER: _builtins.int
+    ERROR_KIND_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    command_id: _builtins.str
+    """The first message only: the ExecuteShardStatement command whose rows follow."""
+    columns_known: _builtins.bool
+    rows: _builtins.bytes
+    """A batch of rows: a JSON array of arrays, values encoded by controller/wire.py
+    (at most about 192 KiB per message).
+    """
+    row_count: _builtins.int
+    done: _builtins.bool
+    """The last message: the statement ended (rowcount: rows changed by a write, or -1),
+    or failed (error_kind as in a failed CommandResult, error_message).
+    """
+    rowcount: _builtins.int
+    error_kind: _builtins.str
+    error_message: _builtins.str
+    @_builtins.property
+    def columns(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShardResultColumn]:
+        """The message that carries the first rows (or `done` when there are none) carries
+        the columns and sets columns_known.
+        """
+
+    def __init__(
+        self,
+        *,
+        command_id: _builtins.str = ...,
+        columns: _abc.Iterable[Global___ShardResultColumn] | None = ...,
+        columns_known: _builtins.bool = ...,
+        rows: _builtins.bytes = ...,
+        row_count: _builtins.int = ...,
+        done: _builtins.bool = ...,
+        rowcount: _builtins.int = ...,
+        error_kind: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "columns_known", b"columns_known", "command_id", b"command_id", "done", b"done", "error_kind", b"error_kind", "error_message", b"error_message", "row_count", b"row_count", "rowcount", b"rowcount", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushShardResultRequest: _TypeAlias = PushShardResultRequest  # noqa: Y015
+
+@_typing.final
+class PushShardResultResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushShardResultResponse: _TypeAlias = PushShardResultResponse  # noqa: Y015
+
+@_typing.final
+class ShardTransaction(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_ID_FIELD_NUMBER: _builtins.int
+    SHARD_INDEX_FIELD_NUMBER: _builtins.int
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    SQL_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    IDLE_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    HOLDS_NOTHING_FIELD_NUMBER: _builtins.int
+    database_id: _builtins.str
+    shard_index: _builtins.int
+    transaction_id: _builtins.str
+    action: Global___ShardTransactionAction.ValueType
+    sql: _builtins.str
+    timeout_ms: _builtins.int
+    idle_timeout_ms: _builtins.int
+    """The agent rolls back an open, unprepared transaction idle this long."""
+    priority: _builtins.int
+    """Age of the transaction for wait-die on SQLite shards: a smaller value is older."""
+    holds_nothing: _builtins.bool
+    """BEGIN only: the transaction holds no other shard, so it may wait for this one
+    whatever its age (it cannot be part of a deadlock).
+    """
+    def __init__(
+        self,
+        *,
+        database_id: _builtins.str = ...,
+        shard_index: _builtins.int = ...,
+        transaction_id: _builtins.str = ...,
+        action: Global___ShardTransactionAction.ValueType = ...,
+        sql: _builtins.str = ...,
+        timeout_ms: _builtins.int = ...,
+        idle_timeout_ms: _builtins.int = ...,
+        priority: _builtins.int = ...,
+        holds_nothing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "database_id", b"database_id", "holds_nothing", b"holds_nothing", "idle_timeout_ms", b"idle_timeout_ms", "priority", b"priority", "shard_index", b"shard_index", "sql", b"sql", "timeout_ms", b"timeout_ms", "transaction_id", b"transaction_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShardTransaction: _TypeAlias = ShardTransaction  # noqa: Y015
 
 @_typing.final
 class CommandResult(_message.Message):
@@ -756,3 +1039,238 @@ class DeregisterNodeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeregisterNodeResponse: _TypeAlias = DeregisterNodeResponse  # noqa: Y015
+
+@_typing.final
+class StoreChunk(_message.Message):
+    """Storage: store one chunk. Its bytes come from FetchChunk(transfer_id); the node
+    checks size and SHA-256, fsyncs and renames the file into place, and answers
+    ok once the copy is durable and verified.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_ID_FIELD_NUMBER: _builtins.int
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    chunk_id: _builtins.str
+    transfer_id: _builtins.str
+    size: _builtins.int
+    sha256: _builtins.str
+    """SHA-256 (hex) of the ciphertext."""
+    def __init__(
+        self,
+        *,
+        chunk_id: _builtins.str = ...,
+        transfer_id: _builtins.str = ...,
+        size: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_id", b"chunk_id", "sha256", b"sha256", "size", b"size", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoreChunk: _TypeAlias = StoreChunk  # noqa: Y015
+
+@_typing.final
+class ReadChunk(_message.Message):
+    """Storage: send one chunk with PushChunk(transfer_id)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_ID_FIELD_NUMBER: _builtins.int
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    chunk_id: _builtins.str
+    transfer_id: _builtins.str
+    sha256: _builtins.str
+    """The SHA-256 (hex) the copy must have; a copy that does not is reported corrupt."""
+    def __init__(
+        self,
+        *,
+        chunk_id: _builtins.str = ...,
+        transfer_id: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_id", b"chunk_id", "sha256", b"sha256", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadChunk: _TypeAlias = ReadChunk  # noqa: Y015
+
+@_typing.final
+class DeleteChunks(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def chunk_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        chunk_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_ids", b"chunk_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteChunks: _TypeAlias = DeleteChunks  # noqa: Y015
+
+@_typing.final
+class FetchChunkRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    transfer_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        transfer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchChunkRequest: _TypeAlias = FetchChunkRequest  # noqa: Y015
+
+@_typing.final
+class FetchChunkResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchChunkResponse: _TypeAlias = FetchChunkResponse  # noqa: Y015
+
+@_typing.final
+class PushChunkRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    transfer_id: _builtins.str
+    """The first message only."""
+    data: _builtins.bytes
+    error: _builtins.str
+    """The first message only: set when the node has no good copy (missing or
+    corrupt); no data follows.
+    """
+    def __init__(
+        self,
+        *,
+        transfer_id: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "error", b"error", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushChunkRequest: _TypeAlias = PushChunkRequest  # noqa: Y015
+
+@_typing.final
+class PushChunkResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushChunkResponse: _TypeAlias = PushChunkResponse  # noqa: Y015
+
+@_typing.final
+class ChunkReport(_message.Message):
+    """One copy on a node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_ID_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    CORRUPT_FIELD_NUMBER: _builtins.int
+    chunk_id: _builtins.str
+    sha256: _builtins.str
+    """The SHA-256 recorded when the copy was stored."""
+    size: _builtins.int
+    corrupt: _builtins.bool
+    """The scrubber (or a read) found the bytes do not match sha256."""
+    def __init__(
+        self,
+        *,
+        chunk_id: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+        size: _builtins.int = ...,
+        corrupt: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_id", b"chunk_id", "corrupt", b"corrupt", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChunkReport: _TypeAlias = ChunkReport  # noqa: Y015
+
+@_typing.final
+class ReportChunksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    complete: _builtins.bool
+    """The last message of a complete inventory (sent after each connect)."""
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChunkReport]: ...
+    def __init__(
+        self,
+        *,
+        chunks: _abc.Iterable[Global___ChunkReport] | None = ...,
+        complete: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "complete", b"complete"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportChunksRequest: _TypeAlias = ReportChunksRequest  # noqa: Y015
+
+@_typing.final
+class ReportChunksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportChunksResponse: _TypeAlias = ReportChunksResponse  # noqa: Y015

@@ -50,6 +50,31 @@ class NodeServiceStub:
                 request_serializer=automator67_dot_v1_dot_node__pb2.ConnectRequest.SerializeToString,
                 response_deserializer=automator67_dot_v1_dot_node__pb2.ConnectResponse.FromString,
                 _registered_method=True)
+        self.FetchPackage = channel.unary_stream(
+                '/automator67.v1.NodeService/FetchPackage',
+                request_serializer=automator67_dot_v1_dot_node__pb2.FetchPackageRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_node__pb2.FetchPackageResponse.FromString,
+                _registered_method=True)
+        self.FetchChunk = channel.unary_stream(
+                '/automator67.v1.NodeService/FetchChunk',
+                request_serializer=automator67_dot_v1_dot_node__pb2.FetchChunkRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_node__pb2.FetchChunkResponse.FromString,
+                _registered_method=True)
+        self.PushChunk = channel.stream_unary(
+                '/automator67.v1.NodeService/PushChunk',
+                request_serializer=automator67_dot_v1_dot_node__pb2.PushChunkRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_node__pb2.PushChunkResponse.FromString,
+                _registered_method=True)
+        self.ReportChunks = channel.stream_unary(
+                '/automator67.v1.NodeService/ReportChunks',
+                request_serializer=automator67_dot_v1_dot_node__pb2.ReportChunksRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_node__pb2.ReportChunksResponse.FromString,
+                _registered_method=True)
+        self.PushShardResult = channel.stream_unary(
+                '/automator67.v1.NodeService/PushShardResult',
+                request_serializer=automator67_dot_v1_dot_node__pb2.PushShardResultRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_node__pb2.PushShardResultResponse.FromString,
+                _registered_method=True)
         self.ListNodes = channel.unary_unary(
                 '/automator67.v1.NodeService/ListNodes',
                 request_serializer=automator67_dot_v1_dot_node__pb2.ListNodesRequest.SerializeToString,
@@ -94,6 +119,49 @@ class NodeServiceServicer:
     def Connect(self, request_iterator, context):
         """The node's long-lived stream over mutual TLS: hello and heartbeats up,
         acknowledgements and commands down.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchPackage(self, request, context):
+        """A package by its SHA-256, in chunks from `offset` (mutual TLS, node port). A
+        node may fetch only the packages of replicas assigned to it (PERMISSION_DENIED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchChunk(self, request, context):
+        """Storage (docs/storage.md), mutual TLS on the node port. The ciphertext of a chunk
+        the node was told to store (StoreChunk command), by its transfer id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushChunk(self, request_iterator, context):
+        """The ciphertext of a chunk the node was told to send (ReadChunk command): the
+        first message names the transfer, every message carries bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportChunks(self, request_iterator, context):
+        """The chunks the node holds (after each connect, complete) and the copies its
+        scrubber found corrupt.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushShardResult(self, request_iterator, context):
+        """The rows of a shard statement (ExecuteShardStatement command), pushed by the node
+        while the statement runs, in batches, on the node port beside the control stream
+        (mutual TLS). The first message names the command; HTTP/2 flow control paces the
+        node, and the controller ending the call (CANCELLED, NOT_FOUND) interrupts the
+        statement.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,6 +212,31 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=automator67_dot_v1_dot_node__pb2.ConnectRequest.FromString,
                     response_serializer=automator67_dot_v1_dot_node__pb2.ConnectResponse.SerializeToString,
+            ),
+            'FetchPackage': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchPackage,
+                    request_deserializer=automator67_dot_v1_dot_node__pb2.FetchPackageRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_node__pb2.FetchPackageResponse.SerializeToString,
+            ),
+            'FetchChunk': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchChunk,
+                    request_deserializer=automator67_dot_v1_dot_node__pb2.FetchChunkRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_node__pb2.FetchChunkResponse.SerializeToString,
+            ),
+            'PushChunk': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushChunk,
+                    request_deserializer=automator67_dot_v1_dot_node__pb2.PushChunkRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_node__pb2.PushChunkResponse.SerializeToString,
+            ),
+            'ReportChunks': grpc.stream_unary_rpc_method_handler(
+                    servicer.ReportChunks,
+                    request_deserializer=automator67_dot_v1_dot_node__pb2.ReportChunksRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_node__pb2.ReportChunksResponse.SerializeToString,
+            ),
+            'PushShardResult': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushShardResult,
+                    request_deserializer=automator67_dot_v1_dot_node__pb2.PushShardResultRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_node__pb2.PushShardResultResponse.SerializeToString,
             ),
             'ListNodes': grpc.unary_unary_rpc_method_handler(
                     servicer.ListNodes,
@@ -248,6 +341,141 @@ class NodeService:
             '/automator67.v1.NodeService/Connect',
             automator67_dot_v1_dot_node__pb2.ConnectRequest.SerializeToString,
             automator67_dot_v1_dot_node__pb2.ConnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchPackage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/automator67.v1.NodeService/FetchPackage',
+            automator67_dot_v1_dot_node__pb2.FetchPackageRequest.SerializeToString,
+            automator67_dot_v1_dot_node__pb2.FetchPackageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchChunk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/automator67.v1.NodeService/FetchChunk',
+            automator67_dot_v1_dot_node__pb2.FetchChunkRequest.SerializeToString,
+            automator67_dot_v1_dot_node__pb2.FetchChunkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushChunk(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/automator67.v1.NodeService/PushChunk',
+            automator67_dot_v1_dot_node__pb2.PushChunkRequest.SerializeToString,
+            automator67_dot_v1_dot_node__pb2.PushChunkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportChunks(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/automator67.v1.NodeService/ReportChunks',
+            automator67_dot_v1_dot_node__pb2.ReportChunksRequest.SerializeToString,
+            automator67_dot_v1_dot_node__pb2.ReportChunksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushShardResult(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/automator67.v1.NodeService/PushShardResult',
+            automator67_dot_v1_dot_node__pb2.PushShardResultRequest.SerializeToString,
+            automator67_dot_v1_dot_node__pb2.PushShardResultResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,29 @@ class NodeServiceStub:
     """The node's long-lived stream over mutual TLS: hello and heartbeats up,
     acknowledgements and commands down.
     """
+    FetchPackage: _grpc.UnaryStreamMultiCallable[_node_pb2.FetchPackageRequest, _node_pb2.FetchPackageResponse]
+    """A package by its SHA-256, in chunks from `offset` (mutual TLS, node port). A
+    node may fetch only the packages of replicas assigned to it (PERMISSION_DENIED).
+    """
+    FetchChunk: _grpc.UnaryStreamMultiCallable[_node_pb2.FetchChunkRequest, _node_pb2.FetchChunkResponse]
+    """Storage (docs/storage.md), mutual TLS on the node port. The ciphertext of a chunk
+    the node was told to store (StoreChunk command), by its transfer id.
+    """
+    PushChunk: _grpc.StreamUnaryMultiCallable[_node_pb2.PushChunkRequest, _node_pb2.PushChunkResponse]
+    """The ciphertext of a chunk the node was told to send (ReadChunk command): the
+    first message names the transfer, every message carries bytes.
+    """
+    ReportChunks: _grpc.StreamUnaryMultiCallable[_node_pb2.ReportChunksRequest, _node_pb2.ReportChunksResponse]
+    """The chunks the node holds (after each connect, complete) and the copies its
+    scrubber found corrupt.
+    """
+    PushShardResult: _grpc.StreamUnaryMultiCallable[_node_pb2.PushShardResultRequest, _node_pb2.PushShardResultResponse]
+    """The rows of a shard statement (ExecuteShardStatement command), pushed by the node
+    while the statement runs, in batches, on the node port beside the control stream
+    (mutual TLS). The first message names the command; HTTP/2 flow control paces the
+    node, and the controller ending the call (CANCELLED, NOT_FOUND) interrupts the
+    statement.
+    """
     ListNodes: _grpc.UnaryUnaryMultiCallable[_node_pb2.ListNodesRequest, _node_pb2.ListNodesResponse]
     """Lists the caller's nodes."""
     GetNode: _grpc.UnaryUnaryMultiCallable[_node_pb2.GetNodeRequest, _node_pb2.GetNodeResponse]
@@ -66,6 +89,29 @@ class NodeServiceAsyncStub(NodeServiceStub):
     Connect: _aio.StreamStreamMultiCallable[_node_pb2.ConnectRequest, _node_pb2.ConnectResponse]  # type: ignore[assignment]
     """The node's long-lived stream over mutual TLS: hello and heartbeats up,
     acknowledgements and commands down.
+    """
+    FetchPackage: _aio.UnaryStreamMultiCallable[_node_pb2.FetchPackageRequest, _node_pb2.FetchPackageResponse]  # type: ignore[assignment]
+    """A package by its SHA-256, in chunks from `offset` (mutual TLS, node port). A
+    node may fetch only the packages of replicas assigned to it (PERMISSION_DENIED).
+    """
+    FetchChunk: _aio.UnaryStreamMultiCallable[_node_pb2.FetchChunkRequest, _node_pb2.FetchChunkResponse]  # type: ignore[assignment]
+    """Storage (docs/storage.md), mutual TLS on the node port. The ciphertext of a chunk
+    the node was told to store (StoreChunk command), by its transfer id.
+    """
+    PushChunk: _aio.StreamUnaryMultiCallable[_node_pb2.PushChunkRequest, _node_pb2.PushChunkResponse]  # type: ignore[assignment]
+    """The ciphertext of a chunk the node was told to send (ReadChunk command): the
+    first message names the transfer, every message carries bytes.
+    """
+    ReportChunks: _aio.StreamUnaryMultiCallable[_node_pb2.ReportChunksRequest, _node_pb2.ReportChunksResponse]  # type: ignore[assignment]
+    """The chunks the node holds (after each connect, complete) and the copies its
+    scrubber found corrupt.
+    """
+    PushShardResult: _aio.StreamUnaryMultiCallable[_node_pb2.PushShardResultRequest, _node_pb2.PushShardResultResponse]  # type: ignore[assignment]
+    """The rows of a shard statement (ExecuteShardStatement command), pushed by the node
+    while the statement runs, in batches, on the node port beside the control stream
+    (mutual TLS). The first message names the command; HTTP/2 flow control paces the
+    node, and the controller ending the call (CANCELLED, NOT_FOUND) interrupts the
+    statement.
     """
     ListNodes: _aio.UnaryUnaryMultiCallable[_node_pb2.ListNodesRequest, _node_pb2.ListNodesResponse]  # type: ignore[assignment]
     """Lists the caller's nodes."""
@@ -105,6 +151,59 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_node_pb2.ConnectResponse], _abc.AsyncIterator[_node_pb2.ConnectResponse]]:
         """The node's long-lived stream over mutual TLS: hello and heartbeats up,
         acknowledgements and commands down.
+        """
+
+    @_abc_1.abstractmethod
+    def FetchPackage(
+        self,
+        request: _node_pb2.FetchPackageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_node_pb2.FetchPackageResponse], _abc.AsyncIterator[_node_pb2.FetchPackageResponse]]:
+        """A package by its SHA-256, in chunks from `offset` (mutual TLS, node port). A
+        node may fetch only the packages of replicas assigned to it (PERMISSION_DENIED).
+        """
+
+    @_abc_1.abstractmethod
+    def FetchChunk(
+        self,
+        request: _node_pb2.FetchChunkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_node_pb2.FetchChunkResponse], _abc.AsyncIterator[_node_pb2.FetchChunkResponse]]:
+        """Storage (docs/storage.md), mutual TLS on the node port. The ciphertext of a chunk
+        the node was told to store (StoreChunk command), by its transfer id.
+        """
+
+    @_abc_1.abstractmethod
+    def PushChunk(
+        self,
+        request_iterator: _MaybeAsyncIterator[_node_pb2.PushChunkRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.PushChunkResponse, _abc.Awaitable[_node_pb2.PushChunkResponse]]:
+        """The ciphertext of a chunk the node was told to send (ReadChunk command): the
+        first message names the transfer, every message carries bytes.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportChunks(
+        self,
+        request_iterator: _MaybeAsyncIterator[_node_pb2.ReportChunksRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.ReportChunksResponse, _abc.Awaitable[_node_pb2.ReportChunksResponse]]:
+        """The chunks the node holds (after each connect, complete) and the copies its
+        scrubber found corrupt.
+        """
+
+    @_abc_1.abstractmethod
+    def PushShardResult(
+        self,
+        request_iterator: _MaybeAsyncIterator[_node_pb2.PushShardResultRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.PushShardResultResponse, _abc.Awaitable[_node_pb2.PushShardResultResponse]]:
+        """The rows of a shard statement (ExecuteShardStatement command), pushed by the node
+        while the statement runs, in batches, on the node port beside the control stream
+        (mutual TLS). The first message names the command; HTTP/2 flow control paces the
+        node, and the controller ending the call (CANCELLED, NOT_FOUND) interrupts the
+        statement.
         """
 
     @_abc_1.abstractmethod

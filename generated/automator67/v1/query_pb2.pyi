@@ -489,12 +489,15 @@ class ExecuteQueryRequest(_message.Message):
     QUERY_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     ALLOW_PARTIAL_RESULTS_FIELD_NUMBER: _builtins.int
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
     db_id: _builtins.str
     query: _builtins.str
     timeout_ms: _builtins.int
     """Deadline in milliseconds (default 30000)."""
     allow_partial_results: _builtins.bool
     """Return the rows of the shards that answered instead of failing."""
+    transaction_id: _builtins.str
+    """Run the statement in this transaction (from BeginTransaction)."""
     def __init__(
         self,
         *,
@@ -502,10 +505,11 @@ class ExecuteQueryRequest(_message.Message):
         query: _builtins.str = ...,
         timeout_ms: _builtins.int = ...,
         allow_partial_results: _builtins.bool = ...,
+        transaction_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_partial_results", b"allow_partial_results", "db_id", b"db_id", "query", b"query", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_partial_results", b"allow_partial_results", "db_id", b"db_id", "query", b"query", "timeout_ms", b"timeout_ms", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -604,3 +608,258 @@ class ExecuteQueryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExecuteQueryResponse: _TypeAlias = ExecuteQueryResponse  # noqa: Y015
+
+@_typing.final
+class StreamQueryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DB_ID_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    db_id: _builtins.str
+    query: _builtins.str
+    """One read (SELECT); writes go through ExecuteQuery."""
+    timeout_ms: _builtins.int
+    """Deadline of the whole stream in milliseconds (default 30000)."""
+    def __init__(
+        self,
+        *,
+        db_id: _builtins.str = ...,
+        query: _builtins.str = ...,
+        timeout_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["db_id", b"db_id", "query", b"query", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamQueryRequest: _TypeAlias = StreamQueryRequest  # noqa: Y015
+
+@_typing.final
+class StreamQueryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLUMNS_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    ROWS_RETURNED_FIELD_NUMBER: _builtins.int
+    SHARDS_QUERIED_FIELD_NUMBER: _builtins.int
+    EXECUTION_TIME_MS_FIELD_NUMBER: _builtins.int
+    done: _builtins.bool
+    """The last message: the stream is complete."""
+    rows_returned: _builtins.int
+    shards_queried: _builtins.int
+    execution_time_ms: _builtins.int
+    @_builtins.property
+    def columns(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResultColumn]:
+        """The first message: the result's columns."""
+
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.ListValue]:
+        """A batch of rows (JSON values, exact as in ExecuteQueryResponse.data)."""
+
+    def __init__(
+        self,
+        *,
+        columns: _abc.Iterable[Global___ResultColumn] | None = ...,
+        rows: _abc.Iterable[_struct_pb2.ListValue] | None = ...,
+        done: _builtins.bool = ...,
+        rows_returned: _builtins.int = ...,
+        shards_queried: _builtins.int = ...,
+        execution_time_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "done", b"done", "execution_time_ms", b"execution_time_ms", "rows", b"rows", "rows_returned", b"rows_returned", "shards_queried", b"shards_queried"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamQueryResponse: _TypeAlias = StreamQueryResponse  # noqa: Y015
+
+@_typing.final
+class Transaction(_message.Message):
+    """A transaction on a database (see docs/databases.md, "Transactions")."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    DB_ID_FIELD_NUMBER: _builtins.int
+    DISTRIBUTED_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PARTICIPANTS_FIELD_NUMBER: _builtins.int
+    IDLE_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    db_id: _builtins.str
+    distributed: _builtins.bool
+    """May span shards (atomic commit by two-phase commit)."""
+    state: _builtins.str
+    """"active", "preparing", "committed" or "aborted"."""
+    idle_timeout_ms: _builtins.int
+    timeout_ms: _builtins.int
+    @_builtins.property
+    def participants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The shards the transaction has touched."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        db_id: _builtins.str = ...,
+        distributed: _builtins.bool = ...,
+        state: _builtins.str = ...,
+        participants: _abc.Iterable[_builtins.int] | None = ...,
+        idle_timeout_ms: _builtins.int = ...,
+        timeout_ms: _builtins.int = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "db_id", b"db_id", "distributed", b"distributed", "expires_at", b"expires_at", "id", b"id", "idle_timeout_ms", b"idle_timeout_ms", "participants", b"participants", "state", b"state", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Transaction: _TypeAlias = Transaction  # noqa: Y015
+
+@_typing.final
+class BeginTransactionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DB_ID_FIELD_NUMBER: _builtins.int
+    IDLE_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    DISTRIBUTED_FIELD_NUMBER: _builtins.int
+    db_id: _builtins.str
+    idle_timeout_ms: _builtins.int
+    """Roll back after this long without a statement (default 60000, at most 3600000)."""
+    timeout_ms: _builtins.int
+    """Roll back if not committed within this long (default 600000, at most 3600000)."""
+    distributed: _builtins.bool
+    """Allow statements on more than one shard (committed by two-phase commit)."""
+    def __init__(
+        self,
+        *,
+        db_id: _builtins.str = ...,
+        idle_timeout_ms: _builtins.int = ...,
+        timeout_ms: _builtins.int = ...,
+        distributed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["db_id", b"db_id", "distributed", b"distributed", "idle_timeout_ms", b"idle_timeout_ms", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BeginTransactionRequest: _TypeAlias = BeginTransactionRequest  # noqa: Y015
+
+@_typing.final
+class BeginTransactionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSACTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def transaction(self) -> Global___Transaction: ...
+    def __init__(
+        self,
+        *,
+        transaction: Global___Transaction | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["transaction", b"transaction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["transaction", b"transaction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BeginTransactionResponse: _TypeAlias = BeginTransactionResponse  # noqa: Y015
+
+@_typing.final
+class CommitTransactionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DB_ID_FIELD_NUMBER: _builtins.int
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    db_id: _builtins.str
+    transaction_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        db_id: _builtins.str = ...,
+        transaction_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["db_id", b"db_id", "transaction_id", b"transaction_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitTransactionRequest: _TypeAlias = CommitTransactionRequest  # noqa: Y015
+
+@_typing.final
+class CommitTransactionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSACTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def transaction(self) -> Global___Transaction: ...
+    def __init__(
+        self,
+        *,
+        transaction: Global___Transaction | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["transaction", b"transaction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["transaction", b"transaction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitTransactionResponse: _TypeAlias = CommitTransactionResponse  # noqa: Y015
+
+@_typing.final
+class RollbackTransactionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DB_ID_FIELD_NUMBER: _builtins.int
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    db_id: _builtins.str
+    transaction_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        db_id: _builtins.str = ...,
+        transaction_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["db_id", b"db_id", "transaction_id", b"transaction_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackTransactionRequest: _TypeAlias = RollbackTransactionRequest  # noqa: Y015
+
+@_typing.final
+class RollbackTransactionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSACTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def transaction(self) -> Global___Transaction: ...
+    def __init__(
+        self,
+        *,
+        transaction: Global___Transaction | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["transaction", b"transaction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["transaction", b"transaction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackTransactionResponse: _TypeAlias = RollbackTransactionResponse  # noqa: Y015

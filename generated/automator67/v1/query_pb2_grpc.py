@@ -65,6 +65,26 @@ class QueryServiceStub:
                 request_serializer=automator67_dot_v1_dot_query__pb2.ExecuteQueryRequest.SerializeToString,
                 response_deserializer=automator67_dot_v1_dot_query__pb2.ExecuteQueryResponse.FromString,
                 _registered_method=True)
+        self.StreamQuery = channel.unary_stream(
+                '/automator67.v1.QueryService/StreamQuery',
+                request_serializer=automator67_dot_v1_dot_query__pb2.StreamQueryRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_query__pb2.StreamQueryResponse.FromString,
+                _registered_method=True)
+        self.BeginTransaction = channel.unary_unary(
+                '/automator67.v1.QueryService/BeginTransaction',
+                request_serializer=automator67_dot_v1_dot_query__pb2.BeginTransactionRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_query__pb2.BeginTransactionResponse.FromString,
+                _registered_method=True)
+        self.CommitTransaction = channel.unary_unary(
+                '/automator67.v1.QueryService/CommitTransaction',
+                request_serializer=automator67_dot_v1_dot_query__pb2.CommitTransactionRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_query__pb2.CommitTransactionResponse.FromString,
+                _registered_method=True)
+        self.RollbackTransaction = channel.unary_unary(
+                '/automator67.v1.QueryService/RollbackTransaction',
+                request_serializer=automator67_dot_v1_dot_query__pb2.RollbackTransactionRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_query__pb2.RollbackTransactionResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -109,6 +129,36 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamQuery(self, request, context):
+        """Routes a read and streams the merged rows in batches, any number of them (REST:
+        newline-delimited JSON, one message per line). The first message carries the
+        columns; the last one `done` with the totals.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BeginTransaction(self, request, context):
+        """Opens a transaction on the database, bound to the caller. HTTP 201.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitTransaction(self, request, context):
+        """Commits a transaction (two-phase commit when it spans shards).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackTransaction(self, request, context):
+        """Rolls a transaction back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +191,26 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.ExecuteQuery,
                     request_deserializer=automator67_dot_v1_dot_query__pb2.ExecuteQueryRequest.FromString,
                     response_serializer=automator67_dot_v1_dot_query__pb2.ExecuteQueryResponse.SerializeToString,
+            ),
+            'StreamQuery': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamQuery,
+                    request_deserializer=automator67_dot_v1_dot_query__pb2.StreamQueryRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_query__pb2.StreamQueryResponse.SerializeToString,
+            ),
+            'BeginTransaction': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginTransaction,
+                    request_deserializer=automator67_dot_v1_dot_query__pb2.BeginTransactionRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_query__pb2.BeginTransactionResponse.SerializeToString,
+            ),
+            'CommitTransaction': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitTransaction,
+                    request_deserializer=automator67_dot_v1_dot_query__pb2.CommitTransactionRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_query__pb2.CommitTransactionResponse.SerializeToString,
+            ),
+            'RollbackTransaction': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackTransaction,
+                    request_deserializer=automator67_dot_v1_dot_query__pb2.RollbackTransactionRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_query__pb2.RollbackTransactionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +376,114 @@ class QueryService:
             '/automator67.v1.QueryService/ExecuteQuery',
             automator67_dot_v1_dot_query__pb2.ExecuteQueryRequest.SerializeToString,
             automator67_dot_v1_dot_query__pb2.ExecuteQueryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamQuery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/automator67.v1.QueryService/StreamQuery',
+            automator67_dot_v1_dot_query__pb2.StreamQueryRequest.SerializeToString,
+            automator67_dot_v1_dot_query__pb2.StreamQueryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BeginTransaction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automator67.v1.QueryService/BeginTransaction',
+            automator67_dot_v1_dot_query__pb2.BeginTransactionRequest.SerializeToString,
+            automator67_dot_v1_dot_query__pb2.BeginTransactionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitTransaction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automator67.v1.QueryService/CommitTransaction',
+            automator67_dot_v1_dot_query__pb2.CommitTransactionRequest.SerializeToString,
+            automator67_dot_v1_dot_query__pb2.CommitTransactionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackTransaction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automator67.v1.QueryService/RollbackTransaction',
+            automator67_dot_v1_dot_query__pb2.RollbackTransactionRequest.SerializeToString,
+            automator67_dot_v1_dot_query__pb2.RollbackTransactionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,17 @@ class QueryServiceStub:
     """Applies DDL to every shard and records it in schema_info."""
     ExecuteQuery: _grpc.UnaryUnaryMultiCallable[_query_pb2.ExecuteQueryRequest, _query_pb2.ExecuteQueryResponse]
     """Routes a SQL statement to the shards and merges the results."""
+    StreamQuery: _grpc.UnaryStreamMultiCallable[_query_pb2.StreamQueryRequest, _query_pb2.StreamQueryResponse]
+    """Routes a read and streams the merged rows in batches, any number of them (REST:
+    newline-delimited JSON, one message per line). The first message carries the
+    columns; the last one `done` with the totals.
+    """
+    BeginTransaction: _grpc.UnaryUnaryMultiCallable[_query_pb2.BeginTransactionRequest, _query_pb2.BeginTransactionResponse]
+    """Opens a transaction on the database, bound to the caller. HTTP 201."""
+    CommitTransaction: _grpc.UnaryUnaryMultiCallable[_query_pb2.CommitTransactionRequest, _query_pb2.CommitTransactionResponse]
+    """Commits a transaction (two-phase commit when it spans shards)."""
+    RollbackTransaction: _grpc.UnaryUnaryMultiCallable[_query_pb2.RollbackTransactionRequest, _query_pb2.RollbackTransactionResponse]
+    """Rolls a transaction back."""
 
 @_typing.type_check_only
 class QueryServiceAsyncStub(QueryServiceStub):
@@ -55,6 +66,17 @@ class QueryServiceAsyncStub(QueryServiceStub):
     """Applies DDL to every shard and records it in schema_info."""
     ExecuteQuery: _aio.UnaryUnaryMultiCallable[_query_pb2.ExecuteQueryRequest, _query_pb2.ExecuteQueryResponse]  # type: ignore[assignment]
     """Routes a SQL statement to the shards and merges the results."""
+    StreamQuery: _aio.UnaryStreamMultiCallable[_query_pb2.StreamQueryRequest, _query_pb2.StreamQueryResponse]  # type: ignore[assignment]
+    """Routes a read and streams the merged rows in batches, any number of them (REST:
+    newline-delimited JSON, one message per line). The first message carries the
+    columns; the last one `done` with the totals.
+    """
+    BeginTransaction: _aio.UnaryUnaryMultiCallable[_query_pb2.BeginTransactionRequest, _query_pb2.BeginTransactionResponse]  # type: ignore[assignment]
+    """Opens a transaction on the database, bound to the caller. HTTP 201."""
+    CommitTransaction: _aio.UnaryUnaryMultiCallable[_query_pb2.CommitTransactionRequest, _query_pb2.CommitTransactionResponse]  # type: ignore[assignment]
+    """Commits a transaction (two-phase commit when it spans shards)."""
+    RollbackTransaction: _aio.UnaryUnaryMultiCallable[_query_pb2.RollbackTransactionRequest, _query_pb2.RollbackTransactionResponse]  # type: ignore[assignment]
+    """Rolls a transaction back."""
 
 class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
     """Federated databases and SQL routing (spec §3.4, §4.5, §5.3)."""
@@ -102,5 +124,40 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_query_pb2.ExecuteQueryResponse, _abc.Awaitable[_query_pb2.ExecuteQueryResponse]]:
         """Routes a SQL statement to the shards and merges the results."""
+
+    @_abc_1.abstractmethod
+    def StreamQuery(
+        self,
+        request: _query_pb2.StreamQueryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_query_pb2.StreamQueryResponse], _abc.AsyncIterator[_query_pb2.StreamQueryResponse]]:
+        """Routes a read and streams the merged rows in batches, any number of them (REST:
+        newline-delimited JSON, one message per line). The first message carries the
+        columns; the last one `done` with the totals.
+        """
+
+    @_abc_1.abstractmethod
+    def BeginTransaction(
+        self,
+        request: _query_pb2.BeginTransactionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.BeginTransactionResponse, _abc.Awaitable[_query_pb2.BeginTransactionResponse]]:
+        """Opens a transaction on the database, bound to the caller. HTTP 201."""
+
+    @_abc_1.abstractmethod
+    def CommitTransaction(
+        self,
+        request: _query_pb2.CommitTransactionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.CommitTransactionResponse, _abc.Awaitable[_query_pb2.CommitTransactionResponse]]:
+        """Commits a transaction (two-phase commit when it spans shards)."""
+
+    @_abc_1.abstractmethod
+    def RollbackTransaction(
+        self,
+        request: _query_pb2.RollbackTransactionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.RollbackTransactionResponse, _abc.Awaitable[_query_pb2.RollbackTransactionResponse]]:
+        """Rolls a transaction back."""
 
 def add_QueryServiceServicer_to_server(servicer: QueryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

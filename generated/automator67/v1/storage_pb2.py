@@ -23,52 +23,65 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61utomator67/v1/storage.proto\x12\x0e\x61utomator67.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"6\n\rChunkLocation\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0cstorage_path\x18\x02 \x01(\t\"l\n\tFileChunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\x12\x30\n\tlocations\x18\x04 \x03(\x0b\x32\x1d.automator67.v1.ChunkLocation\"\xfb\x02\n\x0bStorageFile\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x11\n\tmime_type\x18\x05 \x01(\t\x12)\n\x06\x63hunks\x18\x06 \x03(\x0b\x32\x19.automator67.v1.FileChunk\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\t\x12\x10\n\x08replicas\x18\x08 \x01(\x05\x12=\n\x12replication_status\x18\t \x01(\x0e\x32!.automator67.v1.ReplicationStatus\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bmodified_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_accessed\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"U\n\x12UploadFileMetadata\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\x05\x12\x0c\n\x04size\x18\x04 \x01(\x03\"c\n\x11UploadFileRequest\x12\x36\n\x08metadata\x18\x01 \x01(\x0b\x32\".automator67.v1.UploadFileMetadataH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"?\n\x12UploadFileResponse\x12)\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x1b.automator67.v1.StorageFile\"&\n\x13\x44ownloadFileRequest\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\"$\n\x14\x44ownloadFileResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"!\n\x0eGetFileRequest\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\"<\n\x0fGetFileResponse\x12)\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x1b.automator67.v1.StorageFile\"I\n\x10ListFilesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\"X\n\x11ListFilesResponse\x12*\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x1b.automator67.v1.StorageFile\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x11\x44\x65leteFileRequest\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteFileResponse*\x9d\x01\n\x11ReplicationStatus\x12\"\n\x1eREPLICATION_STATUS_UNSPECIFIED\x10\x00\x12\"\n\x1eREPLICATION_STATUS_REPLICATING\x10\x01\x12\x1f\n\x1bREPLICATION_STATUS_COMPLETE\x10\x02\x12\x1f\n\x1bREPLICATION_STATUS_DEGRADED\x10\x03\x32\x90\x04\n\x0eStorageService\x12U\n\nUploadFile\x12!.automator67.v1.UploadFileRequest\x1a\".automator67.v1.UploadFileResponse(\x01\x12[\n\x0c\x44ownloadFile\x12#.automator67.v1.DownloadFileRequest\x1a$.automator67.v1.DownloadFileResponse0\x01\x12k\n\x07GetFile\x12\x1e.automator67.v1.GetFileRequest\x1a\x1f.automator67.v1.GetFileResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/api/v1/files/{file_id}\x12g\n\tListFiles\x12 .automator67.v1.ListFilesRequest\x1a!.automator67.v1.ListFilesResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/api/v1/files\x12t\n\nDeleteFile\x12!.automator67.v1.DeleteFileRequest\x1a\".automator67.v1.DeleteFileResponse\"\x1f\x82\xd3\xe4\x93\x02\x19*\x17/api/v1/files/{file_id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61utomator67/v1/storage.proto\x12\x0e\x61utomator67.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"6\n\rChunkLocation\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0cstorage_path\x18\x02 \x01(\t\"x\n\tFileChunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\x12\x30\n\tlocations\x18\x04 \x03(\x0b\x32\x1d.automator67.v1.ChunkLocation\x12\n\n\x02id\x18\x05 \x01(\t\"k\n\x10\x46ileDistribution\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x14\n\x0cstorage_path\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\x05\"3\n\x0e\x46ileEncryption\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"\xe7\x03\n\x0bStorageFile\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x11\n\tmime_type\x18\x05 \x01(\t\x12)\n\x06\x63hunks\x18\x06 \x03(\x0b\x32\x19.automator67.v1.FileChunk\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\t\x12\x10\n\x08replicas\x18\x08 \x01(\x05\x12=\n\x12replication_status\x18\t \x01(\x0e\x32!.automator67.v1.ReplicationStatus\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bmodified_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_accessed\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\nencryption\x18\r \x01(\x0b\x32\x1e.automator67.v1.FileEncryption\x12\x36\n\x0c\x64istribution\x18\x0e \x03(\x0b\x32 .automator67.v1.FileDistribution\"e\n\x12UploadFileMetadata\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\x05\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"c\n\x11UploadFileRequest\x12\x36\n\x08metadata\x18\x01 \x01(\x0b\x32\".automator67.v1.UploadFileMetadataH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"?\n\x12UploadFileResponse\x12)\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x1b.automator67.v1.StorageFile\"C\n\x16UploadFileBodyResponse\x12)\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x1b.automator67.v1.StorageFile\"F\n\x13\x44ownloadFileRequest\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\"_\n\x14\x44ownloadFileResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12)\n\x04\x66ile\x18\x03 \x01(\x0b\x32\x1b.automator67.v1.StorageFile\"*\n\x17\x44ownloadFileBodyRequest\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\"!\n\x0eGetFileRequest\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\"<\n\x0fGetFileResponse\x12)\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x1b.automator67.v1.StorageFile\"I\n\x10ListFilesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\"X\n\x11ListFilesResponse\x12*\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x1b.automator67.v1.StorageFile\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x11\x44\x65leteFileRequest\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteFileResponse*\x9d\x01\n\x11ReplicationStatus\x12\"\n\x1eREPLICATION_STATUS_UNSPECIFIED\x10\x00\x12\"\n\x1eREPLICATION_STATUS_REPLICATING\x10\x01\x12\x1f\n\x1bREPLICATION_STATUS_COMPLETE\x10\x02\x12\x1f\n\x1bREPLICATION_STATUS_DEGRADED\x10\x03\x32\xfb\x05\n\x0eStorageService\x12U\n\nUploadFile\x12!.automator67.v1.UploadFileRequest\x1a\".automator67.v1.UploadFileResponse(\x01\x12j\n\x0eUploadFileBody\x12\x14.google.api.HttpBody\x1a&.automator67.v1.UploadFileBodyResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/api/v1/files:\x01*(\x01\x12[\n\x0c\x44ownloadFile\x12#.automator67.v1.DownloadFileRequest\x1a$.automator67.v1.DownloadFileResponse0\x01\x12}\n\x10\x44ownloadFileBody\x12\'.automator67.v1.DownloadFileBodyRequest\x1a\x14.google.api.HttpBody\"(\x82\xd3\xe4\x93\x02\"\x12 /api/v1/files/{file_id}:download0\x01\x12k\n\x07GetFile\x12\x1e.automator67.v1.GetFileRequest\x1a\x1f.automator67.v1.GetFileResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/api/v1/files/{file_id}\x12g\n\tListFiles\x12 .automator67.v1.ListFilesRequest\x1a!.automator67.v1.ListFilesResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/api/v1/files\x12t\n\nDeleteFile\x12!.automator67.v1.DeleteFileRequest\x1a\".automator67.v1.DeleteFileResponse\"\x1f\x82\xd3\xe4\x93\x02\x19*\x17/api/v1/files/{file_id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'automator67.v1.storage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_STORAGESERVICE'].methods_by_name['UploadFileBody']._loaded_options = None
+  _globals['_STORAGESERVICE'].methods_by_name['UploadFileBody']._serialized_options = b'\202\323\344\223\002\022\"\r/api/v1/files:\001*'
+  _globals['_STORAGESERVICE'].methods_by_name['DownloadFileBody']._loaded_options = None
+  _globals['_STORAGESERVICE'].methods_by_name['DownloadFileBody']._serialized_options = b'\202\323\344\223\002\"\022 /api/v1/files/{file_id}:download'
   _globals['_STORAGESERVICE'].methods_by_name['GetFile']._loaded_options = None
   _globals['_STORAGESERVICE'].methods_by_name['GetFile']._serialized_options = b'\202\323\344\223\002\031\022\027/api/v1/files/{file_id}'
   _globals['_STORAGESERVICE'].methods_by_name['ListFiles']._loaded_options = None
   _globals['_STORAGESERVICE'].methods_by_name['ListFiles']._serialized_options = b'\202\323\344\223\002\017\022\r/api/v1/files'
   _globals['_STORAGESERVICE'].methods_by_name['DeleteFile']._loaded_options = None
   _globals['_STORAGESERVICE'].methods_by_name['DeleteFile']._serialized_options = b'\202\323\344\223\002\031*\027/api/v1/files/{file_id}'
-  _globals['_REPLICATIONSTATUS']._serialized_start=1313
-  _globals['_REPLICATIONSTATUS']._serialized_end=1470
-  _globals['_CHUNKLOCATION']._serialized_start=111
-  _globals['_CHUNKLOCATION']._serialized_end=165
-  _globals['_FILECHUNK']._serialized_start=167
-  _globals['_FILECHUNK']._serialized_end=275
-  _globals['_STORAGEFILE']._serialized_start=278
-  _globals['_STORAGEFILE']._serialized_end=657
-  _globals['_UPLOADFILEMETADATA']._serialized_start=659
-  _globals['_UPLOADFILEMETADATA']._serialized_end=744
-  _globals['_UPLOADFILEREQUEST']._serialized_start=746
-  _globals['_UPLOADFILEREQUEST']._serialized_end=845
-  _globals['_UPLOADFILERESPONSE']._serialized_start=847
-  _globals['_UPLOADFILERESPONSE']._serialized_end=910
-  _globals['_DOWNLOADFILEREQUEST']._serialized_start=912
-  _globals['_DOWNLOADFILEREQUEST']._serialized_end=950
-  _globals['_DOWNLOADFILERESPONSE']._serialized_start=952
-  _globals['_DOWNLOADFILERESPONSE']._serialized_end=988
-  _globals['_GETFILEREQUEST']._serialized_start=990
-  _globals['_GETFILEREQUEST']._serialized_end=1023
-  _globals['_GETFILERESPONSE']._serialized_start=1025
-  _globals['_GETFILERESPONSE']._serialized_end=1085
-  _globals['_LISTFILESREQUEST']._serialized_start=1087
-  _globals['_LISTFILESREQUEST']._serialized_end=1160
-  _globals['_LISTFILESRESPONSE']._serialized_start=1162
-  _globals['_LISTFILESRESPONSE']._serialized_end=1250
-  _globals['_DELETEFILEREQUEST']._serialized_start=1252
-  _globals['_DELETEFILEREQUEST']._serialized_end=1288
-  _globals['_DELETEFILERESPONSE']._serialized_start=1290
-  _globals['_DELETEFILERESPONSE']._serialized_end=1310
-  _globals['_STORAGESERVICE']._serialized_start=1473
-  _globals['_STORAGESERVICE']._serialized_end=2001
+  _globals['_REPLICATIONSTATUS']._serialized_start=1842
+  _globals['_REPLICATIONSTATUS']._serialized_end=1999
+  _globals['_CHUNKLOCATION']._serialized_start=138
+  _globals['_CHUNKLOCATION']._serialized_end=192
+  _globals['_FILECHUNK']._serialized_start=194
+  _globals['_FILECHUNK']._serialized_end=314
+  _globals['_FILEDISTRIBUTION']._serialized_start=316
+  _globals['_FILEDISTRIBUTION']._serialized_end=423
+  _globals['_FILEENCRYPTION']._serialized_start=425
+  _globals['_FILEENCRYPTION']._serialized_end=476
+  _globals['_STORAGEFILE']._serialized_start=479
+  _globals['_STORAGEFILE']._serialized_end=966
+  _globals['_UPLOADFILEMETADATA']._serialized_start=968
+  _globals['_UPLOADFILEMETADATA']._serialized_end=1069
+  _globals['_UPLOADFILEREQUEST']._serialized_start=1071
+  _globals['_UPLOADFILEREQUEST']._serialized_end=1170
+  _globals['_UPLOADFILERESPONSE']._serialized_start=1172
+  _globals['_UPLOADFILERESPONSE']._serialized_end=1235
+  _globals['_UPLOADFILEBODYRESPONSE']._serialized_start=1237
+  _globals['_UPLOADFILEBODYRESPONSE']._serialized_end=1304
+  _globals['_DOWNLOADFILEREQUEST']._serialized_start=1306
+  _globals['_DOWNLOADFILEREQUEST']._serialized_end=1376
+  _globals['_DOWNLOADFILERESPONSE']._serialized_start=1378
+  _globals['_DOWNLOADFILERESPONSE']._serialized_end=1473
+  _globals['_DOWNLOADFILEBODYREQUEST']._serialized_start=1475
+  _globals['_DOWNLOADFILEBODYREQUEST']._serialized_end=1517
+  _globals['_GETFILEREQUEST']._serialized_start=1519
+  _globals['_GETFILEREQUEST']._serialized_end=1552
+  _globals['_GETFILERESPONSE']._serialized_start=1554
+  _globals['_GETFILERESPONSE']._serialized_end=1614
+  _globals['_LISTFILESREQUEST']._serialized_start=1616
+  _globals['_LISTFILESREQUEST']._serialized_end=1689
+  _globals['_LISTFILESRESPONSE']._serialized_start=1691
+  _globals['_LISTFILESRESPONSE']._serialized_end=1779
+  _globals['_DELETEFILEREQUEST']._serialized_start=1781
+  _globals['_DELETEFILEREQUEST']._serialized_end=1817
+  _globals['_DELETEFILERESPONSE']._serialized_start=1819
+  _globals['_DELETEFILERESPONSE']._serialized_end=1839
+  _globals['_STORAGESERVICE']._serialized_start=2002
+  _globals['_STORAGESERVICE']._serialized_end=2765
 # @@protoc_insertion_point(module_scope)

@@ -28,15 +28,21 @@ class _ReplicationStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Rep
     DESCRIPTOR: _descriptor.EnumDescriptor
     REPLICATION_STATUS_UNSPECIFIED: _ReplicationStatus.ValueType  # 0
     REPLICATION_STATUS_REPLICATING: _ReplicationStatus.ValueType  # 1
+    """Copies are still being made (an upload in progress, or a repair running)."""
     REPLICATION_STATUS_COMPLETE: _ReplicationStatus.ValueType  # 2
+    """Every chunk has `replicas` verified copies on healthy nodes."""
     REPLICATION_STATUS_DEGRADED: _ReplicationStatus.ValueType  # 3
+    """Some chunk has fewer verified copies on healthy nodes than `replicas`."""
 
 class ReplicationStatus(_ReplicationStatus, metaclass=_ReplicationStatusEnumTypeWrapper): ...
 
 REPLICATION_STATUS_UNSPECIFIED: ReplicationStatus.ValueType  # 0
 REPLICATION_STATUS_REPLICATING: ReplicationStatus.ValueType  # 1
+"""Copies are still being made (an upload in progress, or a repair running)."""
 REPLICATION_STATUS_COMPLETE: ReplicationStatus.ValueType  # 2
+"""Every chunk has `replicas` verified copies on healthy nodes."""
 REPLICATION_STATUS_DEGRADED: ReplicationStatus.ValueType  # 3
+"""Some chunk has fewer verified copies on healthy nodes than `replicas`."""
 Global___ReplicationStatus: _TypeAlias = ReplicationStatus  # noqa: Y015
 
 @_typing.final
@@ -47,6 +53,7 @@ class ChunkLocation(_message.Message):
     STORAGE_PATH_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     storage_path: _builtins.str
+    """Where the node keeps the copy, relative to its data directory."""
     def __init__(
         self,
         *,
@@ -69,9 +76,14 @@ class FileChunk(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     CHECKSUM_FIELD_NUMBER: _builtins.int
     LOCATIONS_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     size: _builtins.int
+    """Plaintext bytes in this chunk."""
     checksum: _builtins.str
+    """SHA-256 (hex) of the chunk as stored on the nodes (its ciphertext)."""
+    id: _builtins.str
+    """The chunk's id: the name of its copies on the nodes."""
     @_builtins.property
     def locations(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChunkLocation]: ...
     def __init__(
@@ -81,14 +93,77 @@ class FileChunk(_message.Message):
         size: _builtins.int = ...,
         checksum: _builtins.str = ...,
         locations: _abc.Iterable[Global___ChunkLocation] | None = ...,
+        id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "index", b"index", "locations", b"locations", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "id", b"id", "index", b"index", "locations", b"locations", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FileChunk: _TypeAlias = FileChunk  # noqa: Y015
+
+@_typing.final
+class FileDistribution(_message.Message):
+    """Where a file lives, per node (spec §3.5 distribution)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    STORAGE_PATH_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    provider: _builtins.str
+    storage_path: _builtins.str
+    """The directory on the node that holds the copies."""
+    status: _builtins.str
+    """"ready" (every copy the node holds is verified), "uploading", or "failed"
+    (the node is failed or unreachable).
+    """
+    chunks: _builtins.int
+    """How many of the file's chunks the node holds."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        storage_path: _builtins.str = ...,
+        status: _builtins.str = ...,
+        chunks: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "node_id", b"node_id", "provider", b"provider", "status", b"status", "storage_path", b"storage_path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileDistribution: _TypeAlias = FileDistribution  # noqa: Y015
+
+@_typing.final
+class FileEncryption(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    algorithm: _builtins.str
+    """"AES-256-GCM": each chunk sealed with the file's data key."""
+    key_id: _builtins.str
+    """The id of the file's data key (wrapped by the vault, never returned)."""
+    def __init__(
+        self,
+        *,
+        algorithm: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "key_id", b"key_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileEncryption: _TypeAlias = FileEncryption  # noqa: Y015
 
 @_typing.final
 class StorageFile(_message.Message):
@@ -106,12 +181,15 @@ class StorageFile(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     MODIFIED_AT_FIELD_NUMBER: _builtins.int
     LAST_ACCESSED_FIELD_NUMBER: _builtins.int
+    ENCRYPTION_FIELD_NUMBER: _builtins.int
+    DISTRIBUTION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     user_id: _builtins.str
     path: _builtins.str
     size: _builtins.int
     mime_type: _builtins.str
     checksum: _builtins.str
+    """SHA-256 (hex) of the whole file's plaintext."""
     replicas: _builtins.int
     replication_status: Global___ReplicationStatus.ValueType
     @_builtins.property
@@ -122,6 +200,10 @@ class StorageFile(_message.Message):
     def modified_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def last_accessed(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def encryption(self) -> Global___FileEncryption: ...
+    @_builtins.property
+    def distribution(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileDistribution]: ...
     def __init__(
         self,
         *,
@@ -137,10 +219,12 @@ class StorageFile(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         modified_at: _timestamp_pb2.Timestamp | None = ...,
         last_accessed: _timestamp_pb2.Timestamp | None = ...,
+        encryption: Global___FileEncryption | None = ...,
+        distribution: _abc.Iterable[Global___FileDistribution] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_accessed", b"last_accessed", "modified_at", b"modified_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "encryption", b"encryption", "last_accessed", b"last_accessed", "modified_at", b"modified_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "chunks", b"chunks", "created_at", b"created_at", "id", b"id", "last_accessed", b"last_accessed", "mime_type", b"mime_type", "modified_at", b"modified_at", "path", b"path", "replicas", b"replicas", "replication_status", b"replication_status", "size", b"size", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "chunks", b"chunks", "created_at", b"created_at", "distribution", b"distribution", "encryption", b"encryption", "id", b"id", "last_accessed", b"last_accessed", "mime_type", b"mime_type", "modified_at", b"modified_at", "path", b"path", "replicas", b"replicas", "replication_status", b"replication_status", "size", b"size", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -154,10 +238,17 @@ class UploadFileMetadata(_message.Message):
     MIME_TYPE_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
     path: _builtins.str
+    """A relative path of segments separated by "/" (at most 1024 bytes)."""
     mime_type: _builtins.str
+    """Default application/octet-stream."""
     replicas: _builtins.int
+    """Copies of each chunk, 1-5 (0 means the default, 3)."""
     size: _builtins.int
+    """The size announced, checked at the end if given (0: not announced)."""
+    sha256: _builtins.str
+    """The SHA-256 (hex) announced, checked at the end if given."""
     def __init__(
         self,
         *,
@@ -165,10 +256,11 @@ class UploadFileMetadata(_message.Message):
         mime_type: _builtins.str = ...,
         replicas: _builtins.int = ...,
         size: _builtins.int = ...,
+        sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mime_type", b"mime_type", "path", b"path", "replicas", b"replicas", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mime_type", b"mime_type", "path", b"path", "replicas", b"replicas", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -220,7 +312,83 @@ class UploadFileResponse(_message.Message):
 Global___UploadFileResponse: _TypeAlias = UploadFileResponse  # noqa: Y015
 
 @_typing.final
+class UploadFileBodyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def file(self) -> Global___StorageFile: ...
+    def __init__(
+        self,
+        *,
+        file: Global___StorageFile | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadFileBodyResponse: _TypeAlias = UploadFileBodyResponse  # noqa: Y015
+
+@_typing.final
 class DownloadFileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_ID_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    file_id: _builtins.str
+    offset: _builtins.int
+    """The first byte to send (0: from the start)."""
+    length: _builtins.int
+    """How many bytes to send from `offset` (0: to the end)."""
+    def __init__(
+        self,
+        *,
+        file_id: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_id", b"file_id", "length", b"length", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadFileRequest: _TypeAlias = DownloadFileRequest  # noqa: Y015
+
+@_typing.final
+class DownloadFileResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    offset: _builtins.int
+    """Where `data` starts in the file."""
+    @_builtins.property
+    def file(self) -> Global___StorageFile:
+        """The first message only: the file's metadata (without chunk locations)."""
+
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        offset: _builtins.int = ...,
+        file: Global___StorageFile | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file", b"file", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadFileResponse: _TypeAlias = DownloadFileResponse  # noqa: Y015
+
+@_typing.final
+class DownloadFileBodyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FILE_ID_FIELD_NUMBER: _builtins.int
@@ -236,26 +404,7 @@ class DownloadFileRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DownloadFileRequest: _TypeAlias = DownloadFileRequest  # noqa: Y015
-
-@_typing.final
-class DownloadFileResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    DATA_FIELD_NUMBER: _builtins.int
-    data: _builtins.bytes
-    def __init__(
-        self,
-        *,
-        data: _builtins.bytes = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___DownloadFileResponse: _TypeAlias = DownloadFileResponse  # noqa: Y015
+Global___DownloadFileBodyRequest: _TypeAlias = DownloadFileBodyRequest  # noqa: Y015
 
 @_typing.final
 class GetFileRequest(_message.Message):
@@ -306,6 +455,7 @@ class ListFilesRequest(_message.Message):
     page_size: _builtins.int
     page_token: _builtins.str
     prefix: _builtins.str
+    """Only files whose path starts with this."""
     def __init__(
         self,
         *,

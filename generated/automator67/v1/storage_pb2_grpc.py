@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from automator67.v1 import storage_pb2 as automator67_dot_v1_dot_storage__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -26,7 +27,9 @@ if _version_not_supported:
 
 
 class StorageServiceStub:
-    """Files spread over nodes with replication (spec §3.5).
+    """Files chunked, encrypted and replicated across the caller's storage nodes
+    (spec §3.5; docs/storage.md). A caller sees and touches only their own files:
+    another user's file looks exactly like a missing one.
     """
 
     def __init__(self, channel):
@@ -40,10 +43,20 @@ class StorageServiceStub:
                 request_serializer=automator67_dot_v1_dot_storage__pb2.UploadFileRequest.SerializeToString,
                 response_deserializer=automator67_dot_v1_dot_storage__pb2.UploadFileResponse.FromString,
                 _registered_method=True)
+        self.UploadFileBody = channel.stream_unary(
+                '/automator67.v1.StorageService/UploadFileBody',
+                request_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_storage__pb2.UploadFileBodyResponse.FromString,
+                _registered_method=True)
         self.DownloadFile = channel.unary_stream(
                 '/automator67.v1.StorageService/DownloadFile',
                 request_serializer=automator67_dot_v1_dot_storage__pb2.DownloadFileRequest.SerializeToString,
                 response_deserializer=automator67_dot_v1_dot_storage__pb2.DownloadFileResponse.FromString,
+                _registered_method=True)
+        self.DownloadFileBody = channel.unary_stream(
+                '/automator67.v1.StorageService/DownloadFileBody',
+                request_serializer=automator67_dot_v1_dot_storage__pb2.DownloadFileBodyRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.GetFile = channel.unary_unary(
                 '/automator67.v1.StorageService/GetFile',
@@ -63,18 +76,44 @@ class StorageServiceStub:
 
 
 class StorageServiceServicer:
-    """Files spread over nodes with replication (spec §3.5).
+    """Files chunked, encrypted and replicated across the caller's storage nodes
+    (spec §3.5; docs/storage.md). A caller sees and touches only their own files:
+    another user's file looks exactly like a missing one.
     """
 
     def UploadFile(self, request_iterator, context):
-        """Uploads a file in chunks; the first message carries the metadata.
+        """Uploads a file: the first message carries the metadata (path, MIME type,
+        replicas, optionally size and SHA-256), every later one bytes. The file is
+        visible only once every chunk is stored and verified on `replicas` nodes; an
+        upload to an existing path replaces that file atomically.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadFileBody(self, request_iterator, context):
+        """The same over REST: the raw bytes as the request body, the path in the
+        `x-a67-path` header, the MIME type in Content-Type, the replicas in
+        `x-a67-replicas` (default 3). HTTP 201 with the file's metadata.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DownloadFile(self, request, context):
-        """Downloads a file in chunks.
+        """Downloads a file (or a byte range of it) in pieces.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadFileBody(self, request, context):
+        """The same over REST: the raw bytes with the file's Content-Type and
+        Content-Length; a `Range: bytes=a-b` header gets 206 with Content-Range.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,10 +145,20 @@ def add_StorageServiceServicer_to_server(servicer, server):
                     request_deserializer=automator67_dot_v1_dot_storage__pb2.UploadFileRequest.FromString,
                     response_serializer=automator67_dot_v1_dot_storage__pb2.UploadFileResponse.SerializeToString,
             ),
+            'UploadFileBody': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadFileBody,
+                    request_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                    response_serializer=automator67_dot_v1_dot_storage__pb2.UploadFileBodyResponse.SerializeToString,
+            ),
             'DownloadFile': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadFile,
                     request_deserializer=automator67_dot_v1_dot_storage__pb2.DownloadFileRequest.FromString,
                     response_serializer=automator67_dot_v1_dot_storage__pb2.DownloadFileResponse.SerializeToString,
+            ),
+            'DownloadFileBody': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadFileBody,
+                    request_deserializer=automator67_dot_v1_dot_storage__pb2.DownloadFileBodyRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'GetFile': grpc.unary_unary_rpc_method_handler(
                     servicer.GetFile,
@@ -135,7 +184,9 @@ def add_StorageServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class StorageService:
-    """Files spread over nodes with replication (spec §3.5).
+    """Files chunked, encrypted and replicated across the caller's storage nodes
+    (spec §3.5; docs/storage.md). A caller sees and touches only their own files:
+    another user's file looks exactly like a missing one.
     """
 
     @staticmethod
@@ -166,6 +217,33 @@ class StorageService:
             _registered_method=True)
 
     @staticmethod
+    def UploadFileBody(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/automator67.v1.StorageService/UploadFileBody',
+            google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            automator67_dot_v1_dot_storage__pb2.UploadFileBodyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def DownloadFile(request,
             target,
             options=(),
@@ -182,6 +260,33 @@ class StorageService:
             '/automator67.v1.StorageService/DownloadFile',
             automator67_dot_v1_dot_storage__pb2.DownloadFileRequest.SerializeToString,
             automator67_dot_v1_dot_storage__pb2.DownloadFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadFileBody(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/automator67.v1.StorageService/DownloadFileBody',
+            automator67_dot_v1_dot_storage__pb2.DownloadFileBodyRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,7 @@ isort:skip_file
 
 from automator67.v1 import storage_pb2 as _storage_pb2
 from collections import abc as _abc
+from google.api import httpbody_pb2 as _httpbody_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -27,35 +28,78 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class StorageServiceStub:
-    """Files spread over nodes with replication (spec §3.5)."""
+    """Files chunked, encrypted and replicated across the caller's storage nodes
+    (spec §3.5; docs/storage.md). A caller sees and touches only their own files:
+    another user's file looks exactly like a missing one.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> StorageServiceAsyncStub: ...
     UploadFile: _grpc.StreamUnaryMultiCallable[_storage_pb2.UploadFileRequest, _storage_pb2.UploadFileResponse]
-    """Uploads a file in chunks; the first message carries the metadata."""
+    """Uploads a file: the first message carries the metadata (path, MIME type,
+    replicas, optionally size and SHA-256), every later one bytes. The file is
+    visible only once every chunk is stored and verified on `replicas` nodes; an
+    upload to an existing path replaces that file atomically.
+    """
+    UploadFileBody: _grpc.StreamUnaryMultiCallable[_httpbody_pb2.HttpBody, _storage_pb2.UploadFileBodyResponse]
+    """The same over REST: the raw bytes as the request body, the path in the
+    `x-a67-path` header, the MIME type in Content-Type, the replicas in
+    `x-a67-replicas` (default 3). HTTP 201 with the file's metadata.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
     DownloadFile: _grpc.UnaryStreamMultiCallable[_storage_pb2.DownloadFileRequest, _storage_pb2.DownloadFileResponse]
-    """Downloads a file in chunks."""
+    """Downloads a file (or a byte range of it) in pieces."""
+    DownloadFileBody: _grpc.UnaryStreamMultiCallable[_storage_pb2.DownloadFileBodyRequest, _httpbody_pb2.HttpBody]
+    """The same over REST: the raw bytes with the file's Content-Type and
+    Content-Length; a `Range: bytes=a-b` header gets 206 with Content-Range.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
     GetFile: _grpc.UnaryUnaryMultiCallable[_storage_pb2.GetFileRequest, _storage_pb2.GetFileResponse]
     ListFiles: _grpc.UnaryUnaryMultiCallable[_storage_pb2.ListFilesRequest, _storage_pb2.ListFilesResponse]
     DeleteFile: _grpc.UnaryUnaryMultiCallable[_storage_pb2.DeleteFileRequest, _storage_pb2.DeleteFileResponse]
 
 @_typing.type_check_only
 class StorageServiceAsyncStub(StorageServiceStub):
-    """Files spread over nodes with replication (spec §3.5)."""
+    """Files chunked, encrypted and replicated across the caller's storage nodes
+    (spec §3.5; docs/storage.md). A caller sees and touches only their own files:
+    another user's file looks exactly like a missing one.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     UploadFile: _aio.StreamUnaryMultiCallable[_storage_pb2.UploadFileRequest, _storage_pb2.UploadFileResponse]  # type: ignore[assignment]
-    """Uploads a file in chunks; the first message carries the metadata."""
+    """Uploads a file: the first message carries the metadata (path, MIME type,
+    replicas, optionally size and SHA-256), every later one bytes. The file is
+    visible only once every chunk is stored and verified on `replicas` nodes; an
+    upload to an existing path replaces that file atomically.
+    """
+    UploadFileBody: _aio.StreamUnaryMultiCallable[_httpbody_pb2.HttpBody, _storage_pb2.UploadFileBodyResponse]  # type: ignore[assignment]
+    """The same over REST: the raw bytes as the request body, the path in the
+    `x-a67-path` header, the MIME type in Content-Type, the replicas in
+    `x-a67-replicas` (default 3). HTTP 201 with the file's metadata.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
     DownloadFile: _aio.UnaryStreamMultiCallable[_storage_pb2.DownloadFileRequest, _storage_pb2.DownloadFileResponse]  # type: ignore[assignment]
-    """Downloads a file in chunks."""
+    """Downloads a file (or a byte range of it) in pieces."""
+    DownloadFileBody: _aio.UnaryStreamMultiCallable[_storage_pb2.DownloadFileBodyRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """The same over REST: the raw bytes with the file's Content-Type and
+    Content-Length; a `Range: bytes=a-b` header gets 206 with Content-Range.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
     GetFile: _aio.UnaryUnaryMultiCallable[_storage_pb2.GetFileRequest, _storage_pb2.GetFileResponse]  # type: ignore[assignment]
     ListFiles: _aio.UnaryUnaryMultiCallable[_storage_pb2.ListFilesRequest, _storage_pb2.ListFilesResponse]  # type: ignore[assignment]
     DeleteFile: _aio.UnaryUnaryMultiCallable[_storage_pb2.DeleteFileRequest, _storage_pb2.DeleteFileResponse]  # type: ignore[assignment]
 
 class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Files spread over nodes with replication (spec §3.5)."""
+    """Files chunked, encrypted and replicated across the caller's storage nodes
+    (spec §3.5; docs/storage.md). A caller sees and touches only their own files:
+    another user's file looks exactly like a missing one.
+    """
 
     @_abc_1.abstractmethod
     def UploadFile(
@@ -63,7 +107,24 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_storage_pb2.UploadFileRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_storage_pb2.UploadFileResponse, _abc.Awaitable[_storage_pb2.UploadFileResponse]]:
-        """Uploads a file in chunks; the first message carries the metadata."""
+        """Uploads a file: the first message carries the metadata (path, MIME type,
+        replicas, optionally size and SHA-256), every later one bytes. The file is
+        visible only once every chunk is stored and verified on `replicas` nodes; an
+        upload to an existing path replaces that file atomically.
+        """
+
+    @_abc_1.abstractmethod
+    def UploadFileBody(
+        self,
+        request_iterator: _MaybeAsyncIterator[_httpbody_pb2.HttpBody],
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.UploadFileBodyResponse, _abc.Awaitable[_storage_pb2.UploadFileBodyResponse]]:
+        """The same over REST: the raw bytes as the request body, the path in the
+        `x-a67-path` header, the MIME type in Content-Type, the replicas in
+        `x-a67-replicas` (default 3). HTTP 201 with the file's metadata.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
 
     @_abc_1.abstractmethod
     def DownloadFile(
@@ -71,7 +132,19 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _storage_pb2.DownloadFileRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_storage_pb2.DownloadFileResponse], _abc.AsyncIterator[_storage_pb2.DownloadFileResponse]]:
-        """Downloads a file in chunks."""
+        """Downloads a file (or a byte range of it) in pieces."""
+
+    @_abc_1.abstractmethod
+    def DownloadFileBody(
+        self,
+        request: _storage_pb2.DownloadFileBodyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
+        """The same over REST: the raw bytes with the file's Content-Type and
+        Content-Length; a `Range: bytes=a-b` header gets 206 with Content-Range.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
 
     @_abc_1.abstractmethod
     def GetFile(

@@ -1,0 +1,118 @@
+"""The data path of shard results: rows pushed by agents over ``NodeService.PushShardResult``.
+
+A shard statement is an ``execute_shard_statement`` command on the node's control stream
+(small); its rows come back on a call of their own that the agent opens on the node
+port (mutual TLS), keyed by the command id. Why the agent opens it (and not a fetch by
+the controller, like ``FetchPackage``): the rows exist only on the agent, while its
+statement runs; pushing them as they are fetched needs no buffer on the agent and lets
+gRPC's flow control pace the statement itself.
+
+:class:`ShardResults` pairs a call with the statement waiting for it
+(:meth:`ShardResults.open` before the command is sent): the call's messages go into the
+slot's bounded queue (:data:`QUEUE_BATCHES`), and the servicer reads the next message
+only once the last one is queued, so a consumer that stops reading stops the agent
+(HTTP/2 flow control) instead of growing the controller's memory. Closing the slot
+(the query is done, failed or was cancelled) ends the call with ``CANCELLED``, which
+interrupts the statement on the agent. A call for a command that is not waiting, or
+from another node than the one the command went to, is refused (``NOT_FOUND``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from automator67.v1 import node_pb2
+
+from controller.errors import FailedPrecondition, InvalidArgument, NotFound
+
+log = logging.getLogger("a67.federation")
+
+QUEUE_BATCHES = 4
+"""Batches (each at most about 256 KiB) queued per shard statement before the agent is paced."""
+
+
+class ResultSlot:
+    """Where the rows of one shard statement arrive."""
+
+    def __init__(self, command_id: str, node_id: str) -> None:
+        self.command_id = command_id
+        self.node_id = node_id
+        self.queue: asyncio.Queue[node_pb2.PushShardResultRequest] = asyncio.Queue(QUEUE_BATCHES)
+        self.attached = False
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def get(self) -> node_pb2.PushShardResultRequest:
+        return await self.queue.get()
+
+    def close(self) -> None:
+        if not self.gone.done():
+            self.gone.set_result(None)
+
+
+class ShardResults:
+    """The shard statements waiting for their rows, by command id."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, ResultSlot] = {}
+
+    def open(self, command_id: str, node_id: str) -> ResultSlot:
+        slot = ResultSlot(command_id, node_id)
+        self._slots[command_id] = slot
+        return slot
+
+    def close(self, slot: ResultSlot) -> None:
+        slot.close()
+        if self._slots.get(slot.command_id) is slot:
+            del self._slots[slot.command_id]
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    async def receive(self, node_id: str, requests: AsyncIterator[node_pb2.PushShardResultRequest]) -> bool:
+        """Feed a ``PushShardResult`` call into its slot; ``False`` if the slot was closed
+        before the rows ended (the servicer then ends the call with ``CANCELLED``)."""
+        iterator = aiter(requests)
+        first = await anext(iterator, None)
+        if first is None or not first.command_id:
+            raise InvalidArgument("PushShardResult must start with the command id", reason="COMMAND_ID_EXPECTED")
+        slot = self._slots.get(first.command_id)
+        if slot is None or slot.node_id != node_id:
+            raise NotFound(
+                f"No shard statement {first.command_id!r} waits for rows from this node (it ended or was cancelled)",
+                reason="SHARD_RESULT_UNKNOWN",
+            )
+        if slot.attached:
+            raise FailedPrecondition(
+                f"The rows of {first.command_id!r} are already arriving", reason="SHARD_RESULT_ATTACHED"
+            )
+        slot.attached = True
+        pump = asyncio.ensure_future(self._pump(slot, iterator))
+        try:
+            await asyncio.wait({pump, slot.gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not pump.done():
+                pump.cancel()
+            with contextlib.suppress(BaseException):
+                await pump
+        return pump.done() and not pump.cancelled() and pump.result()
+
+    @staticmethod
+    async def _pump(slot: ResultSlot, iterator: AsyncIterator[node_pb2.PushShardResultRequest]) -> bool:
+        try:
+            async for message in iterator:
+                await slot.queue.put(message)  # waits while the consumer is behind: flow control
+                if message.done:
+                    return True
+            failure = "the node ended its result stream before the last rows"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the call broke (the agent died, the connection dropped)
+            failure = f"the node's result stream broke ({type(exc).__name__})"
+        if not slot.gone.done():
+            await slot.queue.put(
+                node_pb2.PushShardResultRequest(done=True, error_kind="unavailable", error_message=failure)
+            )
+        return True
