@@ -207,6 +207,32 @@ class Settings:
     storage_repair_rate_per_second: float = 20.0
     """Chunk copies the repairer makes per second at most (burst: one second's worth)."""
 
+    max_query_bytes: int = 1024 * 1024
+    """Longest SQL text ``ExecuteQuery``/``StreamQuery``/``ApplySchema`` accept (1 MiB);
+    longer is ``INVALID_ARGUMENT`` (``QUERY_TOO_LONG``) before it is parsed."""
+
+    max_result_rows: int = 100_000
+    """Most rows one ``ExecuteQuery`` response (in a transaction too) returns; a larger
+    result is ``RESOURCE_EXHAUSTED`` (``RESULT_TOO_LARGE``) naming ``StreamQuery``."""
+
+    collect_shard_max_bytes: int = 256 * 1024 * 1024
+    """Encoded bytes one shard statement of an ``ExecuteQuery`` may return (256 MiB)."""
+
+    stream_shard_max_rows: int = 1_000_000_000
+    """Rows one shard statement of a ``StreamQuery`` may return."""
+
+    stream_shard_max_bytes: int = 64 * 1024**3
+    """Encoded bytes one shard statement of a ``StreamQuery`` may return (64 GiB)."""
+
+    shard_result_queue_batches: int = 4
+    """Batches (about 128 KiB each) the controller queues per shard statement before the
+    agent is paced by flow control."""
+
+    query_merge_processes: int = 2
+    """Worker processes that decode, merge and encode ``StreamQuery`` rows, off the
+    controller's GIL (so heartbeats stay on time); a stream beyond them merges in a
+    thread. 0: always in a thread."""
+
     @property
     def tls(self) -> bool:
         """Whether the user-facing port serves TLS."""
@@ -287,6 +313,16 @@ class Settings:
             raise ValueError(
                 "A67_STORAGE_REPAIR_INTERVAL_SECONDS and A67_STORAGE_REPAIR_RATE_PER_SECOND must be positive"
             )
+        if not 1024 <= self.max_query_bytes <= 64 * 1024 * 1024:
+            raise ValueError("A67_MAX_QUERY_BYTES must be between 1024 and 67108864")
+        if self.max_result_rows <= 0 or self.collect_shard_max_bytes <= 0:
+            raise ValueError("A67_MAX_RESULT_ROWS and A67_COLLECT_SHARD_MAX_BYTES must be positive")
+        if self.stream_shard_max_rows <= 0 or self.stream_shard_max_bytes <= 0:
+            raise ValueError("A67_STREAM_SHARD_MAX_ROWS and A67_STREAM_SHARD_MAX_BYTES must be positive")
+        if not 1 <= self.shard_result_queue_batches <= 1024:
+            raise ValueError("A67_SHARD_RESULT_QUEUE_BATCHES must be between 1 and 1024")
+        if not 0 <= self.query_merge_processes <= 64:
+            raise ValueError("A67_QUERY_MERGE_PROCESSES must be between 0 and 64")
         if not 0 < self.max_receive_message_bytes < 2**31:
             raise ValueError("A67_MAX_RECEIVE_MESSAGE_BYTES must be between 1 and 2147483647")
         if not (

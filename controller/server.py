@@ -51,8 +51,11 @@ from controller.config import Settings
 from controller.deployments.blobs import PackageStore
 from controller.deployments.service import DeploymentService
 from controller.errors import Unavailable
+from controller.federation.query.workers import MergeWorkers
 from controller.federation.repository import DatabaseRepository
+from controller.federation.results import ShardResults
 from controller.federation.service import DatabaseService
+from controller.federation.shards import ResultCaps
 from controller.federation.storage import StorageLimits, StorageService
 from controller.federation.transactions import TransactionLog, TransactionManager
 from controller.ingress.service import IngressService
@@ -111,6 +114,8 @@ class Controller:
     transactions: TransactionManager | None = None
     ingress: IngressService | None = None
     storage: StorageService | None = None
+    shard_results: ShardResults | None = None
+    merge_workers: MergeWorkers | None = None
 
     @property
     def address(self) -> str:
@@ -134,6 +139,8 @@ class Controller:
         grace = self.settings.drain_grace_seconds if grace is None else grace
         log.info("draining: health is NOT_SERVING; in-flight calls have %.1f s to finish", grace)
         await self.server.stop(grace)
+        if self.merge_workers is not None:
+            self.merge_workers.close()
         await self.cache.close()
         await self.store.close()
         log.info("stopped")
@@ -245,6 +252,9 @@ async def start_controller(settings: Settings) -> Controller:
         ],
     )
     auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(auth, users), server)
+    # shard statements' rows (NodeService.PushShardResult)
+    shard_results = ShardResults(settings.shard_result_queue_batches)
+    merge_workers = MergeWorkers(settings.query_merge_processes)  # StreamQuery merges, off the GIL
     node_pb2_grpc.add_NodeServiceServicer_to_server(
         NodeServicer(
             fleet=fleet,
@@ -254,15 +264,19 @@ async def start_controller(settings: Settings) -> Controller:
             ca=ca,
             heartbeat_interval_ms=interval_ms,
             deployments_on=deployments.deployments_on_async,
+            alerts=deployments.alerts,
             serve_package=deployments.serve_package,
             storage=storage,
+            shard_results=shard_results,
         ),
         server,
     )
     deployment_pb2_grpc.add_DeploymentServiceServicer_to_server(
         DeploymentServicer(deployments, ingress), server
     )
-    transactions = TransactionManager(log_store=TransactionLog(store), streams=fleet.streams)
+    transactions = TransactionManager(
+        log_store=TransactionLog(store), streams=fleet.streams, results=shard_results
+    )
     query_pb2_grpc.add_QueryServiceServicer_to_server(
         QueryServicer(
             DatabaseService(
@@ -272,6 +286,12 @@ async def start_controller(settings: Settings) -> Controller:
                 vault=vault,
                 cache=cache,
                 transactions=transactions,
+                shard_results=shard_results,
+                max_query_bytes=settings.max_query_bytes,
+                stream_caps=ResultCaps(settings.stream_shard_max_rows, settings.stream_shard_max_bytes),
+                max_result_rows=settings.max_result_rows,
+                collect_shard_bytes=settings.collect_shard_max_bytes,
+                merge_workers=merge_workers,
             )
         ),
         server,
@@ -338,6 +358,8 @@ async def start_controller(settings: Settings) -> Controller:
         transactions=transactions,
         ingress=ingress,
         storage=storage,
+        shard_results=shard_results,
+        merge_workers=merge_workers,
     )
     transactions.start()
     log.info(

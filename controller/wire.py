@@ -1,9 +1,14 @@
 """Row values between agents and the controller: a JSON encoding that keeps SQL values exact.
 
-A shard statement's rows travel in batches over ``NodeService.PushShardResult`` (the
-data path on the node port, see docs/databases.md): each batch is :func:`encode_rows`,
-a JSON array of rows. (A transaction step's small result still rides its command
+A shard statement's rows — in a transaction too — travel in batches over
+``NodeService.PushShardResult`` (the data path on the node port, see docs/databases.md):
+each batch is :func:`encode_rows`, a JSON array of rows. (A transaction step sent without
+``push_rows``, such as a replica's replay, still returns its small result in its command
 result as one :func:`encode_result` payload.)
+
+The controller's answer to its own callers is :func:`encode_stream_batch` (a
+``StreamQueryResponse`` of rows as ``google.protobuf.Value`` s, :func:`api_value`); it is
+here, with no heavy imports, because the merge worker processes run it.
 
 JSON has integers, floats, strings, booleans and null; SQL values that JSON
 cannot hold exactly travel tagged:
@@ -23,6 +28,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -99,3 +105,45 @@ def decode_result(payload: bytes) -> tuple[list[tuple[str, str]], list[tuple[Any
     columns = [(str(name), str(kind)) for name, kind in data["columns"]]
     rows = [tuple(decode_value(v) for v in row) for row in data["rows"]]
     return columns, rows, int(data.get("rowcount", -1))
+
+
+STREAM_MESSAGE_BYTES = 256 * 1024
+"""Encoded bytes aimed at per ``StreamQueryResponse`` message."""
+
+_PLAIN = (str, float, bool, type(None))
+
+
+def api_value(value: Any) -> Any:
+    """A result value as ``google.protobuf.Value`` content: exact where JSON numbers are not."""
+    if value is None or isinstance(value, bool | str | float):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) <= 2**53 else str(value)
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    return str(value)
+
+
+def api_row(row: Sequence[Any]) -> list[Any]:
+    """A result row's values as :func:`api_value` s."""
+    return [
+        v if type(v) in _PLAIN or (type(v) is int and -(2**53) <= v <= 2**53) else api_value(v) for v in row
+    ]
+
+
+def encode_stream_batch(rows: Sequence[tuple[Any, ...]], size: int) -> tuple[Any, int]:
+    """A ``StreamQueryResponse`` of ``rows`` and the next batch's size, aimed at
+    :data:`STREAM_MESSAGE_BYTES` per message (runs in a merge worker or thread)."""
+    from automator67.v1 import query_pb2
+
+    message = query_pb2.StreamQueryResponse()
+    add = message.rows.add
+    for row in rows:
+        add().extend(api_row(row))
+    encoded = message.ByteSize()
+    per_row = max(1, encoded // max(1, len(rows)))
+    return message, max(1, min(2 * size, STREAM_MESSAGE_BYTES // per_row))

@@ -7,9 +7,11 @@ never reaches a node); this store only ever sees ciphertext. Layout::
         <chunk id>                0600: "A67C1 <sha256 of the ciphertext>\\n" + ciphertext
         .tmp-<chunk id>-<random>  a copy being written (removed at start)
 
-* ``store_chunk``: pull the bytes with ``NodeService.FetchChunk(transfer_id)``, check size
-  and SHA-256, write a temporary file, fsync, rename into place, fsync the directory;
-  answered ok only then (the copy is durable and verified).
+* ``store_chunk``: pull the bytes with ``NodeService.FetchChunk(transfer_id)`` straight
+  into a temporary file (hashed on the way, never held whole), check size and SHA-256,
+  fsync, rename into place, fsync the directory (one directory fsync covers every rename
+  made before it: concurrent stores share it); answered ok only then (the copy is durable
+  and verified).
 * ``read_chunk``: the copy's bytes are hashed first; a missing or corrupt copy is
   answered ``missing``/``corrupt`` (the controller reads another copy and repairs),
   a good one pushed with ``NodeService.PushChunk``.
@@ -28,6 +30,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -41,11 +44,38 @@ log = logging.getLogger("controller.agent.chunks")
 MAGIC = b"A67C1 "
 HEADER_BYTES = len(MAGIC) + 64 + 1
 PIECE_BYTES = 1024 * 1024
+"""Bytes per PushChunk message (downloads); the controller's FetchChunk messages are as big
+(``controller.federation.storage.transfers.PIECE_BYTES``)."""
 STORAGE_MESSAGE_BYTES = PIECE_BYTES + 64 * 1024
 REPORT_BATCH = 2000
 DEFAULT_SCRUB_INTERVAL_SECONDS = 3600.0
 _ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _SHA = re.compile(r"[0-9a-f]{64}")
+
+
+FETCH_CHUNK_METHOD = "/automator67.v1.NodeService/FetchChunk"
+
+
+def fetch_chunk_data(raw: bytes) -> bytes | memoryview:
+    """The ``data`` of a serialized ``FetchChunkResponse`` without copying it: the message
+    is the field's tag, its length and the bytes (anything else is parsed normally).
+
+    >>> bytes(fetch_chunk_data(node_pb2.FetchChunkResponse(data=b"x" * 300).SerializeToString()))[:3]
+    b'xxx'
+    >>> fetch_chunk_data(b"")
+    b''
+    """
+    if raw[:1] == b"\x0a":
+        length = shift = 0
+        for at in range(1, min(len(raw), 11)):
+            byte = raw[at]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                if at + 1 + length == len(raw):
+                    return memoryview(raw)[at + 1 :]
+                break
+    return node_pb2.FetchChunkResponse.FromString(raw).data
 
 
 def storage_message_options() -> list[tuple[str, int]]:
@@ -62,6 +92,10 @@ class ChunkStore:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._dir_sync = threading.Condition()
+        self._dir_wanted = 0  # renames waiting for a directory fsync (a counter)
+        self._dir_synced = 0  # every rename up to this one is durable
+        self._dir_syncing = False
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(directory, 0o700)
         for leftover in directory.glob(".tmp-*"):
@@ -74,30 +108,46 @@ class ChunkStore:
 
     def write(self, chunk_id: str, data: bytes, size: int, sha256: str) -> None:
         """Keep a verified, durable copy (replacing any older one atomically)."""
+        writer = self.writer(chunk_id, size, sha256)
+        try:
+            writer.add(data)
+            writer.commit()
+        finally:
+            writer.close()
+
+    def writer(self, chunk_id: str, size: int, sha256: str) -> ChunkWriter:
+        """A copy being received: :meth:`ChunkWriter.add` its pieces, then
+        :meth:`ChunkWriter.commit` (verify, fsync, rename) — :meth:`ChunkWriter.close` always."""
         if not _SHA.fullmatch(sha256):
             raise ValueError("invalid checksum")
-        if len(data) != size:
-            raise ValueError(f"chunk {chunk_id}: got {len(data)} bytes, expected {size}")
-        if hashlib.sha256(data).hexdigest() != sha256:
-            raise ValueError(f"chunk {chunk_id}: the bytes received do not match their SHA-256")
-        target = self.path(chunk_id)
-        tmp = self.directory / f".tmp-{chunk_id}-{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return ChunkWriter(self, self.path(chunk_id), size, sha256)
+
+    def sync_directory(self) -> None:
+        """Make every rename done before this call durable. Concurrent callers share one
+        fsync: a caller that arrives while one runs waits for the next, which covers it."""
+        with self._dir_sync:
+            self._dir_wanted += 1
+            mine = self._dir_wanted
+            while self._dir_syncing and self._dir_synced < mine:
+                self._dir_sync.wait()
+            if self._dir_synced >= mine:
+                return
+            self._dir_syncing = True
+            covered = self._dir_wanted
+        synced = False
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(MAGIC + sha256.encode() + b"\n")
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
+            dir_fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            synced = True
         finally:
-            os.close(dir_fd)
+            with self._dir_sync:
+                self._dir_syncing = False
+                if synced:
+                    self._dir_synced = max(self._dir_synced, covered)
+                self._dir_sync.notify_all()
 
     @staticmethod
     def _header(raw: bytes) -> str | None:
@@ -159,6 +209,58 @@ class ChunkStore:
         return node_pb2.ChunkReport(chunk_id=chunk_id, sha256=recorded or "", size=len(raw), corrupt=True)
 
 
+class ChunkWriter:
+    """One copy streamed to a temporary file (see :meth:`ChunkStore.writer`). Blocking."""
+
+    def __init__(self, store: ChunkStore, target: Path, size: int, sha256: str) -> None:
+        self._store = store
+        self._target = target
+        self._size = size
+        self._sha256 = sha256
+        self._hash = hashlib.sha256()
+        self._written = 0
+        self._tmp = store.directory / f".tmp-{target.name}-{secrets.token_hex(4)}"
+        self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._done = False
+        self._write_all(MAGIC + sha256.encode() + b"\n")
+
+    def _write_all(self, data: bytes | memoryview) -> None:
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def add(self, piece: bytes | memoryview) -> None:
+        if self._written + len(piece) > self._size:
+            raise ValueError(f"chunk {self._target.name}: more than {self._size} bytes sent")
+        self._hash.update(piece)
+        self._write_all(piece)
+        self._written += len(piece)
+
+    def commit(self) -> None:
+        """Verify, make durable, rename into place, make the rename durable."""
+        name = self._target.name
+        if self._written != self._size:
+            raise ValueError(f"chunk {name}: got {self._written} bytes, expected {self._size}")
+        if self._hash.hexdigest() != self._sha256:
+            raise ValueError(f"chunk {name}: the bytes received do not match their SHA-256")
+        assert self._fd is not None
+        getattr(os, "fdatasync", os.fsync)(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        os.replace(self._tmp, self._target)
+        self._done = True
+        self._store.sync_directory()
+
+    def close(self) -> None:
+        """Drop the temporary file unless committed."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if not self._done:
+            self._tmp.unlink(missing_ok=True)
+
+
 class StorageAgent:
     """Wires a :class:`ChunkStore` to an agent: command handlers, inventory, scrubbing."""
 
@@ -185,16 +287,27 @@ class StorageAgent:
 
     async def _store_chunk(self, command: node_pb2.NodeCommand) -> node_pb2.CommandResult:
         request = command.store_chunk
-        call = self._stub().FetchChunk(node_pb2.FetchChunkRequest(transfer_id=request.transfer_id))
-        buffer = bytearray()
-        async for piece in call:
-            buffer += piece.data
-            if len(buffer) > request.size:
+        # Pieces are hashed and written in a worker thread (a write can wait for the disk
+        # when the page cache is full of dirty pages), then fsynced there.
+        writer = self.store.writer(request.chunk_id, request.size, request.sha256)
+        try:
+            # Raw responses: the bytes gRPC hands over are written as they are (no
+            # protobuf parse and copy of every piece; see fetch_chunk_data).
+            fetch = self._channel().unary_stream(
+                FETCH_CHUNK_METHOD,
+                request_serializer=node_pb2.FetchChunkRequest.SerializeToString,
+                response_deserializer=None,
+            )
+            call = fetch(node_pb2.FetchChunkRequest(transfer_id=request.transfer_id))
+            try:
+                async for raw in call:
+                    await asyncio.to_thread(writer.add, fetch_chunk_data(raw))
+            except ValueError as exc:
                 call.cancel()
-                return error_result(command, f"chunk {request.chunk_id}: more than {request.size} bytes sent")
-        await asyncio.to_thread(
-            self.store.write, request.chunk_id, bytes(buffer), request.size, request.sha256
-        )
+                return error_result(command, str(exc))
+            await asyncio.to_thread(writer.commit)
+        finally:
+            writer.close()
         return ok_result(command, {"chunk_id": request.chunk_id, "sha256": request.sha256})
 
     async def _read_chunk(self, command: node_pb2.NodeCommand) -> node_pb2.CommandResult:

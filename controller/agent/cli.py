@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.agent.chunks import DEFAULT_SCRUB_INTERVAL_SECONDS, StorageAgent, storage_message_options
+from controller.agent.cleanup import register_cleanup_handlers
 from controller.agent.client import (
     DEFAULT_PROVIDER,
     PROVIDERS,
@@ -339,6 +340,7 @@ async def run_agent(
     handlers = CommandHandlers()
     shards = ShardStore(config.data_dir, shard_postgres_url)
     register_shard_handlers(handlers, shards)
+    register_cleanup_handlers(handlers, config.data_dir, shard_postgres_url)  # deleted databases
     supervisor = ReplicaSupervisor(
         config.data_dir,
         advertise_host=advertise_host,

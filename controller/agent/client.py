@@ -14,8 +14,8 @@ Life of an agent (:meth:`Agent.run`)::
     └── stream error or end: backoff with full jitter (0.5 s … 300 s, for ever)
         SIGTERM / SIGINT (the ``stop`` event): half-close the stream, exit 0
 
-The backoff starts again from 0.5 s after a connection that got its ``hello_ack``
-and lasted at least one heartbeat interval.
+The backoff starts again from 0.5 s after a connection that stayed healthy: it got
+its ``hello_ack`` and a heartbeat ack and lasted min(interval, 5 s) (:func:`stayed_healthy`).
 
 Commands run as tasks owned by the agent, not by one connection: a result that is
 ready while the agent is disconnected is sent on the next connection. A command
@@ -313,6 +313,35 @@ class _SessionEnd:
     acked: bool = False
     lasted_s: float = 0.0
     code: Any = None
+    heartbeats_acked: int = 0
+    """Heartbeats of this stream the controller acknowledged."""
+
+
+STABLE_CONNECTION_SECONDS = 5.0
+"""A stream that got its hello_ack and heartbeat acks for this long (or for one
+heartbeat interval, if shorter) was healthy: the reconnect backoff starts again
+from its base after it ends."""
+
+
+def stayed_healthy(end: _SessionEnd, interval_s: float) -> bool:
+    """Whether a stream that ended was healthy enough to reset the reconnect backoff.
+
+    It was if the controller accepted it (hello_ack), acknowledged at least one
+    heartbeat on it (the whole round trip worked), and it lasted
+    ``min(interval, STABLE_CONNECTION_SECONDS)``. A controller restart then costs a
+    reconnect within the base delay instead of whatever the backoff had grown to; a
+    controller that accepts streams and drops them at once still backs off.
+
+    >>> stayed_healthy(_SessionEnd(acked=True, lasted_s=11.0, heartbeats_acked=1), 30.0)
+    True
+    >>> stayed_healthy(_SessionEnd(acked=True, lasted_s=11.0, heartbeats_acked=0), 30.0)
+    False
+    >>> stayed_healthy(_SessionEnd(acked=True, lasted_s=0.3, heartbeats_acked=1), 30.0)
+    False
+    """
+    return (
+        end.acked and end.heartbeats_acked > 0 and end.lasted_s >= min(interval_s, STABLE_CONNECTION_SECONDS)
+    )
 
 
 # --------------------------------------------------------------------------- agent
@@ -351,6 +380,7 @@ class Agent:
         self._sequence = 0
         self._node_status: common_pb2.NodeStatus.ValueType = common_pb2.NODE_STATUS_UNSPECIFIED
         self._sent_at: dict[int, float] = {}
+        self._acks_on_stream = 0
         self._tiebreak = itertools.count()
         self._outbox: asyncio.PriorityQueue[tuple[int, int, node_pb2.ConnectRequest]] | None = None
         self._undelivered: deque[node_pb2.CommandResult] = deque(maxlen=_MAX_UNDELIVERED_RESULTS)
@@ -601,7 +631,7 @@ class Agent:
                 end = _SessionEnd(reason=_describe(exc))
             if stop.is_set():
                 break
-            if end.acked and end.lasted_s >= self._interval_ms / 1000:
+            if stayed_healthy(end, self._interval_ms / 1000):
                 backoff.reset()
             delay = backoff.next_delay()
             if end.acked:
@@ -732,6 +762,9 @@ class Agent:
             self.on_connected()
         outbox: asyncio.PriorityQueue[tuple[int, int, node_pb2.ConnectRequest]] = asyncio.PriorityQueue()
         self._outbox = outbox
+        self._sent_at.clear()  # acks of an earlier stream never come: time this one afresh
+        self._last_ack_rtt_ms = None
+        self._acks_on_stream = 0
         log.info(
             "connected to %s as node %s (generation %d, heartbeat every %d ms)",
             endpoint,
@@ -763,6 +796,7 @@ class Agent:
             self._connected = False
             self._outbox = None
             end.lasted_s = loop.time() - connected_at
+            end.heartbeats_acked = self._acks_on_stream
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -800,6 +834,7 @@ class Agent:
         sent = self._sent_at.pop(ack.sequence, None)
         if sent is not None:
             self._last_ack_rtt_ms = (time.monotonic() - sent) * 1000.0
+            self._acks_on_stream += 1
         if ack.status and ack.status != self._node_status:
             log.info("the controller reports node %s as %s", self._node_id, _status_name(ack.status))
             self._node_status = ack.status
@@ -825,6 +860,8 @@ class Agent:
             metrics=collect_metrics(self.metrics),
             replicas=list(self._replicas()),
         )
+        if self._last_ack_rtt_ms is not None:  # the controller scores nodes by it (latency)
+            heartbeat.rtt_ms = self._last_ack_rtt_ms
         heartbeat.sent_at.FromNanoseconds(time.time_ns())
         self._sent_at[self._sequence] = time.monotonic()
         while len(self._sent_at) > _MAX_PENDING_ACKS:

@@ -101,7 +101,8 @@ killed too. The replica stays in ``states()`` as ``stopped`` for
 ``stopped_retention_seconds`` (10 min). Its directory (with its log) is kept for
 post-mortems and removed when that retention ends (at the next command), or when a
 later generation of the same replica is deployed (only the previous generation's
-directory is kept).
+directory is kept). ``remove_deployment`` (the deployment was deleted) stops every
+replica of the deployment and removes ``<data dir>/replicas/<deployment id>/`` at once.
 
 :meth:`ReplicaSupervisor.close` (the agent's SIGTERM/SIGINT) stops every replica.
 If the agent dies without that (kill -9), its replicas die with it: each replica
@@ -711,6 +712,40 @@ class ReplicaSupervisor:
                 await self._terminate(current, STOPPED, "", "stopped")
         return ok_result(command, {"stopped": was_running, "generation": request.generation})
 
+    async def remove_deployment(self, command: node_pb2.NodeCommand) -> node_pb2.CommandResult:
+        """The ``remove_deployment`` handler: the deployment was deleted. Stop each of its
+        replicas here (fenced at its generation, so a late deploy cannot start it again),
+        forget them, and remove ``<root>/<deployment id>/`` with every generation's
+        directory and log. Idempotent."""
+        deployment_id = command.remove_deployment.deployment_id
+        if not _ID.fullmatch(deployment_id):
+            return _failure(
+                command, "invalid deployment_id (1 to 128 letters, digits, '_', '.', '-')", "invalid"
+            )
+        await self._housekeep()
+        stopped = 0
+        for key in [k for k in self._replicas if k[0] == deployment_id]:
+            async with self._lock(key):
+                current = self._replicas.get(key)
+                if current is None:
+                    continue
+                fenced = self._fences.get(key, (0, False))[0]
+                self._fences[key] = (max(fenced, current.generation), True)
+                if current.status != STOPPED:
+                    await self._terminate(current, STOPPED, "the deployment was deleted", "stopped")
+                    stopped += 1
+                del self._replicas[key]
+                current.log.close()
+        directory = self.root / deployment_id
+        existed = directory.exists()
+        await asyncio.to_thread(shutil.rmtree, directory, True)
+        if directory.exists():
+            return _failure(
+                command, f"could not remove the directory of deployment {deployment_id}", "invalid"
+            )
+        log.info("deployment %s removed: %d replicas stopped", deployment_id, stopped)
+        return ok_result(command, {"stopped": stopped, "removed": existed})
+
     # ----------------------------------------------------------------- lifecycle
 
     async def close(self) -> None:
@@ -1131,6 +1166,7 @@ def _prune_generations(directory: Path, keep_previous: int = 1) -> None:
 
 
 def register_replica_handlers(handlers: CommandHandlers, supervisor: ReplicaSupervisor) -> None:
-    """Answer ``deploy_replica`` and ``stop_replica`` commands with ``supervisor``."""
+    """Answer ``deploy_replica``, ``stop_replica`` and ``remove_deployment`` commands with ``supervisor``."""
     handlers.register("deploy_replica", supervisor.deploy_replica)
     handlers.register("stop_replica", supervisor.stop_replica)
+    handlers.register("remove_deployment", supervisor.remove_deployment)

@@ -211,11 +211,17 @@ class _Batcher:
         return self.size if not self.max_rows else min(self.size, self.max_rows + 1 - self.rows)
 
     def parts(
-        self, rows: list[Any], asked: int, columns: Callable[[list[Any]], list[tuple[str, str]]], rowcount: int
+        self,
+        rows: list[Any],
+        asked: int,
+        columns: Callable[[list[Any]], list[tuple[str, str]]],
+        rowcount: int,
     ) -> list[ResultPart]:
         self.rows += len(rows)
         if self.max_rows and self.rows > self.max_rows:
-            raise ShardError("too_large", f"the result has more than {self.max_rows} rows (the statement's cap)")
+            raise ShardError(
+                "too_large", f"the result has more than {self.max_rows} rows (the statement's cap)"
+            )
         done = len(rows) < asked
         pieces = _encode_pieces(rows)
         out: list[ResultPart] = []
@@ -249,7 +255,8 @@ def _encode_pieces(rows: list[Any]) -> list[tuple[bytes, int]]:
         return [(data, len(rows))]
     if len(rows) == 1:
         raise ShardError(
-            "too_large", f"a row of {len(data)} bytes is over the data path's message limit ({MAX_BATCH_BYTES})"
+            "too_large",
+            f"a row of {len(data)} bytes is over the data path's message limit ({MAX_BATCH_BYTES})",
         )
     half = len(rows) // 2
     return _encode_pieces(rows[:half]) + _encode_pieces(rows[half:])
@@ -648,6 +655,38 @@ class ShardStore:
     ) -> node_pb2.CommandResult:
         """Run an ``execute_shard_statement`` and push its rows over ``PushShardResult``
         (``open_push`` opens the call); the command's result is a small summary."""
+        return await self._push(
+            command_id,
+            request.shard_index,
+            open_push,
+            lambda stop: self.stream(
+                request.database_id,
+                request.shard_index,
+                request.sql,
+                request.timeout_ms,
+                max_rows=request.max_rows,
+                max_bytes=request.max_bytes,
+                read_only=request.read_only,
+                stop=stop,
+            ),
+        )
+
+    async def push_transaction(
+        self, command_id: str, request: node_pb2.ShardTransaction, open_push: Callable[[], Any]
+    ) -> node_pb2.CommandResult:
+        """Run a transaction's ``BEGIN`` (with sql) or ``EXECUTE`` with ``push_rows`` and push
+        the statement's rows over ``PushShardResult``, like :meth:`push_result`."""
+        return await self._push(
+            command_id, request.shard_index, open_push, lambda stop: self.transaction_rows(request, stop)
+        )
+
+    async def _push(
+        self,
+        command_id: str,
+        shard_index: int,
+        open_push: Callable[[], Any],
+        start: Callable[[Stop], AsyncGenerator[ResultPart, None]],
+    ) -> node_pb2.CommandResult:
         stop = Stop()
         call = open_push()
         rows = 0
@@ -659,16 +698,7 @@ class ShardStore:
 
         watcher: asyncio.Future[Any] = asyncio.ensure_future(_await(call))
         watcher.add_done_callback(ended)
-        parts = self.stream(
-            request.database_id,
-            request.shard_index,
-            request.sql,
-            request.timeout_ms,
-            max_rows=request.max_rows,
-            max_bytes=request.max_bytes,
-            read_only=request.read_only,
-            stop=stop,
-        )
+        parts = start(stop)
         try:
             try:
                 await call.write(node_pb2.PushShardResultRequest(command_id=command_id))
@@ -707,7 +737,7 @@ class ShardStore:
                 log.info(
                     "shard statement %s on shard %d interrupted after %d rows: %s",
                     command_id,
-                    request.shard_index,
+                    shard_index,
                     rows,
                     stop.reason or exc,
                 )
@@ -797,6 +827,170 @@ class ShardStore:
                 {"state": await self._finish(key, request.transaction_id, commit=False)}
             ).encode()
         raise ShardError("invalid", "unknown transaction action")
+
+    async def transaction_rows(
+        self, request: node_pb2.ShardTransaction, stop: Stop
+    ) -> AsyncGenerator[ResultPart, None]:
+        """A ``BEGIN`` (with sql) or ``EXECUTE`` step whose rows are yielded in batches (the
+        first part has the columns, the last is ``done``), within the request's caps. A
+        failed ``BEGIN`` leaves no transaction behind."""
+        actions = node_pb2.ShardTransactionAction
+        if not _ID.match(request.database_id) or not 0 <= request.shard_index < 4096:
+            raise ShardError("invalid", "bad database id or shard index")
+        if not _ID.match(request.transaction_id):
+            raise ShardError("invalid", "bad transaction id")
+        if request.action not in (
+            actions.SHARD_TRANSACTION_ACTION_BEGIN,
+            actions.SHARD_TRANSACTION_ACTION_EXECUTE,
+        ):
+            raise ShardError("invalid", "only BEGIN and EXECUTE return rows")
+        key = (request.database_id, request.shard_index)
+        timeout = (request.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
+        batcher = _Batcher(max(0, request.max_rows), max(0, request.max_bytes))
+        await self.reap_idle()
+        if not self._postgres_url:
+            await self._restore_prepared(key)
+        if request.action == actions.SHARD_TRANSACTION_ACTION_BEGIN:
+            opened = await self._open_transaction(key, request, timeout)
+            try:
+                async with opened.lock:
+                    async for part in self._statement_parts(opened, request.sql, timeout, batcher, stop):
+                        yield part
+                    opened.last_used = self._clock()
+            except BaseException:
+                await self._discard(opened, commit=False)
+                raise
+            return
+        txn = self._transactions.get(request.transaction_id)
+        if txn is not None and txn.key != key:
+            raise ShardError("invalid", "the transaction is open on another shard")
+        if txn is None or txn.state != "active":
+            raise ShardError(
+                "transaction_missing",
+                f"shard {key[1]} has no open transaction {request.transaction_id} "
+                "(it was rolled back: idle too long, or the agent restarted)",
+            )
+        async with txn.lock:
+            txn.last_used = self._clock()
+            async for part in self._statement_parts(txn, request.sql, timeout, batcher, stop):
+                yield part
+            txn.last_used = self._clock()
+
+    async def _open_transaction(
+        self, key: tuple[str, int], request: node_pb2.ShardTransaction, limit_s: float
+    ) -> _Transaction:
+        """Open ``request``'s transaction on the shard (no statement yet)."""
+        if request.transaction_id in self._transactions:
+            raise ShardError("invalid", f"transaction {request.transaction_id} is already open here")
+        txn = _Transaction(
+            id=request.transaction_id,
+            key=key,
+            priority=request.priority,
+            idle_timeout=(request.idle_timeout_ms or DEFAULT_IDLE_TIMEOUT_MS) / 1000,
+            last_used=self._clock(),
+        )
+        async with txn.lock:
+            self._transactions[txn.id] = txn
+            try:
+                if self._postgres_url:
+                    await self._pg_begin(txn, limit_s)
+                else:
+                    await self._sqlite_begin(txn, limit_s, may_wait=request.holds_nothing)
+                self._start_reaper()
+                txn.last_used = self._clock()
+                return txn
+            except BaseException:
+                await self._discard(txn, commit=False)
+                raise
+
+    async def _statement_parts(
+        self, txn: _Transaction, sql: str, limit_s: float, batcher: _Batcher, stop: Stop
+    ) -> AsyncGenerator[ResultPart, None]:
+        """Run ``sql`` in ``txn`` and yield its rows in batches as they are fetched."""
+        if not sql:
+            yield ResultPart(columns=[], done=True)
+            return
+        if self._postgres_url:
+            async for part in self._pg_statement_parts(txn, sql, limit_s, batcher, stop):
+                yield part
+            return
+        conn: sqlite3.Connection = txn.conn
+        deadline = time.monotonic() + limit_s
+        before = conn.total_changes
+        cursor: sqlite3.Cursor | None = None
+
+        def start() -> sqlite3.Cursor:
+            conn.set_progress_handler(
+                lambda: 1 if stop.event.is_set() or time.monotonic() > deadline else 0, 1000
+            )
+            try:
+                return conn.execute(sql)
+            except sqlite3.Error as exc:
+                raise _sqlite_error(exc, stop) from exc
+            except ValueError as exc:
+                raise ShardError("invalid", str(exc)) from exc
+
+        def fetch(cur: sqlite3.Cursor) -> list[ResultPart]:
+            asked = batcher.want()
+            try:
+                rows = cur.fetchmany(asked) if cur.description else []
+            except sqlite3.Error as exc:
+                raise _sqlite_error(exc, stop) from exc
+            if not cur.description:
+                asked = 1
+            names = [d[0] for d in cur.description or ()]
+            return batcher.parts(rows, asked, _sqlite_columns(names), cur.rowcount)
+
+        def finish() -> None:
+            if cursor is not None:
+                cursor.close()
+            conn.set_progress_handler(None, 0)
+            if conn.total_changes != before:
+                txn.statements.append(sql)
+
+        try:
+            cursor = await asyncio.to_thread(start)
+            while True:
+                parts = await asyncio.to_thread(fetch, cursor)
+                for part in parts:
+                    yield part
+                if parts[-1].done:
+                    return
+        finally:
+            await asyncio.to_thread(finish)
+
+    async def _pg_statement_parts(
+        self, txn: _Transaction, sql: str, limit_s: float, batcher: _Batcher, stop: Stop
+    ) -> AsyncGenerator[ResultPart, None]:
+        import psycopg
+
+        forget = stop.on_set(lambda: asyncio.ensure_future(_pg_cancel(txn.conn)))
+        try:
+            async with txn.conn.cursor() as cursor:
+                try:
+                    await cursor.execute(f"SET LOCAL statement_timeout = {max(1, int(limit_s * 1000))}")
+                    await cursor.execute(sql.encode())
+                except Exception as exc:
+                    raise _pg_error(exc, stop) from exc
+                described = []
+                for d in cursor.description or ():
+                    info = psycopg.adapters.types.get(d.type_code)
+                    described.append((d.name, info.name if info else str(d.type_code)))
+                rowcount = cursor.rowcount
+                while True:
+                    asked = batcher.want()
+                    rows = [tuple(r) for r in await cursor.fetchmany(asked)] if cursor.description else []
+                    if not cursor.description:
+                        asked = 1
+                    parts = await asyncio.to_thread(
+                        batcher.parts, rows, asked, lambda _rows: described, rowcount
+                    )
+                    for part in parts:
+                        yield part
+                    if parts[-1].done:
+                        return
+        finally:
+            forget()
 
     async def _begin(self, key: tuple[str, int], request: node_pb2.ShardTransaction, limit_s: float) -> bytes:
         if request.transaction_id in self._transactions:
@@ -1234,6 +1428,20 @@ def register_shard_handlers(handlers: CommandHandlers, store: ShardStore) -> Non
     handlers.register("execute_shard_statement", execute_shard_statement)
 
     async def shard_transaction(command: node_pb2.NodeCommand) -> node_pb2.CommandResult:
+        request = command.shard_transaction
+        actions = node_pb2.ShardTransactionAction
+        if request.push_rows and request.action in (
+            actions.SHARD_TRANSACTION_ACTION_BEGIN,
+            actions.SHARD_TRANSACTION_ACTION_EXECUTE,
+        ):
+            if store.open_push is None:
+                return node_pb2.CommandResult(
+                    command_id=command.command_id,
+                    ok=False,
+                    error_message="this agent has no data path to the controller (not connected)",
+                    payload=json.dumps({"error_kind": "unavailable"}).encode(),
+                )
+            return await store.push_transaction(command.command_id, request, store.open_push)
         try:
             payload = await store.transaction(command.shard_transaction)
         except ShardError as exc:

@@ -78,9 +78,10 @@ STREAM_RECHECK_SECONDS = 2.0
 """How often an authenticated stream re-checks its caller's token and session (seconds).
 
 Read when a :class:`ControllerInterceptor` is built without ``stream_recheck_seconds``.
-One check is a signature verification and a cache read (the store at most every
-``SESSION_CACHE_SECONDS`` per session), so it is cheap; a revocation made by this
-controller (or seen through a shared Redis cache) ends the stream within one interval."""
+One check reads memory only (the token was verified once, the session's state is held
+by :class:`~controller.auth.session_cache.AuthCache`), so it is cheap; a revocation made
+by this controller, or heard from another over Redis pub/sub, ends the stream within one
+interval."""
 
 
 class AccessVerifier(Protocol):

@@ -13,13 +13,14 @@ from automator67.v1 import common_pb2, node_pb2, node_pb2_grpc
 from controller.api import storage_servicer as storage_rpcs
 from controller.api.context import current_principal
 from controller.api.http import set_http_status
-from controller.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from controller.deployments.alerts import MASS_FAILURE, Alerts
+from controller.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from controller.federation.results import ShardResults
 from controller.federation.storage import StorageService
 from controller.nodes.ca import CertificateAuthority
 from controller.nodes.enrollment import EnrollmentTokens
 from controller.nodes.fleet import STATUS_ENUM, Fleet
-from controller.nodes.health import NodeState
+from controller.nodes.health import NodeState, UndrainRequested
 from controller.nodes.registration import NodeRegistrar
 from controller.nodes.repository import NodeRepository
 from controller.nodes.sessions import NodeSession
@@ -56,6 +57,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         serve_package: Callable[[str, str, int], AsyncIterator[tuple[int, bytes, int]]] | None = None,
         storage: StorageService | None = None,
         shard_results: ShardResults | None = None,
+        alerts: Alerts | None = None,
     ) -> None:
         self._fleet = fleet
         self._nodes = nodes
@@ -67,6 +69,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self._serve_package = serve_package
         self._storage = storage
         self._shard_results = shard_results
+        self._alerts = alerts
 
     # -- user RPCs ----------------------------------------------------------------------
 
@@ -103,6 +106,55 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         else:
             await self._nodes.update_status(node.id, str(NodeState.DRAINING), now=None)
         return node_pb2.DrainNodeResponse(node=await self._to_proto(await self._owned(node.id)))
+
+    async def UndrainNode(
+        self, request: node_pb2.UndrainNodeRequest, context: Context
+    ) -> node_pb2.UndrainNodeResponse:
+        node = await self._owned(request.node_id)
+        if node.status == str(NodeState.REMOVED):
+            raise FailedPrecondition(f"Node {node.id} was deregistered", reason="NODE_REMOVED")
+        if node.id in self._fleet.monitor:
+            self._fleet.monitor.observe(node.id, UndrainRequested(at=self._fleet.clock()))
+            await self._fleet.monitor.flush()  # the state change is stored before the answer
+        elif node.status == str(NodeState.DRAINING):
+            await self._nodes.update_status(node.id, str(NodeState.INITIALIZING), now=None)
+        log.info("node %s undrained", node.id)
+        return node_pb2.UndrainNodeResponse(node=await self._to_proto(await self._owned(node.id)))
+
+    async def ListAlerts(
+        self, request: node_pb2.ListAlertsRequest, context: Context
+    ) -> node_pb2.ListAlertsResponse:
+        alerts = self._alerts_store()
+        rows, next_token = await alerts.page(
+            current_principal().user_id, request.page_size, request.page_token
+        )
+        return node_pb2.ListAlertsResponse(
+            alerts=[alerts.to_proto(row) for row in rows], next_page_token=next_token
+        )
+
+    async def UnfreezeRecovery(
+        self, request: node_pb2.UnfreezeRecoveryRequest, context: Context
+    ) -> node_pb2.UnfreezeRecoveryResponse:
+        user_id = current_principal().user_id
+        monitor = self._fleet.monitor
+        failed = sorted(
+            node_id
+            for node_id, health in monitor.nodes_of(user_id).items()
+            if health.state is NodeState.FAILED
+        )
+        was_frozen = monitor.unfreeze(user_id)
+        if was_frozen:
+            log.info("user %s lifted the recovery freeze (%d failed nodes)", user_id, len(failed))
+            await self._alerts_store().resolve(user_id, MASS_FAILURE)
+            await monitor.flush()  # the recovery hook runs for every node still failed
+        return node_pb2.UnfreezeRecoveryResponse(
+            was_frozen=was_frozen, recovering_node_ids=failed if was_frozen else []
+        )
+
+    def _alerts_store(self) -> Alerts:
+        if self._alerts is None:
+            raise NotFound("This controller keeps no alerts", reason="ALERTS_UNAVAILABLE")
+        return self._alerts
 
     async def DeregisterNode(
         self, request: node_pb2.DeregisterNodeRequest, context: Context
@@ -256,6 +308,8 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 kind = request.WhichOneof("message")
                 if kind == "heartbeat":
                     heartbeat = request.heartbeat
+                    if heartbeat.HasField("rtt_ms"):  # the node's own timing of the last ack
+                        session.record_rtt(heartbeat.rtt_ms)
                     state = fleet.heartbeat(node_id, heartbeat.metrics)
                     if heartbeat.replicas:
                         fleet.replicas_reported(node_id, heartbeat.replicas, complete=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, TypeAlias
 
 import grpc
@@ -9,6 +10,7 @@ from automator67.v1 import query_pb2, query_pb2_grpc
 
 from controller.api.context import current_principal
 from controller.api.http import set_http_status
+from controller.errors import DeadlineExceeded
 from controller.federation.service import DatabaseService, to_proto, transaction_to_proto
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -56,6 +58,24 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
         self, request: query_pb2.ExecuteQueryRequest, context: Context
     ) -> query_pb2.ExecuteQueryResponse:
         return await self._service.execute_query(current_principal().user_id, request)
+
+    async def StreamQuery(  # type: ignore[override]  # writes with context.write (bounded by the deadline)
+        self, request: query_pb2.StreamQueryRequest, context: Context
+    ) -> None:
+        """The merged rows in batches, written as they are merged (gRPC flow control paces the
+        merge, and through it the shards); the deadline covers the whole stream."""
+        stream = await self._service.stream_query(current_principal().user_id, request)
+        try:
+            async with asyncio.timeout_at(stream.deadline):
+                async for message in stream.messages:
+                    await context.write(message)
+        except TimeoutError as exc:
+            raise DeadlineExceeded(
+                f"the query did not finish within {stream.seconds:g} s (timeout_ms covers the whole stream)",
+                reason="QUERY_TIMEOUT",
+            ) from exc
+        finally:
+            await stream.messages.aclose()
 
     async def BeginTransaction(
         self, request: query_pb2.BeginTransactionRequest, context: Context

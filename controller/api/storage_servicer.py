@@ -4,7 +4,7 @@ and the storage RPCs of the node port (FetchChunk, PushChunk, ReportChunks)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import grpc
 from automator67.v1 import node_pb2, storage_pb2, storage_pb2_grpc
@@ -177,8 +177,9 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
 async def fetch_chunk(
     service: StorageService, node_id: str, request: node_pb2.FetchChunkRequest
 ) -> AsyncIterator[node_pb2.FetchChunkResponse]:
-    async for piece in service.transfers.serve(node_id, request.transfer_id):
-        yield node_pb2.FetchChunkResponse(data=piece)
+    # The messages are made once per chunk and shared by its copies (StorageService).
+    for message in service.transfers.serve(node_id, request.transfer_id):
+        yield cast(node_pb2.FetchChunkResponse, message)
 
 
 async def push_chunk(

@@ -579,3 +579,27 @@ def validate_manifest(manifest: deployment_pb2.DeploymentManifest, *, source_siz
         health_check=health_check,
         atomic=manifest.atomic,
     )
+
+
+def with_effective_values(manifest: deployment_pb2.DeploymentManifest) -> deployment_pb2.DeploymentManifest:
+    """``manifest`` (changed in place and returned) with the defaults that apply filled in,
+    so that what ``GetDeployment`` shows is what runs: the health check's path (a backend's
+    ``/health``), interval, timeout and retries, and the storage request (``1GB``).
+
+    >>> m = with_effective_values(deployment_pb2.DeploymentManifest(app_type=deployment_pb2.APP_TYPE_BACKEND))
+    >>> (m.health_check.path, m.health_check.interval_seconds, m.health_check.timeout_seconds,
+    ...  m.health_check.retries, m.resources.storage)
+    ('/health', 10, 2, 3, '1GB')
+    """
+    check = manifest.health_check
+    if not check.path.strip() and APP_TYPES.get(manifest.app_type) != "worker":
+        check.path = DEFAULT_HEALTH_PATH
+    if check.interval_seconds == 0:
+        check.interval_seconds = DEFAULT_INTERVAL_SECONDS
+    if check.timeout_seconds == 0:
+        check.timeout_seconds = DEFAULT_TIMEOUT_SECONDS
+    if check.retries == 0:
+        check.retries = DEFAULT_RETRIES
+    if not manifest.resources.storage.strip():
+        manifest.resources.storage = DEFAULT_STORAGE
+    return manifest

@@ -45,9 +45,11 @@ from typing import Any
 from automator67.v1 import deployment_pb2, node_pb2
 from google.protobuf import json_format
 
+from controller.deployments.alerts import ROLLOUT_FAILED, UPDATE_REVERTED, Alerts
 from controller.deployments.blobs import PackageStore, Stored, is_sha256
-from controller.deployments.manifest import MAX_REPLICAS, validate_manifest
+from controller.deployments.manifest import MAX_REPLICAS, validate_manifest, with_effective_values
 from controller.deployments.package import PackageLimits, build_package_file
+from controller.deployments.plan import plan
 from controller.deployments.repository import NAME_TAKEN, DeploymentRepository, RequestIdTaken
 from controller.deployments.snapshot import NodeRows, build_snapshot
 from controller.errors import (
@@ -61,8 +63,16 @@ from controller.errors import (
 )
 from controller.nodes.fleet import Fleet
 from controller.nodes.health import NodeState, is_routable
+from controller.nodes.monitor import StateChange
 from controller.redact import redact
-from controller.scheduling import ReplicaRequest, ReplicaTarget, Resources, pick_endpoint, place
+from controller.scheduling import (
+    NodeHistory,
+    Placement,
+    ReplicaRequest,
+    ReplicaTarget,
+    Resources,
+    pick_endpoint,
+)
 from controller.store.db import Store
 from controller.store.models import Deployment, DeploymentPackage, new_id, utcnow
 from controller.timestamps import timestamp
@@ -93,7 +103,40 @@ STOP_RESEND_SECONDS = 10.0
 MAX_STORED_REJECTED = 50
 """Rejected nodes kept in a deployment's placement explanations."""
 WATCH_QUEUE_SIZE = 1000
-VERSION_KEYS = ("spec", "env_sealed", "package_sha256", "resources", "startup_seconds", "atomic")
+VERSION_KEYS = (
+    "spec",
+    "env_sealed",
+    "package_sha256",
+    "resources",
+    "startup_seconds",
+    "atomic",
+    "source_sha256",
+)
+# The paths UpdateDeployment's update_mask may name (AIP-134; relative to the request).
+# "manifest.replicas" is a scale and must be alone; "*" (or no mask) replaces everything.
+UPDATE_MASK_PATHS = frozenset(
+    {
+        "source_sha256",
+        "source_tar_gz",
+        "manifest",
+        "manifest.name",
+        "manifest.app_type",
+        "manifest.runtime",
+        "manifest.entrypoint",
+        "manifest.resources",
+        "manifest.resources.memory",
+        "manifest.resources.cpu",
+        "manifest.resources.storage",
+        "manifest.replicas",
+        "manifest.env",
+        "manifest.health_check",
+        "manifest.health_check.path",
+        "manifest.health_check.interval_seconds",
+        "manifest.health_check.timeout_seconds",
+        "manifest.health_check.retries",
+        "manifest.atomic",
+    }
+)
 """What one version of a deployment is (kept in ``manifest["versions"]`` for rollbacks)."""
 ENV_PURPOSE = "deployment-env"
 
@@ -170,6 +213,31 @@ def _request_of(meta: dict[str, Any]) -> ReplicaRequest:
     )
 
 
+def _apply_mask_path(
+    target: deployment_pb2.DeploymentManifest, given: deployment_pb2.DeploymentManifest, parts: list[str]
+) -> None:
+    """Set the manifest field ``parts`` (below ``manifest``) of ``target`` to ``given``'s."""
+    if not parts:
+        target.CopyFrom(given)
+        return
+    dest: Any = target
+    src: Any = given
+    for part in parts[:-1]:
+        dest, src = getattr(dest, part), getattr(src, part)
+    name = parts[-1]
+    field = dest.DESCRIPTOR.fields_by_name[name]
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        getattr(dest, name).clear()
+        getattr(dest, name).update(getattr(src, name))
+    elif field.message_type is not None:
+        if src.HasField(name):
+            getattr(dest, name).CopyFrom(getattr(src, name))
+        else:
+            dest.ClearField(name)
+    else:
+        setattr(dest, name, getattr(src, name))
+
+
 def _failure_summary(assignments: Iterable[Assignment]) -> str:
     parts = [
         f"replica {a['replica_index']}: {a.get('error_message') or a['status']}"
@@ -202,6 +270,12 @@ class DeploymentService:
         self.repo = DeploymentRepository(store)
         self._fleet = fleet
         self._node_rows = NodeRows(store, fleet)
+        self.history = NodeHistory()
+        """Every node's liveness over the last 24 h: the reliability factor of placement."""
+        fleet.monitor.add_listener(self._on_state_change)
+        self.alerts = Alerts(store, fleet)
+        """Stored alerts: mass-failure freezes (the fleet's hook) and failed rollouts."""
+        fleet.alert_handler = self.alerts.on_fleet_alert
         self._vault = vault
         self._interval = reconcile_interval_seconds
         self._rollout_deadline = rollout_deadline_seconds
@@ -268,6 +342,40 @@ class DeploymentService:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("deployment task failed", exc_info=task.exception())
+
+    async def _on_state_change(self, change: StateChange) -> None:
+        self.history.record(change.node_id, change.new, change.at)
+
+    # -- placement ------------------------------------------------------------------------
+
+    async def _place(
+        self,
+        user_id: str,
+        request: ReplicaRequest,
+        count: int,
+        *,
+        seed: str,
+        hosting: Sequence[str] = (),
+        exclude: Iterable[str] = (),
+        skip: tuple[str, int] | None = None,
+    ) -> Placement:
+        """Where ``count`` replicas go, beside the deployment's replicas on ``hosting``: the
+        one placement setup of create, retry, recovery, scale-up and rolling update
+        (:func:`controller.deployments.plan.plan`). ``skip`` is a replica whose reserved
+        resources do not count (the one being moved)."""
+        nodes = await self._node_rows.get(user_id)
+        snapshot = build_snapshot(
+            user_id, nodes, self._fleet, self._reserved(user_id, skip=skip), self.history
+        )
+        return plan(
+            snapshot,
+            {n.id: n.region or "" for n in nodes},
+            request,
+            count,
+            seed=seed,
+            hosting=hosting,
+            exclude=frozenset(exclude),
+        )
 
     # -- index ----------------------------------------------------------------------------
 
@@ -385,12 +493,11 @@ class DeploymentService:
                 reason=NAME_TAKEN,
                 metadata={"name": valid.name},
             )
-        package = await self._build(user_id, valid, request.source_tar_gz, request.source_sha256)
-        deployment_id = new_id()
-        snapshot = build_snapshot(
-            user_id, await self._node_rows.get(user_id), self._fleet, self._reserved(user_id)
+        package, source_sha256 = await self._build_with_source(
+            user_id, valid, request.source_tar_gz, request.source_sha256
         )
-        placement = place(snapshot, valid.replica_request(), valid.replicas, seed=deployment_id)
+        deployment_id = new_id()
+        placement = await self._place(user_id, valid.replica_request(), valid.replicas, seed=deployment_id)
         spec = deployment_pb2.DeploymentManifest()
         spec.CopyFrom(request.manifest)
         spec.ClearField("env")
@@ -402,6 +509,7 @@ class DeploymentService:
                 json.dumps(dict(valid.env)), owner=deployment_id, purpose=ENV_PURPOSE
             ),
             "package_sha256": package.sha256,
+            "source_sha256": source_sha256,
             "placement": [
                 json_format.MessageToDict(e, preserving_proto_field_name=True)
                 for e in placement.explanations(max_rejected=MAX_STORED_REJECTED)
@@ -475,6 +583,13 @@ class DeploymentService:
     async def _build(self, user_id: str, valid: Any, inline: bytes, source_sha256: str) -> Stored:
         """The package of ``valid`` from the inline source or the user's uploaded one, built in a
         worker thread straight to disk (by digest); the inline source is kept as an upload too."""
+        package, _ = await self._build_with_source(user_id, valid, inline, source_sha256)
+        return package
+
+    async def _build_with_source(
+        self, user_id: str, valid: Any, inline: bytes, source_sha256: str
+    ) -> tuple[Stored, str]:
+        """:meth:`_build`, and the digest of the source it was built from."""
         if inline and source_sha256:
             raise InvalidArgument(
                 "Give the source either inline or by digest, not both",
@@ -506,7 +621,7 @@ class DeploymentService:
             self.packages.packages_dir,
             limits=self._package_limits,
         )
-        return Stored(sha256, size, path)
+        return Stored(sha256, size, path), source.sha256
 
     async def _package_file(self, sha256: str) -> Stored | None:
         """The package ``sha256`` on disk (written out from the store if an older version kept
@@ -647,6 +762,10 @@ class DeploymentService:
             return
         log.info("deployment %s: %s", deployment_id, message)
         self._publish(row, message)
+        if row.status == FAILED:
+            await self.alerts.add(
+                row.user_id, ROLLOUT_FAILED, f"deployment {row.name}: {message}", deployment_id=row.id
+            )
         await self._stop_all(deployment_id, to_stop)
 
     async def _send_deploy(
@@ -728,24 +847,15 @@ class DeploymentService:
             )
             if not (reuse and usable):
                 others = [a for a in assignments if a is not current and a["status"] in ACTIVE]
-                nodes = await self._node_rows.get(row.user_id)
-                snapshot = build_snapshot(
-                    row.user_id, nodes, self._fleet, self._reserved(row.user_id, skip=(deployment_id, index))
-                )
-                regions = {n.id: n.region or "" for n in nodes}
-                occupied: dict[str, int] = {}
-                for a in others:
-                    region = regions.get(a["node_id"], "")
-                    occupied[region] = occupied.get(region, 0) + 1
                 try:
-                    placement = place(
-                        snapshot,
+                    placement = await self._place(
+                        row.user_id,
                         _request_of(meta),
                         1,
                         seed=f"{deployment_id}|{index}|{meta['generation']}",
-                        exclude=frozenset(exclude),
-                        avoid=frozenset(a["node_id"] for a in others),
-                        occupied_regions=occupied,
+                        hosting=[str(a["node_id"]) for a in others],
+                        exclude=exclude,
+                        skip=(deployment_id, index),
                     )
                 except ControllerError as exc:
                     previous = str(current.get("error_message") or "")
@@ -864,6 +974,23 @@ class DeploymentService:
             log.info("node %s refused to stop %s/%d: %s", node_id, deployment_id, index, result.error_message)
         return result.ok
 
+    async def _remove_files(self, node_id: str, deployment_id: str) -> bool:
+        """RemoveDeployment on ``node_id``: its replicas of the deleted deployment stopped and
+        their directories removed; False if the node could not be told or failed."""
+        command = node_pb2.NodeCommand(
+            remove_deployment=node_pb2.RemoveDeployment(deployment_id=deployment_id)
+        )
+        try:
+            result = await self._fleet.streams.send_command(node_id, command, STOP_TIMEOUT_SECONDS)
+        except ControllerError as exc:
+            log.info("could not remove deployment %s from node %s: %s", deployment_id, node_id, exc.message)
+            return False
+        if not result.ok:
+            log.warning(
+                "node %s could not remove deployment %s: %s", node_id, deployment_id, result.error_message
+            )
+        return result.ok
+
     async def _drain_then_stop(self, deployment_id: str, assignments: list[Assignment]) -> None:
         """Stop replicas that no longer get traffic, after the drain time (their endpoints
         left the ingress when the deployment was stored without them)."""
@@ -898,6 +1025,7 @@ class DeploymentService:
         meta = row.manifest
         manifest = json_format.ParseDict(meta.get("spec", {}), deployment_pb2.DeploymentManifest())
         manifest.replicas = row.desired_replicas  # scaling changes it after the manifest was given
+        with_effective_values(manifest)  # what runs: defaults filled in, not zeros
         return deployment_pb2.Deployment(
             id=row.id,
             user_id=row.user_id,
@@ -967,7 +1095,8 @@ class DeploymentService:
     # -- delete and scale ---------------------------------------------------------------------
 
     async def delete(self, row: Deployment) -> None:
-        """Stop every replica (waiting for the nodes, bounded), then delete the deployment."""
+        """Stop every replica (waiting for the nodes, bounded), remove the replicas' directories
+        on their nodes (RemoveDeployment), then delete the deployment."""
         async with self._locks[row.id]:
             fresh = await self.repo.get(row.id)
             if fresh is None:
@@ -975,6 +1104,7 @@ class DeploymentService:
             assignments = [
                 a for a in fresh.node_assignments if a["status"] in ACTIVE or a["status"] == R_FAILED
             ]
+            nodes = sorted({str(a["node_id"]) for a in fresh.node_assignments if a.get("node_id")})
             fresh.status = STOPPED
             await self.repo.save(fresh)
             self._index.pop(row.id, None)
@@ -982,6 +1112,9 @@ class DeploymentService:
                 self.on_change(row.id, None)
             self._publish(fresh, "deleting: stopping every replica")
         await self._stop_all(row.id, assignments)
+        # then the replicas' directories on every node that held one; a node that is away now
+        # is told when it reports the deployment's replicas again (on_replicas_reported)
+        await asyncio.gather(*(self._remove_files(node, row.id) for node in nodes))
         async with self._locks[row.id]:
             await self.repo.delete(row.id)
             self._index.pop(row.id, None)
@@ -1007,20 +1140,12 @@ class DeploymentService:
             have = fresh.desired_replicas
             if replicas > have:
                 others = [a for a in assignments if a["status"] in ACTIVE]
-                nodes = await self._node_rows.get(fresh.user_id)
-                regions = {n.id: n.region or "" for n in nodes}
-                occupied: dict[str, int] = {}
-                for a in others:
-                    region = regions.get(a["node_id"], "")
-                    occupied[region] = occupied.get(region, 0) + 1
-                snapshot = build_snapshot(fresh.user_id, nodes, self._fleet, self._reserved(fresh.user_id))
-                placement = place(
-                    snapshot,
+                placement = await self._place(
+                    fresh.user_id,
                     _request_of(meta),
                     replicas - have,
                     seed=f"{fresh.id}|scale|{meta['generation']}",
-                    avoid=frozenset(a["node_id"] for a in others),
-                    occupied_regions=occupied,
+                    hosting=[str(a["node_id"]) for a in others],
                 )
                 for offset, node_id in enumerate(placement.node_ids):
                     meta["generation"] = int(meta["generation"]) + 1
@@ -1082,8 +1207,81 @@ class DeploymentService:
                     FieldViolation("max_surge", "only 0 or 1 is supported (one replica at a time)")
                 ],
             )
+        paths = list(request.update_mask.paths)
+        if paths and paths != ["*"]:
+            return await self._masked_update(row, request, paths)
         manifest = deployment_pb2.DeploymentManifest()
         manifest.CopyFrom(request.manifest)
+        return await self._update_to(row, manifest, request.source_tar_gz, request.source_sha256)
+
+    async def _masked_update(
+        self, row: Deployment, request: deployment_pb2.UpdateDeploymentRequest, paths: list[str]
+    ) -> Deployment:
+        """A partial update (AIP-134): the current manifest, env and source with the fields
+        ``paths`` names taken from ``request``."""
+        unknown = [p for p in paths if p not in UPDATE_MASK_PATHS]
+        if unknown:
+            raise InvalidArgument(
+                "The update mask names unknown fields",
+                reason="INVALID_UPDATE_MASK",
+                field_violations=[
+                    FieldViolation(
+                        "update_mask",
+                        f"unknown path {p!r}: use source_sha256, source_tar_gz, manifest or manifest.<field>",
+                    )
+                    for p in unknown
+                ],
+            )
+        if "manifest.replicas" in paths:
+            if set(paths) != {"manifest.replicas"}:
+                raise InvalidArgument(
+                    "manifest.replicas cannot change together with other fields",
+                    reason="INVALID_UPDATE_MASK",
+                    field_violations=[
+                        FieldViolation("update_mask", "manifest.replicas is a scale: give it alone")
+                    ],
+                )
+            return await self.scale(row, request.manifest.replicas)
+        meta = _meta(row)
+        manifest = json_format.ParseDict(
+            dict(meta.get("spec") or {}), deployment_pb2.DeploymentManifest(), ignore_unknown_fields=True
+        )
+        manifest.env.update(
+            json.loads(self._vault.decrypt_str(str(meta["env_sealed"]), owner=row.id, purpose=ENV_PURPOSE))
+        )
+        for path in paths:
+            if path.startswith("manifest"):
+                _apply_mask_path(manifest, request.manifest, path.split(".")[1:])
+        inline = request.source_tar_gz if "source_tar_gz" in paths else b""
+        digest = request.source_sha256 if "source_sha256" in paths else ""
+        if {"source_tar_gz", "source_sha256"} & set(paths):
+            if not inline and not digest:
+                raise InvalidArgument(
+                    "The update mask names the source but none was given",
+                    field_violations=[FieldViolation("source_sha256", "is required by the update mask")],
+                )
+            return await self._update_to(row, manifest, inline, digest)
+        if meta.get("source_sha256"):
+            return await self._update_to(row, manifest, b"", str(meta["source_sha256"]))
+        if set(paths) == {"manifest.env"}:  # the package holds no env: the current one serves
+            return await self._update_to(row, manifest, b"", "", package_sha256=str(meta["package_sha256"]))
+        raise FailedPrecondition(
+            "This deployment's source is not recorded (it predates partial updates): "
+            "give the source with the change (update_mask source_sha256)",
+            reason="SOURCE_REQUIRED",
+        )
+
+    async def _update_to(
+        self,
+        row: Deployment,
+        manifest: deployment_pb2.DeploymentManifest,
+        inline: bytes,
+        source_sha256: str,
+        *,
+        package_sha256: str = "",
+    ) -> Deployment:
+        """Validate ``manifest``, build its package (or keep ``package_sha256``) and start the
+        rolling update to it."""
         if not manifest.name:
             manifest.name = row.name
         if manifest.name != row.name:
@@ -1091,8 +1289,14 @@ class DeploymentService:
                 "A deployment cannot be renamed",
                 field_violations=[FieldViolation("manifest.name", f"must be {row.name!r} (or empty)")],
             )
-        valid = validate_manifest(manifest, source_size=self._source_size(request))
-        package = await self._build(row.user_id, valid, request.source_tar_gz, request.source_sha256)
+        source_size = len(inline) if inline else (1 if source_sha256 or package_sha256 else 0)
+        valid = validate_manifest(manifest, source_size=source_size)
+        if package_sha256:
+            package: Stored | None = None
+            source_digest = ""
+        else:
+            package, source_digest = await self._build_with_source(row.user_id, valid, inline, source_sha256)
+            package_sha256 = package.sha256
         spec = deployment_pb2.DeploymentManifest()
         spec.CopyFrom(manifest)
         spec.ClearField("env")
@@ -1103,7 +1307,8 @@ class DeploymentService:
             "env_sealed": self._vault.encrypt_str(
                 json.dumps(dict(valid.env)), owner=row.id, purpose=ENV_PURPOSE
             ),
-            "package_sha256": package.sha256,
+            "package_sha256": package_sha256,
+            "source_sha256": source_digest,
             "resources": {
                 "cpu_cores": valid.cpu_cores,
                 "memory_mb": valid.memory_mb,
@@ -1112,9 +1317,10 @@ class DeploymentService:
             "startup_seconds": health.interval_seconds * health.retries + health.timeout_seconds,
             "atomic": valid.atomic,
         }
-        await self.repo.add_package(
-            DeploymentPackage(sha256=package.sha256, data=b"", size=package.size, created_at=utcnow())
-        )
+        if package is not None:
+            await self.repo.add_package(
+                DeploymentPackage(sha256=package.sha256, data=b"", size=package.size, created_at=utcnow())
+            )
         return await self._begin_versioned_rollout(row.id, record=record, target=None)
 
     async def rollback(self, row: Deployment, version: int) -> Deployment:
@@ -1185,6 +1391,12 @@ class DeploymentService:
                 for undo in done:
                     await self._replace_replica(deployment_id, undo, previous)
                 await self._end_versioned_rollout(deployment_id, message)
+                await self.alerts.add(
+                    row.user_id,
+                    UPDATE_REVERTED,
+                    f"deployment {row.name}: {message}",
+                    deployment_id=deployment_id,
+                )
                 return
             await self._end_versioned_rollout(deployment_id, f"now at version {goal}")
         finally:
@@ -1227,16 +1439,16 @@ class DeploymentService:
                 return None
             record = meta["versions"][str(version)]
             others = [a for a in assignments if a is not old and a["status"] in ACTIVE]
-            nodes = await self._node_rows.get(row.user_id)
-            snapshot = build_snapshot(row.user_id, nodes, self._fleet, self._reserved(row.user_id))
             try:
-                node_id = place(
-                    snapshot,
-                    _request_of(record),
-                    1,
-                    seed=f"{deployment_id}|{index}|{meta['generation']}",
-                    exclude=frozenset({old["node_id"]}),
-                    avoid=frozenset(a["node_id"] for a in others),
+                node_id = (
+                    await self._place(
+                        row.user_id,
+                        _request_of(record),
+                        1,
+                        seed=f"{deployment_id}|{index}|{meta['generation']}",
+                        hosting=[str(a["node_id"]) for a in others],
+                        exclude={str(old["node_id"])},
+                    )
                 ).node_ids[0]
             except ControllerError:
                 node_id = str(old["node_id"])  # no room beside it: replace in place
@@ -1401,6 +1613,15 @@ class DeploymentService:
         reported: set[tuple[str, int, int]] = set()
         for state in replicas:
             reported.add((state.deployment_id, state.replica_index, state.generation))
+            if state.deployment_id not in self._index:
+                # a deleted deployment (the node was away when it was deleted): stop its
+                # replicas there and remove their directories
+                key = (node_id, state.deployment_id, -1, -1)
+                if now - self._stop_sent.get(key, -STOP_RESEND_SECONDS) >= STOP_RESEND_SECONDS:
+                    self._stop_sent[key] = now
+                    log.info("node %s holds deleted deployment %s: removing it", node_id, state.deployment_id)
+                    self._spawn(self._remove_files(node_id, state.deployment_id))
+                continue
             if state.status in ("stopped", "failed"):
                 continue
             known = self._index.get(state.deployment_id)

@@ -1,11 +1,14 @@
 """Build a scheduling :class:`~controller.scheduling.Snapshot` from the fleet and the store.
 
 Per node: the state the health monitor holds (the store's status if the monitor
-does not know the node), the capabilities the node announced in its hello (the
-registered ones until then; a node with no open stream counts as suspect, since it
-cannot receive a replica), the metrics of its last heartbeat, the round-trip
-time of its stream, and the resources reserved by the replicas already placed
-on it (every active assignment of the user's deployments).
+does not know the node; a node with no open stream counts as suspect, since it
+cannot receive a replica), the capabilities and node types the node announced in
+its hello (the registered ones until then, or where the hello left them out), the
+metrics of its last heartbeat, the smoothed round-trip time of its stream
+(:meth:`NodeSession.record_rtt`), its reliability over the last 24 h
+(:class:`~controller.scheduling.history.NodeHistory`, fed by the health
+monitor's state changes), and the resources reserved by the replicas already
+placed on it (every active assignment of the user's deployments).
 """
 
 from __future__ import annotations
@@ -18,14 +21,28 @@ from sqlalchemy import select
 
 from controller.nodes.fleet import Fleet
 from controller.nodes.health import Metrics, NodeState
-from controller.scheduling import Capabilities, NodeView, Resources, Snapshot
+from controller.nodes.registration import DEFAULT_NODE_TYPES
+from controller.scheduling import Capabilities, NodeView, Reliability, Resources, Snapshot
+from controller.scheduling.history import NodeHistory
 from controller.store.db import Store
 from controller.store.models import Node
 
 STATUS_REMOVED = str(NodeState.REMOVED)
 
 
-def node_view(node: Node, fleet: Fleet, reserved: Resources) -> NodeView:
+def node_types_of(node: Node, fleet: Fleet) -> frozenset[str]:
+    """The node types the node serves: from its latest hello, else from its registration,
+    else the default (``compute``)."""
+    announced = fleet.announced.get(node.id)
+    if announced is not None and announced.node_types:
+        return frozenset(announced.node_types)
+    registered = (node.capabilities or {}).get("node_types") or ()
+    if registered:
+        return frozenset(str(t) for t in registered)
+    return frozenset(DEFAULT_NODE_TYPES)
+
+
+def node_view(node: Node, fleet: Fleet, reserved: Resources, history: NodeHistory | None = None) -> NodeView:
     """One node as placement sees it."""
     state = fleet.state_of(node.id)
     if state is None:
@@ -38,7 +55,9 @@ def node_view(node: Node, fleet: Fleet, reserved: Resources) -> NodeView:
         # A node without a stream cannot receive the replica: placement sees it as suspect.
         state = NodeState.SUSPECT
     live = fleet.live.get(node.id)
-    announced = live.capabilities if live is not None else None
+    announced = fleet.announced.get(node.id)
+    if announced is None and live is not None:
+        announced = live.capabilities
     if announced is not None and announced.cpu_cores > 0:
         capabilities = Capabilities(
             cpu_cores=announced.cpu_cores,
@@ -71,18 +90,24 @@ def node_view(node: Node, fleet: Fleet, reserved: Resources) -> NodeView:
         region=node.region or "",
         state=state,
         capabilities=capabilities,
+        node_types=node_types_of(node, fleet),
         metrics=metrics,
         rtt_ms=session.last_rtt_ms if session is not None else None,
+        reliability=history.reliability(node.id, fleet.clock()) if history is not None else Reliability(),
         reserved=reserved,
     )
 
 
 def build_snapshot(
-    user_id: str, nodes: Iterable[Node], fleet: Fleet, reserved: Mapping[str, Resources]
+    user_id: str,
+    nodes: Iterable[Node],
+    fleet: Fleet,
+    reserved: Mapping[str, Resources],
+    history: NodeHistory | None = None,
 ) -> Snapshot:
     """The snapshot of ``user_id``'s nodes (removed ones left out)."""
     views = tuple(
-        node_view(node, fleet, reserved.get(node.id, Resources()))
+        node_view(node, fleet, reserved.get(node.id, Resources()), history)
         for node in nodes
         if node.user_id == user_id and node.status != STATUS_REMOVED
     )

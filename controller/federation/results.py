@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from automator67.v1 import node_pb2
 
@@ -31,16 +32,17 @@ from controller.errors import FailedPrecondition, InvalidArgument, NotFound
 log = logging.getLogger("a67.federation")
 
 QUEUE_BATCHES = 4
-"""Batches (each at most about 256 KiB) queued per shard statement before the agent is paced."""
+"""Batches (each at most about 256 KiB) queued per shard statement before the agent is paced
+(``A67_SHARD_RESULT_QUEUE_BATCHES``)."""
 
 
 class ResultSlot:
     """Where the rows of one shard statement arrive."""
 
-    def __init__(self, command_id: str, node_id: str) -> None:
+    def __init__(self, command_id: str, node_id: str, queue_batches: int = QUEUE_BATCHES) -> None:
         self.command_id = command_id
         self.node_id = node_id
-        self.queue: asyncio.Queue[node_pb2.PushShardResultRequest] = asyncio.Queue(QUEUE_BATCHES)
+        self.queue: asyncio.Queue[node_pb2.PushShardResultRequest] = asyncio.Queue(queue_batches)
         self.attached = False
         self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -55,11 +57,14 @@ class ResultSlot:
 class ShardResults:
     """The shard statements waiting for their rows, by command id."""
 
-    def __init__(self) -> None:
+    def __init__(self, queue_batches: int = QUEUE_BATCHES) -> None:
+        self._queue_batches = queue_batches
         self._slots: dict[str, ResultSlot] = {}
+        self.received_rows = 0
+        """Rows received from agents since the start (for tests and diagnostics)."""
 
     def open(self, command_id: str, node_id: str) -> ResultSlot:
-        slot = ResultSlot(command_id, node_id)
+        slot = ResultSlot(command_id, node_id, self._queue_batches)
         self._slots[command_id] = slot
         return slot
 
@@ -71,13 +76,21 @@ class ShardResults:
     def __len__(self) -> int:
         return len(self._slots)
 
+    def paced(self) -> bool:
+        """Every statement whose rows are arriving has a full queue: its agent is held back
+        by flow control until the consumer reads again."""
+        attached = [slot for slot in self._slots.values() if slot.attached]
+        return bool(attached) and all(slot.queue.full() for slot in attached)
+
     async def receive(self, node_id: str, requests: AsyncIterator[node_pb2.PushShardResultRequest]) -> bool:
         """Feed a ``PushShardResult`` call into its slot; ``False`` if the slot was closed
         before the rows ended (the servicer then ends the call with ``CANCELLED``)."""
         iterator = aiter(requests)
         first = await anext(iterator, None)
         if first is None or not first.command_id:
-            raise InvalidArgument("PushShardResult must start with the command id", reason="COMMAND_ID_EXPECTED")
+            raise InvalidArgument(
+                "PushShardResult must start with the command id", reason="COMMAND_ID_EXPECTED"
+            )
         slot = self._slots.get(first.command_id)
         if slot is None or slot.node_id != node_id:
             raise NotFound(
@@ -91,7 +104,8 @@ class ShardResults:
         slot.attached = True
         pump = asyncio.ensure_future(self._pump(slot, iterator))
         try:
-            await asyncio.wait({pump, slot.gone}, return_when=asyncio.FIRST_COMPLETED)
+            waiters: set[asyncio.Future[Any]] = {pump, slot.gone}
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not pump.done():
                 pump.cancel()
@@ -99,10 +113,10 @@ class ShardResults:
                 await pump
         return pump.done() and not pump.cancelled() and pump.result()
 
-    @staticmethod
-    async def _pump(slot: ResultSlot, iterator: AsyncIterator[node_pb2.PushShardResultRequest]) -> bool:
+    async def _pump(self, slot: ResultSlot, iterator: AsyncIterator[node_pb2.PushShardResultRequest]) -> bool:
         try:
             async for message in iterator:
+                self.received_rows += message.row_count
                 await slot.queue.put(message)  # waits while the consumer is behind: flow control
                 if message.done:
                     return True

@@ -15,16 +15,14 @@ cached as ``db:schema:{db_id}`` for 24 hours (spec §7).
 from __future__ import annotations
 
 import asyncio
-import base64
-import datetime as dt
 import json
 import logging
 import re
+import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 from automator67.v1 import query_pb2
@@ -37,9 +35,12 @@ from controller.errors import (
     FieldViolation,
     InvalidArgument,
     PermissionDenied,
+    ResourceExhausted,
     require_fields,
 )
+from controller.federation.cleanup import ShardDrops, shard_nodes
 from controller.federation.query import (
+    Plan,
     PlanCache,
     QueryResult,
     ShardError,
@@ -51,14 +52,20 @@ from controller.federation.query import (
     key_type_from_sql,
     layout_from_proto,
 )
+from controller.federation.query.execute import execute_stream
+from controller.federation.query.merge import GroupedMerge, RowsMerge
+from controller.federation.query.workers import MergeWorkers
 from controller.federation.repository import DatabaseRepository
-from controller.federation.shards import NodeShardExecutor, ReplicationState, ShardNodes
+from controller.federation.results import ShardResults
+from controller.federation.shards import NodeShardExecutor, ReplicationState, ResultCaps, ShardNodes
 from controller.federation.transactions import Transaction, TransactionManager
 from controller.nodes.repository import NodeRepository
 from controller.nodes.sessions import StreamRegistry
 from controller.store.models import DatabaseInstance
 from controller.timestamps import timestamp
 from controller.vault import Vault
+from controller.wire import api_row as _json_row
+from controller.wire import encode_stream_batch as _encode_batch
 
 log = logging.getLogger("a67.federation")
 
@@ -70,8 +77,22 @@ MAX_CREDENTIALS_BYTES = 8192
 # Default and largest per-request deadline (spec §4.5: 30 s).
 DEFAULT_TIMEOUT_MS = 30_000
 MAX_TIMEOUT_MS = 300_000
-# The largest result one response carries; larger ones must be paged with LIMIT/OFFSET or a key range.
+# The largest result one ExecuteQuery response carries; larger ones stream (StreamQuery).
 MAX_RESULT_ROWS = 100_000
+# What one shard statement of an ExecuteQuery may return when the merge may shrink it
+# (GROUP BY, DISTINCT): rows, and encoded bytes.
+COLLECT_SHARD_ROWS = 10 * MAX_RESULT_ROWS
+COLLECT_SHARD_BYTES = 256 * 1024 * 1024
+# What one shard statement of a StreamQuery may return (the agent's cap).
+STREAM_SHARD_ROWS = 1_000_000_000
+STREAM_SHARD_BYTES = 64 * 1024**3
+STREAM_CAPS = ResultCaps(STREAM_SHARD_ROWS, STREAM_SHARD_BYTES)
+# The longest SQL text accepted (refused before parsing).
+DEFAULT_MAX_QUERY_BYTES = 1024 * 1024
+# Results of more rows than this are turned into the response in a worker thread.
+THREAD_ENCODE_ROWS = 2_000
+# Encoded bytes aimed at per StreamQuery message.
+STREAM_MESSAGE_BYTES = 256 * 1024
 # TTL of db:schema:{db_id} (spec §7: 24 hours).
 SCHEMA_CACHE_SECONDS = 24 * 3600.0
 
@@ -110,8 +131,23 @@ class DatabaseService:
         vault: Vault,
         cache: Cache,
         transactions: TransactionManager | None = None,
+        shard_results: ShardResults | None = None,
+        max_query_bytes: int = DEFAULT_MAX_QUERY_BYTES,
+        stream_caps: ResultCaps = STREAM_CAPS,
+        max_result_rows: int = MAX_RESULT_ROWS,
+        collect_shard_bytes: int = COLLECT_SHARD_BYTES,
+        merge_workers: MergeWorkers | None = None,
     ) -> None:
         self._databases = databases
+        self.shard_results = shard_results if shard_results is not None else ShardResults()
+        """Where shard statements' rows arrive (fed by ``NodeService.PushShardResult``)."""
+        self._max_query_bytes = max_query_bytes
+        self._stream_caps = stream_caps
+        self._max_result_rows = max_result_rows
+        self._collect_shard_bytes = collect_shard_bytes
+        self._merge_workers = merge_workers
+        """Processes that merge StreamQuery rows off this process's GIL (None: a thread)."""
+        self._plan_lock = threading.Lock()
         self.transactions = transactions
         self._nodes = nodes
         self._streams = streams
@@ -119,6 +155,8 @@ class DatabaseService:
         self._cache = cache
         self._plans = PlanCache()
         self._replication: dict[str, ReplicationState] = {}
+        self.shard_drops = ShardDrops(streams)
+        """Drops a deleted database's shards on its nodes (controller/federation/cleanup.py)."""
 
     # -- registry -----------------------------------------------------------------------
 
@@ -210,20 +248,15 @@ class DatabaseService:
         await self._databases.delete(row.id)
         self._replication.pop(row.id, None)
         await self._cache.delete(f"db:schema:{row.id}")
+        # its shards on the nodes (files; schemas and roles): now, or retried until each confirms
+        await self.shard_drops.drop(row.id, shard_nodes(row.replication))
 
     # -- statements ---------------------------------------------------------------------
 
     async def apply_schema(self, user_id: str, database_id: str, ddl: str) -> DatabaseInstance:
+        self._check_length(ddl, "ddl")
         loaded = await self._load(user_id, database_id)
-        plan = self._plans.plan(
-            ddl,
-            loaded.row.connection["dialect"],
-            loaded.layout,
-            loaded.tables,
-            schema_version=loaded.schema_version,
-            database=loaded.row.id,
-            collations=loaded.collations,
-        )
+        plan = await self._plan(loaded, ddl)
         if plan.kind is not StatementKind.DDL:
             raise InvalidArgument(
                 "ApplySchema takes DDL (CREATE/ALTER/DROP TABLE, CREATE INDEX); use ExecuteQuery for other statements",
@@ -232,53 +265,95 @@ class DatabaseService:
         await self._run(loaded, plan, DEFAULT_TIMEOUT_MS / 1000, allow_partial=False)
         return await self._refresh_schema(loaded)
 
-    async def execute_query(
-        self, user_id: str, request: query_pb2.ExecuteQueryRequest
-    ) -> query_pb2.ExecuteQueryResponse:
-        started = time.perf_counter()
-        if request.timeout_ms < 0 or request.timeout_ms > MAX_TIMEOUT_MS:
+    def _check_length(self, text: str, field: str) -> None:
+        """Refuse SQL text over the bound before anything parses it."""
+        bound = self._max_query_bytes
+        if len(text) > bound or (len(text) * 4 > bound and len(text.encode()) > bound):
+            raise InvalidArgument(
+                f"The SQL text is longer than {bound} bytes",
+                reason="QUERY_TOO_LONG",
+                field_violations=[FieldViolation(field, f"must be at most {bound} bytes")],
+            )
+
+    def _check_request(self, query: str, timeout_ms: int) -> None:
+        if timeout_ms < 0 or timeout_ms > MAX_TIMEOUT_MS:
             raise InvalidArgument(
                 "timeout_ms is out of range",
                 field_violations=[
                     FieldViolation("timeout_ms", f"must be between 0 (default 30000) and {MAX_TIMEOUT_MS}")
                 ],
             )
-        if not request.query.strip():
+        self._check_length(query, "query")
+        if not query.strip():
             raise InvalidArgument(
                 "query is required", field_violations=[FieldViolation("query", "is required")]
             )
+
+    async def _plan(self, loaded: _Loaded, sql: str) -> Plan:
+        """The statement's plan; parsing and planning (a cache miss) run in a worker thread."""
+
+        def plan() -> Plan:
+            with self._plan_lock:
+                return self._plans.plan(
+                    sql,
+                    loaded.row.connection["dialect"],
+                    loaded.layout,
+                    loaded.tables,
+                    schema_version=loaded.schema_version,
+                    database=loaded.row.id,
+                    collations=loaded.collations,
+                )
+
+        return await asyncio.to_thread(plan)
+
+    async def execute_query(
+        self, user_id: str, request: query_pb2.ExecuteQueryRequest
+    ) -> query_pb2.ExecuteQueryResponse:
+        started = time.perf_counter()
+        self._check_request(request.query, request.timeout_ms)
         loaded = await self._load(user_id, request.db_id)
         txn = (
             await self._transaction_manager().get(user_id, loaded.row.id, request.transaction_id)
             if request.transaction_id
             else None
         )
-        plan = self._plans.plan(
-            request.query,
-            loaded.row.connection["dialect"],
-            loaded.layout,
-            loaded.tables,
-            schema_version=loaded.schema_version,
-            database=loaded.row.id,
-            collations=loaded.collations,
-        )
-        if txn is not None:
-            result = await self._run_in_transaction(
-                loaded, plan, txn, (request.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
-            )
-        else:
-            result = await self._run(
-                loaded, plan, (request.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000, request.allow_partial_results
-            )
+        plan = await self._plan(loaded, request.query)
+        try:
+            if txn is not None:
+                result = await self._run_in_transaction(
+                    loaded, plan, txn, (request.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
+                )
+            else:
+                result = await self._run(
+                    loaded,
+                    plan,
+                    (request.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000,
+                    request.allow_partial_results,
+                    caps=self._collect_caps(plan),
+                )
+        except ResourceExhausted as exc:
+            if exc.reason != "RESULT_TOO_LARGE":
+                raise
+            raise _too_large(
+                f"a shard returned more rows than ExecuteQuery collects ({exc.message})",
+                self._max_result_rows,
+            ) from exc
         if plan.kind is StatementKind.DDL:
             await self._refresh_schema(loaded)
-        if len(result.rows) > MAX_RESULT_ROWS:
-            raise InvalidArgument(
-                f"The result has {len(result.rows)} rows, more than the {MAX_RESULT_ROWS} one response carries; "
-                "page it with LIMIT/OFFSET or a condition on the key",
-                reason="RESULT_TOO_LARGE",
-                field_violations=[FieldViolation("query", f"returns more than {MAX_RESULT_ROWS} rows")],
-            )
+        if len(result.rows) > self._max_result_rows:
+            raise _too_large(f"the result has {len(result.rows)} rows", self._max_result_rows)
+        if len(result.rows) > THREAD_ENCODE_ROWS:
+            return await asyncio.to_thread(self._response, request, plan, loaded, result, started)
+        return self._response(request, plan, loaded, result, started)
+
+    def _response(
+        self,
+        request: query_pb2.ExecuteQueryRequest,
+        plan: Plan,
+        loaded: _Loaded,
+        result: QueryResult,
+        started: float,
+    ) -> query_pb2.ExecuteQueryResponse:
         response = query_pb2.ExecuteQueryResponse(
             query=request.query,
             execution_time_ms=round((time.perf_counter() - started) * 1000),
@@ -298,9 +373,38 @@ class DatabaseService:
                 for s in result.shard_statuses
             ],
         )
+        add = response.data.add
         for row in result.rows:
-            response.data.add().extend([json_value(v) for v in row])
+            add().extend(_json_row(row))
         return response
+
+    async def stream_query(self, user_id: str, request: query_pb2.StreamQueryRequest) -> QueryStream:
+        """A read's merged rows as ``StreamQueryResponse`` messages (see :class:`QueryStream`)."""
+        started = time.perf_counter()
+        self._check_request(request.query, request.timeout_ms)
+        loaded = await self._load(user_id, request.db_id)
+        plan = await self._plan(loaded, request.query)
+        if plan.is_write or plan.kind is StatementKind.DDL:
+            raise InvalidArgument(
+                "StreamQuery takes a read (SELECT); run writes and DDL with ExecuteQuery",
+                reason="STREAM_QUERY_READ_ONLY",
+                field_violations=[FieldViolation("query", "must be a read")],
+            )
+        seconds = (request.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
+        executor = self._executor(loaded, plan, caps=self._stream_caps)
+        parts = execute_stream(
+            plan,
+            executor,
+            encode=_encode_batch,
+            deadline_seconds=seconds,
+            workers=self._merge_workers,
+            parse=query_pb2.StreamQueryResponse.FromString,
+        )
+        return QueryStream(
+            deadline=asyncio.get_running_loop().time() + seconds,
+            seconds=seconds,
+            messages=_stream_messages(parts, plan, started),
+        )
 
     # -- transactions (controller/federation/transactions.py) ------------------------------
 
@@ -384,6 +488,24 @@ class DatabaseService:
             replication=loaded.replication,
             is_write=True,
             on_stale_changed=persist,
+            results=self.shard_results,
+        )
+
+    def _collect_caps(self, plan: Plan) -> ResultCaps:
+        return _collect_caps(plan, self._max_result_rows, self._collect_shard_bytes)
+
+    def _executor(self, loaded: _Loaded, plan: Plan, caps: ResultCaps) -> NodeShardExecutor:
+        async def persist(state: ReplicationState) -> None:
+            await self._persist_stale(loaded, state)
+
+        return NodeShardExecutor(
+            database_id=loaded.row.id,
+            streams=self._streams,
+            replication=loaded.replication,
+            is_write=plan.is_write,
+            on_stale_changed=persist,
+            results=self.shard_results,
+            caps=caps,
         )
 
     async def _run_in_transaction(
@@ -408,7 +530,7 @@ class DatabaseService:
             try:
                 result = await execute(
                     plan,
-                    manager.executor(txn, deadline_seconds, len(plan.shards)),
+                    manager.executor(txn, deadline_seconds, len(plan.shards), self._collect_caps(plan)),
                     deadline_seconds=deadline_seconds,
                 )
             except (ControllerError, ShardError) as exc:
@@ -421,24 +543,16 @@ class DatabaseService:
             return result
 
     async def _run(
-        self, loaded: _Loaded, plan: Any, deadline_seconds: float, allow_partial: bool
+        self,
+        loaded: _Loaded,
+        plan: Any,
+        deadline_seconds: float,
+        allow_partial: bool,
+        caps: ResultCaps | None = None,
     ) -> QueryResult:
-        async def persist(state: ReplicationState) -> None:
-            replication = dict(loaded.row.replication or {})
-            replication["stale"] = state.stale_map()
-            loaded.row.replication = replication
-            await self._databases.set_replication(loaded.row.id, replication)
-
-        executor = NodeShardExecutor(
-            database_id=loaded.row.id,
-            streams=self._streams,
-            replication=loaded.replication,
-            is_write=plan.is_write,
-            on_stale_changed=persist,
-        )
         return await execute(
             plan,
-            executor,
+            self._executor(loaded, plan, caps or ResultCaps()),
             deadline_seconds=deadline_seconds,
             allow_partial=allow_partial and not plan.is_write,
         )
@@ -452,6 +566,7 @@ class DatabaseService:
             replication=loaded.replication,
             is_write=False,
             on_stale_changed=_nothing,
+            results=self.shard_results,
         )
         result = await executor.run(0, _SCHEMA_SQL[dialect], asyncio.get_running_loop().time() + 30)
         tables: dict[str, list[dict[str, Any]]] = {}
@@ -524,6 +639,68 @@ async def _nothing(_: ReplicationState) -> None:
     return None
 
 
+@dataclass
+class QueryStream:
+    """A StreamQuery in progress: its messages (columns first, then row batches, then
+    ``done``) and its deadline (``loop.time()``), which the caller enforces while it writes."""
+
+    deadline: float
+    seconds: float
+    messages: AsyncGenerator[query_pb2.StreamQueryResponse, None]
+
+
+def _too_large(detail: str, max_rows: int = MAX_RESULT_ROWS) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"The result is too large for ExecuteQuery ({detail}; it returns at most {max_rows} rows): "
+        "read it with StreamQuery (POST /api/v1/databases/{db_id}/query:stream), or page it with "
+        "LIMIT/OFFSET or a condition on the key",
+        reason="RESULT_TOO_LARGE",
+        metadata={"max_rows": str(max_rows), "use": "StreamQuery"},
+    )
+
+
+def _collect_caps(
+    plan: Plan, max_rows: int = MAX_RESULT_ROWS, max_bytes: int = COLLECT_SHARD_BYTES
+) -> ResultCaps:
+    """What each shard of an ExecuteQuery may return: past the response's cap exactly when
+    the merge passes rows through (the agent fetches cap + 1 rows), a bound otherwise (ten
+    times the response's rows when the merge may shrink them: GROUP BY, DISTINCT)."""
+    spec = plan.merge
+    if plan.is_write:
+        return ResultCaps()  # a write is never cut short
+    if spec is None:
+        return ResultCaps(max_rows, max_bytes)
+    if isinstance(spec, RowsMerge) and not spec.distinct:
+        return ResultCaps(min(spec.offset + max_rows, 2**62), max_bytes)
+    if isinstance(spec, RowsMerge | GroupedMerge):
+        return ResultCaps(min(10 * max_rows, 2**62), max_bytes)
+    return ResultCaps()
+
+
+async def _stream_messages(
+    parts: AsyncGenerator[Any, None], plan: Plan, started: float
+) -> AsyncGenerator[query_pb2.StreamQueryResponse, None]:
+    rows = 0
+    try:
+        async for part in parts:
+            if part.columns is not None:
+                yield query_pb2.StreamQueryResponse(
+                    columns=[query_pb2.ResultColumn(name=n, type=t) for n, t in part.columns]
+                )
+            elif part.batch is not None:
+                rows += part.rows
+                yield part.batch
+            elif part.done:
+                yield query_pb2.StreamQueryResponse(
+                    done=True,
+                    rows_returned=rows,
+                    shards_queried=len(plan.shards),
+                    execution_time_ms=round((time.perf_counter() - started) * 1000),
+                )
+    finally:
+        await parts.aclose()
+
+
 def txn_writes(txn: Transaction) -> dict[int, list[str]]:
     """The write statements a transaction sent each shard (replayed to replicas after commit)."""
     return txn.writes
@@ -557,21 +734,6 @@ def _key_type(tables: Sequence[Mapping[str, Any]], key: str) -> Any:
             if column["name"] == key:
                 return key_type_from_sql(column["type"])
     return None
-
-
-def json_value(value: Any) -> Any:
-    """A result value as google.protobuf.Value content: exact where JSON numbers are not."""
-    if value is None or isinstance(value, bool | str | float):
-        return value
-    if isinstance(value, int):
-        return value if abs(value) <= 2**53 else str(value)
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode()
-    if isinstance(value, dt.datetime | dt.date | dt.time):
-        return value.isoformat()
-    return str(value)
 
 
 def to_proto(row: DatabaseInstance) -> query_pb2.Database:

@@ -30,15 +30,18 @@ import json
 import logging
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from automator67.v1 import node_pb2
 
-from controller.errors import ControllerError
+from controller.errors import ControllerError, ResourceExhausted
 from controller.federation.query import ShardError, ShardResult
+from controller.federation.results import ResultSlot, ShardResults
 from controller.nodes.sessions import StreamRegistry
-from controller.wire import decode_result
+from controller.wire import decode_rows
 
 log = logging.getLogger("a67.federation")
 
@@ -50,6 +53,115 @@ RETRY_PAUSE_SECONDS = 0.05
 WRITE_LOG_SIZE = 10_000
 # SQLSTATE-like classes the router maps: 23 → FailedPrecondition, 42 → InvalidArgument.
 SQLSTATE = {"constraint": "23000", "invalid": "42000"}
+# Batches bigger than this are decoded in a worker thread, off the event loop.
+INLINE_DECODE_BYTES = 16 * 1024
+# Worker threads that decode shard batches (JSON → rows) for collected results.
+DECODE_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="a67-decode")
+
+
+@dataclass(frozen=True)
+class ResultCaps:
+    """What one shard statement may return (the agent fetches at most ``rows + 1`` rows)."""
+
+    rows: int = 0
+    bytes: int = 0
+
+
+class ShardRows:
+    """The rows of one shard statement as they arrive over ``PushShardResult`` (a
+    :class:`~controller.federation.query.execute.ShardSource`): batches in order,
+    decoded by the consumer (:meth:`decode`, thread-safe), then :meth:`close`."""
+
+    encoded_batches = True
+    """Batches are :func:`controller.wire.encode_rows` bytes: a merge worker process can take them."""
+
+    def __init__(
+        self,
+        *,
+        shard: int,
+        node_id: str,
+        columns: Sequence[tuple[str, str]],
+        results: ShardResults,
+        slot: ResultSlot | None,
+        command: asyncio.Future[node_pb2.CommandResult] | None,
+        first: node_pb2.PushShardResultRequest | None,
+        caps: ResultCaps,
+        rowcount: int = -1,
+        sqlstates: Mapping[str, str] = SQLSTATE,
+    ) -> None:
+        self.shard = shard
+        self.node_id = node_id
+        self.columns = list(columns)
+        self.rowcount = rowcount
+        self._results = results
+        self._slot = slot
+        self._command = command
+        self._next = first
+        self._caps = caps
+        self._sqlstates = sqlstates
+        self._finished = first is None
+
+    async def next_batch(self) -> bytes | None:
+        """The next batch (encoded rows), or None after the last."""
+        while not self._finished:
+            message = self._next
+            self._next = None
+            if message is None:
+                assert self._slot is not None
+                message = await self._slot.get()
+            if message.error_kind:
+                self._finished = True
+                raise _failure(
+                    self.shard,
+                    self.node_id,
+                    message.error_kind,
+                    message.error_message,
+                    self._caps,
+                    self._sqlstates,
+                )
+            if message.done:
+                self._finished = True
+                self.rowcount = message.rowcount
+            if message.row_count:
+                return message.rows
+        return None
+
+    @staticmethod
+    def decode(batch: bytes) -> list[tuple[Any, ...]]:
+        return decode_rows(batch)
+
+    async def close(self) -> None:
+        """Stop the statement if it still runs (the agent's call ends: CANCELLED)."""
+        if self._slot is not None:
+            self._results.close(self._slot)
+        if self._command is not None and not self._command.done():
+            self._command.cancel()
+            with contextlib.suppress(BaseException):
+                await self._command
+
+
+def _failure(
+    shard: int,
+    node_id: str,
+    kind: str,
+    message: str,
+    caps: ResultCaps,
+    sqlstates: Mapping[str, str] = SQLSTATE,
+) -> BaseException:
+    if kind == "timeout":
+        return TimeoutError(message)
+    if kind == "too_large":
+        return ResourceExhausted(
+            f"shard {shard} (node {node_id}): {message}",
+            reason="RESULT_TOO_LARGE",
+            metadata={"shard": str(shard), "max_rows": str(caps.rows), "max_bytes": str(caps.bytes)},
+        )
+    return ShardError(
+        shard,
+        f"node {node_id}: {message}",
+        retryable=kind in ("unavailable", "cancelled"),
+        sqlstate=sqlstates.get(kind),
+    )
 
 
 @dataclass(frozen=True)
@@ -105,27 +217,39 @@ class NodeShardExecutor:
         replication: ReplicationState,
         is_write: bool,
         on_stale_changed: StaleChanged,
+        results: ShardResults,
+        caps: ResultCaps | None = None,
     ) -> None:
         self._database_id = database_id
         self._streams = streams
         self._replication = replication
         self._is_write = is_write
         self._on_stale_changed = on_stale_changed
+        self._results = results
+        self._caps = caps if caps is not None and not is_write else ResultCaps()
 
     async def run(self, shard: int, sql: str, deadline: float) -> ShardResult:
+        """The whole result of ``sql`` on ``shard`` (within the caps)."""
         nodes = self._replication.shards.get(shard)
         if nodes is None:
             raise ShardError(shard, f"shard {shard} has no placement", retryable=False)
         if self._is_write:
             return await self._write(nodes, sql, deadline)
+        return await collect(await self._read(nodes, sql, deadline), is_write=False)
+
+    async def open(self, shard: int, sql: str, deadline: float) -> ShardRows:
+        """The rows of a read as they arrive (StreamQuery): the primary with retries, then
+        the replicas, until one starts answering; after the first rows there is no retry."""
+        nodes = self._replication.shards.get(shard)
+        if nodes is None:
+            raise ShardError(shard, f"shard {shard} has no placement", retryable=False)
         return await self._read(nodes, sql, deadline)
 
-    async def _read(self, nodes: ShardNodes, sql: str, deadline: float) -> ShardResult:
+    async def _read(self, nodes: ShardNodes, sql: str, deadline: float) -> ShardRows:
         errors: list[str] = []
-        command_id = str(uuid.uuid4())
         for attempt in range(1 + PRIMARY_RETRIES):
             try:
-                return await self._send(nodes.primary, nodes.shard_index, sql, deadline, command_id)
+                return await self._open(nodes.primary, nodes.shard_index, sql, deadline, str(uuid.uuid4()))
             except ShardError as exc:
                 if not exc.retryable:
                     raise
@@ -136,7 +260,7 @@ class NodeShardExecutor:
             if not await self._catch_up(nodes.shard_index, replica, deadline):
                 continue
             try:
-                return await self._send(replica, nodes.shard_index, sql, deadline, str(uuid.uuid4()))
+                return await self._open(replica, nodes.shard_index, sql, deadline, str(uuid.uuid4()))
             except ShardError as exc:
                 if not exc.retryable:
                     raise
@@ -274,9 +398,18 @@ class NodeShardExecutor:
     async def _send(
         self, node_id: str, shard: int, sql: str, deadline: float, command_id: str
     ) -> ShardResult:
+        """Run a write (or a replayed one) on one node and collect its whole result."""
+        return await collect(await self._open(node_id, shard, sql, deadline, command_id, read=False), True)
+
+    async def _open(
+        self, node_id: str, shard: int, sql: str, deadline: float, command_id: str, *, read: bool = True
+    ) -> ShardRows:
+        """Send the statement and wait for its first rows (or its end) on the data path.
+        A read runs read-only on the agent and within the caps; a write is never cut short."""
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0:
             raise TimeoutError
+        caps = self._caps if read else ResultCaps()
         command = node_pb2.NodeCommand(
             command_id=command_id,
             execute_shard_statement=node_pb2.ExecuteShardStatement(
@@ -284,21 +417,99 @@ class NodeShardExecutor:
                 shard_index=shard,
                 sql=sql,
                 timeout_ms=max(1, int(remaining * 1000)),
+                max_rows=caps.rows,
+                max_bytes=caps.bytes,
+                read_only=read,
             ),
         )
+        return await open_rows(self._streams, self._results, node_id, shard, command, caps, remaining)
+
+
+async def open_rows(
+    streams: StreamRegistry,
+    results: ShardResults,
+    node_id: str,
+    shard: int,
+    command: node_pb2.NodeCommand,
+    caps: ResultCaps,
+    remaining: float,
+    sqlstates: Mapping[str, str] = SQLSTATE,
+) -> ShardRows:
+    """Send ``command`` (a statement whose rows come back on ``PushShardResult``, keyed by
+    its command id) and wait for its first rows, or its end; :class:`ShardError` (or
+    ``TimeoutError``, :class:`ResourceExhausted`) if it failed."""
+    slot = results.open(command.command_id, node_id)
+    sent = asyncio.ensure_future(streams.send_command(node_id, command, remaining + 0.5))
+    first = asyncio.ensure_future(slot.get())
+    try:
+        await asyncio.wait({sent, first}, return_when=asyncio.FIRST_COMPLETED)
+        if not first.done() and slot.attached:  # the rows are on their way: the header comes first
+            await first
+        if first.done():
+            message = first.result()
+            if message.error_kind:
+                raise _failure(shard, node_id, message.error_kind, message.error_message, caps, sqlstates)
+            return ShardRows(
+                shard=shard,
+                node_id=node_id,
+                columns=[(c.name, c.type) for c in message.columns],
+                results=results,
+                slot=slot,
+                command=sent,
+                first=message,
+                caps=caps,
+                sqlstates=sqlstates,
+            )
         try:
-            result = await self._streams.send_command(node_id, command, remaining + 0.5)
+            result = sent.result()
         except ControllerError as exc:  # not connected, stream gone, no answer in time
             raise ShardError(shard, f"node {node_id}: {exc.message}", retryable=True) from exc
-        if result.ok:
-            columns, rows, rowcount = decode_result(result.payload)
-            return ShardResult(columns=columns, rows=rows, rows_affected=rowcount if self._is_write else None)
-        kind = json.loads(result.payload or b"{}").get("error_kind", "invalid")
-        if kind == "timeout":
-            raise TimeoutError
-        raise ShardError(
-            shard,
-            f"node {node_id}: {result.error_message}",
-            retryable=kind == "unavailable",
-            sqlstate=SQLSTATE.get(kind),
+        payload = json.loads(result.payload or b"{}")
+        if not result.ok:
+            raise _failure(
+                shard, node_id, payload.get("error_kind", "invalid"), result.error_message, caps, sqlstates
+            )
+        if payload.get("rows", 0):  # a result sent again for a repeated command: its rows are gone
+            raise ShardError(
+                shard,
+                f"node {node_id}: the statement ran, but its rows were not received",
+                retryable=False,
+            )
+        results.close(slot)
+        return ShardRows(
+            shard=shard,
+            node_id=node_id,
+            columns=[(str(n), str(t)) for n, t in payload.get("columns", [])],
+            results=results,
+            slot=None,
+            command=None,
+            first=None,
+            caps=caps,
+            rowcount=int(payload.get("rowcount", -1)),
+            sqlstates=sqlstates,
         )
+    except BaseException:
+        first.cancel()
+        if not sent.done():
+            sent.cancel()
+        results.close(slot)
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(first, sent, return_exceptions=True)
+        raise
+
+
+async def collect(rows: ShardRows, is_write: bool) -> ShardResult:
+    """Every batch of ``rows``, decoded (big batches in a worker thread)."""
+    loop = asyncio.get_running_loop()
+    collected: list[tuple[Any, ...]] = []
+    try:
+        while (batch := await rows.next_batch()) is not None:
+            if len(batch) > INLINE_DECODE_BYTES:
+                collected.extend(await loop.run_in_executor(DECODE_POOL, decode_rows, batch))
+            else:
+                collected.extend(decode_rows(batch))
+    finally:
+        await rows.close()
+    return ShardResult(
+        columns=rows.columns, rows=collected, rows_affected=rows.rowcount if is_write else None
+    )

@@ -71,6 +71,8 @@ from controller.errors import (
     Unavailable,
 )
 from controller.federation.query import ShardError, ShardResult
+from controller.federation.results import ShardResults
+from controller.federation.shards import ResultCaps, collect, open_rows
 from controller.nodes.sessions import StreamRegistry
 from controller.store.db import Store
 from controller.store.models import DatabaseTransaction, utcnow
@@ -87,6 +89,9 @@ RECOVERY_INTERVAL_SECONDS = 1.0
 COMMAND_SECONDS = 10.0
 # Ended transactions remembered in memory, for a clear answer to a late statement.
 ENDED_MEMORY = 10_000
+
+# How a shard's error kinds map to SQLSTATE-like codes (40001: retry the transaction).
+TRANSACTION_SQLSTATES = {"constraint": "23000", "invalid": "42000", "conflict": "40001"}
 
 ACTIONS = node_pb2.ShardTransactionAction
 ACTIVE, PREPARING, COMMITTED, ABORTED = "active", "preparing", "committed", "aborted"
@@ -180,9 +185,13 @@ class TransactionManager:
         streams: StreamRegistry,
         clock: Callable[[], float] = time.monotonic,
         recovery_interval: float = RECOVERY_INTERVAL_SECONDS,
+        results: ShardResults | None = None,
     ) -> None:
         self._log = log_store
         self._streams = streams
+        self._results = results
+        """Where statements' rows arrive (``PushShardResult``); without it they ride the
+        command's result, bounded by the node stream's 256 KiB."""
         self._clock = clock
         self._interval = recovery_interval
         self._live: dict[str, Transaction] = {}
@@ -294,9 +303,12 @@ class TransactionManager:
             txn.participants.update(new)
             await self._log.set(txn.id, participants=participants_json(txn.participants))
 
-    def executor(self, txn: Transaction, timeout_s: float, shards: int = 1) -> TransactionExecutor:
-        """The executor of one statement of ``txn`` that runs on ``shards`` shards."""
-        return TransactionExecutor(self, txn, timeout_s, shards)
+    def executor(
+        self, txn: Transaction, timeout_s: float, shards: int = 1, caps: ResultCaps | None = None
+    ) -> TransactionExecutor:
+        """The executor of one statement of ``txn`` that runs on ``shards`` shards, each
+        returning at most ``caps`` (none: no cap)."""
+        return TransactionExecutor(self, txn, timeout_s, shards, caps or ResultCaps())
 
     def touch(self, txn: Transaction) -> None:
         txn.last_used = self._clock()
@@ -536,22 +548,66 @@ class TransactionManager:
             shard,
             f"node {node_id}: {result.error_message}",
             retryable=kind == "unavailable",
-            sqlstate={"constraint": "23000", "invalid": "42000", "conflict": "40001"}.get(kind, kind),
+            sqlstate=TRANSACTION_SQLSTATES.get(kind, kind),
         )
+
+    async def _statement(
+        self,
+        txn: Transaction,
+        shard: int,
+        action: int,
+        sql: str,
+        seconds: float,
+        caps: ResultCaps,
+        *,
+        holds_nothing: bool,
+    ) -> ShardResult:
+        """A ``BEGIN`` (with sql) or ``EXECUTE`` step whose rows come back over
+        ``PushShardResult`` in batches, within ``caps`` (as other statements' rows do)."""
+        if self._results is None:
+            return await self._command(
+                txn.id, txn.database_id, shard, txn.participants[shard], action, sql=sql, seconds=seconds,
+                idle_timeout_ms=self.agent_idle_ms(txn), priority=txn.priority, holds_nothing=holds_nothing,
+            )  # fmt: skip
+        node_id = txn.participants[shard]
+        command = node_pb2.NodeCommand(
+            command_id=str(uuid.uuid4()),
+            shard_transaction=node_pb2.ShardTransaction(
+                database_id=txn.database_id,
+                shard_index=shard,
+                transaction_id=txn.id,
+                action=action,  # type: ignore[arg-type]
+                sql=sql,
+                timeout_ms=max(1, int(seconds * 1000)),
+                idle_timeout_ms=self.agent_idle_ms(txn),
+                priority=txn.priority,
+                holds_nothing=holds_nothing,
+                push_rows=True,
+                max_rows=caps.rows,
+                max_bytes=caps.bytes,
+            ),
+        )
+        rows = await open_rows(
+            self._streams, self._results, node_id, shard, command, caps, seconds, TRANSACTION_SQLSTATES
+        )
+        result = await collect(rows, is_write=False)
+        return ShardResult(columns=result.columns, rows=result.rows, rows_affected=rows.rowcount)
 
 
 class TransactionExecutor:
     """The :class:`~controller.federation.query.ShardExecutor` of statements in a transaction."""
 
-    def __init__(self, manager: TransactionManager, txn: Transaction, timeout_s: float, shards: int) -> None:
+    def __init__(
+        self, manager: TransactionManager, txn: Transaction, timeout_s: float, shards: int, caps: ResultCaps
+    ) -> None:
         self._manager = manager
         self._txn = txn
         self._timeout = timeout_s
         self._shards = shards
+        self._caps = caps
 
     async def run(self, shard: int, sql: str, deadline: float) -> ShardResult:
         txn = self._txn
-        node = txn.participants[shard]
         begin = shard not in txn.begun
         # waiting is deadlock-free only for a transaction that holds no shard and asks for one
         holds_nothing = not txn.begun and self._shards == 1
@@ -561,16 +617,13 @@ class TransactionExecutor:
         if begin:
             txn.begun.add(shard)  # a failed BEGIN leaves nothing behind; ROLLBACK of it is harmless
         try:
-            return await self._manager._command(
-                txn.id,
-                txn.database_id,
+            return await self._manager._statement(
+                txn,
                 shard,
-                node,
                 ACTIONS.SHARD_TRANSACTION_ACTION_BEGIN if begin else ACTIONS.SHARD_TRANSACTION_ACTION_EXECUTE,
-                sql=sql,
-                seconds=remaining,
-                idle_timeout_ms=self._manager.agent_idle_ms(txn),
-                priority=txn.priority,
+                sql,
+                remaining,
+                self._caps,
                 holds_nothing=begin and holds_nothing,
             )
         except ShardError as exc:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import logging
 import time
@@ -48,6 +49,8 @@ CACHE_REFRESH_SECONDS = 15.0
 CACHE_HEALTH_TTL_SECONDS = 60.0
 # How often a node's metrics are written to the store between state changes.
 STORE_METRICS_SECONDS = 60.0
+# Nodes whose metrics are written in one store transaction, at most.
+STORE_BATCH_ROWS = 500
 # One history sample per node per this many seconds.
 HISTORY_SAMPLE_SECONDS = 60.0
 # TTL of node:metrics:history:{id}:{hour} (spec §7: 7 days).
@@ -106,6 +109,8 @@ class Fleet:
     health_config: HealthConfig
     clock: Callable[[], float] = time.time
     recovery_handler: RecoveryHandler | None = None
+    alert_handler: Callable[[str, str], Awaitable[None]] | None = None
+    """``(user_id, message)``: stores an alert (controller/deployments/alerts.py)."""
     replica_report_handler: ReplicaReportHandler | None = None
     app_traffic: Callable[[str], tuple[float, float] | None] | None = None
     """The node's app traffic through the ingresses: ``(error rate %, average response
@@ -128,11 +133,22 @@ class Fleet:
             on_transition=self._on_transition,
             recovery_hook=self._on_failure,
             on_alert=self._on_alert,
+            after_changes=self._save_changes,
         )
+        # State changes not yet written to the store: the latest one per node. Written
+        # together, in one transaction, once the monitor has delivered a run of changes.
+        self._unsaved: dict[str, StateChange] = {}
         self._cache_refreshed: dict[str, float] = {}
         self._history_sampled: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
+        # Metrics due for the store (at most once a minute per node): written by one
+        # writer task, STORE_BATCH_ROWS nodes per transaction, never a task per node.
+        self._metrics_unsaved: dict[str, tuple[float, common_pb2.NodeMetrics]] = {}
+        self._cache_unsaved: set[str] = set()
+        self._history_unsaved: dict[str, tuple[float, common_pb2.NodeMetrics]] = {}
+        self._metrics_due = asyncio.Event()
+        self._metrics_writer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Load every known node with a fresh grace period and start sweeping."""
@@ -151,6 +167,7 @@ class Fleet:
             )
         log.info("monitoring %d nodes (each with a fresh grace period)", len(self.monitor))
         self._runner = asyncio.create_task(self.monitor.run(self.clock, asyncio.sleep))
+        self._metrics_writer = asyncio.create_task(self._write_metrics_forever())
 
     async def stop(self) -> None:
         self.streams.close_all("controller draining")
@@ -158,6 +175,11 @@ class Fleet:
         if self._runner is not None:
             self._runner.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)
+        if self._metrics_writer is not None:
+            self._metrics_writer.cancel()
+            await asyncio.gather(self._metrics_writer, return_exceptions=True)
+            self._metrics_writer = None
+        await self._write_pending()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -208,20 +230,23 @@ class Fleet:
                 )
             self.heartbeat_problems[node_id] = problem
         result = self.monitor.heartbeat(node_id, now, reported)
-        if self.monitor.pending and not self.monitor.running:
+        if self.monitor.pending and (self._runner is None or self._runner.done()):
             # A running monitor delivers its queue itself: no task per heartbeat.
             self._background(self.monitor.flush())
         if now - self._cache_refreshed.get(node_id, 0.0) >= CACHE_REFRESH_SECONDS:
             self._cache_refreshed[node_id] = now
-            self._background(self._write_cache(node_id))
+            self._cache_unsaved.add(node_id)
+            self._wake_writer()
         if problem is not None:
             return result.new.state
         if now - self._history_sampled.get(node_id, 0.0) >= HISTORY_SAMPLE_SECONDS:
             self._history_sampled[node_id] = now
-            self._background(self._append_history(node_id, now, metrics))
+            self._history_unsaved[node_id] = (now, metrics)
+            self._wake_writer()
         if self.monitor.should_persist_metrics(node_id, now, STORE_METRICS_SECONDS):
             self.monitor.mark_persisted(node_id, now)
-            self._background(self._persist_metrics(node_id, now, metrics))
+            self._metrics_unsaved[node_id] = (now, metrics)
+            self._wake_writer()
         return result.new.state
 
     def _app_figures(self, node_id: str, metrics: common_pb2.NodeMetrics, reported: Metrics) -> Metrics:
@@ -313,18 +338,40 @@ class Fleet:
             )
         )
         log.info("node %s: %s -> %s (%s)", change.node_id, change.old, change.new, change.reason)
-        last = change.health.last_heartbeat_at
-        await self.nodes.update_status(
-            change.node_id, str(change.new), now=datetime.fromtimestamp(change.at, UTC)
-        )
-        if last is not None:
-            live = self.live.get(change.node_id)
-            await self.nodes.record_heartbeat(
-                change.node_id,
-                last_heartbeat=datetime.fromtimestamp(last, UTC),
-                metrics=_metrics_dict(live.metrics) if live else None,
+        if change.new == NodeState.REMOVED:
+            self._unsaved.pop(change.node_id, None)
+            await self.nodes.update_status(
+                change.node_id, str(change.new), now=datetime.fromtimestamp(change.at, UTC)
             )
-        await self._write_cache(change.node_id)
+            await self._write_cache(change.node_id)
+            return
+        # Batched (see _save_changes): a node flapping between ready and suspect under a
+        # burst of late heartbeats costs one row in one transaction, not two per change.
+        self._unsaved[change.node_id] = change
+
+    async def _save_changes(self) -> None:
+        """Write the pending state changes: one store transaction, then the cache entries."""
+        if not self._unsaved:
+            return
+        batch, self._unsaved = self._unsaved, {}
+        rows = []
+        for node_id, change in batch.items():
+            last = change.health.last_heartbeat_at
+            live = self.live.get(node_id)
+            rows.append(
+                (
+                    node_id,
+                    str(change.new),
+                    datetime.fromtimestamp(last, UTC) if last is not None else None,
+                    _metrics_dict(live.metrics) if live is not None and last is not None else None,
+                )
+            )
+        try:
+            await self.nodes.record_states(rows)
+        except Exception:
+            log.warning("could not write %d node state changes", len(rows), exc_info=True)
+        for node_id in batch:
+            await self._write_cache(node_id)
 
     async def _on_failure(self, node_id: str, user_id: str) -> None:
         self.events.append(
@@ -337,6 +384,8 @@ class Fleet:
     async def _on_alert(self, user_id: str, message: str) -> None:
         self.events.append(FleetEvent(self.clock(), "alert", "", user_id, message))
         log.error("ALERT for user %s: %s", user_id, message)
+        if self.alert_handler is not None:
+            await self.alert_handler(user_id, message)
 
     # -- cache and store writes -----------------------------------------------------------
 
@@ -370,13 +419,47 @@ class Fleet:
                 samples.extend(json.loads(raw))
         return samples
 
-    async def _persist_metrics(self, node_id: str, now: float, metrics: common_pb2.NodeMetrics) -> None:
-        try:
-            await self.nodes.record_heartbeat(
-                node_id, last_heartbeat=datetime.fromtimestamp(now, UTC), metrics=_metrics_dict(metrics)
-            )
-        except Exception:  # the store being briefly down must not break a stream
-            log.warning("could not persist metrics of node %s", node_id, exc_info=True)
+    def _wake_writer(self) -> None:
+        if self._metrics_writer is not None:
+            self._metrics_due.set()
+        elif not self._metrics_due.is_set():  # not started (tests driving the fleet by hand)
+            self._metrics_due.set()
+            self._background(self._write_pending())
+
+    async def _write_metrics_forever(self) -> None:
+        while True:
+            await self._metrics_due.wait()
+            await self._write_pending()
+
+    async def _write_pending(self) -> None:
+        """Everything heartbeats left for the cache and the store, by one task: the cache
+        entries and history samples due, then the metrics due (in batches)."""
+        self._metrics_due.clear()
+        while self._cache_unsaved:
+            await self._write_cache(self._cache_unsaved.pop())
+        while self._history_unsaved:
+            node_id, (at, metrics) = self._history_unsaved.popitem()
+            try:
+                await self._append_history(node_id, at, metrics)
+            except Exception:
+                log.warning("could not append to the history of node %s", node_id, exc_info=True)
+        await self._write_metrics()
+
+    async def _write_metrics(self) -> None:
+        """Write the metrics due, STORE_BATCH_ROWS nodes per transaction (a store outage
+        loses them: the next minute's write brings the node up to date)."""
+        while self._metrics_unsaved:
+            batch = list(itertools.islice(self._metrics_unsaved.items(), STORE_BATCH_ROWS))
+            for node_id, _ in batch:
+                del self._metrics_unsaved[node_id]
+            rows = [
+                (node_id, datetime.fromtimestamp(at, UTC), _metrics_dict(metrics))
+                for node_id, (at, metrics) in batch
+            ]
+            try:
+                await self.nodes.record_heartbeats(rows)
+            except Exception:  # the store being briefly down must not break a stream
+                log.warning("could not persist the metrics of %d nodes", len(rows), exc_info=True)
 
 
 def _metrics_dict(metrics: common_pb2.NodeMetrics) -> dict[str, Any]:

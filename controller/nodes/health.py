@@ -41,7 +41,8 @@ A node's state combines three things that are tracked separately:
   (degraded wins: error rate above ``degraded_error_rate_percent`` or an invalid
   heartbeat; then busy: CPU or memory above its threshold; else ready). Thresholds
   are strict: exactly 90 % CPU is still ready;
-* the administrative **drain** flag, which only ever goes from false to true.
+* the administrative **drain** flag: set by ``DrainRequested``, cleared only by
+  ``UndrainRequested`` (the user's ``UndrainNode``).
 
 The state shown is, in order of precedence: ``removed`` (terminal: every event
 after it is ignored) > ``failed`` > ``suspect`` > ``draining`` > the condition
@@ -357,6 +358,19 @@ class DrainRequested:
 
 
 @dataclass(frozen=True, slots=True)
+class UndrainRequested:
+    """An operator lifted the drain: the node takes placements again.
+
+    A draining node's state becomes what its last valid heartbeat called for
+    (``initializing`` if it never sent one); a suspect or failed node stays so
+    (only a heartbeat makes a node healthier) and returns to its condition, not
+    to ``draining``, when it heartbeats again.
+    """
+
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Removed:
     """The node was deregistered: terminal."""
 
@@ -371,7 +385,14 @@ class ControllerRestarted:
 
 
 Event: TypeAlias = (
-    HeartbeatReceived | StreamConnected | StreamBroken | Tick | DrainRequested | Removed | ControllerRestarted
+    HeartbeatReceived
+    | StreamConnected
+    | StreamBroken
+    | Tick
+    | DrainRequested
+    | UndrainRequested
+    | Removed
+    | ControllerRestarted
 )
 
 
@@ -504,6 +525,21 @@ def _tick_changes_nothing(health: NodeHealth, at: float, config: HealthConfig) -
     return not (waiting_for_grace and not _in_grace(health, at))
 
 
+def _undrain(health: NodeHealth, at: float, config: HealthConfig) -> Transition:
+    if not health.draining:
+        return _unchanged(health)
+    state, reason = health.state, health.reason
+    if health.state is NodeState.DRAINING:
+        if health.last_heartbeat_at is None:
+            state, reason = NodeState.INITIALIZING, "drain lifted; waiting for the first heartbeat"
+        elif health.last_metrics is None:
+            state, reason = NodeState.DEGRADED, "drain lifted; no valid heartbeat yet"
+        else:
+            state, reason = condition(health.last_metrics, config)
+            reason = f"drain lifted ({reason})"
+    return _finish(health, replace(health, draining=False, state=state, reason=reason), at)
+
+
 def transition(health: NodeHealth, event: Event, config: HealthConfig) -> Transition:
     """Apply one event to one node's health. Pure: no clock, no I/O.
 
@@ -521,6 +557,8 @@ def transition(health: NodeHealth, event: Event, config: HealthConfig) -> Transi
         return _heartbeat(health, event, config)
     if isinstance(event, Tick) and _tick_changes_nothing(health, at, config):
         return _unchanged(health)  # the sweeper's common case, kept cheap
+    if isinstance(event, UndrainRequested):
+        return _undrain(health, at, config)
 
     stream_connected = health.stream_connected
     draining = health.draining

@@ -197,8 +197,10 @@ class HealthMonitor:
         on_transition: TransitionListener | None = None,
         recovery_hook: RecoveryHook | None = None,
         on_alert: AlertHook | None = None,
+        after_changes: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config or MonitorConfig()
+        self._after_changes = after_changes
         self._listeners: list[TransitionListener] = [on_transition] if on_transition else []
         self._recovery_hook = recovery_hook
         self._on_alert = on_alert
@@ -507,10 +509,32 @@ class HealthMonitor:
         return len(self._queue)
 
     async def flush(self) -> None:
-        """Deliver every queued notification, in order."""
+        """Deliver every queued notification, in order.
+
+        After a run of state changes (before the next recovery or alert notice, and at
+        the end) ``after_changes`` is awaited once: listeners can batch their writes
+        (the fleet writes all of them in one store transaction) and still have them done
+        before a recovery hook runs and before ``flush`` returns.
+        """
         async with self._flush_lock:
+            changed = False
             while self._queue:
-                await self._deliver(self._queue.popleft())
+                notice = self._queue.popleft()
+                if changed and not isinstance(notice, StateChange):
+                    await self._changes_done()
+                    changed = False
+                await self._deliver(notice)
+                changed = changed or isinstance(notice, StateChange)
+            if changed:
+                await self._changes_done()
+
+    async def _changes_done(self) -> None:
+        if self._after_changes is None:
+            return
+        try:
+            await self._after_changes()
+        except Exception:
+            logger.exception("health monitor: after_changes failed")
 
     async def _deliver(self, notice: _Notice) -> None:
         try:

@@ -265,6 +265,66 @@ class NodeRepository:
             )
         return changed == 1
 
+    async def record_states(
+        self, rows: Sequence[tuple[str, str, datetime | None, dict[str, Any] | None]]
+    ) -> None:
+        """Many nodes' state changes in one transaction (one commit): what the fleet writes.
+
+        Each row is ``(node_id, status, last_heartbeat, metrics)``, applied like
+        :meth:`update_status` (not ``removed``: use :meth:`mark_removed`) followed by
+        :meth:`record_heartbeat` when ``last_heartbeat`` is given.
+        """
+        if not rows:
+            return
+        async with self._store.session() as session:
+            for node_id, status, last_heartbeat, metrics in rows:
+                _check_status(status)
+                if status == STATUS_REMOVED:
+                    raise ValueError("record_states cannot remove a node: use mark_removed")
+                await execute_update(
+                    session,
+                    update(Node)
+                    .where(Node.id == node_id, Node.status != STATUS_REMOVED)
+                    .values(status=status),
+                )
+                if last_heartbeat is None:
+                    continue
+                values: dict[str, Any] = {"last_heartbeat": last_heartbeat}
+                if metrics is not None:
+                    values["metrics_current"] = metrics
+                    values["last_metrics_update"] = last_heartbeat
+                await execute_update(
+                    session,
+                    update(Node)
+                    .where(
+                        Node.id == node_id,
+                        Node.status != STATUS_REMOVED,
+                        or_(Node.last_heartbeat.is_(None), Node.last_heartbeat <= last_heartbeat),
+                    )
+                    .values(**values),
+                )
+
+    async def record_heartbeats(self, rows: Sequence[tuple[str, datetime, dict[str, Any] | None]]) -> None:
+        """:meth:`record_heartbeat` for many nodes in one transaction: ``(node_id, last_heartbeat, metrics)``."""
+        if not rows:
+            return
+        async with self._store.session() as session:
+            for node_id, last_heartbeat, metrics in rows:
+                values: dict[str, Any] = {"last_heartbeat": last_heartbeat}
+                if metrics is not None:
+                    values["metrics_current"] = metrics
+                    values["last_metrics_update"] = last_heartbeat
+                await execute_update(
+                    session,
+                    update(Node)
+                    .where(
+                        Node.id == node_id,
+                        Node.status != STATUS_REMOVED,
+                        or_(Node.last_heartbeat.is_(None), Node.last_heartbeat <= last_heartbeat),
+                    )
+                    .values(**values),
+                )
+
     async def set_certificate(self, node_id: str, serial: str) -> bool:
         """Record the serial (hex) of the node's current certificate; False if no such live node."""
         async with self._store.session() as session:

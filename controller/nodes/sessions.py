@@ -25,6 +25,23 @@ from controller.limits import MessageTooLarge, check_control_message
 
 # Outbound messages a slow node may have queued before it is considered stuck.
 MAX_OUTBOUND_QUEUE = 1000
+# Smoothing of the stream's round-trip time (RFC 6298's SRTT gain): one slow ack moves
+# the estimate by an eighth of the difference, so jitter does not reorder placements.
+RTT_GAIN = 0.125
+# Reported round-trip times above this (ms) are not believed (a stalled node, a bug).
+MAX_RTT_MS = 60_000.0
+
+
+def smoothed_rtt(previous: float | None, sample: float) -> float:
+    """The stream's RTT estimate after ``sample`` (ms): the first sample as it is, then
+    ``previous + RTT_GAIN * (sample - previous)``.
+
+    >>> smoothed_rtt(None, 40.0), smoothed_rtt(40.0, 120.0)
+    (40.0, 50.0)
+    """
+    if previous is None:
+        return sample
+    return previous + RTT_GAIN * (sample - previous)
 
 
 @dataclass(eq=False)
@@ -41,8 +58,25 @@ class NodeSession:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
     last_rtt_ms: float | None = None
+    """The stream's smoothed heartbeat round-trip time in ms (see :meth:`record_rtt`);
+    ``None`` until the node reported one."""
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held while a message is written to the stream (one write in flight per call)."""
+
+    def record_rtt(self, rtt_ms: float) -> bool:
+        """Take a round-trip time the node measured on this stream (``Heartbeat.rtt_ms``).
+
+        How it is measured, across clocks: the node notes its own monotonic time when it
+        writes heartbeat *n* and again when it reads the ``heartbeat_ack`` with sequence
+        *n* (the controller writes each ack as soon as it has read the heartbeat), and
+        sends the difference in its next heartbeat. Both ends of the interval are on the
+        node's clock, so skew between node and controller clocks does not enter it. A
+        value that is not a finite number in ``[0, MAX_RTT_MS]`` is ignored (False).
+        """
+        if not (0.0 <= rtt_ms <= MAX_RTT_MS):  # also refuses NaN
+            return False
+        self.last_rtt_ms = smoothed_rtt(self.last_rtt_ms, float(rtt_ms))
+        return True
 
     def send(self, message: node_pb2.ConnectResponse) -> None:
         """Queue a message for the node; ``Unavailable`` if the session is gone or stuck."""

@@ -28,6 +28,7 @@ from controller.scheduling.feasible import (
     rejection_reason,
     rejections,
 )
+from controller.scheduling.history import NodeHistory
 from controller.scheduling.score import FACTOR_NAMES, NodeScore, score_node
 from controller.scheduling.select import (
     INSUFFICIENT_CAPACITY,
@@ -56,6 +57,7 @@ __all__ = [
     "NO_HEALTHY_REPLICA",
     "Capabilities",
     "Choice",
+    "NodeHistory",
     "NodeScore",
     "NodeView",
     "Placement",

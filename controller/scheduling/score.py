@@ -6,7 +6,7 @@ Every factor is in ``[0, 1]``, higher is better; the total is their weighted sum
     memory_score      = (100 - memory_percent) / 100       * 0.5 if memory_percent > 80
     latency_score     = max(0, 1 - latency_ms / 500)
     connection_score  = 1 - active_requests / max_concurrent_requests     (clamped to 0..1)
-    reliability       = heartbeats_received / heartbeats_expected * 1 / (1 + replica_failures)
+    reliability       = uptime share of the last 24 h * 1 / (1 + failures in the last 24 h)
 
     total = 0.30 cpu + 0.25 memory + 0.20 latency + 0.15 connections + 0.10 reliability
 
@@ -17,15 +17,19 @@ What each input really is, from data the controller has:
   such a view) gets the neutral :data:`NEUTRAL_SCORE` for cpu, memory and
   connections.
 * **latency_ms**: the round-trip time of heartbeat acknowledgements on the
-  node's stream, as the controller measures it. Before the first measurement,
-  the latency factor is the neutral :data:`NEUTRAL_SCORE`: a new node is neither
-  rewarded nor punished for being unmeasured.
+  node's stream: the node times each heartbeat to its ack on its own monotonic
+  clock and reports it in its next heartbeat (``Heartbeat.rtt_ms``); the
+  controller smooths it (:meth:`controller.nodes.sessions.NodeSession.record_rtt`).
+  Before the first measurement, the latency factor is the neutral
+  :data:`NEUTRAL_SCORE`: a new node is neither rewarded nor punished for being
+  unmeasured.
 * **max_concurrent_requests**: the node's declared capability; 0 (unknown) gives
   the neutral :data:`NEUTRAL_SCORE`.
-* **reliability**: the share of expected heartbeats that arrived over the
-  fleet's recent window (capped at 1), times ``1 / (1 + recent replica
-  failures)``. No heartbeat history counts as a share of 1.0, so a new node
-  starts fully reliable and loses it only by failing.
+* **reliability**: the node's uptime share over the last 24 h (time alive over
+  time observed, from the health monitor's state changes:
+  :mod:`controller.scheduling.history`), times ``1 / (1 + failures)``, the times
+  it became failed in the same window. No history counts as a share of 1.0, so a
+  new node starts fully reliable and loses it only by being down.
 
 Totals and factors are rounded to :data:`SCORE_DECIMALS` decimals, so equal
 inputs give equal scores and placement's seeded tie-break decides between them.
@@ -37,7 +41,7 @@ inputs give equal scores and placement's seeded tie-break decides between them.
 (0.5, 0.8, 0.0)
 >>> connection_score(25, 100), connection_score(3, 0)
 (0.75, 0.5)
->>> reliability_score(heartbeats_expected=100, heartbeats_received=90, replica_failures=1)
+>>> reliability_score(observed_seconds=100, up_seconds=90, failures=1)
 0.45
 """
 
@@ -146,10 +150,10 @@ def connection_score(active_requests: int | None, max_concurrent_requests: int) 
     return round(_clamp01(1.0 - active_requests / max_concurrent_requests), SCORE_DECIMALS)
 
 
-def reliability_score(*, heartbeats_expected: int, heartbeats_received: int, replica_failures: int) -> float:
-    """Share of expected heartbeats received (1.0 with no history) times ``1 / (1 + failures)``."""
-    share = 1.0 if heartbeats_expected <= 0 else _clamp01(heartbeats_received / heartbeats_expected)
-    return round(share / (1 + max(0, replica_failures)), SCORE_DECIMALS)
+def reliability_score(*, observed_seconds: float, up_seconds: float, failures: int) -> float:
+    """Uptime share (1.0 with no history) times ``1 / (1 + failures)``."""
+    share = 1.0 if not observed_seconds > 0 else _clamp01(up_seconds / observed_seconds)
+    return round(share / (1 + max(0, failures)), SCORE_DECIMALS)
 
 
 def combine(cpu: float, memory: float, latency: float, connections: float, reliability: float) -> float:
@@ -184,9 +188,7 @@ def score_node(node: NodeView) -> NodeScore:
     else:
         latency = round(_clamp01(1.0 - max(0.0, rtt) / LATENCY_CEILING_MS), SCORE_DECIMALS)
     history = node.reliability
-    expected = history.heartbeats_expected
-    share = 1.0 if expected <= 0 else _clamp01(history.heartbeats_received / expected)
-    reliability = round(share / (1 + max(0, history.replica_failures)), SCORE_DECIMALS)
+    reliability = round(history.uptime_share / (1 + max(0, history.failures)), SCORE_DECIMALS)
     return NodeScore(
         cpu=cpu,
         memory=memory,

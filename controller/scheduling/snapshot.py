@@ -112,22 +112,31 @@ class Resources:
 
 @dataclass(frozen=True, slots=True)
 class Reliability:
-    """The history that the reliability factor is computed from.
+    """The history that the reliability factor is computed from (spec §4.2).
 
-    ``heartbeats_expected`` and ``heartbeats_received`` cover one recent window
-    (the fleet chooses it, e.g. the last hour at the heartbeat interval);
-    ``replica_failures`` counts replicas that failed on the node over a recent
-    window. All zero means no history: the factor is then 1.0.
+    Over one recent window (the last 24 h, or since the controller first saw the
+    node, if that is later: see :mod:`controller.scheduling.history`):
+    ``observed_seconds`` the node was known alive or dead, ``up_seconds`` of them
+    alive (heartbeating: ready, busy, degraded or draining), and ``failures`` the
+    times it became failed. No observation means no history: the factor is then 1.0.
     """
 
-    heartbeats_expected: int = 0
-    """Heartbeats the node should have sent in the window."""
+    observed_seconds: float = 0.0
+    """Seconds of the window in which the node's liveness was known."""
 
-    heartbeats_received: int = 0
-    """Heartbeats that arrived in the window."""
+    up_seconds: float = 0.0
+    """Seconds of those in which it was alive."""
 
-    replica_failures: int = 0
-    """Replicas that failed on this node recently."""
+    failures: int = 0
+    """Times the node became failed in the window."""
+
+    @property
+    def uptime_share(self) -> float:
+        """``up / observed`` in ``[0, 1]``; 1.0 without observation."""
+        if not self.observed_seconds > 0:
+            return 1.0
+        share = self.up_seconds / self.observed_seconds
+        return 0.0 if share < 0.0 else 1.0 if share > 1.0 else share
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -32,6 +32,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
     false,
     true,
@@ -183,6 +184,26 @@ class Deployment(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     deployed_at: Mapped[datetime | None] = mapped_column(default=None)
     last_scaled_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Alert(Base):
+    """Something an operator of a user's fleet should know (see ``controller/deployments/alerts.py``).
+
+    ``kind``: ``mass_failure`` (recovery frozen), ``rollout_failed``,
+    ``update_reverted``. ``resolved_at`` is set when it stops applying (a freeze
+    lifted by the user).
+    """
+
+    __tablename__ = "alerts"
+    __table_args__ = (Index(None, "user_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(50))
+    message: Mapped[str] = mapped_column(Text)
+    deployment_id: Mapped[str | None] = mapped_column(ID, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    resolved_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class DatabaseInstance(Base):

@@ -1,26 +1,41 @@
 #!/usr/bin/env python3
-"""N simulated nodes, each with its own mTLS stream, heartbeating once per second.
+"""N simulated nodes, each with its own mTLS stream, heartbeating every interval; the
+controller side by side with a bare grpc.aio echo server (the floor of the stack).
 
-    .venv/bin/python tests/bench/bench_node_streams.py --nodes 1000 --seconds 30 --workers 3
+    .venv/bin/python tests/bench/bench_node_streams.py --nodes 1000 --seconds 20 --workers 2 --targets controller,bare
+    .venv/bin/python tests/bench/bench_node_streams.py --handler-only     # the Python handler alone, in-process
 
 Starts a real controller (``python -m controller.cli serve``, SQLite in a temp
-dir, log level WARNING, ``--heartbeat-interval 1``) as a subprocess, registers
+dir, log level WARNING, ``--heartbeat-interval``) as a subprocess, registers
 one user, makes ceil(N/100) enrollment tokens (max_uses=100), then starts
 ``--workers`` load-generator processes. Each worker owns N/W nodes:
 
 1. enrollment: a P-256 key + CSR per node and ``NodeService.RegisterNode``,
    ``--enroll-concurrency`` (default 50 in total) in flight;
-2. connect: one mTLS channel *per node* (the node identity is its client
-   certificate, so two nodes can never share a TLS connection: N streams means
-   N TCP+TLS connections, exactly as in production), ``Connect`` + hello ->
-   hello_ack, a bounded number of handshakes in flight;
-3. measure: every stream sends one heartbeat per second (random phase) for
-   ``--seconds`` and times heartbeat -> heartbeat_ack.
+2. per target of ``--targets``, one after the other with the same nodes and
+   certificates: connect one mTLS channel *per node* (the node identity is its
+   client certificate: N streams means N TCP+TLS connections, as in production),
+   with the agent's keepalive settings, ``Connect`` + hello -> hello_ack;
+3. heartbeats for WARMUP_SECONDS (every node's first heartbeat takes it from
+   initializing to ready), then ``--seconds`` measured: every stream sends one
+   heartbeat per interval (random phase) and times heartbeat -> heartbeat_ack.
 
-Reported: streams held (at start and end of the window), heartbeats acked per
-second, ack latency p50/p99/max, controller RSS and CPU (psutil on the
-controller pid, sampled each second; 100 % = one core), errors by status code,
-and the load generators' own CPU (they share the 2 cores with the controller).
+Targets: ``controller``; ``bare``, a grpc.aio echo of the same stream (same
+messages, protobuf, mutual TLS with a certificate of the controller's CA, same
+keepalive options) in its own process; ``bare-plain`` (plaintext), ``bare-raw``
+(no protobuf), ``bare-split`` (the controller's reader task + context.write shape),
+``bare-split-icpt`` (that, behind the controller's interceptor): the differences
+between them break the cost per heartbeat down.
+
+Reported per target: streams held, acks per second, ack latency p50/p99/max
+(tests/bench/stats.py), server CPU per heartbeat (psutil CPU time of the server
+process over the window / acks) and per thread, RSS, loopback packets per
+heartbeat (all of the machine's loopback traffic: only indicative on a shared
+machine), the load generators' CPU, errors by status code.
+
+Experiments: ``BENCH_CONTROLLER_CPROFILE=<file>`` runs the controller under
+cProfile; ``BENCH_CLIENT_KEEPALIVE_MS`` / ``BENCH_SERVER_KEEPALIVE_MS`` override the
+nodes' / the bare server's ping period.
 
 Loopback only. Not a test: pytest does not collect it.
 """
@@ -29,9 +44,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import contextlib
 import hashlib
+import json
 import math
 import multiprocessing
 import os
@@ -67,6 +84,16 @@ from controller import keepalive  # noqa: E402
 from tests.bench.stats import percentile, tail  # noqa: E402
 
 SERVER_NAME = "automator67-controller"
+# Heartbeats flow this long before the measured window (every node's first heartbeat
+# moves it from initializing to ready, with its one-off store and cache writes).
+WARMUP_SECONDS = 3.0
+
+
+def warmup_seconds(interval: float) -> float:
+    """Heartbeats before the window: every node's first one falls in it (random phase)."""
+    return WARMUP_SECONDS + interval
+
+
 PASSWORD_HASH = "YmVuY2htYXJrLWNsaWVudC1zYWx0ZWQtaGFzaA=="
 
 
@@ -114,8 +141,9 @@ def start_controller(
     # any further port the controller may open (xDS), free too (ignored where unknown)
     env["A67_XDS_LISTEN_ADDRESS"] = f"127.0.0.1:{free_port()}"
     env.update(env_overrides or {})
+    profile = os.environ.get("BENCH_CONTROLLER_CPROFILE")  # experiments: cProfile output path
     args = [
-        sys.executable, "-m", "controller.cli", "serve",
+        sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []), "-m", "controller.cli", "serve",
         "--listen", f"127.0.0.1:{port}",
         "--node-listen", f"127.0.0.1:{node_port}",
         "--data-dir", str(data_dir),
@@ -254,6 +282,11 @@ async def _worker_main(
     # 1. enrollment (once, with the controller: its CA signs every node's certificate)
     t0 = time.monotonic()
     nodes = [SimNode() for _ in range(count)]
+    if tokens and tokens[0].startswith(FAST_ENROLL):
+        # --fast-enroll: sign here with the controller's CA; the main process inserts the rows
+        queue.put(("rows", _sign_locally(nodes, Path(tokens[0][len(FAST_ENROLL) :]))))
+        await asyncio.get_running_loop().run_in_executor(None, ready.wait)
+        tokens = []
     sem = asyncio.Semaphore(enroll_concurrency)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = node_pb2_grpc.NodeServiceStub(channel)
@@ -265,7 +298,7 @@ async def _worker_main(
                 except Exception as err:
                     errors["enroll " + _code(err)] += 1
 
-        await asyncio.gather(*(enroll(i, n) for i, n in enumerate(nodes)))
+        await asyncio.gather(*(enroll(i, n) for i, n in enumerate(nodes) if n.reply is None))
     nodes = [n for n in nodes if n.reply is not None]
     enrolled, enroll_seconds = len(nodes), time.monotonic() - t0
 
@@ -296,36 +329,15 @@ async def _measure(
     sem = asyncio.Semaphore(connect_concurrency)
     streams: list[tuple[grpc.aio.Channel, grpc.aio.StreamStreamCall]] = []
 
-    async def connect(node: SimNode) -> None:
-        async with sem:
-            channel = node.channel(node_address, tls, interval_ms)
-            try:
-                call = node_pb2_grpc.NodeServiceStub(channel).Connect()
-                await call.write(node_pb2.ConnectRequest(hello=node_pb2.NodeHello(agent_version="bench")))
-                while True:
-                    msg = await asyncio.wait_for(call.read(), 30)
-                    if msg is grpc.aio.EOF:
-                        raise RuntimeError("EOF before hello_ack")
-                    if msg.WhichOneof("message") == "hello_ack":
-                        break
-                streams.append((channel, call))
-            except Exception as err:
-                errors["connect " + _code(err)] += 1
-                await channel.close()
-
-    await asyncio.gather(*(connect(n) for n in nodes))
-    result.connected = len(streams)
-    result.connect_seconds = time.monotonic() - t0
-
-    await asyncio.get_running_loop().run_in_executor(None, ready.wait)
-    await asyncio.get_running_loop().run_in_executor(None, go.wait)
-
-    # measure
+    # Every stream heartbeats from its hello_ack on, as an agent does (a node silent
+    # until all N are connected would be failed by the controller before the window).
+    # The window is known once all workers pass the barrier: measured from go +
+    # warmup_seconds, for --seconds; until then nothing is counted.
     latencies: list[float] = []
     held = [0]
     counts = {"sent": 0, "acks": 0}
-    start = time.monotonic()
-    end = start + seconds
+    window = {"from": math.inf, "end": math.inf}
+    tasks: list[asyncio.Task[None]] = []
 
     async def heartbeats(call: grpc.aio.StreamStreamCall) -> None:
         await asyncio.sleep(random.random() * interval)
@@ -333,7 +345,7 @@ async def _measure(
         try:
             while True:
                 now = time.monotonic()
-                if now >= end:
+                if now >= window["end"]:
                     held[0] += 1
                     return
                 seq += 1
@@ -348,23 +360,52 @@ async def _measure(
                         )
                     )
                 )
-                counts["sent"] += 1
+                measured = now >= window["from"]
+                counts["sent"] += measured
                 while True:
                     msg = await call.read()
                     if msg is grpc.aio.EOF:
                         raise RuntimeError("stream ended (EOF)")
                     if msg.WhichOneof("message") == "heartbeat_ack":
                         break
-                latencies.append((time.perf_counter() - sent) * 1000)
-                counts["acks"] += 1
+                if measured:
+                    latencies.append((time.perf_counter() - sent) * 1000)
+                    counts["acks"] += 1
                 # next tick on the grid of this stream
                 next_at = now + interval
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
         except Exception as err:
             errors["stream " + _code(err)] += 1
 
+    async def connect(node: SimNode) -> None:
+        async with sem:
+            channel = node.channel(node_address, tls, interval_ms)
+            try:
+                call = node_pb2_grpc.NodeServiceStub(channel).Connect()
+                await call.write(node_pb2.ConnectRequest(hello=node_pb2.NodeHello(agent_version="bench")))
+                while True:
+                    msg = await asyncio.wait_for(call.read(), 30)
+                    if msg is grpc.aio.EOF:
+                        raise RuntimeError("EOF before hello_ack")
+                    if msg.WhichOneof("message") == "hello_ack":
+                        break
+                streams.append((channel, call))
+                tasks.append(asyncio.create_task(heartbeats(call)))
+            except Exception as err:
+                errors["connect " + _code(err)] += 1
+                await channel.close()
+
+    await asyncio.gather(*(connect(n) for n in nodes))
+    result.connected = len(streams)
+    result.connect_seconds = time.monotonic() - t0
+
+    await asyncio.get_running_loop().run_in_executor(None, ready.wait)
+    await asyncio.get_running_loop().run_in_executor(None, go.wait)
+    window["from"] = time.monotonic() + warmup_seconds(interval)
+    window["end"] = window["from"] + seconds
+
     cpu0 = psutil.Process().cpu_times()
-    await asyncio.gather(*(heartbeats(call) for _, call in streams))
+    await asyncio.gather(*tasks)
     cpu1 = psutil.Process().cpu_times()
     result.held_at_end = held[0]
     result.sent = counts["sent"]
@@ -375,6 +416,53 @@ async def _measure(
     await asyncio.gather(*(channel.close() for channel, _ in streams), return_exceptions=True)
     result.errors = dict(errors)
     result.cpu_seconds = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+
+
+FAST_ENROLL = "fast-enroll:"
+
+
+def _sign_locally(nodes: list[SimNode], keys_dir: Path) -> list[tuple[str, str, str]]:
+    """Certificates from the controller's CA without RegisterNode: ``(node id, serial, fingerprint)``."""
+    import uuid
+
+    from controller.nodes.ca import CertificateAuthority
+
+    ca = CertificateAuthority.load_or_create(keys_dir)
+    rows = []
+    for node in nodes:
+        node_id = str(uuid.uuid4())
+        signed = ca.sign_node_csr(node.csr_pem, node_id)
+        node.reply = node_pb2.RegisterNodeResponse(
+            node_id=node_id, certificate_pem=signed.cert_pem, ca_certificate_pem=ca.ca_cert_pem
+        )
+        rows.append((node_id, signed.serial_hex, node.fingerprint))
+    return rows
+
+
+async def _insert_nodes(store_url: str, user_id: str, rows: list[tuple[str, str, str]]) -> None:
+    """The node rows RegisterNode would have written, 1,000 per transaction."""
+    from controller.nodes.repository import NodeRepository
+    from controller.store.db import Store
+
+    store = await Store.open(store_url)
+    try:
+        repository = NodeRepository(store)
+        for start in range(0, len(rows), 1000):
+            async with store.session() as session:
+                for node_id, serial, fingerprint in rows[start : start + 1000]:
+                    await repository.create(
+                        node_id=node_id,
+                        user_id=user_id,
+                        provider="render",
+                        endpoint=f"https://{node_id}.onrender.com",
+                        region="eu-west",
+                        capabilities={"cpu_cores": 2, "memory_gb": 4, "disk_gb": 20},
+                        fingerprint=fingerprint,
+                        cert_serial=serial,
+                        session=session,
+                    )
+    finally:
+        await store.close()
 
 
 def _worker(index: int, count: int, tokens: list[str], *args: object) -> None:
@@ -388,7 +476,14 @@ def _worker(index: int, count: int, tokens: list[str], *args: object) -> None:
 # --------------------------------------------------------------------------- the bare server
 
 
-def serve_bare(port: int, keys_dir: Path | None, proto: bool) -> None:
+def serve_bare(
+    port: int,
+    keys_dir: Path | None,
+    proto: bool,
+    split: bool = False,
+    interceptor: bool = False,
+    interval_ms: int = 1000,
+) -> None:
     """A bare grpc.aio echo of the node stream: the floor of the stack the controller runs on.
 
     The same transport as the controller's node port (mutual TLS with a certificate from
@@ -414,6 +509,32 @@ def serve_bare(port: int, keys_dir: Path | None, proto: bool) -> None:
             else:
                 yield hello_ack
 
+    async def connect_split(requests: object, context: grpc.aio.ServicerContext) -> object:
+        """The controller's shape: a reader task acks with context.write under a lock,
+        the generator waits for commands (none come)."""
+        lock = asyncio.Lock()
+        outbound: asyncio.Queue[object] = asyncio.Queue()
+        iterator = requests.__aiter__()  # type: ignore[attr-defined]
+        await iterator.__anext__()  # the hello
+        yield hello_ack
+
+        async def read() -> None:
+            async for request in iterator:
+                ack = node_pb2.ConnectResponse(
+                    heartbeat_ack=node_pb2.HeartbeatAck(sequence=request.heartbeat.sequence, status=ready_ack)
+                )
+                async with lock:
+                    await context.write(ack)
+            await outbound.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (message := await outbound.get()) is not None:
+                async with lock:
+                    yield message
+        finally:
+            reader.cancel()
+
     hello_bytes = hello_ack.SerializeToString()
     ack_bytes = node_pb2.ConnectResponse(
         heartbeat_ack=node_pb2.HeartbeatAck(sequence=1, status=ready_ack)
@@ -427,7 +548,7 @@ def serve_bare(port: int, keys_dir: Path | None, proto: bool) -> None:
 
     handler = (
         grpc.stream_stream_rpc_method_handler(
-            connect_proto,
+            connect_split if split else connect_proto,
             request_deserializer=node_pb2.ConnectRequest.FromString,
             response_serializer=node_pb2.ConnectResponse.SerializeToString,
         )
@@ -436,10 +557,15 @@ def serve_bare(port: int, keys_dir: Path | None, proto: bool) -> None:
     )
 
     async def main() -> None:
-        options = keepalive.server_options(1000)
+        options = keepalive.server_options(interval_ms)
         if os.environ.get("BENCH_SERVER_KEEPALIVE_MS"):  # experiments: the bare server's ping period
             options.append(("grpc.keepalive_time_ms", int(os.environ["BENCH_SERVER_KEEPALIVE_MS"])))
-        server = grpc.aio.server(options=options)
+        interceptors = []
+        if interceptor:  # the controller's interceptor (Connect needs no token: no verifier call)
+            from controller.api.interceptors import ControllerInterceptor
+
+            interceptors.append(ControllerInterceptor(None))  # type: ignore[arg-type]
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler("automator67.v1.NodeService", {"Connect": handler}),)
         )
@@ -458,13 +584,11 @@ def serve_bare(port: int, keys_dir: Path | None, proto: bool) -> None:
     asyncio.run(main())
 
 
-def start_bare(
-    data_dir: Path, interval: float, tls: bool, proto: bool
-) -> tuple[subprocess.Popen[bytes], str]:
+def start_bare(data_dir: Path, interval: float, tls: bool, mode: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     args = [
         sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(port),
-        "--interval", str(interval), "--bare-proto", "1" if proto else "0",
+        "--interval", str(interval), "--bare-proto", mode,
     ]  # fmt: skip
     if tls:
         args += ["--bare-keys", str(data_dir / "keys")]
@@ -488,11 +612,21 @@ def handler_cost(nodes: int = 1000, rounds: int = 50) -> None:
     from controller.nodes.fleet import STATUS_ENUM, Fleet
     from controller.nodes.health import HealthConfig
 
+    class NoStore:  # the store is written on state changes only: none in the timed rounds
+        async def update_status(self, *args: object, **kwargs: object) -> None:
+            return None
+
+        async def record_heartbeat(self, *args: object, **kwargs: object) -> None:
+            return None
+
     async def main() -> None:
         clock = [1000.0]
         fleet = Fleet(
-            nodes=None, cache=MemoryCache(), health_config=HealthConfig(1.0), clock=lambda: clock[0]
-        )  # type: ignore[arg-type]
+            nodes=NoStore(),  # type: ignore[arg-type]
+            cache=MemoryCache(),
+            health_config=HealthConfig(1.0),
+            clock=lambda: clock[0],
+        )
         ids = [f"node-{i}" for i in range(nodes)]
         for node_id in ids:
             fleet.track(node_id, "user")
@@ -557,7 +691,15 @@ def main() -> None:
         "--targets",
         default="controller",
         help="comma-separated, measured one after the other with the same nodes: controller, "
-        "bare (grpc.aio echo, mutual TLS), bare-plain (plaintext), bare-raw (mutual TLS, no protobuf)",
+        "bare (grpc.aio echo, mutual TLS), bare-plain (plaintext), bare-raw (mutual TLS, no protobuf), "
+        "bare-split (mutual TLS, the controller's reader task + context.write shape), "
+        "bare-split-icpt (the same behind the controller's interceptor)",
+    )
+    parser.add_argument(
+        "--fast-enroll",
+        action="store_true",
+        help="sign node certificates with the controller's CA in the load generator and insert the "
+        "node rows directly (what RegisterNode writes) instead of N RegisterNode calls",
     )
     parser.add_argument(
         "--handler-only", action="store_true", help="only time the Python handler in-process (no gRPC)"
@@ -570,7 +712,14 @@ def main() -> None:
         handler_cost()
         return
     if args.serve_bare:
-        serve_bare(args.serve_bare, args.bare_keys, args.bare_proto == "1")
+        serve_bare(
+            args.serve_bare,
+            args.bare_keys,
+            args.bare_proto != "0",
+            split=args.bare_proto in ("split", "split-icpt"),
+            interceptor=args.bare_proto == "split-icpt",
+            interval_ms=round(args.interval * 1000),
+        )
         return
 
     with tempfile.TemporaryDirectory(prefix="a67-bench-streams-") as tmp:
@@ -586,7 +735,12 @@ def main() -> None:
 
 def run(args: argparse.Namespace, ctl: ControllerProc) -> None:
     t0 = time.monotonic()
-    _, tokens = make_user_and_tokens(ctl.address, math.ceil(args.nodes / 100))
+    access, tokens = make_user_and_tokens(ctl.address, 1 if args.fast_enroll else math.ceil(args.nodes / 100))
+    if args.fast_enroll:
+        payload = access.split(".")[1]
+        user_id = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["sub"]
+        tokens = [FAST_ENROLL + str(ctl.data_dir / "keys")] * (args.nodes // 100 + 1)
+        args.user_id = user_id
     print(f"controller pid {ctl.proc.pid}; {len(tokens)} enrollment tokens in {time.monotonic() - t0:.1f} s")
     names = [name.strip() for name in args.targets.split(",") if name.strip()]
     servers: dict[str, tuple[psutil.Process, str, bool]] = {}
@@ -594,9 +748,10 @@ def run(args: argparse.Namespace, ctl: ControllerProc) -> None:
     for name in names:
         if name == "controller":
             servers[name] = (psutil.Process(ctl.proc.pid), ctl.node_address, True)
-        elif name in ("bare", "bare-plain", "bare-raw"):
+        elif name in ("bare", "bare-plain", "bare-raw", "bare-split", "bare-split-icpt"):
             tls = name != "bare-plain"
-            proc, address = start_bare(ctl.data_dir, args.interval, tls, proto=name != "bare-raw")
+            mode = {"bare-raw": "0", "bare-split": "split", "bare-split-icpt": "split-icpt"}.get(name, "1")
+            proc, address = start_bare(ctl.data_dir, args.interval, tls, mode)
             bare_procs.append(proc)
             servers[name] = (psutil.Process(proc.pid), address, tls)
         else:
@@ -639,13 +794,19 @@ def _run(
         offset += count
     for p in procs:
         p.start()
+    if args.fast_enroll:
+        t0 = time.monotonic()
+        rows = [row for _ in procs for row in queue.get(timeout=600)[1]]
+        asyncio.run(_insert_nodes(f"sqlite:///{ctl.data_dir / 'controller.db'}", args.user_id, rows))
+        print(f"fast enrolment: {len(rows)} certificates and node rows in {time.monotonic() - t0:.1f} s")
+        ready.wait()
     summary = []
     for name in names:
         summary.append(_phase(args, name, servers[name][0], procs, ready, go, queue))
     for p in procs:
         p.join(30)
     if len(summary) > 1:
-        base = summary[0]
+        base = next((row for row in summary if row["name"] == "bare"), summary[0])
         print("\nside by side (server CPU per heartbeat, ms; loopback packets per heartbeat):")
         for row in summary:
             print(f"  {row['name']:<11} {row['cpu_ms']:.3f} ms ({row['cpu_ms'] / base['cpu_ms']:.2f}x of {base['name']}), "
@@ -675,6 +836,7 @@ def _phase(
         f"\n[{name}] setup {time.monotonic() - t_setup:.1f} s; server RSS {server.memory_info().rss / 2**20:.0f} MiB"
     )
     go.wait()
+    time.sleep(warmup_seconds(args.interval))
     t_start = time.monotonic()
     cpu_start = server.cpu_times()
     packets_start = loopback_packets()
@@ -689,6 +851,7 @@ def _phase(
         return {t.id: t.user_time + t.system_time for t in server.threads()}
 
     before, t_prev = thread_times(), time.monotonic()
+    first = dict(before)
     while time.monotonic() - t_start < args.seconds:
         time.sleep(min(1.0, max(0.05, args.seconds - (time.monotonic() - t_start))))
         cpu.append(server.cpu_percent(None))
@@ -700,6 +863,15 @@ def _phase(
         with contextlib.suppress(psutil.Error):
             gen_cpu.append(sum(g.cpu_percent(None) for g in gens))
     cpu_end = server.cpu_times()
+    last = thread_times()
+
+    def thread_name(tid: int) -> str:
+        try:
+            return Path(f"/proc/{server.pid}/task/{tid}/comm").read_text().strip()
+        except OSError:
+            return "?"
+
+    per_thread = sorted(((last[k] - first.get(k, 0.0), k) for k in last), reverse=True)[:6]
     packets = loopback_packets() - packets_start
     window = time.monotonic() - t_start
     results: list[WorkerResult] = [queue.get(timeout=300) for _ in procs]
@@ -730,6 +902,12 @@ def _phase(
     print(f"server RSS MiB     end {rss[-1] if rss else 0:.0f}  max {max(rss) if rss else 0:.0f}")
     print(f"busiest thread CPU mean {statistics.fmean(busiest[1:] or busiest) if busiest else 0:.0f} %  "
           f"max {max(busiest) if busiest else 0:.0f} % (threads: {server.num_threads()})")  # fmt: skip
+    window_acks = max(sum(r.acks for r in results), 1)
+    print(
+        "server threads     "
+        + ", ".join(f"{thread_name(k)} {cpu_s / window_acks * 1000:.3f}" for cpu_s, k in per_thread)
+        + " ms per heartbeat"
+    )
     print(f"loopback packets   {packets / max(acks, 1):.1f} per heartbeat ({packets / window:.0f}/s)")
     print(f"load gen CPU       {sum(r.cpu_seconds for r in results) / max(acks, 1) * 1000:.3f} ms per heartbeat, "
           f"mean {statistics.fmean(gen_cpu) if gen_cpu else 0:.0f} % (all workers)")  # fmt: skip

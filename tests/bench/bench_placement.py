@@ -126,9 +126,9 @@ def make_nodes(count: int, rng: random.Random) -> list[NodeView]:
                 ),
                 rtt_ms=None if rng.random() < 0.05 else round(rng.uniform(5, 400)),
                 reliability=Reliability(
-                    heartbeats_expected=expected,
-                    heartbeats_received=expected - rng.randrange(0, 30) if expected else 0,
-                    replica_failures=rng.choice((0, 0, 0, 0, 1, 2)),
+                    observed_seconds=expected,
+                    up_seconds=expected - rng.randrange(0, 30) if expected else 0,
+                    failures=rng.choice((0, 0, 0, 0, 1, 2)),
                 ),
                 reserved=Resources(
                     cpu_cores=round(cpu * used, 2),

@@ -1,19 +1,25 @@
 #!/usr/bin/env python3
 """Storage federation: upload/download of one file with 3 replicas on local agents, vs ``cp``.
 
-    .venv/bin/python tests/bench/bench_storage.py --mib 256 --repair-mib 1024
+    .venv/bin/python tests/bench/bench_storage.py --mib 256 --repair-mib 1024 --rounds 5
 
 Starts a real controller in this process (SQLite) and real storage agents (``a67 agent
---node-types storage`` subprocesses) with data directories on one disk. Measures:
+--node-types storage`` subprocesses) with data directories on one disk; the client is a
+process of its own (as a real one is: in the controller's process it would share its GIL).
+``--rounds`` rounds, each: ``cp`` x3, upload, download, so that the three are measured side
+by side under the same machine load; the ratios are the medians of the per-round ratios.
 
+* ``cp`` of the file three times into a fresh directory, then ``sync`` (the same 3 copies
+  without the controller): MB/s = size / wall time;
 * upload: ``UploadFile`` of ``--mib`` MiB of random bytes read from a file in 256 KiB pieces
-  (encrypted, 3 verified copies, fsynced on each agent); MB/s = size / wall time;
+  (encrypted, 3 verified copies, fsynced on each agent; from round 2 on it replaces the
+  file); MB/s = size / wall time of the call in the client; CPU seconds (user/system) of
+  the controller, the client and the agents during it;
 * download: ``DownloadFile`` of the whole file (read, verified, decrypted), discarding the
   bytes; MB/s = size / wall time;
-* ``cp`` of the same file three times into a fresh directory, then ``sync`` (the same
-  3 copies without the controller): MB/s = size / wall time; the ratios use it;
 * the controller process's peak RSS growth during upload and download (sampled every
-  10 ms from /proc/self/status; the client's pieces are included, they are small);
+  10 ms from /proc/self/status); round 1 is the one that counts (later rounds reuse
+  memory the first one took from the system);
 * repair: a 4th agent joins, a ``--repair-mib`` file is uploaded, one holder is killed
   with SIGKILL; the time until every chunk has 3 verified copies on the survivors
   (failure detection — 3.1 heartbeat intervals + the 1.5-interval mass-failure window at
@@ -26,16 +32,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 from automator67.v1 import storage_pb2, storage_pb2_grpc
@@ -48,6 +58,18 @@ from tests.integration.test_node_api import _user  # noqa: E402
 from tests.support import bearer, controller_settings, running_controller  # noqa: E402
 
 PIECE = 256 * 1024
+
+
+def cpu_seconds(pid: int | str = "self") -> tuple[float, float]:
+    """User and system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_of(pids: list[int | str]) -> tuple[float, float]:
+    times = [cpu_seconds(p) for p in pids]
+    return sum(t[0] for t in times), sum(t[1] for t in times)
 
 
 def rss_mib() -> float:
@@ -100,6 +122,56 @@ async def download(stub: storage_pb2_grpc.StorageServiceStub, token: str, file_i
     return total
 
 
+def client_main(address: str, token: str) -> None:
+    """``--client``: the measured uploads and downloads run in a process of their own (a
+    real client is one; in the controller's process it would share its GIL). Reads
+    ``upload <path> <source>`` / ``download <file id>`` lines, answers one JSON line each."""
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(
+            address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        ) as channel:
+            stub = storage_pb2_grpc.StorageServiceStub(channel)
+            while line := await asyncio.to_thread(sys.stdin.readline):
+                command, *args = line.split()
+                start = time.perf_counter()
+                if command == "upload":
+                    stored = await upload(stub, token, args[0], Path(args[1]))
+                    answer: dict[str, object] = {"id": stored.id, "size": stored.size}
+                else:
+                    answer = {"size": await download(stub, token, args[0])}
+                answer["seconds"] = time.perf_counter() - start
+                print(json.dumps(answer), flush=True)
+
+    asyncio.run(run())
+
+
+class ClientProcess:
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.pid = process.pid
+
+    @classmethod
+    async def start(cls, address: str, token: str) -> ClientProcess:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--client", address, token, stdin=PIPE, stdout=PIPE
+        )
+        return cls(process)
+
+    async def ask(self, *words: str) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self.process.stdin.write((" ".join(words) + "\n").encode())
+        await self.process.stdin.drain()
+        answer: dict[str, Any] = json.loads(await self.process.stdout.readline())
+        return answer
+
+    async def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        await self.process.wait()
+
+
 def cp_three(source: Path, work: Path) -> float:
     target = work / "cp"
     shutil.rmtree(target, ignore_errors=True)
@@ -119,7 +191,7 @@ def start_agent(procs: object, address: str, token: str, region: str) -> subproc
     return procs.start(args, f"agent-{region}.log", {"A67_AGENT_TOKEN": token})  # type: ignore[attr-defined]
 
 
-async def main(mib: int, repair_mib: int, work: Path) -> None:
+async def main(mib: int, repair_mib: int, work: Path, rounds: int) -> None:
     source = work / "source.bin"
     with source.open("wb") as handle:
         for _ in range(mib):
@@ -146,30 +218,61 @@ async def main(mib: int, repair_mib: int, work: Path) -> None:
             agents = {r: start_agent(procs, controller.address, enrollment, r) for r in ("r1", "r2", "r3")}
             await client.wait_ready(3, within=60)
 
-            with PeakRss() as up_rss:
-                start = time.perf_counter()
-                stored = await upload(stub, token, "bench/file.bin", source)
-                up_s = time.perf_counter() - start
-            with PeakRss() as down_rss:
-                start = time.perf_counter()
-                got = await download(stub, token, stored.id)
-                down_s = time.perf_counter() - start
-            assert got == size
-            cp_s = cp_three(source, work)
+            pids = [a.pid for a in agents.values()]
+            remote = await ClientProcess.start(controller.address, token)
             mb = size / 1e6
             print(
-                f"file {mib} MiB, 3 replicas, 3 local agents, chunk {settings.storage_chunk_bytes // 2**20} MiB"
+                f"file {mib} MiB, 3 replicas, 3 local agents, chunk {settings.storage_chunk_bytes // 2**20} MiB;"
+                f" {rounds} rounds of cp x3 / upload / download (the upload replaces the file)"
+            )
+            ups: list[float] = []
+            downs: list[float] = []
+            cps: list[float] = []
+            up_growth: list[float] = []
+            down_growth: list[float] = []
+            for round_no in range(1, rounds + 1):
+                cp_s = cp_three(source, work)
+                cpu_before = cpu_of(["self"]), cpu_of([remote.pid]), cpu_of(pids)
+                with PeakRss() as up_rss:
+                    answer = await remote.ask("upload", "bench/file.bin", str(source))
+                up_s = float(answer["seconds"])
+                cpu_after = cpu_of(["self"]), cpu_of([remote.pid]), cpu_of(pids)
+                up_cpu = [(a[0] - b[0], a[1] - b[1]) for a, b in zip(cpu_after, cpu_before, strict=True)]
+                assert answer["size"] == size
+                with PeakRss() as down_rss:
+                    got = await remote.ask("download", str(answer["id"]))
+                down_s = float(got["seconds"])
+                assert got["size"] == size
+                cps.append(cp_s)
+                ups.append(up_s)
+                downs.append(down_s)
+                up_growth.append(up_rss.peak - up_rss.base)
+                down_growth.append(down_rss.peak - down_rss.base)
+                print(
+                    f"round {round_no}: cp x3 {mb / cp_s:6.1f} MB/s ({cp_s:.2f} s)"
+                    f" | upload {mb / up_s:6.1f} MB/s ({up_s:.2f} s, ratio {cp_s / up_s:.2f},"
+                    f" peak RSS +{up_growth[-1]:.1f} MiB; CPU user/sys: controller"
+                    f" {up_cpu[0][0]:.2f}/{up_cpu[0][1]:.2f} s, client {up_cpu[1][0]:.2f}/{up_cpu[1][1]:.2f} s,"
+                    f" 3 agents {up_cpu[2][0]:.2f}/{up_cpu[2][1]:.2f} s)"
+                    f" | download {mb / down_s:6.1f} MB/s ({down_s:.2f} s, ratio {cp_s / down_s:.2f},"
+                    f" peak RSS +{down_growth[-1]:.1f} MiB)"
+                )
+            up_ratio = statistics.median(c / u for c, u in zip(cps, ups, strict=True))
+            down_ratio = statistics.median(c / d for c, d in zip(cps, downs, strict=True))
+            print(
+                f"median    upload {mb / statistics.median(ups):6.1f} MB/s, download {mb / statistics.median(downs):6.1f} MB/s,"
+                f" cp x3 {mb / statistics.median(cps):6.1f} MB/s"
             )
             print(
-                f"upload    {mb / up_s:8.1f} MB/s  ({up_s:.2f} s)   peak RSS growth {up_rss.peak - up_rss.base:6.1f} MiB"
+                f"ratio     upload {up_ratio:.2f} (goal >= 0.5), download {down_ratio:.2f} (goal >= 0.8)"
+                f" — medians of the per-round ratios"
             )
             print(
-                f"download  {mb / down_s:8.1f} MB/s  ({down_s:.2f} s)   peak RSS growth {down_rss.peak - down_rss.base:6.1f} MiB"
+                f"peak RSS  growth, largest of the rounds: upload {max(up_growth):.1f} MiB, download"
+                f" {max(down_growth):.1f} MiB (goal < 64)"
             )
-            print(f"cp x3     {mb / cp_s:8.1f} MB/s  ({cp_s:.2f} s, then sync)")
-            print(
-                f"ratio     upload {cp_s / up_s:.2f} (goal >= 0.5), download {cp_s / down_s:.2f} (goal >= 0.8)"
-            )
+
+            await remote.close()
 
             if repair_mib:
                 agents["r4"] = start_agent(procs, controller.address, enrollment, "r4")
@@ -180,7 +283,7 @@ async def main(mib: int, repair_mib: int, work: Path) -> None:
                         handle.write(os.urandom(1024 * 1024))
                 source.unlink()
                 await stub.DeleteFile(
-                    storage_pb2.DeleteFileRequest(file_id=stored.id), metadata=bearer(token)
+                    storage_pb2.DeleteFileRequest(file_id=str(answer["id"])), metadata=bearer(token)
                 )
                 f = await upload(stub, token, "bench/repair.bin", big)
                 held: dict[str, int] = {}
@@ -219,7 +322,12 @@ if __name__ == "__main__":
     )
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--repair-mib", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of cp x3 / upload / download")
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one)")
+    parser.add_argument("--client", nargs=2, metavar=("ADDRESS", "TOKEN"), help=argparse.SUPPRESS)
     ns = parser.parse_args()
+    if ns.client:
+        client_main(*ns.client)
+        sys.exit(0)
     with tempfile.TemporaryDirectory(dir=ns.dir) as tmp:
-        asyncio.run(main(ns.mib, ns.repair_mib, Path(tmp)))
+        asyncio.run(main(ns.mib, ns.repair_mib, Path(tmp), ns.rounds))

@@ -40,6 +40,7 @@ TABLES = {
     "auth_failures",
     "node_enrollment_tokens",
     "deployment_packages",
+    "alerts",
 }
 
 
@@ -62,7 +63,7 @@ def _set_revision(url: str, revision: str) -> None:
 
 
 def test_head_revision_is_the_latest_migration() -> None:
-    assert head_revision() == "0005"
+    assert head_revision() == "0006"
 
 
 def test_upgrade_from_empty_reaches_head_and_creates_every_table(store_url: str) -> None:

@@ -17,16 +17,32 @@ import hashlib
 import os
 import signal
 import sys
+import threading
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 from automator67.v1 import storage_pb2, storage_pb2_grpc
+from sqlalchemy import event, select, text
 
 from controller.agent.chunks import HEADER_BYTES
+from controller.cache.memory import MemoryCache
+from controller.errors import ResourceExhausted
+from controller.federation.storage import StorageLimits, StorageService
+from controller.federation.storage.plan import NodeCondition
+from controller.federation.storage.service import _Upload
+from controller.nodes import HealthConfig
+from controller.nodes.fleet import Fleet
+from controller.nodes.repository import NodeRepository
+from controller.store import Store, UserRepository
+from controller.store.db import create_engine_for
 from controller.store.migrate import upgrade
+from controller.store.models import StorageChunk, StorageChunkCopy, StorageFile
+from controller.vault import Keyring, Vault
 from tests.integration.test_deployments_real import Client, _until, processes
 from tests.integration.test_node_api import _user
 from tests.support import bearer, controller_settings, running_controller
@@ -278,3 +294,197 @@ async def test_files_are_chunked_encrypted_replicated_repaired_and_collected(
                 return not any(chunk_files(tmp_path).values())
 
             await _until(emptied, "every copy of the deleted file removed", within=30)
+
+
+# -- the controller's memory while a large file streams through it -----------------------------
+
+STREAM_SIZE = 192 * 1024 * 1024
+"""Big enough that holding the file (its plaintext or its ciphertext) would show: a
+buffering upload grows by at least this much; a streaming one holds a few chunks
+(3 sealed chunks being copied, 2 reused buffers: about 50 MiB measured, allocator slack
+included). Small enough to take a few seconds with 3 local agents."""
+STREAM_RSS_BOUND = STREAM_SIZE // 2
+
+
+def rss_bytes() -> int:
+    return int(psutil.Process().memory_info().rss)
+
+
+async def test_a_large_upload_streams_through_the_controller(tmp_path: Path) -> None:
+    # A 1 s heartbeat: the upload keeps both cores busy, and a node late by more than a
+    # tenth of an interval is suspect (and takes no copies).
+    settings = controller_settings(tmp_path / "controller", heartbeat_interval_seconds=1.0)
+    block = os.urandom(1024 * 1024)
+    with processes(tmp_path) as procs:
+        async with (
+            running_controller(settings) as controller,
+            grpc.aio.insecure_channel(controller.address) as channel,
+        ):
+            token = await _user(channel)
+            client = Client(channel, token)
+            stub = storage_pb2_grpc.StorageServiceStub(channel)
+            enrollment = await client.enrollment(uses=3)
+            for region in REGIONS[:3]:
+                storage_agent(procs, controller.address, enrollment, region)
+            await client.wait_ready(3, within=60)
+            digest = hashlib.sha256()
+
+            async def messages() -> AsyncIterator[storage_pb2.UploadFileRequest]:
+                yield storage_pb2.UploadFileRequest(
+                    metadata=storage_pb2.UploadFileMetadata(path="stream.bin", replicas=3, size=STREAM_SIZE)
+                )
+                for n in range(STREAM_SIZE // len(block)):
+                    piece = n.to_bytes(8, "big") + block[8:]  # every MiB different
+                    digest.update(piece)
+                    for start in range(0, len(piece), 256 * 1024):
+                        yield storage_pb2.UploadFileRequest(data=piece[start : start + 256 * 1024])
+
+            # The controller runs in this process: sample its RSS while the upload runs.
+            base = rss_bytes()
+            peak = base
+            done = threading.Event()
+
+            def sample() -> None:
+                nonlocal peak
+                while not done.is_set():
+                    peak = max(peak, rss_bytes())
+                    done.wait(0.005)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            try:
+                stored = (await stub.UploadFile(messages(), metadata=bearer(token))).file
+            finally:
+                done.set()
+                sampler.join()
+            assert stored.size == STREAM_SIZE
+            assert stored.checksum == digest.hexdigest()
+            assert stored.replication_status == storage_pb2.REPLICATION_STATUS_COMPLETE
+            growth = peak - base
+            assert growth < STREAM_RSS_BOUND, f"RSS grew by {growth / 2**20:.0f} MiB during the upload"
+
+
+# -- the quota at commit: two concurrent uploads of one user --------------------------------------
+
+
+async def test_concurrent_uploads_cannot_overshoot_the_quota(store_url: str, tmp_path: Path) -> None:
+    """Two uploads that each fit but not together reach the commit at the same time:
+    exactly one commits. The test holds the store's write lock (SQLite) or an exclusive
+    lock on ``storage_files`` (PostgreSQL) until both commits are waiting inside the
+    store, so both have passed every check made before the commit transaction."""
+    await asyncio.to_thread(upgrade, store_url)
+    store = await Store.open(store_url)
+    blocker_engine = create_engine_for(store_url)
+    try:
+        user = await UserRepository(store).create("quota@example.com", "hash")
+        limits = StorageLimits(max_bytes_per_user=100)
+        fleet = Fleet(nodes=NodeRepository(store), cache=MemoryCache(), health_config=HealthConfig.fast(1.0))
+        service = StorageService(store=store, fleet=fleet, vault=Vault(Keyring.generate("k1")), limits=limits)
+
+        waiting = 0
+
+        def before(*_: object) -> None:
+            nonlocal waiting
+            waiting += 1
+
+        def after(*_: object) -> None:
+            nonlocal waiting
+            waiting -= 1
+
+        event.listen(store.engine.sync_engine, "before_cursor_execute", before)
+        event.listen(store.engine.sync_engine, "after_cursor_execute", after)
+
+        async def commit(path: str) -> StorageFile:
+            upload = _Upload(
+                user_id=user.id, version_id=str(uuid.uuid4()), key=b"k" * 32, replicas=3, nodes=[]
+            )
+            upload.bytes_in = 60
+            return await service._commit(upload, storage_pb2.UploadFileMetadata(path=path), [], "0" * 64)
+
+        async with blocker_engine.connect() as blocker:
+            if store.dialect_name == "sqlite":
+                await blocker.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                await blocker.execute(text("LOCK TABLE storage_files IN EXCLUSIVE MODE"))
+            first = asyncio.create_task(commit("a.bin"))
+            second = asyncio.create_task(commit("b.bin"))
+
+            async def both_waiting() -> bool:
+                return waiting >= 2
+
+            await _until(both_waiting, "both commits waiting inside the store", within=10)
+            await blocker.rollback()
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        committed = [r for r in results if isinstance(r, StorageFile)]
+        refused = [r for r in results if isinstance(r, ResourceExhausted)]
+        assert len(committed) == 1, results
+        assert len(refused) == 1, results
+        assert refused[0].reason == "STORAGE_QUOTA_EXCEEDED"
+        async with store.session() as session:
+            rows = list((await session.execute(select(StorageFile.path))).scalars())
+        assert rows == [committed[0].path]
+    finally:
+        await blocker_engine.dispose()
+        await store.close()
+
+
+# -- repair reads the copies of lost nodes, not the whole store ---------------------------------
+
+
+async def test_repair_reads_only_the_copies_of_lost_nodes(store_url: str) -> None:
+    await asyncio.to_thread(upgrade, store_url)
+    store = await Store.open(store_url)
+    try:
+        user = await UserRepository(store).create("repair@example.com", "hash")
+        conditions = {"n1": NodeCondition.UP, "n2": NodeCondition.UP, "n3": NodeCondition.UP}
+        conditions["n4"] = NodeCondition.UP
+
+        class Service(StorageService):
+            def condition(self, node_id: str) -> NodeCondition:
+                return conditions.get(node_id, NodeCondition.LOST)
+
+        fleet = Fleet(nodes=NodeRepository(store), cache=MemoryCache(), health_config=HealthConfig.fast(1.0))
+        service = Service(store=store, fleet=fleet, vault=Vault(Keyring.generate("k1")))
+        healthy = [str(uuid.uuid4()) for _ in range(60)]
+        on_n4 = [str(uuid.uuid4()) for _ in range(3)]
+        async with store.session() as session:
+            for i, chunk_id in enumerate(healthy + on_n4):
+                session.add(
+                    StorageChunk(
+                        id=chunk_id,
+                        user_id=user.id,
+                        version_id="v",
+                        index=i,
+                        size=1,
+                        stored_size=29,
+                        checksum="0" * 64,
+                        replicas=3,
+                        state="live",
+                    )
+                )
+            await session.flush()
+            for chunk_id in healthy:
+                session.add_all(
+                    StorageChunkCopy(chunk_id=chunk_id, node_id=n, state="ok") for n in ("n1", "n2", "n3")
+                )
+            for chunk_id in on_n4:
+                session.add_all(
+                    StorageChunkCopy(chunk_id=chunk_id, node_id=n, state="ok") for n in ("n1", "n2", "n4")
+                )
+
+        assert await service.repair_once() == 0  # the first pass reads everything once
+        assert service.chunks_examined == len(healthy) + len(on_n4)
+        assert await service.repair_once() == 0  # nothing lost, nothing flagged: nothing read
+        assert service.chunks_examined == 0
+
+        conditions["n4"] = NodeCondition.LOST
+        await service.on_node_failed("n4", user.id)
+        await service.repair_once()  # no storage node to copy to: the repair fails, and is retried
+        assert service.chunks_examined == len(on_n4)
+        await service.repair_once()
+        assert service.chunks_examined == len(on_n4)
+
+        await service.repair_once(full=True)
+        assert service.chunks_examined == len(healthy) + len(on_n4)
+    finally:
+        await store.close()

@@ -304,7 +304,7 @@ def test_replica_env_is_minimal_and_platform_values_win(tmp_path: Path) -> None:
 def test_register_replica_handlers(tmp_path: Path) -> None:
     handlers = CommandHandlers()
     register_replica_handlers(handlers, ReplicaSupervisor(tmp_path))
-    assert handlers.kinds() == {"deploy_replica", "stop_replica"}
+    assert handlers.kinds() == {"deploy_replica", "stop_replica", "remove_deployment"}
 
 
 # --------------------------------------------------------------------------- deploy and stop

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import stat
 from decimal import Decimal
@@ -25,7 +26,8 @@ from controller.agent.pg_shards import (
     shard_password,
 )
 from controller.agent.shards import ShardError, ShardStore, register_shard_handlers
-from controller.wire import decode_result, decode_value, encode_result, encode_value
+from controller.limits import CONTROL_MESSAGE_MAX_BYTES
+from controller.wire import decode_result, decode_rows, decode_value, encode_result, encode_value
 
 
 async def test_sqlite_shards_are_separate_files(tmp_path: Path) -> None:
@@ -65,35 +67,103 @@ async def test_errors_are_classified(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_handler_answers_with_encoded_rows_or_error_kind(tmp_path: Path) -> None:
+class FakePush:
+    """A PushShardResult call that keeps what the agent writes (the controller's side)."""
+
+    def __init__(self) -> None:
+        self.messages: list[node_pb2.PushShardResultRequest] = []
+        self.ended = asyncio.get_running_loop().create_future()
+        self.opened = asyncio.Event()
+
+    async def write(self, message: node_pb2.PushShardResultRequest) -> None:
+        self.messages.append(message)
+        self.opened.set()
+
+    async def done_writing(self) -> None:
+        if not self.ended.done():
+            self.ended.set_result(node_pb2.PushShardResultResponse())
+
+    def cancel(self) -> None:
+        if not self.ended.done():
+            self.ended.cancel()
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return self.ended.__await__()
+
+
+async def test_handler_pushes_rows_in_batches_and_answers_a_summary(tmp_path: Path) -> None:
     store = ShardStore(tmp_path)
     handlers = CommandHandlers()
     register_shard_handlers(handlers, store)
     counters = RequestCounters()
+    pushes: list[FakePush] = []
+
+    def open_push() -> FakePush:
+        pushes.append(FakePush())
+        return pushes[-1]
+
+    def command(command_id: str, sql: str, **caps: int) -> node_pb2.NodeCommand:
+        return node_pb2.NodeCommand(
+            command_id=command_id,
+            execute_shard_statement=node_pb2.ExecuteShardStatement(
+                database_id="d", shard_index=0, sql=sql, read_only=True, **caps
+            ),
+        )
+
     try:
-        ok = await handlers.dispatch(
-            node_pb2.NodeCommand(
-                command_id="c1",
-                execute_shard_statement=node_pb2.ExecuteShardStatement(
-                    database_id="d", shard_index=0, sql="SELECT 1 AS one"
-                ),
-            ),
-            counters,
+        unconnected = await handlers.dispatch(command("c0", "SELECT 1"), counters)
+        assert not unconnected.ok
+        assert json.loads(unconnected.payload) == {"error_kind": "unavailable"}
+        store.open_push = open_push
+        many = (
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 20000) SELECT x FROM c"
         )
+        ok = await handlers.dispatch(command("c1", many), counters)
         assert ok.ok
-        assert decode_result(ok.payload) == ([("one", "INTEGER")], [(1,)], -1)
-        bad = await handlers.dispatch(
-            node_pb2.NodeCommand(
-                command_id="c2",
-                execute_shard_statement=node_pb2.ExecuteShardStatement(
-                    database_id="d", shard_index=0, sql="SELEC 1"
-                ),
-            ),
-            counters,
-        )
+        assert json.loads(ok.payload) == {"rows": 20000, "rowcount": -1, "columns": [["x", "INTEGER"]]}
+        messages = pushes[-1].messages
+        assert messages[0].command_id == "c1"
+        assert messages[1].columns_known
+        assert messages[-1].done
+        assert not messages[-1].error_kind
+        assert len(messages) > 3  # batches, not one payload
+        assert all(m.ByteSize() <= CONTROL_MESSAGE_MAX_BYTES for m in messages)
+        rows = [r for m in messages for r in (decode_rows(m.rows) if m.row_count else [])]
+        assert rows == [(x,) for x in range(1, 20001)]
+
+        capped = await handlers.dispatch(command("c2", many, max_rows=20000), counters)
+        assert capped.ok  # exactly the cap is fine
+        over = await handlers.dispatch(command("c3", many, max_rows=19999), counters)
+        assert not over.ok
+        assert json.loads(over.payload) == {"error_kind": "too_large"}
+        assert pushes[-1].messages[-1].error_kind == "too_large"
+        assert sum(m.row_count for m in pushes[-1].messages) < 20000  # never sent past the cap
+
+        bad = await handlers.dispatch(command("c4", "SELEC 1"), counters)
         assert not bad.ok
         assert json.loads(bad.payload) == {"error_kind": "invalid"}
         assert "syntax error" in bad.error_message
+        assert pushes[-1].messages[-1].error_kind == "invalid"
+    finally:
+        await store.close()
+
+
+async def test_a_statement_stops_when_the_controller_ends_the_call(tmp_path: Path) -> None:
+    store = ShardStore(tmp_path)
+    push = FakePush()
+    store.open_push = lambda: push
+    try:
+        endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+        request = node_pb2.ExecuteShardStatement(
+            database_id="d", shard_index=0, sql=endless, timeout_ms=600_000, read_only=True
+        )
+        running = asyncio.ensure_future(store.push_result("c1", request, lambda: push))
+        await push.opened.wait()  # the call is open: the statement runs
+        assert not running.done()
+        push.cancel()  # the controller ended the call
+        result = await asyncio.wait_for(running, 10)
+        assert not result.ok
+        assert json.loads(result.payload) == {"error_kind": "cancelled"}
     finally:
         await store.close()
 

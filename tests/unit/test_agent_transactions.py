@@ -18,7 +18,8 @@ import pytest
 from automator67.v1 import node_pb2
 
 from controller.agent.shards import ShardError, ShardStore
-from controller.wire import decode_result
+from controller.limits import CONTROL_MESSAGE_MAX_BYTES
+from controller.wire import decode_result, decode_rows
 
 A = node_pb2.ShardTransactionAction
 DB = "db1"
@@ -300,3 +301,92 @@ async def test_postgres_statement_error_and_deadlock_kinds(pg_store) -> None:
         await store.transaction(step(A.SHARD_TRANSACTION_ACTION_BEGIN, "c", "INSERT INTO acct VALUES (1, 5)"))
     assert info.value.kind == "constraint"
     assert store.open_transactions() == {}
+
+
+class _Push:
+    """A PushShardResult call that keeps what the agent writes (the controller's side)."""
+
+    def __init__(self) -> None:
+        self.messages: list[node_pb2.PushShardResultRequest] = []
+        self.ended = asyncio.get_running_loop().create_future()
+
+    async def write(self, message: node_pb2.PushShardResultRequest) -> None:
+        self.messages.append(message)
+
+    async def done_writing(self) -> None:
+        if not self.ended.done():
+            self.ended.set_result(node_pb2.PushShardResultResponse())
+
+    def cancel(self) -> None:
+        if not self.ended.done():
+            self.ended.cancel()
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return self.ended.__await__()
+
+
+async def _transaction_rows_take_the_data_path(store: ShardStore) -> None:
+    """A transaction's statement pushes its rows in batches within its caps; the command's
+    result is a summary; going over the cap fails the statement (and so the transaction)."""
+    pushes: list[_Push] = []
+
+    def open_push() -> _Push:
+        pushes.append(_Push())
+        return pushes[-1]
+
+    def pushed(txid: str, action: int, sql: str, **caps: int) -> node_pb2.ShardTransaction:
+        request = step(action, txid, sql, timeout_ms=20_000)
+        request.push_rows = True
+        request.max_rows, request.max_bytes = caps.get("max_rows", 0), caps.get("max_bytes", 0)
+        return request
+
+    body = "x" * 1000
+    values = ", ".join(f"({i}, '{body}')" for i in range(10, 410))
+    begin = await store.push_transaction(
+        "c1", pushed("t1", A.SHARD_TRANSACTION_ACTION_BEGIN, f"INSERT INTO docs VALUES {values}"), open_push
+    )
+    assert begin.ok, begin.error_message
+    assert json.loads(begin.payload)["rowcount"] == 400
+    select = await store.push_transaction(
+        "c2",
+        pushed("t1", A.SHARD_TRANSACTION_ACTION_EXECUTE, "SELECT id, body FROM docs ORDER BY id"),
+        open_push,
+    )
+    assert select.ok, select.error_message
+    messages = pushes[-1].messages
+    assert messages[0].command_id == "c2"
+    assert messages[-1].done
+    assert not messages[-1].error_kind
+    got = [r for m in messages if m.row_count for r in decode_rows(m.rows)]
+    assert got == [(i, body) for i in range(10, 410)]  # the transaction reads its own writes
+    assert (
+        sum(len(m.rows) for m in messages) > CONTROL_MESSAGE_MAX_BYTES
+    )  # more than one control message holds
+    assert all(m.ByteSize() <= CONTROL_MESSAGE_MAX_BYTES for m in messages)
+    assert len(select.payload) < 1024  # the command's own result is a summary
+
+    over = await store.push_transaction(
+        "c3", pushed("t1", A.SHARD_TRANSACTION_ACTION_EXECUTE, "SELECT id FROM docs", max_rows=399), open_push
+    )
+    assert not over.ok
+    assert json.loads(over.payload) == {"error_kind": "too_large"}
+    assert pushes[-1].messages[-1].error_kind == "too_large"
+    assert sum(m.row_count for m in pushes[-1].messages) <= 399  # never sent past the cap
+    gone = await store.push_transaction(
+        "c4", pushed("nope", A.SHARD_TRANSACTION_ACTION_EXECUTE, "SELECT 1"), open_push
+    )
+    assert json.loads(gone.payload) == {"error_kind": "transaction_missing"}
+    await store.transaction(step(A.SHARD_TRANSACTION_ACTION_ROLLBACK, "t1"))
+    assert await rows(store, "SELECT COUNT(*) FROM docs") == [(0,)]
+
+
+async def test_sqlite_transaction_rows_take_the_data_path(sqlite_store: ShardStore) -> None:
+    await sqlite_store.execute(DB, 0, "CREATE TABLE docs (id INTEGER PRIMARY KEY, body TEXT)", 1000)
+    await _transaction_rows_take_the_data_path(sqlite_store)
+
+
+@pytest.mark.postgres
+async def test_postgres_transaction_rows_take_the_data_path(pg_store) -> None:
+    store, _ = pg_store
+    await store.execute(DB, 0, "CREATE TABLE docs (id INTEGER PRIMARY KEY, body TEXT)", 1000)
+    await _transaction_rows_take_the_data_path(store)

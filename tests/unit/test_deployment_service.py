@@ -82,3 +82,54 @@ async def test_recovery_is_rate_limited_per_user_after_a_burst(monkeypatch: pyte
     await svc._recovery_slot("u2")  # another user is not held up
     assert len(slept) == 2
     assert asyncio.iscoroutinefunction(service.DeploymentService._recovery_slot)
+
+
+# --------------------------------------------------------------------------- issue 11
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        pytest.param({}, ("/health", 10, 2, 3, "1GB"), id="backend-defaults"),
+        pytest.param(
+            {"app_type": "APP_TYPE_WORKER"}, ("", 10, 2, 3, "1GB"), id="worker-without-path-has-no-http-check"
+        ),
+        pytest.param(
+            {
+                "health_check": {"path": "/up", "interval_seconds": 30, "timeout_seconds": 5, "retries": 1},
+                "resources": {"storage": "2GB"},
+            },
+            ("/up", 30, 5, 1, "2GB"),
+            id="given-values-are-kept",
+        ),
+    ],
+)
+def test_get_deployment_shows_effective_values_not_zeros(
+    given: dict[str, Any], expected: tuple[object, ...]
+) -> None:
+    from automator67.v1 import deployment_pb2
+    from google.protobuf import json_format
+
+    spec = {"name": "web", "app_type": "APP_TYPE_BACKEND", **given}
+    row = Deployment(
+        id="d1",
+        user_id="u1",
+        name="web",
+        status="running",
+        manifest={"spec": spec},
+        node_assignments=[],
+        desired_replicas=1,
+        current_replicas=0,
+        endpoints=[],
+    )
+    shown = service.DeploymentService.to_proto(cast(Any, None), row).manifest
+    check = shown.health_check
+    assert (
+        check.path,
+        check.interval_seconds,
+        check.timeout_seconds,
+        check.retries,
+        shown.resources.storage,
+    ) == expected
+    assert json_format.MessageToDict(shown)["healthCheck"]["intervalSeconds"] == expected[1]
+    assert isinstance(shown, deployment_pb2.DeploymentManifest)

@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 import controller.scheduling
+from controller.deployments import plan as plan_module
 from controller.errors import Unavailable
 from controller.nodes.health import Metrics, NodeState
 from controller.scheduling import (
@@ -30,9 +31,11 @@ from controller.scheduling import (
     rejection_reason,
 )
 from controller.scheduling import feasible as feasible_module
+from controller.scheduling import history as history_module
 from controller.scheduling import score as score_module
 from controller.scheduling import select as select_module
 from controller.scheduling import snapshot as snapshot_module
+from controller.scheduling.history import NodeHistory
 from controller.scheduling.score import (
     CONNECTIONS_WEIGHT,
     CPU_WEIGHT,
@@ -156,20 +159,22 @@ def test_connection_factor(active: int | None, capacity: int, expected: float) -
 
 
 @pytest.mark.parametrize(
-    ("expected_hb", "received", "failures", "expected"),
+    ("observed", "up", "failures", "expected"),
     [
         pytest.param(0, 0, 0, 1.0, id="no-history-is-fully-reliable"),
-        pytest.param(100, 100, 0, 1.0, id="every-heartbeat-arrived"),
-        pytest.param(100, 90, 0, 0.9, id="missed-a-tenth"),
-        pytest.param(100, 90, 1, 0.45, id="one-replica-failure-halves"),
-        pytest.param(0, 0, 3, 0.25, id="failures-count-without-heartbeat-history"),
-        pytest.param(100, 120, 0, 1.0, id="more-than-expected-is-capped"),
+        pytest.param(86400, 86400, 0, 1.0, id="up-all-day"),
+        pytest.param(100, 90, 0, 0.9, id="down-a-tenth"),
+        pytest.param(100, 90, 1, 0.45, id="one-failure-halves"),
+        pytest.param(0, 0, 3, 0.25, id="failures-count-without-uptime-history"),
+        pytest.param(100, 120, 0, 1.0, id="more-than-observed-is-capped"),
     ],
 )
-def test_reliability_factor(expected_hb: int, received: int, failures: int, expected: float) -> None:
-    assert reliability_score(
-        heartbeats_expected=expected_hb, heartbeats_received=received, replica_failures=failures
-    ) == pytest.approx(expected)
+def test_reliability_factor(observed: float, up: float, failures: int, expected: float) -> None:
+    assert reliability_score(observed_seconds=observed, up_seconds=up, failures=failures) == pytest.approx(
+        expected
+    )
+    view_score = node("n1", reliability=Reliability(observed, up, failures)).score.reliability
+    assert view_score == pytest.approx(expected)
 
 
 def test_weights_are_the_spec_weights_and_sum_to_one() -> None:
@@ -192,7 +197,7 @@ def test_score_records_every_factor_and_the_weighted_total() -> None:
         mem_pct=40.0,
         rtt=100.0,
         active=25,
-        reliability=Reliability(heartbeats_expected=100, heartbeats_received=90, replica_failures=1),
+        reliability=Reliability(observed_seconds=100, up_seconds=90, failures=1),
     )
     score = view.score
     assert score.factors() == pytest.approx(
@@ -226,9 +231,9 @@ def test_inlined_score_node_agrees_with_the_factor_helpers() -> None:
             rtt=rng.choice([None, rng.uniform(0, 800)]),
             with_metrics=rng.random() > 0.1,
             reliability=Reliability(
-                heartbeats_expected=rng.choice([0, 100]),
-                heartbeats_received=rng.randrange(0, 110),
-                replica_failures=rng.randrange(0, 3),
+                observed_seconds=rng.choice([0, 100]),
+                up_seconds=rng.randrange(0, 110),
+                failures=rng.randrange(0, 3),
             ),
         )
         metrics = view.metrics
@@ -240,9 +245,9 @@ def test_inlined_score_node_agrees_with_the_factor_helpers() -> None:
         )
         history = view.reliability
         reliability = reliability_score(
-            heartbeats_expected=history.heartbeats_expected,
-            heartbeats_received=history.heartbeats_received,
-            replica_failures=history.replica_failures,
+            observed_seconds=history.observed_seconds,
+            up_seconds=history.up_seconds,
+            failures=history.failures,
         )
         assert score_node(view) == score_module.NodeScore(
             cpu,
@@ -782,6 +787,7 @@ def test_public_names_are_exactly_the_api() -> None:
         "NO_HEALTHY_REPLICA",
         "Capabilities",
         "Choice",
+        "NodeHistory",
         "NodeScore",
         "NodeView",
         "Placement",
@@ -806,8 +812,131 @@ def test_public_names_are_exactly_the_api() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", [score_module, feasible_module, snapshot_module, select_module], ids=lambda m: m.__name__
+    "module",
+    [score_module, feasible_module, snapshot_module, select_module, history_module, plan_module],
+    ids=lambda m: m.__name__,
 )
 def test_docstring_examples_run(module: object) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)  # type: ignore[arg-type]
     assert result.failed == 0
+
+
+# --------------------------------------------------------------------------- complete inputs (issue 11)
+
+
+def _order(*views: NodeView) -> list[str]:
+    return place(Snapshot(views), SMALL, len(views), seed="s").node_ids
+
+
+@pytest.mark.parametrize(
+    ("better", "worse", "factor", "gap"),
+    [
+        # Only the RTT differs: 50 ms vs 300 ms is 0.9 vs 0.4 latency, weight 0.20.
+        pytest.param({"rtt": 50.0}, {"rtt": 300.0}, "latency", 0.20 * 0.5, id="rtt"),
+        # Only reliability differs: up 90 % with one failure vs always up, weight 0.10.
+        pytest.param(
+            {"reliability": Reliability(86400, 86400, 0)},
+            {"reliability": Reliability(86400, 77760, 1)},
+            "reliability",
+            0.10 * (1.0 - 0.45),
+            id="reliability",
+        ),
+        # Only active connections differ: 10 vs 60 of 100, weight 0.15.
+        pytest.param({"active": 10}, {"active": 60}, "connections", 0.15 * 0.5, id="connections"),
+    ],
+)
+def test_nodes_differing_in_one_factor_are_ordered_by_its_weight(
+    better: dict[str, object], worse: dict[str, object], factor: str, gap: float
+) -> None:
+    good = node("good", region="r", **better)  # type: ignore[arg-type]
+    bad = node("bad", region="r", **worse)  # type: ignore[arg-type]
+    assert good.score.total - bad.score.total == pytest.approx(gap)
+    others = set(FACTOR_NAMES) - {factor}
+    assert {k: good.score.factors()[k] for k in others} == {k: bad.score.factors()[k] for k in others}
+    for views in ((good, bad), (bad, good)):
+        assert _order(*views) == ["good", "bad"]
+        assert place(Snapshot(views), SMALL, 1, seed="s").node_ids == ["good"]
+
+
+def test_a_storage_only_node_never_gets_an_app_replica() -> None:
+    storage = node("storage", types=("storage",), cpu_pct=0.0, mem_pct=0.0, rtt=1.0)
+    compute = node("compute", types=("compute",), cpu_pct=70.0, mem_pct=70.0, rtt=400.0)
+    placement = place(Snapshot((storage, compute)), SMALL, 1, seed="s")
+    assert placement.node_ids == ["compute"]
+    assert placement.why("storage") == "node type mismatch: needs compute, node serves storage"
+    with pytest.raises(Unavailable):
+        place(Snapshot((storage, compute)), SMALL, 2, seed="s")
+
+
+@pytest.mark.parametrize(
+    ("changes", "now", "expected"),
+    [
+        pytest.param([], 100.0, Reliability(0.0, 0.0, 0), id="never-seen-no-history"),
+        pytest.param([(S.READY, 0.0)], 100.0, Reliability(100.0, 100.0, 0), id="ready-since-first-heartbeat"),
+        pytest.param(
+            [(S.INITIALIZING, 0.0), (S.READY, 40.0)], 100.0, Reliability(60.0, 60.0, 0), id="init-unobserved"
+        ),
+        pytest.param(
+            [(S.READY, 0.0), (S.SUSPECT, 10.0), (S.FAILED, 20.0), (S.READY, 50.0)],
+            100.0,
+            Reliability(100.0, 60.0, 1),
+            id="down-40s-one-failure",
+        ),
+        pytest.param(
+            [(S.READY, 0.0), (S.BUSY, 10.0), (S.DEGRADED, 20.0), (S.DRAINING, 30.0)],
+            100.0,
+            Reliability(100.0, 100.0, 0),
+            id="busy-degraded-draining-are-up",
+        ),
+        # Window of 100 s: the failure at 20 s and the down time before 150 s drop out.
+        pytest.param(
+            [(S.READY, 0.0), (S.FAILED, 20.0), (S.READY, 60.0)],
+            250.0,
+            Reliability(100.0, 100.0, 0),
+            id="old-failures-leave-the-window",
+        ),
+        pytest.param(
+            [(S.READY, 0.0), (S.FAILED, 20.0), (S.READY, 160.0)],
+            200.0,
+            Reliability(100.0, 40.0, 0),
+            id="window-start-inside-a-down-span",
+        ),
+        pytest.param(
+            [(S.READY, 0.0), (S.REMOVED, 10.0)], 100.0, Reliability(0.0, 0.0, 0), id="removed-forgotten"
+        ),
+    ],
+)
+def test_node_history_uptime_share_and_failures(
+    changes: list[tuple[NodeState, float]], now: float, expected: Reliability
+) -> None:
+    history = NodeHistory(window_seconds=100.0)
+    for state, at in changes:
+        history.record("n1", state, at)
+    assert history.reliability("n1", now) == expected
+
+
+def test_node_history_is_bounded_by_the_window() -> None:
+    history = NodeHistory(window_seconds=10.0)
+    for i in range(1000):
+        history.record("n1", S.FAILED if i % 2 else S.READY, float(i))
+    assert len(history._spans["n1"]) <= 12
+    assert len(history._failures["n1"]) <= 6
+
+
+def test_plan_spreads_a_replacement_to_the_region_the_deployment_lacks() -> None:
+    # The deployment runs in eu (n1) and us (n3); replica on n2 (eu) is being replaced.
+    # The best remaining node (n4) is in eu, but ap holds no replica: the replacement goes to ap.
+    views = (
+        node("n1", region="eu", cpu_pct=50.0),
+        node("n2", region="eu", cpu_pct=10.0),
+        node("n3", region="us", cpu_pct=50.0),
+        node("n4", region="eu", cpu_pct=0.0),
+        node("n5", region="ap", cpu_pct=60.0),
+    )
+    regions = {v.node_id: v.region for v in views}
+    chosen = plan_module.plan(
+        Snapshot(views), regions, SMALL, 1, seed="d|0|3", hosting=["n1", "n3"], exclude={"n2"}
+    )
+    assert chosen.node_ids == ["n5"]
+    # Without the deployment's other replicas counted, the best score (n4, eu) would win.
+    assert place(Snapshot(views), SMALL, 1, seed="d|0|3", exclude=frozenset({"n2"})).node_ids == ["n4"]

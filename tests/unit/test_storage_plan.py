@@ -1,12 +1,24 @@
-"""Pure storage decisions: paths, replication status, repair order, inventory, GC grace, rate limit, ranges."""
+"""Pure storage decisions (paths, replication status, repair order, inventory, GC grace, rate
+limit, ranges) and the data path's building blocks (sealing, shared transfer messages, the
+agent's streamed chunk writes and shared directory fsyncs)."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import stat
+import threading
+import time
+import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from automator67.v1 import node_pb2
 
-from controller.federation.storage import crypto, plan
+from controller.agent import chunks
+from controller.errors import PermissionDenied
+from controller.federation.storage import crypto, plan, transfers
 from controller.federation.storage.plan import ChunkView, KnownChunk, NodeCondition, ReportedCopy
 
 UP, AWAY, LOST = NodeCondition.UP, NodeCondition.AWAY, NodeCondition.LOST
@@ -144,3 +156,128 @@ def test_a_sealed_chunk_opens_only_as_itself() -> None:
     flipped[-1] ^= 1
     with pytest.raises(crypto.ChunkIntegrityError):
         crypto.open_chunk(key, "c1", 0, bytes(flipped))
+
+
+# -- the data path's building blocks ---------------------------------------------------------------
+
+
+def test_a_sealed_chunk_opens_only_as_its_own_chunk_and_index() -> None:
+    key = crypto.new_data_key()
+    plaintext = os.urandom(3000)
+    out = bytearray(len(plaintext) + crypto.OVERHEAD_BYTES)
+    crypto.Sealer(key).seal_into("c1", 4, memoryview(plaintext), memoryview(out))
+    assert crypto.open_chunk(key, "c1", 4, bytes(out)) == plaintext
+    for chunk_id, index in (("c2", 4), ("c1", 5)):
+        with pytest.raises(crypto.ChunkIntegrityError):
+            crypto.open_chunk(key, chunk_id, index, bytes(out))
+    with pytest.raises(ValueError, match="overhead"):
+        crypto.Sealer(key).seal_into("c1", 4, plaintext, memoryview(out)[1:])
+
+
+def test_a_payload_is_cut_into_shared_messages_and_outlives_its_buffer() -> None:
+    buffer = bytearray(os.urandom(2 * transfers.PIECE_BYTES + 5))
+    original = bytes(buffer)
+    payload = transfers.Payload(memoryview(buffer), lambda piece: piece)
+    buffer[:] = b"\0" * len(buffer)  # the upload reuses its buffer at once
+    assert payload.size == len(original)
+    assert [len(m) for m in payload.messages] == [transfers.PIECE_BYTES, transfers.PIECE_BYTES, 5]
+    assert b"".join(payload.messages) == original
+    moves = transfers.Transfers()
+    first, second = moves.offer("n1", payload), moves.offer("n2", payload)
+    assert moves.serve("n1", first) is moves.serve("n2", second)  # made once, served to both
+    with pytest.raises(PermissionDenied):
+        moves.serve("n2", first)  # bound to its node
+    assert transfers.Payload(b"", lambda piece: piece).messages == [b""]
+
+
+def test_a_whole_fetch_message_fits_the_agents_storage_channel() -> None:
+    framing = 16  # field tag and length of FetchChunkResponse.data
+    assert transfers.PIECE_BYTES + framing <= chunks.STORAGE_MESSAGE_BYTES
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16384, 1024 * 1024])
+def test_fetch_chunk_data_reads_the_bytes_of_a_serialized_message(size: int) -> None:
+    data = os.urandom(size)
+    raw = node_pb2.FetchChunkResponse(data=data).SerializeToString()
+    assert bytes(chunks.fetch_chunk_data(raw)) == data
+    # Anything but the plain layout is parsed by protobuf (here: the field twice, last wins).
+    twice = node_pb2.FetchChunkResponse(data=b"old").SerializeToString() + raw
+    assert bytes(chunks.fetch_chunk_data(twice)) == (data or b"old")
+
+
+def test_a_streamed_copy_is_kept_only_when_complete_and_verified(tmp_path: Path) -> None:
+    store = chunks.ChunkStore(tmp_path / "chunks")
+    data = os.urandom(5000)
+    sha = hashlib.sha256(data).hexdigest()
+    chunk_id = str(uuid.uuid4())
+
+    writer = store.writer(chunk_id, len(data), sha)
+    writer.add(memoryview(data)[:1000])
+    writer.add(data[1000:])
+    writer.commit()
+    writer.close()
+    assert store.read(chunk_id, sha) == data
+    assert store.inventory()[0].sha256 == sha
+
+    for pieces, size, problem in (
+        ([data[:4000]], len(data), "got 4000 bytes"),
+        ([data[:-1] + b"x"], len(data), "SHA-256"),
+    ):
+        other = str(uuid.uuid4())
+        writer = store.writer(other, size, sha)
+        for piece in pieces:
+            writer.add(piece)
+        with pytest.raises(ValueError, match=problem):
+            writer.commit()
+        writer.close()
+        with pytest.raises(FileNotFoundError):
+            store.read(other, sha)
+    writer = store.writer(str(uuid.uuid4()), 10, sha)
+    with pytest.raises(ValueError, match="more than 10 bytes"):
+        writer.add(b"x" * 11)
+    writer.close()
+    assert [p.name for p in (tmp_path / "chunks").iterdir()] == [chunk_id]  # no temporary files left
+
+
+def test_concurrent_copies_share_directory_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While one directory fsync runs, every copy renamed meanwhile waits for the next
+    one, which covers them all: 1 + 1 fsyncs for 8 copies, and none returns before its
+    rename is covered."""
+    store = chunks.ChunkStore(tmp_path / "chunks")
+    real_fsync = os.fsync
+    directory_syncs: list[int] = []
+    first_may_finish = threading.Event()
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            directory_syncs.append(fd)
+            if len(directory_syncs) == 1:
+                assert first_may_finish.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(chunks.os, "fsync", fsync)
+    data = b"abc"
+    sha = hashlib.sha256(data).hexdigest()
+    finished: list[str] = []
+
+    def put(chunk_id: str) -> None:
+        store.write(chunk_id, data, len(data), sha)
+        finished.append(chunk_id)
+
+    ids = [str(uuid.uuid4()) for _ in range(8)]
+    threads = [threading.Thread(target=put, args=(ids[0],))]
+    threads[0].start()
+    deadline = time.monotonic() + 10
+    while not directory_syncs and time.monotonic() < deadline:
+        threading.Event().wait(0.001)
+    threads += [threading.Thread(target=put, args=(i,)) for i in ids[1:]]
+    for thread in threads[1:]:
+        thread.start()
+    while store._dir_wanted < len(ids) and time.monotonic() < deadline:
+        threading.Event().wait(0.001)
+    assert finished == []  # nobody is acknowledged before a directory fsync covers it
+    first_may_finish.set()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(finished) == sorted(ids)
+    assert len(directory_syncs) == 2

@@ -33,20 +33,28 @@ A write is never partial: if any shard fails, the error says which shards applie
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+import concurrent.futures
+import contextlib
+import itertools
+import threading
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from controller.errors import (
     ControllerError,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
+    ResourceExhausted,
     Unavailable,
 )
 
 from .merge import GroupedMerge, RowsMerge, WriteMerge, grouped_columns, iter_rows, merge_groups
 from .plan import Plan
+from .workers import MergeWorker, MergeWorkers, merged
+
+T = TypeVar("T")
 
 DEFAULT_DEADLINE_SECONDS = 30.0
 """The spec's query timeout (§4.5)."""
@@ -211,6 +219,9 @@ def _raise_for_failures(
         else ""
     )
     metadata = {"shards": names}
+    for error in errors.values():
+        if isinstance(error, ResourceExhausted):  # over a statement's cap: no other shard changes that
+            raise error
     for shard, error in errors.items():
         if isinstance(error, ShardError) and not error.retryable:
             kind = InvalidArgument if (error.sqlstate or "")[:2] in ("22", "42") else FailedPrecondition
@@ -265,3 +276,328 @@ def _affected(plan: Plan, answered: list[ShardResult]) -> int | None:
     if isinstance(plan.merge, WriteMerge) and plan.merge.counts == "first":
         return counts[0]
     return sum(counts)
+
+
+# -- streaming --------------------------------------------------------------------------
+
+STREAM_QUEUE_BATCHES = 4
+"""Output batches queued between the merge thread and the caller (and shard batches queued
+by the fan-in of an unordered merge): what a slow reader lets the controller hold."""
+STREAM_FIRST_ROWS = 100
+"""Rows of the first output batch (it leaves as soon as they are merged)."""
+STREAM_BATCH_ROWS = 4096
+"""Most rows of one output batch."""
+_MERGE_THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="a67-merge")
+"""Where streaming merges run (one thread per stream while it runs)."""
+_POLL_SECONDS = 0.25
+
+
+class ShardSource(Protocol):
+    """The rows of one shard as they arrive: ``columns`` once opened, then batches."""
+
+    @property
+    def columns(self) -> Sequence[tuple[str, str]]: ...
+
+    async def next_batch(self) -> Any | None:
+        """The next batch (any form :meth:`decode` reads), or None after the last."""
+        ...
+
+    def decode(self, batch: Any) -> Sequence[tuple[Any, ...]]:
+        """A batch's rows; called from the merge thread."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class StreamingShardExecutor(Protocol):
+    """Opens a shard's rows as a stream (``deadline`` as in :class:`ShardExecutor`)."""
+
+    async def open(self, shard: int, sql: str, deadline: float) -> ShardSource: ...
+
+
+@dataclass(frozen=True)
+class StreamPart(Generic[T]):
+    """One item of :func:`execute_stream`: the columns first, then batches, then the end."""
+
+    columns: list[tuple[str, str]] | None = None
+    batch: T | None = None
+    rows: int = 0
+    done: bool = False
+
+
+class _Stopped(Exception):
+    """The stream's consumer went away: the merge thread ends."""
+
+
+class _Bridge:
+    """Lets the merge thread await coroutines on the event loop, and stop when told."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.stopped = threading.Event()
+
+    def call(self, factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        if self.stopped.is_set():
+            raise _Stopped
+        future = asyncio.run_coroutine_threadsafe(factory(), self.loop)
+        while True:
+            try:
+                return future.result(timeout=_POLL_SECONDS)
+            except concurrent.futures.TimeoutError:
+                if self.stopped.is_set():
+                    future.cancel()
+                    raise _Stopped from None
+
+
+class _FanIn:
+    """Several shards' batches in arrival order (an unordered merge: any order is the
+    answer), read by one task per shard into a bounded queue."""
+
+    def __init__(self, sources: Sequence[ShardSource], size: int) -> None:
+        self.columns = sources[0].columns
+        self._queue: asyncio.Queue[tuple[ShardSource, Any] | BaseException | None] = asyncio.Queue(size)
+        self._open = len(sources)
+        self._tasks = [asyncio.ensure_future(self._pump(source)) for source in sources]
+
+    async def _pump(self, source: ShardSource) -> None:
+        try:
+            while (batch := await source.next_batch()) is not None:
+                await self._queue.put((source, batch))
+            await self._queue.put(None)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            await self._queue.put(exc)
+
+    async def next_batch(self) -> tuple[ShardSource, Any] | None:
+        while self._open:
+            item = await self._queue.get()
+            if item is None:
+                self._open -= 1
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            return item
+        return None
+
+    @staticmethod
+    def decode(item: tuple[ShardSource, Any]) -> Sequence[tuple[Any, ...]]:
+        return item[0].decode(item[1])
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _rows_of(source: ShardSource | _FanIn, bridge: _Bridge) -> Iterator[tuple[Any, ...]]:
+    while (batch := bridge.call(source.next_batch)) is not None:
+        yield from source.decode(batch)
+
+
+def _merge_thread(
+    plan: Plan,
+    sources: Sequence[ShardSource | _FanIn],
+    bridge: _Bridge,
+    put: Callable[[StreamPart[T]], Coroutine[Any, Any, None]],
+    encode: Callable[[Sequence[tuple[Any, ...]], int], tuple[T, int]],
+) -> None:
+    """Merge the shards' rows batch by batch (the pure merge over lazy streams) and hand
+    encoded batches to the loop; runs in a worker thread."""
+    streams = [_rows_of(source, bridge) for source in sources]
+    columns, rows = merged(plan.merge, plan.rules, list(sources[0].columns), streams)
+    bridge.call(lambda: put(StreamPart(columns=columns)))
+    iterator = iter(rows)
+    size = STREAM_FIRST_ROWS
+    while True:
+        chunk = list(itertools.islice(iterator, size))
+        if not chunk:
+            break
+        encoded, size = encode(chunk, size)
+        part: StreamPart[T] = StreamPart(batch=encoded, rows=len(chunk))
+        bridge.call(lambda part=part: put(part))  # type: ignore[misc]
+        size = max(1, min(size, STREAM_BATCH_ROWS))
+    bridge.call(lambda: put(StreamPart(done=True)))
+
+
+async def execute_stream(
+    plan: Plan,
+    executor: StreamingShardExecutor,
+    *,
+    encode: Callable[[Sequence[tuple[Any, ...]], int], tuple[T, int]],
+    deadline_seconds: float = DEFAULT_DEADLINE_SECONDS,
+    workers: MergeWorkers | None = None,
+    parse: Callable[[bytes], T] | None = None,
+) -> AsyncGenerator[StreamPart[T], None]:
+    """Run a read on its shards and yield the merged rows batch by batch.
+
+    Every shard is opened in parallel (retries and replicas are the executor's); once each
+    has started answering, the merge runs in a worker thread over the shards' batches as
+    they arrive: an ORDER BY as a k-way merge (one batch per shard in memory), GROUP BY by
+    partial aggregates (memory holds the groups), an unordered merge in arrival order. The
+    first batch leaves before the last shard finishes whenever the merge allows it.
+    ``encode(rows, size)`` turns a batch into what is yielded and says how many rows the
+    next batch should have (it runs in the merge thread). Queues are bounded: a caller that
+    stops reading stops the merge, which stops reading the shards. Leaving the generator
+    early (or cancelling its caller) stops everything, the shards' statements included.
+    The deadline is the caller's to enforce while it is not reading.
+
+    With ``workers`` (and ``parse``, which reads what the worker made of ``encode``'s
+    message, serialized), sources whose batches are encoded rows (``encoded_batches``) are
+    merged in a worker process instead (:mod:`.workers`): decoding, merging and encoding
+    then hold another process's GIL, not the event loop's.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_seconds
+    sources = await _open_all(plan, executor, deadline, deadline_seconds)
+    ordered = [sources[s] for s in plan.shards]
+    inputs: list[ShardSource | _FanIn] = list(ordered)
+    fan_in: _FanIn | None = None
+    if isinstance(plan.merge, RowsMerge) and not plan.merge.order and len(ordered) > 1:
+        fan_in = _FanIn(ordered, STREAM_QUEUE_BATCHES)
+        inputs = [fan_in]
+    out: asyncio.Queue[StreamPart[T]] = asyncio.Queue(STREAM_QUEUE_BATCHES)
+    bridge = _Bridge(loop)
+    worker: MergeWorker | None = None
+    if (
+        workers is not None
+        and parse is not None
+        and all(getattr(s, "encoded_batches", False) for s in ordered)
+    ):
+        worker = workers.lease()
+    work: asyncio.Future[None]
+    if worker is not None:
+        assert parse is not None
+        work = asyncio.ensure_future(_process_merge(worker, plan, inputs, out, encode, parse))
+    else:
+        work = loop.run_in_executor(_MERGE_THREADS, _merge_thread, plan, inputs, bridge, out.put, encode)
+    try:
+        while True:
+            getter = asyncio.ensure_future(out.get())
+            waiters: set[asyncio.Future[Any]] = {getter, work}
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                work.result()  # the merge failed: its error
+                raise RuntimeError("the merge ended without its last batch")
+            part = getter.result()
+            yield part
+            if part.done:
+                return
+    except ShardError as exc:
+        raise _stream_failure(plan, exc) from exc
+    except TimeoutError as exc:
+        raise DeadlineExceeded(
+            f"the query did not finish within {deadline_seconds:g} s", reason="QUERY_TIMEOUT"
+        ) from exc
+    finally:
+        bridge.stopped.set()
+        if worker is not None and not work.done():
+            work.cancel()
+        while not out.empty():  # a put the thread waits for completes, then it sees the stop
+            out.get_nowait()
+        if fan_in is not None:
+            await fan_in.close()
+        for source in ordered:
+            await source.close()
+        with contextlib.suppress(BaseException):  # its error was raised above, or nobody waits for it
+            await asyncio.shield(work)
+        if worker is not None and workers is not None:
+            workers.release(worker)
+
+
+async def _process_merge(
+    worker: MergeWorker,
+    plan: Plan,
+    inputs: Sequence[ShardSource | _FanIn],
+    out: asyncio.Queue[StreamPart[T]],
+    encode: Callable[[Sequence[tuple[Any, ...]], int], tuple[T, int]],
+    parse: Callable[[bytes], T],
+) -> None:
+    """The merge of :func:`_merge_thread`, run by a worker process: the inputs' batches go
+    to it as bytes, its output messages come back serialized."""
+
+    def reader(source: ShardSource | _FanIn) -> Callable[[], Coroutine[Any, Any, bytes | None]]:
+        async def next_bytes() -> bytes | None:
+            batch = await source.next_batch()
+            if batch is None:
+                return None
+            data = batch[1] if isinstance(source, _FanIn) else batch
+            assert isinstance(data, bytes)
+            return data
+
+        return next_bytes
+
+    async def on_columns(columns: list[tuple[str, str]]) -> None:
+        await out.put(StreamPart(columns=columns))
+
+    async def on_batch(data: bytes, rows: int) -> None:
+        await out.put(StreamPart(batch=parse(data), rows=rows))
+
+    await worker.merge(
+        plan.merge,
+        plan.rules,
+        [reader(source) for source in inputs],
+        [list(source.columns) for source in inputs],
+        encode,
+        on_columns,
+        on_batch,
+    )
+    await out.put(StreamPart(done=True))
+
+
+def _stream_failure(plan: Plan, error: ShardError) -> ControllerError:
+    if not error.retryable:
+        kind = InvalidArgument if (error.sqlstate or "")[:2] in ("22", "42") else FailedPrecondition
+        return kind(
+            f"shard {error.shard} rejected the statement: {error.message}",
+            reason="SHARD_STATEMENT_FAILED",
+            metadata={"shard": str(error.shard), **({"sqlstate": error.sqlstate} if error.sqlstate else {})},
+        )
+    return Unavailable(
+        f"shard {error.shard} failed while its rows streamed ({error.message})",
+        reason="SHARD_UNAVAILABLE",
+        metadata={"shards": str(error.shard)},
+    )
+
+
+async def _open_all(
+    plan: Plan, executor: StreamingShardExecutor, deadline: float, deadline_seconds: float
+) -> dict[int, ShardSource]:
+    """Every shard's source, once each has started answering; on any failure none."""
+    loop = asyncio.get_running_loop()
+    tasks = {
+        shard: asyncio.ensure_future(executor.open(shard, plan.shard_sql[shard], deadline))
+        for shard in plan.shards
+    }
+    try:
+        await asyncio.wait(
+            tasks.values(), timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_EXCEPTION
+        )
+    finally:
+        leftovers = [task for task in tasks.values() if not task.done()]
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            await asyncio.gather(*leftovers, return_exceptions=True)
+    opened = {s: t.result() for s, t in tasks.items() if not t.cancelled() and t.exception() is None}
+    if len(opened) == len(tasks):
+        return opened
+    for source in opened.values():
+        await source.close()
+    statuses: list[ShardStatus] = []
+    errors: dict[int, BaseException] = {}
+    late = loop.time() >= deadline
+    for shard, task in tasks.items():
+        error = None if task.cancelled() else task.exception()
+        if shard in opened:
+            statuses.append(ShardStatus(shard, "ok"))
+        elif isinstance(error, TimeoutError) or (task.cancelled() and late):
+            statuses.append(ShardStatus(shard, "timeout", f"no answer within {deadline_seconds:g} s"))
+        elif task.cancelled():
+            statuses.append(ShardStatus(shard, "failed", "stopped: another shard failed"))
+        elif error is not None:
+            errors[shard] = error
+            statuses.append(ShardStatus(shard, "failed", _describe(error)))
+    _raise_for_failures(plan, statuses, errors, deadline_seconds, False, {})
+    raise Unavailable("a shard could not be opened", reason="SHARD_UNAVAILABLE")

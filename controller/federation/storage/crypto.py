@@ -13,6 +13,10 @@ not open. Nodes hold and serve these sealed bytes only.
 b'hello'
 >>> len(sealed) == len(b"hello") + OVERHEAD_BYTES
 True
+>>> out = bytearray(len(b"hello") + OVERHEAD_BYTES)
+>>> Sealer(key).seal_into("c1", 1, b"hello", memoryview(out))
+>>> open_chunk(key, "c1", 1, bytes(out))
+b'hello'
 """
 
 from __future__ import annotations
@@ -51,6 +55,24 @@ def seal_chunk(key: bytes, chunk_id: str, index: int, plaintext: bytes) -> bytes
     """``nonce | ciphertext | tag`` of ``plaintext`` (run it in a worker thread for big chunks)."""
     nonce = os.urandom(NONCE_BYTES)
     return nonce + AESGCM(key).encrypt(nonce, plaintext, _aad(chunk_id, index))
+
+
+class Sealer:
+    """Seals the chunks of one file version into a buffer the caller owns and reuses (no
+    allocation per chunk). Thread-safe; AES-GCM releases the GIL, so sealing runs in a
+    worker thread — which, allocating nothing, leaves no memory in its own malloc arena."""
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
+
+    def seal_into(self, chunk_id: str, index: int, plaintext: bytes | memoryview, out: memoryview) -> None:
+        """Write ``nonce | ciphertext | tag`` of ``plaintext`` into ``out`` (exactly
+        ``len(plaintext) + OVERHEAD_BYTES`` long)."""
+        if len(out) != len(plaintext) + OVERHEAD_BYTES:
+            raise ValueError("the output must be the plaintext's length plus the overhead")
+        nonce = os.urandom(NONCE_BYTES)
+        out[:NONCE_BYTES] = nonce
+        self._aead.encrypt_into(nonce, plaintext, _aad(chunk_id, index), out[NONCE_BYTES:])
 
 
 def open_chunk(key: bytes, chunk_id: str, index: int, sealed: bytes) -> bytes:

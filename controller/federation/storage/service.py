@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from automator67.v1 import node_pb2, storage_pb2
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from controller.deployments.snapshot import node_view, user_nodes
@@ -37,12 +37,12 @@ from controller.errors import (
 )
 from controller.federation.storage import crypto, plan
 from controller.federation.storage.plan import ChunkView, NodeCondition, Replication
-from controller.federation.storage.transfers import ChunkMissing, Transfers
+from controller.federation.storage.transfers import ChunkMissing, Payload, Transfers
 from controller.nodes.fleet import Fleet
 from controller.nodes.health import NodeState
 from controller.scheduling import ReplicaRequest, Resources, Snapshot, place
 from controller.store.db import Store
-from controller.store.models import Node, StorageChunk, StorageChunkCopy, StorageFile
+from controller.store.models import Node, StorageChunk, StorageChunkCopy, StorageFile, User
 from controller.store.paging import keyset_page
 from controller.timestamps import timestamp
 from controller.vault import Vault
@@ -51,9 +51,15 @@ log = logging.getLogger("a67.storage")
 
 STORAGE_NODE_TYPE = "storage"
 CHUNK_DIR = "chunks"
-UPLOAD_PIPELINE = 4
-"""Chunks of one upload being encrypted and replicated at once (bounds controller memory)."""
+UPLOAD_WINDOW = 3
+"""Sealed chunks of one upload being replicated at once; the next one is sealed (in a
+worker thread) while they are pushed. Bounds the upload's memory: this many sealed
+chunks, one plaintext buffer (reused) and the chunk being sealed."""
 REPAIR_CONCURRENCY = 4
+FULL_REPAIR_SWEEP_SECONDS = 600.0
+"""How often a repair pass reads every live chunk (a safety net: copies on nodes the
+health monitor no longer tracks, anything a restart forgot). Other passes read only the
+copies on lost nodes (by the copies' node index) and the chunks known to lack a copy."""
 STORE_ATTEMPTS = 3
 """Targets tried per missing copy before an upload gives up on a chunk."""
 DOWNLOAD_PIECE = 1024 * 1024
@@ -65,6 +71,24 @@ STATUS = {
     Replication.COMPLETE: storage_pb2.REPLICATION_STATUS_COMPLETE,
     Replication.DEGRADED: storage_pb2.REPLICATION_STATUS_DEGRADED,
 }
+
+
+def _fetch_message(piece: bytes) -> node_pb2.FetchChunkResponse:
+    return node_pb2.FetchChunkResponse(data=piece)
+
+
+def _payload(sealed: bytes | memoryview) -> Payload[node_pb2.FetchChunkResponse]:
+    return Payload(sealed, _fetch_message)
+
+
+def _seal(
+    sealer: crypto.Sealer, digest: Any, chunk_id: str, index: int, plaintext: memoryview, out: memoryview
+) -> str:
+    """In a worker thread: the file digest goes on (chunks are sealed one at a time, in
+    order), the chunk is sealed into ``out`` and the SHA-256 of the sealed bytes returned."""
+    digest.update(plaintext)
+    sealer.seal_into(chunk_id, index, plaintext, out)
+    return hashlib.sha256(out).hexdigest()
 
 
 def transfer_seconds(size: int) -> float:
@@ -122,6 +146,15 @@ class StorageService:
         self._writing: dict[str, int] = defaultdict(int)  # node -> bytes being written
         self._repair_wanted = asyncio.Event()
         self._repairing: set[str] = set()  # chunk ids being repaired
+        # What the next repair pass looks at (besides the copies on lost nodes): nodes the
+        # health monitor reported failed and chunks known to lack a copy. A full pass over
+        # every live chunk runs only at start and every FULL_REPAIR_SWEEP_SECONDS.
+        self._repair_nodes: set[str] = set()
+        self._repair_chunks: set[str] = set()
+        self._monotonic = monotonic
+        self._last_full_sweep: float | None = None
+        self.chunks_examined = 0
+        """Chunks the latest repair pass read (for tests and operators)."""
         self._tasks: list[asyncio.Task[None]] = []
         self.copies_repaired = 0
         self.copies_collected = 0
@@ -215,23 +248,26 @@ class StorageService:
 
     # -- node commands --------------------------------------------------------------------
 
-    async def _store_copy(self, node_id: str, chunk_id: str, sealed: bytes, checksum: str) -> None:
+    async def _store_copy(
+        self, node_id: str, chunk_id: str, sealed: Payload[node_pb2.FetchChunkResponse], checksum: str
+    ) -> None:
         """Send one copy to ``node_id`` and wait until it is durable and verified there."""
         transfer_id = self.transfers.offer(node_id, sealed)
-        self._writing[node_id] += len(sealed)
+        size = sealed.size
+        self._writing[node_id] += size
         try:
             result = await self.fleet.streams.send_command(
                 node_id,
                 node_pb2.NodeCommand(
                     store_chunk=node_pb2.StoreChunk(
-                        chunk_id=chunk_id, transfer_id=transfer_id, size=len(sealed), sha256=checksum
+                        chunk_id=chunk_id, transfer_id=transfer_id, size=size, sha256=checksum
                     )
                 ),
-                transfer_seconds(len(sealed)),
+                transfer_seconds(size),
             )
         finally:
             self.transfers.finish(transfer_id)
-            self._writing[node_id] -= len(sealed)
+            self._writing[node_id] -= size
             if self._writing[node_id] <= 0:
                 del self._writing[node_id]
         if not result.ok:
@@ -350,21 +386,41 @@ class StorageService:
         )
         self._active_versions.add(upload.version_id)
         digest = hashlib.sha256()
+        sealer = crypto.Sealer(upload.key)
         entries: dict[int, dict[str, Any]] = {}
         in_flight: set[asyncio.Task[None]] = set()
         failures: list[BaseException] = []
-
-        async def run(index: int, plaintext: bytes) -> None:
-            entries[index] = await self._put_chunk(upload, index, plaintext)
+        chunk_bytes = limits.chunk_bytes
+        # Two buffers, reused for every chunk: the plaintext being filled and the chunk
+        # being sealed (the messages of a sealed chunk hold their own copy).
+        window = memoryview(bytearray(chunk_bytes))
+        sealed_window = memoryview(bytearray(chunk_bytes + crypto.OVERHEAD_BYTES))
+        filled = 0
+        index = 0
 
         def done(task: asyncio.Task[None]) -> None:
             in_flight.discard(task)
             if not task.cancelled() and task.exception() is not None:
                 failures.append(task.exception())  # type: ignore[arg-type]
 
+        async def put(length: int) -> None:
+            """Seal the buffered chunk (the buffer is free again after) and start its copies."""
+            nonlocal index
+            while len(in_flight) >= UPLOAD_WINDOW:
+                await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            if failures:
+                raise failures[0]
+            chunk_id = str(uuid.uuid4())
+            out = sealed_window[: length + crypto.OVERHEAD_BYTES]
+            checksum = await asyncio.to_thread(_seal, sealer, digest, chunk_id, index, window[:length], out)
+            task = asyncio.create_task(
+                self._put_chunk(upload, index, chunk_id, length, _payload(out), checksum, entries)
+            )
+            in_flight.add(task)
+            task.add_done_callback(done)
+            index += 1
+
         try:
-            buffer = bytearray()
-            index = 0
             async for piece in data:
                 if failures:
                     raise failures[0]
@@ -379,43 +435,37 @@ class StorageService:
                         reason="FILE_SIZE_MISMATCH",
                         field_violations=[FieldViolation("metadata.size", "does not match the bytes sent")],
                     )
-                buffer += piece
-                while len(buffer) >= limits.chunk_bytes:
-                    chunk = bytes(buffer[: limits.chunk_bytes])
-                    del buffer[: limits.chunk_bytes]
-                    digest.update(chunk)
-                    while len(in_flight) >= UPLOAD_PIPELINE:
-                        await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                        if failures:
-                            raise failures[0]
-                    task = asyncio.create_task(run(index, chunk))
-                    in_flight.add(task)
-                    task.add_done_callback(done)
-                    index += 1
-            if buffer or index == 0:
-                chunk = bytes(buffer)
-                digest.update(chunk)
-                task = asyncio.create_task(run(index, chunk))
-                in_flight.add(task)
-                task.add_done_callback(done)
+                source = memoryview(piece)
+                taken = 0
+                while taken < len(source):
+                    n = min(len(source) - taken, chunk_bytes - filled)
+                    window[filled : filled + n] = source[taken : taken + n]
+                    filled += n
+                    taken += n
+                    if filled == chunk_bytes:
+                        await put(filled)
+                        filled = 0
+            if filled or index == 0:
+                await put(filled)
             if in_flight:
                 await asyncio.wait(set(in_flight))
             if failures:
                 raise failures[0]
-            checksum = digest.hexdigest()
             if metadata.size and upload.bytes_in != metadata.size:
                 raise InvalidArgument(
                     f"The upload has {upload.bytes_in} bytes, {metadata.size} were announced; nothing was stored",
                     reason="FILE_SIZE_MISMATCH",
                     field_violations=[FieldViolation("metadata.size", "does not match the bytes sent")],
                 )
-            if metadata.sha256 and checksum != metadata.sha256:
+            if metadata.sha256 and digest.hexdigest() != metadata.sha256:
                 raise InvalidArgument(
                     "The upload's SHA-256 does not match the one announced; nothing was stored",
                     reason="FILE_CHECKSUM_MISMATCH",
                     field_violations=[FieldViolation("metadata.sha256", "does not match the bytes sent")],
                 )
-            row = await self._commit(upload, metadata, [entries[i] for i in sorted(entries)], checksum)
+            row = await self._commit(
+                upload, metadata, [entries[i] for i in sorted(entries)], digest.hexdigest()
+            )
         except BaseException:
             for task in list(in_flight):
                 task.cancel()
@@ -435,48 +485,53 @@ class StorageService:
         )
         return await self._to_proto(row)
 
-    async def _put_chunk(self, upload: _Upload, index: int, plaintext: bytes) -> dict[str, Any]:
-        chunk_id = str(uuid.uuid4())
-        sealed = await asyncio.to_thread(crypto.seal_chunk, upload.key, chunk_id, index, plaintext)
-        checksum = await asyncio.to_thread(lambda: hashlib.sha256(sealed).hexdigest())
-        async with self.store.session() as session:
-            session.add(
-                StorageChunk(
-                    id=chunk_id,
-                    user_id=upload.user_id,
-                    version_id=upload.version_id,
-                    index=index,
-                    size=len(plaintext),
-                    stored_size=len(sealed),
-                    checksum=checksum,
-                    replicas=upload.replicas,
-                    state="pending",
-                    created_at=self.clock(),
-                )
-            )
-        del plaintext
-        await self._replicate(
-            upload.user_id, upload.nodes, chunk_id, sealed, checksum, upload.replicas, set()
-        )
-        return {
+    async def _put_chunk(
+        self,
+        upload: _Upload,
+        index: int,
+        chunk_id: str,
+        size: int,
+        sealed: Payload[node_pb2.FetchChunkResponse],
+        checksum: str,
+        entries: dict[int, dict[str, Any]],
+    ) -> None:
+        row = {
             "id": chunk_id,
+            "user_id": upload.user_id,
+            "version_id": upload.version_id,
             "index": index,
-            "size": len(sealed) - crypto.OVERHEAD_BYTES,
+            "size": size,
+            "stored_size": sealed.size,
             "checksum": checksum,
+            "replicas": upload.replicas,
+            "state": "pending",
+            "created_at": self.clock(),
         }
+        await self._replicate(
+            upload.user_id, upload.nodes, chunk_id, sealed, checksum, upload.replicas, set(), chunk=row
+        )
+        entries[index] = {"id": chunk_id, "index": index, "size": size, "checksum": checksum}
 
     async def _replicate(
         self,
         user_id: str,
         nodes: Sequence[Node],
         chunk_id: str,
-        sealed: bytes,
+        sealed: Payload[node_pb2.FetchChunkResponse],
         checksum: str,
         wanted: int,
         holders: set[str],
+        *,
+        chunk: dict[str, Any] | None = None,
     ) -> list[str]:
         """Make ``wanted`` verified copies on nodes not in ``holders``; a target that fails is
-        replaced by another node. Returns the nodes that now hold a verified copy."""
+        replaced by another node. Returns the nodes that now hold a verified copy.
+
+        A copy row (``writing``) is written before its copy is sent. With ``chunk`` (the
+        row of an upload's new chunk) the chunk row goes in the same transaction as the
+        first copy rows, and verified copies stay ``writing`` until the upload's commit marks them
+        ``ok`` in one statement (a pending chunk is read by nobody); otherwise (repair)
+        they are marked ``ok`` at once."""
         stored: list[str] = []
         tried: set[str] = set()
         attempts = 0
@@ -492,17 +547,30 @@ class StorageService:
                 nodes,
                 wanted - len(stored),
                 chunk_id,
-                len(sealed),
+                sealed.size,
                 holders | tried | set(stored),
                 [*holders, *stored],
             )
             async with self.store.session() as session:
-                for node_id in targets:
-                    await session.merge(
-                        StorageChunkCopy(
-                            chunk_id=chunk_id, node_id=node_id, state="writing", created_at=self.clock()
+                if chunk is not None:  # plain inserts (no unit of work): the rows are new
+                    if attempts == 1:
+                        await session.execute(insert(StorageChunk).values(**chunk))
+                    now = self.clock()
+                    await session.execute(
+                        insert(StorageChunkCopy).values(
+                            [
+                                {"chunk_id": chunk_id, "node_id": n, "state": "writing", "created_at": now}
+                                for n in targets
+                            ]
                         )
                     )
+                else:
+                    for node_id in targets:
+                        await session.merge(
+                            StorageChunkCopy(
+                                chunk_id=chunk_id, node_id=node_id, state="writing", created_at=self.clock()
+                            )
+                        )
             results = await asyncio.gather(
                 *(self._store_copy(n, chunk_id, sealed, checksum) for n in targets), return_exceptions=True
             )
@@ -518,22 +586,27 @@ class StorageService:
                         node_id,
                         error,
                     )
-            async with self.store.session() as session:
-                if good:
-                    await session.execute(
-                        update(StorageChunkCopy)
-                        .where(StorageChunkCopy.chunk_id == chunk_id, StorageChunkCopy.node_id.in_(good))
-                        .values(state="ok", created_at=self.clock())
-                    )
-                if bad:
-                    await session.execute(
-                        delete(StorageChunkCopy).where(
-                            StorageChunkCopy.chunk_id == chunk_id, StorageChunkCopy.node_id.in_(bad)
-                        )
-                    )
+            if (good and chunk is None) or bad:
+                async with self.store.session() as session:
+                    await self._settle_copies(session, chunk_id, [] if chunk is not None else good, bad)
             stored += good
             tried |= set(bad)
         return stored
+
+    async def _settle_copies(self, session: Any, chunk_id: str, good: list[str], bad: list[str]) -> None:
+        """Verified copies ``ok``, failed ones' rows gone."""
+        if good:
+            await session.execute(
+                update(StorageChunkCopy)
+                .where(StorageChunkCopy.chunk_id == chunk_id, StorageChunkCopy.node_id.in_(good))
+                .values(state="ok", created_at=self.clock())
+            )
+        if bad:
+            await session.execute(
+                delete(StorageChunkCopy).where(
+                    StorageChunkCopy.chunk_id == chunk_id, StorageChunkCopy.node_id.in_(bad)
+                )
+            )
 
     async def _commit(
         self,
@@ -552,6 +625,13 @@ class StorageService:
         for attempt in range(2):
             try:
                 async with self.store.session() as session:
+                    # The user's row is locked first (a no-op write): concurrent commits of
+                    # one user queue here, so the quota read below counts every file
+                    # committed before (PostgreSQL: row lock; SQLite: the write lock,
+                    # taken before any read of this transaction).
+                    await session.execute(
+                        update(User).where(User.id == upload.user_id).values(active=User.active)
+                    )
                     existing = (
                         await session.execute(
                             select(StorageFile).where(
@@ -605,16 +685,38 @@ class StorageService:
                             **values,
                         )
                         session.add(row)
-                    await session.execute(
-                        update(StorageChunk)
-                        .where(StorageChunk.version_id == upload.version_id)
-                        .values(state="live")
-                    )
+                    await self._seal_version(session, upload, len(chunks), now)
                 return row
             except IntegrityError:
                 if attempt:
                     raise
         raise AssertionError("unreachable")
+
+    async def _seal_version(self, session: Any, upload: _Upload, chunks: int, now: datetime) -> None:
+        """In the commit: the upload's copies (every one verified; failed ones' rows were
+        dropped) become ``ok`` and its chunks ``live`` — unless a copy row vanished
+        meanwhile (a node reported it corrupt), then nothing is committed."""
+        version_chunks = select(StorageChunk.id).where(StorageChunk.version_id == upload.version_id)
+        await session.execute(
+            update(StorageChunkCopy)
+            .where(StorageChunkCopy.chunk_id.in_(version_chunks), StorageChunkCopy.state == "writing")
+            .values(state="ok", created_at=now)
+        )
+        counts = (
+            await session.execute(
+                select(StorageChunkCopy.chunk_id, func.count())
+                .where(StorageChunkCopy.chunk_id.in_(version_chunks), StorageChunkCopy.state == "ok")
+                .group_by(StorageChunkCopy.chunk_id)
+            )
+        ).all()
+        if len(counts) != chunks or any(int(c[1]) < upload.replicas for c in counts):
+            raise Unavailable(
+                "A copy of the upload was lost before it completed; nothing was stored",
+                reason="CHUNK_NOT_STORED",
+            )
+        await session.execute(
+            update(StorageChunk).where(StorageChunk.version_id == upload.version_id).values(state="live")
+        )
 
     async def _abandon(self, version_id: str) -> None:
         async with self.store.session() as session:
@@ -888,6 +990,7 @@ class StorageService:
                     StorageChunkCopy.chunk_id == chunk_id, StorageChunkCopy.node_id == node_id
                 )
             )
+        self._repair_chunks.add(chunk_id)
         self._repair_wanted.set()
         task = asyncio.create_task(self._delete_copies(node_id, [chunk_id]))
         task.add_done_callback(lambda _: None)
@@ -962,12 +1065,15 @@ class StorageService:
                 len(decided.reuse),
             )
         if decided.repair:
+            self._repair_chunks.update(decided.drop_rows)
+            self._repair_chunks.update(decided.reuse)
             self._repair_wanted.set()
         return decided
 
     async def on_node_failed(self, node_id: str, user_id: str) -> None:
         """The health monitor's recovery hook (after the mass-failure window, never during a freeze)."""
         log.warning("node %s failed: re-replicating its chunks", node_id)
+        self._repair_nodes.add(node_id)
         self._repair_wanted.set()
 
     # -- repair ---------------------------------------------------------------------------------
@@ -984,31 +1090,47 @@ class StorageService:
             except Exception:
                 log.warning("storage repair pass failed", exc_info=True)
 
-    async def repair_once(self) -> int:
-        """One repair pass over every live chunk: copies made."""
-        async with self.store.session() as session:
-            chunks = list(
-                (await session.execute(select(StorageChunk).where(StorageChunk.state == "live"))).scalars()
-            )
-            copies: dict[str, dict[str, str]] = defaultdict(dict)
-            for copy in (
-                await session.execute(
-                    select(StorageChunkCopy)
-                    .join(StorageChunk, StorageChunk.id == StorageChunkCopy.chunk_id)
-                    .where(StorageChunk.state == "live")
-                )
-            ).scalars():
-                copies[copy.chunk_id][copy.node_id] = copy.state
-        views = [
-            ChunkView(c.id, c.user_id, c.replicas, c.stored_size, c.checksum, dict(copies[c.id]))
-            for c in chunks
-        ]
+    async def repair_once(self, *, full: bool | None = None) -> int:
+        """One repair pass: copies made. It reads the chunks with a copy on a lost node
+        (the copies' node index: a failed node costs its own copies, not the whole store)
+        and those known to lack a copy; every live chunk only when ``full`` (default: at
+        the first pass and every :data:`FULL_REPAIR_SWEEP_SECONDS`)."""
+        now = self._monotonic()
+        if full is None:
+            full = self._last_full_sweep is None or now - self._last_full_sweep >= FULL_REPAIR_SWEEP_SECONDS
+        flagged = set(self._repair_chunks)
+        lost_nodes = set(self._repair_nodes)
+        self._repair_nodes.clear()
+        if full:
+            self._last_full_sweep = now
+            views = await self._live_views(None)
+        else:
+            lost_nodes |= {n for n in self.fleet.monitor if self.condition(n) == NodeCondition.LOST}
+            chunk_ids = set(flagged)
+            if lost_nodes:
+                async with self.store.session() as session:
+                    for node_id in sorted(lost_nodes):
+                        chunk_ids.update(
+                            (
+                                await session.execute(
+                                    select(StorageChunkCopy.chunk_id).where(
+                                        StorageChunkCopy.node_id == node_id
+                                    )
+                                )
+                            ).scalars()
+                        )
+            views = await self._live_views(sorted(chunk_ids)) if chunk_ids else []
+        self.chunks_examined = len(views)
+        self._repair_chunks -= flagged
+        # Chunks still short after this pass are looked at again by the next one.
+        short = {v.chunk_id for v in views if len(plan.good_copies(v, self.condition)) < v.replicas}
         tasks = [
             t
             for t in plan.repair_plan(views, self.condition, self.fleet.monitor.frozen_users)
             if t.chunk_id not in self._repairing
         ]
         if not tasks:
+            self._repair_chunks |= short
             return 0
         log.info("storage repair: %d chunks lack copies (most endangered has %d)", len(tasks), tasks[0].good)
         by_id = {v.chunk_id: v for v in views}
@@ -1037,13 +1159,62 @@ class StorageService:
                 log.warning("chunk %s: repair failed: %s", task.chunk_id, result)
             else:
                 made += result
+                short.discard(task.chunk_id)
+        self._repair_chunks |= short
         self.copies_repaired += made
         return made
+
+    async def _live_views(self, chunk_ids: Sequence[str] | None) -> list[ChunkView]:
+        """Live chunks with their copies: those of ``chunk_ids`` (in batches), or every one."""
+        chunks: list[StorageChunk] = []
+        copies: dict[str, dict[str, str]] = defaultdict(dict)
+        async with self.store.session() as session:
+            if chunk_ids is None:
+                chunks = list(
+                    (
+                        await session.execute(select(StorageChunk).where(StorageChunk.state == "live"))
+                    ).scalars()
+                )
+                rows = (
+                    await session.execute(
+                        select(StorageChunkCopy)
+                        .join(StorageChunk, StorageChunk.id == StorageChunkCopy.chunk_id)
+                        .where(StorageChunk.state == "live")
+                    )
+                ).scalars()
+                for copy in rows:
+                    copies[copy.chunk_id][copy.node_id] = copy.state
+            else:
+                for start in range(0, len(chunk_ids), 500):
+                    part = chunk_ids[start : start + 500]
+                    chunks += (
+                        await session.execute(
+                            select(StorageChunk).where(
+                                StorageChunk.id.in_(part), StorageChunk.state == "live"
+                            )
+                        )
+                    ).scalars()
+                    for copy in (
+                        await session.execute(
+                            select(StorageChunkCopy).where(StorageChunkCopy.chunk_id.in_(part))
+                        )
+                    ).scalars():
+                        copies[copy.chunk_id][copy.node_id] = copy.state
+        return [
+            ChunkView(c.id, c.user_id, c.replicas, c.stored_size, c.checksum, dict(copies[c.id]))
+            for c in chunks
+        ]
 
     async def _repair_chunk(self, task: plan.RepairTask, view: ChunkView, nodes: list[Node]) -> int:
         sealed = await self._read_any(view, task.sources)
         stored = await self._replicate(
-            task.user_id, nodes, task.chunk_id, sealed, view.checksum, task.missing, set(task.holders)
+            task.user_id,
+            nodes,
+            task.chunk_id,
+            _payload(sealed),
+            view.checksum,
+            task.missing,
+            set(task.holders),
         )
         if task.lost:
             async with self.store.session() as session:

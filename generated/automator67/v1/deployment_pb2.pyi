@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -657,6 +658,7 @@ class UpdateDeploymentRequest(_message.Message):
     MAX_SURGE_FIELD_NUMBER: _builtins.int
     MAX_UNAVAILABLE_FIELD_NUMBER: _builtins.int
     SOURCE_SHA256_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
     deployment_id: _builtins.str
     source_tar_gz: _builtins.bytes
     """The new source inline (small sources only); or source_sha256."""
@@ -666,6 +668,18 @@ class UpdateDeploymentRequest(_message.Message):
     """The SHA-256 UploadSource returned for the caller's uploaded source."""
     @_builtins.property
     def manifest(self) -> Global___DeploymentManifest: ...
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Which fields to change (AIP-134); the others keep their current values. Paths:
+        "source_sha256" or "source_tar_gz" (a new source), "manifest" (the whole manifest), or one
+        manifest field: "manifest.runtime", "manifest.entrypoint", "manifest.resources"
+        (or "manifest.resources.memory" / ".cpu" / ".storage"), "manifest.replicas" (a scale),
+        "manifest.env" (replaces the whole env map), "manifest.health_check" (or one of its
+        fields), "manifest.atomic", "manifest.app_type". "*" means everything. Unknown paths:
+        INVALID_ARGUMENT. Empty: the whole manifest and the source as given (the old behaviour).
+        Over REST: PATCH /api/v1/deployments/{id} with "update_mask": "manifest.env" in the body.
+        """
+
     def __init__(
         self,
         *,
@@ -675,10 +689,11 @@ class UpdateDeploymentRequest(_message.Message):
         max_surge: _builtins.int = ...,
         max_unavailable: _builtins.int = ...,
         source_sha256: _builtins.str = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment_id", b"deployment_id", "manifest", b"manifest", "max_surge", b"max_surge", "max_unavailable", b"max_unavailable", "source_sha256", b"source_sha256", "source_tar_gz", b"source_tar_gz"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment_id", b"deployment_id", "manifest", b"manifest", "max_surge", b"max_surge", "max_unavailable", b"max_unavailable", "source_sha256", b"source_sha256", "source_tar_gz", b"source_tar_gz", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -389,7 +389,14 @@ class Heartbeat(_message.Message):
     SENT_AT_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
+    RTT_MS_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
+    rtt_ms: _builtins.float
+    """The round-trip time the node measured on this stream, in milliseconds: from
+    writing its latest acknowledged heartbeat to reading the heartbeat_ack with that
+    sequence, both on the node's own monotonic clock (so clock skew between node and
+    controller does not matter). Unset until one heartbeat of the stream is acknowledged.
+    """
     @_builtins.property
     def sent_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -403,12 +410,15 @@ class Heartbeat(_message.Message):
         sent_at: _timestamp_pb2.Timestamp | None = ...,
         metrics: _common_pb2.NodeMetrics | None = ...,
         replicas: _abc.Iterable[Global___ReplicaState] | None = ...,
+        rtt_ms: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "sent_at", b"sent_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rtt_ms", b"_rtt_ms", "metrics", b"metrics", "rtt_ms", b"rtt_ms", "sent_at", b"sent_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "replicas", b"replicas", "sent_at", b"sent_at", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rtt_ms", b"_rtt_ms", "metrics", b"metrics", "replicas", b"replicas", "rtt_ms", b"rtt_ms", "sent_at", b"sent_at", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__rtt_ms: _TypeAlias = _typing.Literal["rtt_ms"]  # noqa: Y015
+    _WhichOneofArgType__rtt_ms: _TypeAlias = _typing.Literal["_rtt_ms", b"_rtt_ms"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rtt_ms) -> _WhichOneofReturnType__rtt_ms | None: ...
 
 Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
 
@@ -485,6 +495,8 @@ class NodeCommand(_message.Message):
     STORE_CHUNK_FIELD_NUMBER: _builtins.int
     READ_CHUNK_FIELD_NUMBER: _builtins.int
     DELETE_CHUNKS_FIELD_NUMBER: _builtins.int
+    REMOVE_DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    DROP_DATABASE_SHARDS_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     @_builtins.property
     def deploy_replica(self) -> Global___DeployReplica: ...
@@ -508,6 +520,14 @@ class NodeCommand(_message.Message):
     def delete_chunks(self) -> Global___DeleteChunks:
         """Storage: remove chunks (garbage, stale or corrupt copies)."""
 
+    @_builtins.property
+    def remove_deployment(self) -> Global___RemoveDeployment:
+        """A deployment was deleted: stop its replicas here and remove their directories."""
+
+    @_builtins.property
+    def drop_database_shards(self) -> Global___DropDatabaseShards:
+        """A database was deleted: drop its shards here (SQLite files; PostgreSQL schemas and roles)."""
+
     def __init__(
         self,
         *,
@@ -519,16 +539,66 @@ class NodeCommand(_message.Message):
         store_chunk: Global___StoreChunk | None = ...,
         read_chunk: Global___ReadChunk | None = ...,
         delete_chunks: Global___DeleteChunks | None = ...,
+        remove_deployment: Global___RemoveDeployment | None = ...,
+        drop_database_shards: Global___DropDatabaseShards | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delete_chunks", b"delete_chunks", "deploy_replica", b"deploy_replica", "execute_shard_statement", b"execute_shard_statement", "kind", b"kind", "read_chunk", b"read_chunk", "shard_transaction", b"shard_transaction", "stop_replica", b"stop_replica", "store_chunk", b"store_chunk"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delete_chunks", b"delete_chunks", "deploy_replica", b"deploy_replica", "drop_database_shards", b"drop_database_shards", "execute_shard_statement", b"execute_shard_statement", "kind", b"kind", "read_chunk", b"read_chunk", "remove_deployment", b"remove_deployment", "shard_transaction", b"shard_transaction", "stop_replica", b"stop_replica", "store_chunk", b"store_chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "delete_chunks", b"delete_chunks", "deploy_replica", b"deploy_replica", "execute_shard_statement", b"execute_shard_statement", "kind", b"kind", "read_chunk", b"read_chunk", "shard_transaction", b"shard_transaction", "stop_replica", b"stop_replica", "store_chunk", b"store_chunk"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "delete_chunks", b"delete_chunks", "deploy_replica", b"deploy_replica", "drop_database_shards", b"drop_database_shards", "execute_shard_statement", b"execute_shard_statement", "kind", b"kind", "read_chunk", b"read_chunk", "remove_deployment", b"remove_deployment", "shard_transaction", b"shard_transaction", "stop_replica", b"stop_replica", "store_chunk", b"store_chunk"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["deploy_replica", "stop_replica", "execute_shard_statement", "shard_transaction", "store_chunk", "read_chunk", "delete_chunks"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["deploy_replica", "stop_replica", "execute_shard_statement", "shard_transaction", "store_chunk", "read_chunk", "delete_chunks", "remove_deployment", "drop_database_shards"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___NodeCommand: _TypeAlias = NodeCommand  # noqa: Y015
+
+@_typing.final
+class RemoveDeployment(_message.Message):
+    """Stop every replica of a deleted deployment on this node (fenced at the generation each
+    runs, so a late deploy cannot start it again) and remove
+    <data dir>/replicas/<deployment id>/ with everything in it. Idempotent.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
+    deployment_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        deployment_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment_id", b"deployment_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveDeployment: _TypeAlias = RemoveDeployment  # noqa: Y015
+
+@_typing.final
+class DropDatabaseShards(_message.Message):
+    """Drop every shard of a deleted database on this node: SQLite
+    <data dir>/shards/<database id>/ (files, WAL, redo logs); PostgreSQL the schema and the
+    LOGIN role of each shard. Idempotent: dropping what is not there is ok.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_ID_FIELD_NUMBER: _builtins.int
+    database_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        database_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_id", b"database_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DropDatabaseShards: _TypeAlias = DropDatabaseShards  # noqa: Y015
 
 @_typing.final
 class DeployReplica(_message.Message):
@@ -819,6 +889,9 @@ class ShardTransaction(_message.Message):
     IDLE_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     HOLDS_NOTHING_FIELD_NUMBER: _builtins.int
+    PUSH_ROWS_FIELD_NUMBER: _builtins.int
+    MAX_ROWS_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
     database_id: _builtins.str
     shard_index: _builtins.int
     transaction_id: _builtins.str
@@ -833,6 +906,14 @@ class ShardTransaction(_message.Message):
     """BEGIN only: the transaction holds no other shard, so it may wait for this one
     whatever its age (it cannot be part of a deadlock).
     """
+    push_rows: _builtins.bool
+    """BEGIN (with sql) and EXECUTE: the statement's rows go over PushShardResult keyed by
+    the command id, as for ExecuteShardStatement, within max_rows and max_bytes (0: no
+    cap); the command's result is then a small summary. Otherwise they ride the
+    command's result (bounded by the node stream's 256 KiB).
+    """
+    max_rows: _builtins.int
+    max_bytes: _builtins.int
     def __init__(
         self,
         *,
@@ -845,10 +926,13 @@ class ShardTransaction(_message.Message):
         idle_timeout_ms: _builtins.int = ...,
         priority: _builtins.int = ...,
         holds_nothing: _builtins.bool = ...,
+        push_rows: _builtins.bool = ...,
+        max_rows: _builtins.int = ...,
+        max_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "database_id", b"database_id", "holds_nothing", b"holds_nothing", "idle_timeout_ms", b"idle_timeout_ms", "priority", b"priority", "shard_index", b"shard_index", "sql", b"sql", "timeout_ms", b"timeout_ms", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "database_id", b"database_id", "holds_nothing", b"holds_nothing", "idle_timeout_ms", b"idle_timeout_ms", "max_bytes", b"max_bytes", "max_rows", b"max_rows", "priority", b"priority", "push_rows", b"push_rows", "shard_index", b"shard_index", "sql", b"sql", "timeout_ms", b"timeout_ms", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1005,6 +1089,178 @@ class DrainNodeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DrainNodeResponse: _TypeAlias = DrainNodeResponse  # noqa: Y015
+
+@_typing.final
+class UndrainNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndrainNodeRequest: _TypeAlias = UndrainNodeRequest  # noqa: Y015
+
+@_typing.final
+class UndrainNodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> Global___Node: ...
+    def __init__(
+        self,
+        *,
+        node: Global___Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndrainNodeResponse: _TypeAlias = UndrainNodeResponse  # noqa: Y015
+
+@_typing.final
+class Alert(_message.Message):
+    """Something an operator should know about (stored; see docs/nodes.md)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    RESOLVED_AT_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    kind: _builtins.str
+    """"mass_failure", "rollout_failed" or "update_reverted"."""
+    message: _builtins.str
+    deployment_id: _builtins.str
+    """The deployment it concerns, if any."""
+    active: _builtins.bool
+    """Whether it still applies (a mass-failure freeze still in force)."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def resolved_at(self) -> _timestamp_pb2.Timestamp:
+        """When it stopped applying (a freeze lifted); unset while it applies."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        message: _builtins.str = ...,
+        deployment_id: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        resolved_at: _timestamp_pb2.Timestamp | None = ...,
+        active: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "resolved_at", b"resolved_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "created_at", b"created_at", "deployment_id", b"deployment_id", "id", b"id", "kind", b"kind", "message", b"message", "resolved_at", b"resolved_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Alert: _TypeAlias = Alert  # noqa: Y015
+
+@_typing.final
+class ListAlertsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many alerts (default 50, at most 500)."""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlertsRequest: _TypeAlias = ListAlertsRequest  # noqa: Y015
+
+@_typing.final
+class ListAlertsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alert]: ...
+    def __init__(
+        self,
+        *,
+        alerts: _abc.Iterable[Global___Alert] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlertsResponse: _TypeAlias = ListAlertsResponse  # noqa: Y015
+
+@_typing.final
+class UnfreezeRecoveryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnfreezeRecoveryRequest: _TypeAlias = UnfreezeRecoveryRequest  # noqa: Y015
+
+@_typing.final
+class UnfreezeRecoveryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAS_FROZEN_FIELD_NUMBER: _builtins.int
+    RECOVERING_NODE_IDS_FIELD_NUMBER: _builtins.int
+    was_frozen: _builtins.bool
+    """Whether recovery was frozen (false: nothing to lift)."""
+    @_builtins.property
+    def recovering_node_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Nodes whose replicas are being re-placed now."""
+
+    def __init__(
+        self,
+        *,
+        was_frozen: _builtins.bool = ...,
+        recovering_node_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recovering_node_ids", b"recovering_node_ids", "was_frozen", b"was_frozen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnfreezeRecoveryResponse: _TypeAlias = UnfreezeRecoveryResponse  # noqa: Y015
 
 @_typing.final
 class DeregisterNodeRequest(_message.Message):

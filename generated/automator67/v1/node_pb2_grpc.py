@@ -90,6 +90,21 @@ class NodeServiceStub:
                 request_serializer=automator67_dot_v1_dot_node__pb2.DrainNodeRequest.SerializeToString,
                 response_deserializer=automator67_dot_v1_dot_node__pb2.DrainNodeResponse.FromString,
                 _registered_method=True)
+        self.UndrainNode = channel.unary_unary(
+                '/automator67.v1.NodeService/UndrainNode',
+                request_serializer=automator67_dot_v1_dot_node__pb2.UndrainNodeRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_node__pb2.UndrainNodeResponse.FromString,
+                _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/automator67.v1.NodeService/ListAlerts',
+                request_serializer=automator67_dot_v1_dot_node__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_node__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
+        self.UnfreezeRecovery = channel.unary_unary(
+                '/automator67.v1.NodeService/UnfreezeRecovery',
+                request_serializer=automator67_dot_v1_dot_node__pb2.UnfreezeRecoveryRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_node__pb2.UnfreezeRecoveryResponse.FromString,
+                _registered_method=True)
         self.DeregisterNode = channel.unary_unary(
                 '/automator67.v1.NodeService/DeregisterNode',
                 request_serializer=automator67_dot_v1_dot_node__pb2.DeregisterNodeRequest.SerializeToString,
@@ -188,6 +203,30 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UndrainNode(self, request, context):
+        """Lets a drained node take new placements again. A node that is not draining is
+        returned as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlerts(self, request, context):
+        """The caller's alerts (mass-failure freezes, failed rollouts, reverted updates),
+        in the order they were raised (oldest first, pages as ListNodes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnfreezeRecovery(self, request, context):
+        """Lifts the caller's mass-failure freeze: the replicas of nodes still failed are
+        re-placed at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeregisterNode(self, request, context):
         """Removes a node: its stream is closed and its certificate is no longer accepted.
         """
@@ -252,6 +291,21 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.DrainNode,
                     request_deserializer=automator67_dot_v1_dot_node__pb2.DrainNodeRequest.FromString,
                     response_serializer=automator67_dot_v1_dot_node__pb2.DrainNodeResponse.SerializeToString,
+            ),
+            'UndrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndrainNode,
+                    request_deserializer=automator67_dot_v1_dot_node__pb2.UndrainNodeRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_node__pb2.UndrainNodeResponse.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=automator67_dot_v1_dot_node__pb2.ListAlertsRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_node__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'UnfreezeRecovery': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnfreezeRecovery,
+                    request_deserializer=automator67_dot_v1_dot_node__pb2.UnfreezeRecoveryRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_node__pb2.UnfreezeRecoveryResponse.SerializeToString,
             ),
             'DeregisterNode': grpc.unary_unary_rpc_method_handler(
                     servicer.DeregisterNode,
@@ -557,6 +611,87 @@ class NodeService:
             '/automator67.v1.NodeService/DrainNode',
             automator67_dot_v1_dot_node__pb2.DrainNodeRequest.SerializeToString,
             automator67_dot_v1_dot_node__pb2.DrainNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automator67.v1.NodeService/UndrainNode',
+            automator67_dot_v1_dot_node__pb2.UndrainNodeRequest.SerializeToString,
+            automator67_dot_v1_dot_node__pb2.UndrainNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automator67.v1.NodeService/ListAlerts',
+            automator67_dot_v1_dot_node__pb2.ListAlertsRequest.SerializeToString,
+            automator67_dot_v1_dot_node__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnfreezeRecovery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automator67.v1.NodeService/UnfreezeRecovery',
+            automator67_dot_v1_dot_node__pb2.UnfreezeRecoveryRequest.SerializeToString,
+            automator67_dot_v1_dot_node__pb2.UnfreezeRecoveryResponse.FromString,
             options,
             channel_credentials,
             insecure,

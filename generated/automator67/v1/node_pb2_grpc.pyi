@@ -72,6 +72,18 @@ class NodeServiceStub:
     """Returns one of the caller's nodes."""
     DrainNode: _grpc.UnaryUnaryMultiCallable[_node_pb2.DrainNodeRequest, _node_pb2.DrainNodeResponse]
     """Stops new placements on a node."""
+    UndrainNode: _grpc.UnaryUnaryMultiCallable[_node_pb2.UndrainNodeRequest, _node_pb2.UndrainNodeResponse]
+    """Lets a drained node take new placements again. A node that is not draining is
+    returned as it is.
+    """
+    ListAlerts: _grpc.UnaryUnaryMultiCallable[_node_pb2.ListAlertsRequest, _node_pb2.ListAlertsResponse]
+    """The caller's alerts (mass-failure freezes, failed rollouts, reverted updates),
+    in the order they were raised (oldest first, pages as ListNodes).
+    """
+    UnfreezeRecovery: _grpc.UnaryUnaryMultiCallable[_node_pb2.UnfreezeRecoveryRequest, _node_pb2.UnfreezeRecoveryResponse]
+    """Lifts the caller's mass-failure freeze: the replicas of nodes still failed are
+    re-placed at once.
+    """
     DeregisterNode: _grpc.UnaryUnaryMultiCallable[_node_pb2.DeregisterNodeRequest, _node_pb2.DeregisterNodeResponse]
     """Removes a node: its stream is closed and its certificate is no longer accepted."""
 
@@ -119,6 +131,18 @@ class NodeServiceAsyncStub(NodeServiceStub):
     """Returns one of the caller's nodes."""
     DrainNode: _aio.UnaryUnaryMultiCallable[_node_pb2.DrainNodeRequest, _node_pb2.DrainNodeResponse]  # type: ignore[assignment]
     """Stops new placements on a node."""
+    UndrainNode: _aio.UnaryUnaryMultiCallable[_node_pb2.UndrainNodeRequest, _node_pb2.UndrainNodeResponse]  # type: ignore[assignment]
+    """Lets a drained node take new placements again. A node that is not draining is
+    returned as it is.
+    """
+    ListAlerts: _aio.UnaryUnaryMultiCallable[_node_pb2.ListAlertsRequest, _node_pb2.ListAlertsResponse]  # type: ignore[assignment]
+    """The caller's alerts (mass-failure freezes, failed rollouts, reverted updates),
+    in the order they were raised (oldest first, pages as ListNodes).
+    """
+    UnfreezeRecovery: _aio.UnaryUnaryMultiCallable[_node_pb2.UnfreezeRecoveryRequest, _node_pb2.UnfreezeRecoveryResponse]  # type: ignore[assignment]
+    """Lifts the caller's mass-failure freeze: the replicas of nodes still failed are
+    re-placed at once.
+    """
     DeregisterNode: _aio.UnaryUnaryMultiCallable[_node_pb2.DeregisterNodeRequest, _node_pb2.DeregisterNodeResponse]  # type: ignore[assignment]
     """Removes a node: its stream is closed and its certificate is no longer accepted."""
 
@@ -229,6 +253,36 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.DrainNodeResponse, _abc.Awaitable[_node_pb2.DrainNodeResponse]]:
         """Stops new placements on a node."""
+
+    @_abc_1.abstractmethod
+    def UndrainNode(
+        self,
+        request: _node_pb2.UndrainNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.UndrainNodeResponse, _abc.Awaitable[_node_pb2.UndrainNodeResponse]]:
+        """Lets a drained node take new placements again. A node that is not draining is
+        returned as it is.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAlerts(
+        self,
+        request: _node_pb2.ListAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.ListAlertsResponse, _abc.Awaitable[_node_pb2.ListAlertsResponse]]:
+        """The caller's alerts (mass-failure freezes, failed rollouts, reverted updates),
+        in the order they were raised (oldest first, pages as ListNodes).
+        """
+
+    @_abc_1.abstractmethod
+    def UnfreezeRecovery(
+        self,
+        request: _node_pb2.UnfreezeRecoveryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.UnfreezeRecoveryResponse, _abc.Awaitable[_node_pb2.UnfreezeRecoveryResponse]]:
+        """Lifts the caller's mass-failure freeze: the replicas of nodes still failed are
+        re-placed at once.
+        """
 
     @_abc_1.abstractmethod
     def DeregisterNode(
