@@ -274,9 +274,7 @@ async def start_controller(settings: Settings) -> Controller:
     deployment_pb2_grpc.add_DeploymentServiceServicer_to_server(
         DeploymentServicer(deployments, ingress), server
     )
-    transactions = TransactionManager(
-        log_store=TransactionLog(store), streams=fleet.streams, results=shard_results
-    )
+    transactions = TransactionManager(log_store=TransactionLog(store), streams=fleet.streams)
     query_pb2_grpc.add_QueryServiceServicer_to_server(
         QueryServicer(
             DatabaseService(

@@ -36,6 +36,13 @@ QUEUE_BATCHES = 4
 (``A67_SHARD_RESULT_QUEUE_BATCHES``)."""
 
 
+_CLOSED = node_pb2.PushShardResultRequest(
+    done=True,
+    error_kind="unavailable",
+    error_message="the shard's result stream was closed before its rows ended",
+)
+
+
 class ResultSlot:
     """Where the rows of one shard statement arrive."""
 
@@ -47,7 +54,25 @@ class ResultSlot:
         self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def get(self) -> node_pb2.PushShardResultRequest:
-        return await self.queue.get()
+        """The next batch; once the slot is closed and drained, an ``unavailable`` end.
+
+        Never waits for ever: a slot closed while nothing is queued (the statement was
+        cancelled, its transaction rolled back, its node's stream ended) answers at once.
+        """
+        if not self.queue.empty() or self.gone.done():
+            if not self.queue.empty():
+                return self.queue.get_nowait()
+            return _CLOSED
+        getter = asyncio.ensure_future(self.queue.get())
+        try:
+            waiters: set[asyncio.Future[Any]] = {getter, self.gone}
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getter.done():
+                getter.cancel()
+        if getter.done() and not getter.cancelled():
+            return getter.result()
+        return self.queue.get_nowait() if not self.queue.empty() else _CLOSED
 
     def close(self) -> None:
         if not self.gone.done():

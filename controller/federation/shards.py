@@ -442,9 +442,9 @@ async def open_rows(
     sent = asyncio.ensure_future(streams.send_command(node_id, command, remaining + 0.5))
     first = asyncio.ensure_future(slot.get())
     try:
-        await asyncio.wait({sent, first}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({sent, first}, return_when=asyncio.FIRST_COMPLETED, timeout=remaining + 1)
         if not first.done() and slot.attached:  # the rows are on their way: the header comes first
-            await first
+            await asyncio.wait_for(first, remaining + 1)
         if first.done():
             message = first.result()
             if message.error_kind:
@@ -460,6 +460,8 @@ async def open_rows(
                 caps=caps,
                 sqlstates=sqlstates,
             )
+        if not sent.done():
+            raise TimeoutError(f"node {node_id} did not answer shard {shard}'s statement in time")
         try:
             result = sent.result()
         except ControllerError as exc:  # not connected, stream gone, no answer in time

@@ -49,6 +49,8 @@ CACHE_REFRESH_SECONDS = 15.0
 CACHE_HEALTH_TTL_SECONDS = 60.0
 # How often a node's metrics are written to the store between state changes.
 STORE_METRICS_SECONDS = 60.0
+# The writer lets other tasks run after this many cache writes.
+WRITER_YIELD_EVERY = 100
 # Nodes whose metrics are written in one store transaction, at most.
 STORE_BATCH_ROWS = 500
 # One history sample per node per this many seconds.
@@ -435,14 +437,21 @@ class Fleet:
         """Everything heartbeats left for the cache and the store, by one task: the cache
         entries and history samples due, then the metrics due (in batches)."""
         self._metrics_due.clear()
+        written = 0
         while self._cache_unsaved:
             await self._write_cache(self._cache_unsaved.pop())
+            written += 1
+            if written % WRITER_YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # the in-process cache never suspends: let streams run
         while self._history_unsaved:
             node_id, (at, metrics) = self._history_unsaved.popitem()
             try:
                 await self._append_history(node_id, at, metrics)
             except Exception:
                 log.warning("could not append to the history of node %s", node_id, exc_info=True)
+            written += 1
+            if written % WRITER_YIELD_EVERY == 0:
+                await asyncio.sleep(0)
         await self._write_metrics()
 
     async def _write_metrics(self) -> None:

@@ -45,6 +45,7 @@ from tests.support import PASSWORD
 ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"
 
+
 def new_email() -> str:
     return f"user-{uuid.uuid4().hex[:12]}@example.com"
 

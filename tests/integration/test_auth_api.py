@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import uuid
 
 import grpc
 import pytest
@@ -221,19 +222,20 @@ async def test_logout_ends_the_session(auth_stub: auth_pb2_grpc.AuthServiceStub)
     assert me.user.id == session.user_id
 
 
-async def test_services_not_built_yet_answer_unimplemented(
+async def test_a_file_rpc_authenticates_first_and_a_missing_file_is_not_found(
     channel: grpc.aio.Channel, auth_stub: auth_pb2_grpc.AuthServiceStub
 ) -> None:
-    session = await register(auth_stub)
     storage = storage_pb2_grpc.StorageServiceStub(channel)
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await storage.GetFile(storage_pb2.GetFileRequest(), metadata=bearer(session.access_token))
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert _details(info.value)["ErrorInfo"].reason == "NOT_IMPLEMENTED"
     # Authentication comes first: without a token it is UNAUTHENTICATED.
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await storage.GetFile(storage_pb2.GetFileRequest())
+        await storage.GetFile(storage_pb2.GetFileRequest(file_id="x"))
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    session = await register(auth_stub)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await storage.GetFile(
+            storage_pb2.GetFileRequest(file_id=str(uuid.uuid4())), metadata=bearer(session.access_token)
+        )
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_controller_address(controller: Controller) -> None:

@@ -32,7 +32,6 @@ from grpc_status import rpc_status
 from controller.config import Settings
 from controller.errors import NotFound
 from controller.federation.transactions import CrashPoint, TransactionLog, TransactionManager
-from controller.limits import CONTROL_MESSAGE_MAX_BYTES
 from controller.server import Controller
 from controller.store.models import DatabaseTransaction
 from tests.conftest import require_prepared_transactions
@@ -242,56 +241,6 @@ async def bank(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
         require_prepared_transactions(postgres_url)
     async with make_bank(tmp_path, postgres_url) as made:
         yield made
-
-
-CAPPED_ROWS = 250  # ExecuteQuery's row cap (A67_MAX_RESULT_ROWS) of the capped bank
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def capped_bank(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Bank]:
-    postgres_url = ""
-    if request.param == "postgres":
-        databases = request.getfixturevalue("postgres_databases")
-        postgres_url = databases.create().replace("postgresql+psycopg://", "postgresql://")
-        require_prepared_transactions(postgres_url)
-    async with make_bank(tmp_path, postgres_url, max_result_rows=CAPPED_ROWS) as made:
-        yield made
-
-
-async def test_a_transactions_rows_stream_past_the_control_limit_within_the_caps(capped_bank: Bank) -> None:
-    bank = capped_bank
-    await bank.stub.ApplySchema(
-        query_pb2.ApplySchemaRequest(
-            db_id=bank.db_id, ddl="CREATE TABLE docs (id INTEGER PRIMARY KEY, body TEXT NOT NULL)"
-        ),
-        metadata=bearer(bank.token),
-    )
-    body = "x" * 1500
-    txid = await bank.begin()
-    count = 240  # on shard 1 (ids from 100): 240 x 1.5 KB, more than one control message holds
-    for start in (0, count // 2):  # (a statement's own text travels in a control message)
-        values = ", ".join(f"({100 + i}, '{body}')" for i in range(start, start + count // 2))
-        await bank.query(f"INSERT INTO docs (id, body) VALUES {values}", txid)
-    inside = await bank.query("SELECT id, body FROM docs WHERE id >= 100 ORDER BY id", txid)
-    assert [int(r.values[0].number_value) for r in inside.data] == list(range(100, 100 + count))
-    assert all(r.values[1].string_value == body for r in inside.data)
-    assert inside.ByteSize() > CONTROL_MESSAGE_MAX_BYTES
-    assert (await bank.query("SELECT COUNT(*) FROM docs")).data[0].values[
-        0
-    ].number_value == 0  # not committed
-
-    more = ", ".join(f"({100 + count + i}, 'y')" for i in range(CAPPED_ROWS + 1 - count))
-    await bank.query(f"INSERT INTO docs (id, body) VALUES {more}", txid)
-    with pytest.raises(grpc.aio.AioRpcError) as info:  # one row more than ExecuteQuery returns
-        await bank.query("SELECT id FROM docs WHERE id >= 100", txid)
-    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert reason_of(info.value) == "RESULT_TOO_LARGE"
-    assert "StreamQuery" in (info.value.details() or "")
-    assert "rolled back" in (info.value.details() or "")
-    with pytest.raises(grpc.aio.AioRpcError) as info:  # a failed statement ends the transaction
-        await bank.query("SELECT id FROM docs WHERE id = 100", txid)
-    assert info.value.code() == grpc.StatusCode.ABORTED
-    assert (await bank.query("SELECT COUNT(*) FROM docs")).data[0].values[0].number_value == 0
 
 
 async def test_single_shard_transaction_commit_rollback_and_refusals(bank: Bank) -> None:
