@@ -576,7 +576,7 @@ def test_a67_up_serves_rest_and_grpc_then_stops_both_on_sigterm(tmp_path: Path) 
         assert f"http://127.0.0.1:{http_port}" in banner
         assert grpc_address in banner
         children = psutil.Process(up.pid).children()
-        assert len(children) == 2  # the controller and Envoy
+        assert len(children) == 3  # the controller, the gateway and the ingress Envoy
 
         _, session = register(Rest("127.0.0.1", http_port))
         with grpc.insecure_channel(grpc_address) as channel:

@@ -87,7 +87,7 @@ async def test_migration_0003_normalises_stored_emails_and_keeps_lookalike_dupli
     await asyncio.to_thread(_insert_old_rows, store_url)
 
     with caplog.at_level(logging.WARNING):
-        await asyncio.to_thread(upgrade, store_url)
+        await asyncio.to_thread(upgrade, store_url, "0003")
 
     assert current_revision(store_url) == "0003"
     assert _emails(store_url) == {
