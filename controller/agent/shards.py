@@ -993,26 +993,13 @@ class ShardStore:
             forget()
 
     async def _begin(self, key: tuple[str, int], request: node_pb2.ShardTransaction, limit_s: float) -> bytes:
-        if request.transaction_id in self._transactions:
-            raise ShardError("invalid", f"transaction {request.transaction_id} is already open here")
-        txn = _Transaction(
-            id=request.transaction_id,
-            key=key,
-            priority=request.priority,
-            idle_timeout=(request.idle_timeout_ms or DEFAULT_IDLE_TIMEOUT_MS) / 1000,
-            last_used=self._clock(),
-        )
+        """Open ``request``'s transaction, then run its first statement (if any) in it."""
+        txn = await self._open_transaction(key, request, limit_s)
+        if not request.sql:
+            return encode_result([], [], -1)
         async with txn.lock:
-            self._transactions[txn.id] = txn
             try:
-                if self._postgres_url:
-                    await self._pg_begin(txn, limit_s)
-                else:
-                    await self._sqlite_begin(txn, limit_s, may_wait=request.holds_nothing)
-                self._start_reaper()
-                result: tuple[list[tuple[str, str]], list[tuple[Any, ...]], int] = ([], [], -1)
-                if request.sql:
-                    result = await self._statement(txn, request.sql, limit_s)
+                result = await self._statement(txn, request.sql, limit_s)
                 txn.last_used = self._clock()
                 return encode_result(*result)
             except BaseException:
