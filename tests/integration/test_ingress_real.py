@@ -293,7 +293,11 @@ async def test_kill_9_of_a_node_under_load_fails_no_get(tmp_path: Path) -> None:
 
 async def test_scale_drain_and_delete(tmp_path: Path) -> None:
     settings = controller_settings(
-        tmp_path / "controller", heartbeat_interval_seconds=HEARTBEAT, ingress_drain_seconds=1.5
+        # The drain window must outlast seeing the endpoint leave Envoy (a store read and
+        # config_dump polls): at 1.5 s a loaded machine saw the replica already stopped.
+        tmp_path / "controller",
+        heartbeat_interval_seconds=HEARTBEAT,
+        ingress_drain_seconds=8.0,
     )
     with processes(tmp_path) as procs:
         async with (
