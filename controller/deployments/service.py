@@ -287,6 +287,9 @@ class DeploymentService:
         self._inflight: set[tuple[str, int]] = set()
         self._rolling: set[str] = set()
         self._surging: dict[tuple[str, int], tuple[str, int]] = {}
+        # replicas taken out of the ingress and waiting out the drain time before their
+        # StopReplica: (node, deployment, index, generation); the fence leaves them running
+        self._draining: set[tuple[str, str, int, int]] = set()
         self._retry: dict[tuple[str, int], tuple[float, float]] = {}
         self._stop_sent: dict[tuple[str, str, int, int], float] = {}
         self._recovery_next: dict[str, float] = {}
@@ -994,8 +997,16 @@ class DeploymentService:
     async def _drain_then_stop(self, deployment_id: str, assignments: list[Assignment]) -> None:
         """Stop replicas that no longer get traffic, after the drain time (their endpoints
         left the ingress when the deployment was stored without them)."""
+        keys = {
+            (str(a["node_id"]), deployment_id, int(a["replica_index"]), int(a["generation"]))
+            for a in assignments
+        }
         if assignments and self.drain_seconds > 0:
-            await asyncio.sleep(self.drain_seconds)
+            self._draining |= keys
+            try:
+                await asyncio.sleep(self.drain_seconds)
+            finally:
+                self._draining -= keys
         await self._stop_all(deployment_id, assignments)
 
     async def _stop_all(self, deployment_id: str, assignments: Iterable[Assignment]) -> None:
@@ -1628,6 +1639,8 @@ class DeploymentService:
             current = known.assignments.get(state.replica_index) if known else None
             if self._surging.get((state.deployment_id, state.replica_index)) == (node_id, state.generation):
                 continue  # the new version's replica of a rolling update, not yet switched to
+            if (node_id, state.deployment_id, state.replica_index, state.generation) in self._draining:
+                continue  # out of the ingress, stopped once the drain time is over
             if (
                 current is None
                 or current["node_id"] != node_id

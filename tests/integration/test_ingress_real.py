@@ -342,6 +342,7 @@ async def test_scale_drain_and_delete(tmp_path: Path) -> None:
                 leaving = {
                     a.endpoint.removeprefix("http://") for a in d.node_assignments if a.replica_index >= 1
                 }
+                scaled_down = time.monotonic()
                 await client.deployments.ScaleDeployment(
                     deployment_pb2.ScaleDeploymentRequest(deployment_id=deployment_id, replicas=1),
                     metadata=bearer(client.token),
@@ -361,6 +362,9 @@ async def test_scale_drain_and_delete(tmp_path: Path) -> None:
                     return False
 
                 await _until(stopped, "the scaled-down replica to stop after draining")
+                # Not before the drain time: heartbeats reporting the draining replica (every
+                # 0.3 s) must not have the fence stop it early as one no longer assigned.
+                assert time.monotonic() - scaled_down >= settings.ingress_drain_seconds
 
                 # Delete: the routes go, both forms answer a JSON 404, the cluster leaves Envoy.
                 host = (
