@@ -363,6 +363,7 @@ async def run_agent(
         agent = Agent(config, handlers=handlers, replicas=supervisor.states)
         supervisor.packages.fetch = agent.fetch_package
         shards.open_push = agent.open_shard_push  # shard results' data path (PushShardResult)
+        agent.on_connected.append(shards.stream_replaced)
         if "storage" in config.node_types:  # chunks of files (controller/agent/chunks.py)
             storage = StorageAgent(
                 config.data_dir,
@@ -370,7 +371,7 @@ async def run_agent(
                 scrub_interval_seconds=scrub_interval_seconds,
             )
             storage.register(handlers)
-            agent.on_connected = storage.connected
+            agent.on_connected.append(storage.connected)
         return await agent.run(stop)
     finally:
         await supervisor.close()

@@ -391,8 +391,9 @@ class Agent:
         self._bulk: grpc.aio.Channel | None = None
         self._storage: grpc.aio.Channel | None = None
         self._data: grpc.aio.Channel | None = None
-        self.on_connected: Callable[[], None] | None = None
-        """Called after each accepted hello (storage reports its inventory then)."""
+        self.on_connected: list[Callable[[], None]] = []
+        """Called, in order, after each accepted hello (storage reports its inventory then;
+        shards roll back the transactions an earlier stream left open)."""
 
     # ----------------------------------------------------------------- observable state
 
@@ -758,8 +759,11 @@ class Agent:
         end.acked = True
         self._connected = True
         self._connections += 1
-        if self.on_connected is not None:
-            self.on_connected()
+        for hook in self.on_connected:
+            try:
+                hook()
+            except Exception:  # one hook failing must not cost the connection
+                log.warning("an on-connected hook failed", exc_info=True)
         outbox: asyncio.PriorityQueue[tuple[int, int, node_pb2.ConnectRequest]] = asyncio.PriorityQueue()
         self._outbox = outbox
         self._sent_at.clear()  # acks of an earlier stream never come: time this one afresh

@@ -52,9 +52,10 @@ Transactions (``shard_transaction`` commands, docs/databases.md "Transactions")
     ``COMMIT PREPARED`` / ``ROLLBACK PREPARED`` on the shard's own connection (the
     same role). ``COMMIT``/``ROLLBACK`` of a transaction the shard does not know is
     no error: it was resolved before. An open transaction that is not prepared is
-    rolled back after its idle timeout (the controller's is shorter): the agent never
-    holds a shard for a controller that went away. A prepared one waits for its
-    decision however long it takes.
+    rolled back after its idle timeout (the controller's is shorter), and at once when
+    the agent's controller stream is replaced: the agent never holds a shard for a
+    controller that went away. A prepared one waits for its decision however long it
+    takes.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ DEFAULT_IDLE_TIMEOUT_MS = 120_000
 REAP_INTERVAL_SECONDS = 1.0
 # Open transactions per PostgreSQL shard (each holds a connection as the shard's role).
 MAX_PG_TRANSACTIONS = 32
+# How long a statement of a distributed transaction on PostgreSQL waits for a lock before
+# it fails as a conflict (PostgreSQL's own deadlock_timeout is 1 s by default).
+PG_LOCK_TIMEOUT_MS = 1000
 # Idle PostgreSQL connections kept per shard for the next transaction.
 PG_POOL_SIZE = 8
 # The table of committed redo logs in an SQLite shard (hidden from schema reads).
@@ -315,6 +319,7 @@ class _Transaction:
     state: str = "active"  # active → prepared
     conn: Any = None  # sqlite3.Connection, or a psycopg AsyncConnection while active
     statements: list[str] = field(default_factory=list)  # SQLite: the ones that changed rows
+    distributed: bool = False  # may hold other shards: PostgreSQL lock waits are bounded
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -400,6 +405,7 @@ class ShardStore:
         self._pg_pool: dict[tuple[str, int], list[Any]] = {}
         self._pg_slots: dict[tuple[str, int], asyncio.Semaphore] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self._abandoning: set[asyncio.Task[None]] = set()
         self._sqlite_readers: dict[tuple[str, int], list[sqlite3.Connection]] = {}
         self.open_push: Callable[[], Any] | None = None
         """Opens ``NodeService.PushShardResult`` (the agent's data path); set by the agent."""
@@ -888,6 +894,7 @@ class ShardStore:
             priority=request.priority,
             idle_timeout=(request.idle_timeout_ms or DEFAULT_IDLE_TIMEOUT_MS) / 1000,
             last_used=self._clock(),
+            distributed=request.distributed,
         )
         async with txn.lock:
             self._transactions[txn.id] = txn
@@ -1087,6 +1094,32 @@ class ShardStore:
             except Exception:  # keep reaping
                 log.warning("reaping idle transactions failed", exc_info=True)
 
+    def stream_replaced(self) -> None:
+        """The agent's ``on_connected`` hook: roll back every open, unprepared transaction.
+
+        Only the controller that spoke on the stream that ended can use them, and it treats
+        them as aborted (a new controller presumes abort; the same one after a break finds
+        them gone at its next statement or one-phase commit). Held until the idle timeout,
+        their locks — PostgreSQL row locks, SQLite's one writer — would only make the next
+        transactions wait. Prepared transactions stay: they wait for their decision."""
+        abandoned = [t for t in self._transactions.values() if t.state == "active"]
+        if not abandoned:
+            return
+        log.info("controller stream replaced: rolling back %d open transaction(s)", len(abandoned))
+        task = asyncio.create_task(self._abandon(abandoned), name="agent-abandon-transactions")
+        self._abandoning.add(task)
+        task.add_done_callback(self._abandoning.discard)
+
+    async def _abandon(self, transactions: list[_Transaction]) -> None:
+        async def one(txn: _Transaction) -> None:
+            async with txn.lock:  # a statement of the old stream may still be running
+                if self._transactions.get(txn.id) is txn and txn.state == "active":
+                    await self._discard(txn, commit=False)
+
+        for outcome in await asyncio.gather(*(one(t) for t in transactions), return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                log.warning("rolling back an abandoned transaction failed", exc_info=outcome)
+
     def open_transactions(self) -> dict[str, str]:
         """Transaction id → state, for tests and diagnostics."""
         return {t.id: t.state for t in self._transactions.values()}
@@ -1264,6 +1297,11 @@ class ShardStore:
                     conn = await self._pg_shards.reopen(*txn.key)
             try:
                 await conn.execute("BEGIN")
+                if txn.distributed:
+                    # A lock wait that crosses shards can be a deadlock no server sees (each
+                    # shard's session waits on another's, through the controller): bounded,
+                    # it fails as a conflict and the client retries. Wait-die for SQLite.
+                    await conn.execute(f"SET LOCAL lock_timeout = {PG_LOCK_TIMEOUT_MS}")
             except Exception as exc:
                 await conn.close()
                 raise _pg_error(exc) from exc
@@ -1331,6 +1369,9 @@ class ShardStore:
         return "committed" if commit else "rolled_back"
 
     async def close(self) -> None:
+        for task in list(self._abandoning):
+            with contextlib.suppress(BaseException):
+                await task
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(BaseException):

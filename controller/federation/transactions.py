@@ -35,8 +35,10 @@ Timeouts
     A transaction idle for ``idle_timeout_ms`` (default 60 s), or not committed
     within ``timeout_ms`` (default 10 min), is rolled back by :meth:`reap` (on an
     injected clock). Agents roll back an open, unprepared shard transaction on their
-    own after twice the idle timeout plus 30 s, so a shard is never held for a
-    controller that went away. Any failed statement rolls the whole transaction back.
+    own after twice the idle timeout plus 30 s, and as soon as their stream to the
+    controller is replaced, so a shard is never held for a controller that went away
+    (a one-phase COMMIT the shard no longer knows is therefore an abort, never a
+    success). Any failed statement rolls the whole transaction back.
 
 Not found
     Another user's transaction id, or one of another database, is ``NOT_FOUND``
@@ -372,7 +374,7 @@ class TransactionManager:
             shard = shards[0]
             try:
                 await self._command(txn.id, txn.database_id, shard, txn.participants[shard],
-                                    ACTIONS.SHARD_TRANSACTION_ACTION_COMMIT)  # fmt: skip
+                                    ACTIONS.SHARD_TRANSACTION_ACTION_COMMIT, one_phase=True)  # fmt: skip
             except ShardError as exc:
                 if exc.sqlstate == "transaction_missing" or not exc.retryable:
                     txn.state = ABORTED
@@ -517,7 +519,11 @@ class TransactionManager:
         idle_timeout_ms: int = 0,
         priority: int = 0,
         holds_nothing: bool = False,
+        distributed: bool = False,
+        one_phase: bool = False,
     ) -> ShardResult:
+        """One ``shard_transaction`` command; ``one_phase`` for the COMMIT of a transaction
+        on one shard, where a shard that no longer knows it means it was rolled back."""
         command = node_pb2.NodeCommand(
             command_id=str(uuid.uuid4()),
             shard_transaction=node_pb2.ShardTransaction(
@@ -530,6 +536,7 @@ class TransactionManager:
                 idle_timeout_ms=idle_timeout_ms,
                 priority=priority,
                 holds_nothing=holds_nothing,
+                distributed=distributed,
             ),
         )
         try:
@@ -540,6 +547,15 @@ class TransactionManager:
             if action in (ACTIONS.SHARD_TRANSACTION_ACTION_BEGIN, ACTIONS.SHARD_TRANSACTION_ACTION_EXECUTE):
                 columns, rows, rowcount = decode_result(result.payload)
                 return ShardResult(columns=columns, rows=rows, rows_affected=rowcount)
+            if one_phase and json.loads(result.payload or b"{}").get("state") == "unknown":
+                # Never prepared, so "resolved before" can only mean rolled back (idle too
+                # long, the agent restarted, or its stream to this controller broke).
+                raise ShardError(
+                    shard,
+                    f"node {node_id} no longer held the transaction: it was rolled back there",
+                    retryable=False,
+                    sqlstate="transaction_missing",
+                )
             return ShardResult(columns=[], rows=[])
         kind = json.loads(result.payload or b"{}").get("error_kind", "invalid")
         if kind == "timeout":
@@ -568,6 +584,7 @@ class TransactionManager:
             return await self._command(
                 txn.id, txn.database_id, shard, txn.participants[shard], action, sql=sql, seconds=seconds,
                 idle_timeout_ms=self.agent_idle_ms(txn), priority=txn.priority, holds_nothing=holds_nothing,
+                distributed=txn.distributed,
             )  # fmt: skip
         node_id = txn.participants[shard]
         command = node_pb2.NodeCommand(
@@ -582,6 +599,7 @@ class TransactionManager:
                 idle_timeout_ms=self.agent_idle_ms(txn),
                 priority=txn.priority,
                 holds_nothing=holds_nothing,
+                distributed=txn.distributed,
                 push_rows=True,
                 max_rows=caps.rows,
                 max_bytes=caps.bytes,

@@ -428,6 +428,31 @@ async def test_agent_killed_while_prepared_commits_after_restart(bank: Bank, tmp
     assert (balances[A], balances[B]) == (75, 125)
 
 
+async def test_commit_after_the_shard_lost_the_transaction_is_an_abort(bank: Bank) -> None:
+    """A one-phase commit that the shard answers "unknown" was rolled back there (the agent
+    restarted, or its stream was replaced): the client must hear ABORTED, never success."""
+    txid = await bank.begin()
+    await bank.query(f"UPDATE acct SET balance = 0 WHERE id = {A}", txid)
+    bank.fleet.kill("a")
+    bank.fleet.restart("a")
+    nodes = node_pb2_grpc.NodeServiceStub(bank.channel)
+
+    async def back() -> bool:
+        listed = (await nodes.ListNodes(node_pb2.ListNodesRequest(), metadata=bearer(bank.token))).nodes
+        return any(n.id == bank.ids["a"] and n.status == 2 for n in listed)  # NODE_STATUS_READY
+
+    await wait_for(back, "agent a to be connected and ready again")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await bank.commit(txid)
+    assert info.value.code() == grpc.StatusCode.ABORTED
+    assert reason_of(info.value) == "TRANSACTION_ABORTED"
+    assert "rolled back" in (info.value.details() or "")
+    assert (await bank.balances())[A] == 100
+    row = await bank.row(txid)
+    assert row is not None
+    assert row.state == "aborted"
+
+
 async def test_idle_transaction_times_out_and_rolls_back(bank: Bank) -> None:
     now = [0.0]
     manager = TransactionManager(

@@ -122,17 +122,7 @@ def unresolved(store: Path) -> int:
     "backend",
     [
         "sqlite",
-        pytest.param(
-            "postgres",
-            marks=[
-                pytest.mark.postgres,
-                pytest.mark.skip(
-                    reason="open bug (issue 13): after a controller SIGKILL, transfers on PostgreSQL shards wait "
-                    "out idle timeouts behind row locks of the dead controller's unprepared transactions, so "
-                    "the run takes 165 s to over 240 s; passes alone, too slow and timing-dependent for CI"
-                ),
-            ],
-        ),
+        pytest.param("postgres", marks=pytest.mark.postgres),
     ],
 )
 async def test_bank_transfers_survive_sigkill_of_controller_and_agents(

@@ -34,10 +34,11 @@ def step(
     priority: int = 0,
     idle_ms: int = 0,
     timeout_ms: int = 2000,
+    distributed: bool = False,
 ):
     return node_pb2.ShardTransaction(
         database_id=DB, shard_index=shard, transaction_id=txid, action=action, sql=sql,
-        timeout_ms=timeout_ms, priority=priority, idle_timeout_ms=idle_ms,
+        timeout_ms=timeout_ms, priority=priority, idle_timeout_ms=idle_ms, distributed=distributed,
     )  # fmt: skip
 
 
@@ -211,6 +212,43 @@ async def test_idle_open_transactions_are_rolled_back_prepared_ones_wait(tmp_pat
         await store.transaction(step(A.SHARD_TRANSACTION_ACTION_BEGIN, "next", "INSERT INTO t VALUES (3)"))
         await store.transaction(step(A.SHARD_TRANSACTION_ACTION_COMMIT, "next"))
         assert await rows(store, "SELECT id FROM t") == [(3,)]
+    finally:
+        await store.close()
+
+
+async def _replaced(store: ShardStore) -> None:
+    """The agent's stream to its controller was replaced: wait for the rollbacks it starts."""
+    store.stream_replaced()
+    await asyncio.gather(*store._abandoning)
+
+
+async def test_a_replaced_stream_rolls_back_open_transactions_prepared_ones_wait(tmp_path: Path) -> None:
+    store = ShardStore(tmp_path)  # no clock moves: the idle timeout plays no part
+    try:
+        await store.execute(DB, 0, "CREATE TABLE t (id INTEGER PRIMARY KEY)", 1000)
+        await store.execute(DB, 1, "CREATE TABLE t (id INTEGER PRIMARY KEY)", 1000)
+        await store.transaction(
+            step(A.SHARD_TRANSACTION_ACTION_BEGIN, "open", "INSERT INTO t VALUES (1)", idle_ms=600_000)
+        )
+        await store.transaction(
+            step(A.SHARD_TRANSACTION_ACTION_BEGIN, "prep", "INSERT INTO t VALUES (2)", shard=1)
+        )
+        await store.transaction(step(A.SHARD_TRANSACTION_ACTION_PREPARE, "prep", shard=1))
+        await _replaced(store)
+        assert store.open_transactions() == {"prep": "prepared"}
+        # the shard's one writer is free at once, not after the idle timeout
+        await store.transaction(step(A.SHARD_TRANSACTION_ACTION_BEGIN, "next", "INSERT INTO t VALUES (3)"))
+        await store.transaction(step(A.SHARD_TRANSACTION_ACTION_COMMIT, "next"))
+        assert await rows(store, "SELECT id FROM t") == [(3,)]
+        # the old controller's commit finds nothing: "unknown", which a one-phase commit reads as rolled back
+        assert json.loads(await store.transaction(step(A.SHARD_TRANSACTION_ACTION_COMMIT, "open"))) == {
+            "state": "unknown"
+        }
+        assert json.loads(
+            await store.transaction(step(A.SHARD_TRANSACTION_ACTION_COMMIT, "prep", shard=1))
+        ) == {"state": "committed"}
+        assert await rows(store, "SELECT id FROM t", shard=1) == [(2,)]
+        await _replaced(store)  # nothing open: nothing to do
     finally:
         await store.close()
 
@@ -390,3 +428,52 @@ async def test_postgres_transaction_rows_take_the_data_path(pg_store) -> None:
     store, _ = pg_store
     await store.execute(DB, 0, "CREATE TABLE docs (id INTEGER PRIMARY KEY, body TEXT)", 1000)
     await _transaction_rows_take_the_data_path(store)
+
+
+@pytest.mark.postgres
+async def test_postgres_replaced_stream_releases_row_locks(pg_store) -> None:
+    store, _ = pg_store
+    await store.transaction(
+        step(
+            A.SHARD_TRANSACTION_ACTION_BEGIN,
+            "old",
+            "UPDATE acct SET balance = 0 WHERE id = 1",
+            idle_ms=600_000,
+        )
+    )
+    await _replaced(store)
+    assert store.open_transactions() == {}
+    # the row lock went with it: a new transaction updates the row without waiting (it would
+    # fail as a conflict after lock_timeout if the lock were still held)
+    await store.transaction(
+        step(
+            A.SHARD_TRANSACTION_ACTION_BEGIN,
+            "new",
+            "UPDATE acct SET balance = 5 WHERE id = 1",
+            distributed=True,
+        )
+    )
+    await store.transaction(step(A.SHARD_TRANSACTION_ACTION_COMMIT, "new"))
+    assert await rows(store, "SELECT balance FROM acct ORDER BY id") == [(5,), (100,)]
+
+
+@pytest.mark.postgres
+async def test_postgres_distributed_lock_wait_is_bounded(pg_store) -> None:
+    """A distributed transaction's wait for a row lock fails as a conflict: across shards,
+    the holder may be waiting for it (a deadlock no single server sees)."""
+    store, _ = pg_store
+    await store.transaction(
+        step(A.SHARD_TRANSACTION_ACTION_BEGIN, "holder", "UPDATE acct SET balance = 1 WHERE id = 1")
+    )
+    with pytest.raises(ShardError) as info:
+        await store.transaction(
+            step(
+                A.SHARD_TRANSACTION_ACTION_BEGIN, "waiter", "UPDATE acct SET balance = 2 WHERE id = 1",
+                distributed=True, timeout_ms=30_000,
+            )
+        )  # fmt: skip
+    assert info.value.kind == "conflict"
+    assert "lock" in str(info.value).lower()
+    await store.transaction(step(A.SHARD_TRANSACTION_ACTION_COMMIT, "holder"))
+    assert store.open_transactions() == {}
+    assert await rows(store, "SELECT balance FROM acct ORDER BY id") == [(1,), (100,)]

@@ -892,6 +892,7 @@ class ShardTransaction(_message.Message):
     PUSH_ROWS_FIELD_NUMBER: _builtins.int
     MAX_ROWS_FIELD_NUMBER: _builtins.int
     MAX_BYTES_FIELD_NUMBER: _builtins.int
+    DISTRIBUTED_FIELD_NUMBER: _builtins.int
     database_id: _builtins.str
     shard_index: _builtins.int
     transaction_id: _builtins.str
@@ -914,6 +915,11 @@ class ShardTransaction(_message.Message):
     """
     max_rows: _builtins.int
     max_bytes: _builtins.int
+    distributed: _builtins.bool
+    """BEGIN only: the transaction may hold other shards (distributed). On PostgreSQL its
+    waits for a lock are then bounded (lock_timeout), failing with a conflict: a wait that
+    crosses shards can be a deadlock that no single server sees.
+    """
     def __init__(
         self,
         *,
@@ -929,10 +935,11 @@ class ShardTransaction(_message.Message):
         push_rows: _builtins.bool = ...,
         max_rows: _builtins.int = ...,
         max_bytes: _builtins.int = ...,
+        distributed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "database_id", b"database_id", "holds_nothing", b"holds_nothing", "idle_timeout_ms", b"idle_timeout_ms", "max_bytes", b"max_bytes", "max_rows", b"max_rows", "priority", b"priority", "push_rows", b"push_rows", "shard_index", b"shard_index", "sql", b"sql", "timeout_ms", b"timeout_ms", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "database_id", b"database_id", "distributed", b"distributed", "holds_nothing", b"holds_nothing", "idle_timeout_ms", b"idle_timeout_ms", "max_bytes", b"max_bytes", "max_rows", b"max_rows", "priority", b"priority", "push_rows", b"push_rows", "shard_index", b"shard_index", "sql", b"sql", "timeout_ms", b"timeout_ms", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
