@@ -61,7 +61,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from automator67.v1 import node_pb2
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from controller.errors import (
     Aborted,
@@ -87,6 +87,11 @@ DEFAULT_TIMEOUT_MS = 600_000
 MAX_TIMEOUT_MS = 3_600_000
 # How often idle transactions are reaped and the decision log is scanned.
 RECOVERY_INTERVAL_SECONDS = 1.0
+DECISION_LOG_RETENTION = timedelta(days=7)
+"""Resolved rows of the decision log are deleted this long after their resolution (a
+transaction id then reads as not found)."""
+PRUNE_INTERVAL_SECONDS = 600.0
+"""How often the recovery loop deletes expired rows of the decision log."""
 # How long a shard transaction command (prepare, commit, rollback) may take.
 COMMAND_SECONDS = 10.0
 # Ended transactions remembered in memory, for a clear answer to a late statement.
@@ -164,6 +169,22 @@ class TransactionLog:
         async with self._store.session() as session:
             return await session.get(DatabaseTransaction, transaction_id)
 
+    async def prune(self, resolved_before: datetime, *, batch: int = 1000) -> int:
+        """Delete rows resolved before ``resolved_before`` (at most ``batch``); how many.
+        Unresolved rows are never deleted: recovery still needs them."""
+        async with self._store.session() as session:
+            ids = list(
+                await session.scalars(
+                    select(DatabaseTransaction.id)
+                    .where(DatabaseTransaction.resolved_at.is_not(None))
+                    .where(DatabaseTransaction.resolved_at < resolved_before)
+                    .limit(batch)
+                )
+            )
+            if ids:
+                await session.execute(delete(DatabaseTransaction).where(DatabaseTransaction.id.in_(ids)))
+            return len(ids)
+
     async def unresolved(self) -> list[DatabaseTransaction]:
         async with self._store.session() as session:
             rows = await session.scalars(
@@ -199,6 +220,7 @@ class TransactionManager:
         self._live: dict[str, Transaction] = {}
         self._ended: OrderedDict[str, tuple[str, str, str]] = OrderedDict()  # id → (user, db, why)
         self._task: asyncio.Task[None] | None = None
+        self._pruned_at: float | None = None
         self._recovering = asyncio.Lock()
         self.step_hook: StepHook | None = None
 
@@ -220,6 +242,7 @@ class TransactionManager:
             try:
                 await self.reap()
                 await self.recover()
+                await self.prune()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -490,6 +513,21 @@ class TransactionManager:
                     resolved += 1
                     log.info("transaction %s resolved by recovery: %s", row.id, state)
             return resolved
+
+    async def prune(self, now: datetime | None = None) -> int:
+        """Delete the decision log's rows resolved more than :data:`DECISION_LOG_RETENTION`
+        ago, at most once per :data:`PRUNE_INTERVAL_SECONDS` (on the injected clock)."""
+        tick = self._clock()
+        if self._pruned_at is not None and tick - self._pruned_at < PRUNE_INTERVAL_SECONDS:
+            return 0
+        self._pruned_at = tick
+        cutoff = (now or utcnow()) - DECISION_LOG_RETENTION
+        total = 0
+        while deleted := await self._log.prune(cutoff):
+            total += deleted
+        if total:
+            log.info("deleted %d decision-log rows resolved before %s", total, cutoff.isoformat())
+        return total
 
     # -- commands
 
