@@ -30,6 +30,7 @@ Recovery (presumed abort)
     before it runs anything else on the shard, so every crash point — before prepare,
     after some prepares, after the decision, after some commits, of the controller or
     of an agent — ends with every participant committed or every one rolled back.
+    Resolved rows are deleted :data:`DECISION_LOG_RETENTION` (7 days) after resolution.
 
 Timeouts
     A transaction idle for ``idle_timeout_ms`` (default 60 s), or not committed

@@ -47,7 +47,7 @@ async def test_resolved_rows_past_retention_are_pruned_unresolved_ones_stay(stor
                         created_at=created,
                         updated_at=created,
                         resolved_at=resolved,
-                    )  # fmt: skip
+                    )
                 )
         tick = [0.0]
         manager = TransactionManager(
