@@ -34,6 +34,10 @@ NODE_CHANNEL_MAX_MESSAGE_BYTES = CONTROL_MESSAGE_MAX_BYTES + 4 * 1024
 """gRPC's send and receive limit on the agent's channels to the node port: the control
 bound plus framing slack. A message over it would fail the whole call."""
 
+SQL_INLINE_MAX_BYTES = 64 * 1024
+"""A shard statement's SQL longer than this (UTF-8) is not sent in its command: the node
+fetches it with ``NodeService.FetchStatement`` (controller/nodes/statements.py)."""
+
 DEFAULT_MAX_PACKAGE_BYTES = 1024 * 1024 * 1024
 """Largest uploaded source by default (1 GiB; ``A67_MAX_PACKAGE_BYTES``)."""
 

@@ -274,7 +274,9 @@ async def start_controller(settings: Settings) -> Controller:
     deployment_pb2_grpc.add_DeploymentServiceServicer_to_server(
         DeploymentServicer(deployments, ingress), server
     )
-    transactions = TransactionManager(log_store=TransactionLog(store), streams=fleet.streams)
+    transactions = TransactionManager(
+        log_store=TransactionLog(store), streams=fleet.streams, results=shard_results
+    )
     query_pb2_grpc.add_QueryServiceServicer_to_server(
         QueryServicer(
             DatabaseService(

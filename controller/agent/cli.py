@@ -363,6 +363,7 @@ async def run_agent(
         agent = Agent(config, handlers=handlers, replicas=supervisor.states)
         supervisor.packages.fetch = agent.fetch_package
         shards.open_push = agent.open_shard_push  # shard results' data path (PushShardResult)
+        shards.fetch_statement = agent.fetch_statement  # long SQL texts (FetchStatement)
         agent.on_connected.append(shards.stream_replaced)
         if "storage" in config.node_types:  # chunks of files (controller/agent/chunks.py)
             storage = StorageAgent(

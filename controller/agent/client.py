@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import os
@@ -710,6 +711,30 @@ class Agent:
                 yield chunk
         finally:
             call.cancel()
+
+    async def fetch_statement(self, ref: node_pb2.StatementRef) -> str:
+        """The text of a long shard statement (``NodeService.FetchStatement``, on the data
+        connection), checked against its size and SHA-256."""
+        enrollment = self._enrollment
+        if enrollment is None:
+            raise RuntimeError("the agent is not enrolled yet")
+        if self._data is None:
+            self._data = self._node_port_channel(enrollment, own_connection=True)
+        call = node_pb2_grpc.NodeServiceStub(self._data).FetchStatement(
+            node_pb2.FetchStatementRequest(id=ref.id)
+        )
+        pieces: list[bytes] = []
+        size = 0
+        async for piece in call:
+            size += len(piece.data)
+            if size > ref.size:
+                call.cancel()
+                break
+            pieces.append(piece.data)
+        data = b"".join(pieces)
+        if size != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise ValueError(f"the statement text {ref.id} arrived damaged ({size} of {ref.size} bytes)")
+        return data.decode()
 
     def open_shard_push(self) -> Any:
         """A ``NodeService.PushShardResult`` call (the rows of a shard statement), on a

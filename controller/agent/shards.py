@@ -69,7 +69,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -407,6 +407,8 @@ class ShardStore:
         self._reaper: asyncio.Task[None] | None = None
         self._abandoning: set[asyncio.Task[None]] = set()
         self._sqlite_readers: dict[tuple[str, int], list[sqlite3.Connection]] = {}
+        self.fetch_statement: Callable[[node_pb2.StatementRef], Awaitable[str]] | None = None
+        """Fetches a long statement's text (``NodeService.FetchStatement``); set by the agent."""
         self.open_push: Callable[[], Any] | None = None
         """Opens ``NodeService.PushShardResult`` (the agent's data path); set by the agent."""
 
@@ -1443,7 +1445,29 @@ def _pg_error(exc: BaseException, stop: Stop | None = None) -> ShardError:
 def register_shard_handlers(handlers: CommandHandlers, store: ShardStore) -> None:
     """Answer ``execute_shard_statement`` commands from ``store``."""
 
+    async def fetch_text(command: node_pb2.NodeCommand, body: Any) -> node_pb2.CommandResult | None:
+        """A long statement's text came as a reference: fetch it into ``body.sql``; an error
+        result if that failed (None when all is well)."""
+        if not body.HasField("sql_ref"):
+            return None
+        why = "this agent has no data path to the controller (not connected)"
+        if store.fetch_statement is not None:
+            try:
+                body.sql = await store.fetch_statement(body.sql_ref)
+                body.ClearField("sql_ref")
+                return None
+            except (grpc.aio.AioRpcError, ValueError) as exc:
+                why = f"could not fetch the statement's text: {exc}"
+        return node_pb2.CommandResult(
+            command_id=command.command_id,
+            ok=False,
+            error_message=why,
+            payload=json.dumps({"error_kind": "unavailable"}).encode(),
+        )
+
     async def execute_shard_statement(command: node_pb2.NodeCommand) -> node_pb2.CommandResult:
+        if (failed := await fetch_text(command, command.execute_shard_statement)) is not None:
+            return failed
         if store.open_push is None:
             return node_pb2.CommandResult(
                 command_id=command.command_id,
@@ -1457,6 +1481,8 @@ def register_shard_handlers(handlers: CommandHandlers, store: ShardStore) -> Non
 
     async def shard_transaction(command: node_pb2.NodeCommand) -> node_pb2.CommandResult:
         request = command.shard_transaction
+        if (failed := await fetch_text(command, request)) is not None:
+            return failed
         actions = node_pb2.ShardTransactionAction
         if request.push_rows and request.action in (
             actions.SHARD_TRANSACTION_ACTION_BEGIN,

@@ -60,6 +60,7 @@ PUBLIC_METHODS = frozenset(
         "/automator67.v1.NodeService/FetchPackage",
         *(f"/automator67.v1.NodeService/{m}" for m in ("FetchChunk", "PushChunk", "ReportChunks")),  # storage
         "/automator67.v1.NodeService/PushShardResult",  # shard results (controller/federation/results.py)
+        "/automator67.v1.NodeService/FetchStatement",  # long SQL texts (controller/nodes/statements.py)
     }
 )
 PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
@@ -70,6 +71,7 @@ NODE_METHODS = frozenset(
         "/automator67.v1.NodeService/FetchPackage",
         *(f"/automator67.v1.NodeService/{m}" for m in ("FetchChunk", "PushChunk", "ReportChunks")),  # storage
         "/automator67.v1.NodeService/PushShardResult",  # shard results (controller/federation/results.py)
+        "/automator67.v1.NodeService/FetchStatement",  # long SQL texts (controller/nodes/statements.py)
         "/grpc.health.v1.Health/Check",
     }
 )

@@ -241,6 +241,14 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             await context.abort(grpc.StatusCode.CANCELLED, "The rows are no longer needed")
         return node_pb2.PushShardResultResponse()
 
+    async def FetchStatement(
+        self, request: node_pb2.FetchStatementRequest, context: Context
+    ) -> AsyncIterator[node_pb2.FetchStatementResponse]:
+        """The text of a long shard statement sent to this node (controller/nodes/statements.py)."""
+        node = await self._calling_node(context, "FetchStatement")
+        for piece in self._fleet.streams.statements.pieces(node.id, request.id):
+            yield node_pb2.FetchStatementResponse(data=piece)
+
     async def Connect(
         self, request_iterator: AsyncIterator[node_pb2.ConnectRequest], context: Context
     ) -> AsyncIterator[node_pb2.ConnectResponse]:

@@ -22,6 +22,7 @@ from automator67.v1 import node_pb2
 
 from controller.errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from controller.limits import MessageTooLarge, check_control_message
+from controller.nodes.statements import StatementTexts
 
 # Outbound messages a slow node may have queued before it is considered stuck.
 MAX_OUTBOUND_QUEUE = 1000
@@ -123,6 +124,8 @@ class StreamRegistry:
     def __init__(self) -> None:
         self._sessions: dict[str, NodeSession] = {}
         self._generations = itertools.count(1)
+        self.statements = StatementTexts()
+        """Long SQL texts of commands in flight (``NodeService.FetchStatement``)."""
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -173,20 +176,21 @@ class StreamRegistry:
             raise Unavailable(f"Node {node_id} is not connected", reason="NODE_NOT_CONNECTED")
         if not command.command_id:
             command.command_id = str(uuid.uuid4())
-        message = node_pb2.ConnectResponse(command=command)
-        try:  # refused here, with a clear error: gRPC would fail the whole stream instead
-            check_control_message(message, f"Command {command.WhichOneof('kind')} for node {node_id}")
-        except MessageTooLarge as exc:
-            raise FailedPrecondition(str(exc), reason="CONTROL_MESSAGE_TOO_LARGE") from None
-        future: asyncio.Future[node_pb2.CommandResult] = asyncio.get_running_loop().create_future()
-        session.pending[command.command_id] = future
-        try:
-            session.send(message)
-            return await asyncio.wait_for(future, wait_seconds)
-        except TimeoutError as exc:
-            raise DeadlineExceeded(
-                f"Node {node_id} did not answer command {command.command_id} within {wait_seconds:.1f} s",
-                reason="NODE_COMMAND_TIMEOUT",
-            ) from exc
-        finally:
-            session.pending.pop(command.command_id, None)
+        with self.statements.offload(node_id, command):  # a long SQL text goes beside it
+            message = node_pb2.ConnectResponse(command=command)
+            try:  # refused here, with a clear error: gRPC would fail the whole stream instead
+                check_control_message(message, f"Command {command.WhichOneof('kind')} for node {node_id}")
+            except MessageTooLarge as exc:
+                raise FailedPrecondition(str(exc), reason="CONTROL_MESSAGE_TOO_LARGE") from None
+            future: asyncio.Future[node_pb2.CommandResult] = asyncio.get_running_loop().create_future()
+            session.pending[command.command_id] = future
+            try:
+                session.send(message)
+                return await asyncio.wait_for(future, wait_seconds)
+            except TimeoutError as exc:
+                raise DeadlineExceeded(
+                    f"Node {node_id} did not answer command {command.command_id} within {wait_seconds:.1f} s",
+                    reason="NODE_COMMAND_TIMEOUT",
+                ) from exc
+            finally:
+                session.pending.pop(command.command_id, None)

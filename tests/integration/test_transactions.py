@@ -32,6 +32,7 @@ from grpc_status import rpc_status
 from controller.config import Settings
 from controller.errors import NotFound
 from controller.federation.transactions import CrashPoint, TransactionLog, TransactionManager
+from controller.limits import CONTROL_MESSAGE_MAX_BYTES
 from controller.server import Controller
 from controller.store.models import DatabaseTransaction
 from tests.conftest import require_prepared_transactions
@@ -426,6 +427,30 @@ async def test_agent_killed_while_prepared_commits_after_restart(bank: Bank, tmp
     await wait_for(resolved, "the recovery loop to commit shard 1 on the restarted agent")
     balances = await bank.balances()
     assert (balances[A], balances[B]) == (75, 125)
+
+
+async def test_a_transactions_rows_take_the_data_path_past_the_control_bound(bank: Bank) -> None:
+    """A statement in a transaction may return more than one control message holds (256 KiB):
+    its rows come over PushShardResult like any other statement's."""
+    await bank.stub.ApplySchema(
+        query_pb2.ApplySchemaRequest(
+            db_id=bank.db_id, ddl="CREATE TABLE blobs (id INTEGER PRIMARY KEY, body TEXT)"
+        ),
+        metadata=bearer(bank.token),
+    )
+    body = "x" * 16_000
+    values = ", ".join(f"({i}, '{body}{i}')" for i in range(40))  # shard 0: 640 KB of rows
+    await bank.query(f"INSERT INTO blobs (id, body) VALUES {values}")
+    txid = await bank.begin()
+    await bank.query("UPDATE blobs SET body = 'changed' WHERE id = 7", txid)
+    inside = await bank.query("SELECT id, body FROM blobs WHERE id < 100 ORDER BY id", txid)
+    assert len(inside.data) == 40
+    assert sum(len(r.values[1].string_value) for r in inside.data) > CONTROL_MESSAGE_MAX_BYTES
+    assert inside.data[7].values[1].string_value == "changed"  # its own write, on its held connection
+    assert inside.data[8].values[1].string_value == f"{body}8"
+    await bank.rollback(txid)
+    after = await bank.query("SELECT body FROM blobs WHERE id = 7")
+    assert after.data[0].values[0].string_value == f"{body}7"
 
 
 async def test_commit_after_the_shard_lost_the_transaction_is_an_abort(bank: Bank) -> None:

@@ -713,6 +713,77 @@ class FetchPackageResponse(_message.Message):
 Global___FetchPackageResponse: _TypeAlias = FetchPackageResponse  # noqa: Y015
 
 @_typing.final
+class StatementRef(_message.Message):
+    """A statement's SQL text that travels over FetchStatement instead of in its command
+    (texts over controller/limits.py's SQL_INLINE_MAX_BYTES); the command's `sql` is then
+    empty.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    size: _builtins.int
+    """The text's size in bytes (UTF-8) and its SHA-256 (hex), checked by the node."""
+    sha256: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        size: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatementRef: _TypeAlias = StatementRef  # noqa: Y015
+
+@_typing.final
+class FetchStatementRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchStatementRequest: _TypeAlias = FetchStatementRequest  # noqa: Y015
+
+@_typing.final
+class FetchStatementResponse(_message.Message):
+    """One piece of a statement's text (at most 192 KiB)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchStatementResponse: _TypeAlias = FetchStatementResponse  # noqa: Y015
+
+@_typing.final
 class StopReplica(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -748,6 +819,7 @@ class ExecuteShardStatement(_message.Message):
     MAX_ROWS_FIELD_NUMBER: _builtins.int
     MAX_BYTES_FIELD_NUMBER: _builtins.int
     READ_ONLY_FIELD_NUMBER: _builtins.int
+    SQL_REF_FIELD_NUMBER: _builtins.int
     database_id: _builtins.str
     shard_index: _builtins.int
     sql: _builtins.str
@@ -761,6 +833,10 @@ class ExecuteShardStatement(_message.Message):
     max_bytes: _builtins.int
     read_only: _builtins.bool
     """The statement only reads (the node may run it on a read-only connection of its own)."""
+    @_builtins.property
+    def sql_ref(self) -> Global___StatementRef:
+        """Set instead of `sql` for a long statement: fetch its text with FetchStatement."""
+
     def __init__(
         self,
         *,
@@ -771,10 +847,11 @@ class ExecuteShardStatement(_message.Message):
         max_rows: _builtins.int = ...,
         max_bytes: _builtins.int = ...,
         read_only: _builtins.bool = ...,
+        sql_ref: Global___StatementRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sql_ref", b"sql_ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_id", b"database_id", "max_bytes", b"max_bytes", "max_rows", b"max_rows", "read_only", b"read_only", "shard_index", b"shard_index", "sql", b"sql", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_id", b"database_id", "max_bytes", b"max_bytes", "max_rows", b"max_rows", "read_only", b"read_only", "shard_index", b"shard_index", "sql", b"sql", "sql_ref", b"sql_ref", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -893,6 +970,7 @@ class ShardTransaction(_message.Message):
     MAX_ROWS_FIELD_NUMBER: _builtins.int
     MAX_BYTES_FIELD_NUMBER: _builtins.int
     DISTRIBUTED_FIELD_NUMBER: _builtins.int
+    SQL_REF_FIELD_NUMBER: _builtins.int
     database_id: _builtins.str
     shard_index: _builtins.int
     transaction_id: _builtins.str
@@ -920,6 +998,10 @@ class ShardTransaction(_message.Message):
     waits for a lock are then bounded (lock_timeout), failing with a conflict: a wait that
     crosses shards can be a deadlock that no single server sees.
     """
+    @_builtins.property
+    def sql_ref(self) -> Global___StatementRef:
+        """Set instead of `sql` for a long statement: fetch its text with FetchStatement."""
+
     def __init__(
         self,
         *,
@@ -936,10 +1018,11 @@ class ShardTransaction(_message.Message):
         max_rows: _builtins.int = ...,
         max_bytes: _builtins.int = ...,
         distributed: _builtins.bool = ...,
+        sql_ref: Global___StatementRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sql_ref", b"sql_ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "database_id", b"database_id", "distributed", b"distributed", "holds_nothing", b"holds_nothing", "idle_timeout_ms", b"idle_timeout_ms", "max_bytes", b"max_bytes", "max_rows", b"max_rows", "priority", b"priority", "push_rows", b"push_rows", "shard_index", b"shard_index", "sql", b"sql", "timeout_ms", b"timeout_ms", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "database_id", b"database_id", "distributed", b"distributed", "holds_nothing", b"holds_nothing", "idle_timeout_ms", b"idle_timeout_ms", "max_bytes", b"max_bytes", "max_rows", b"max_rows", "priority", b"priority", "push_rows", b"push_rows", "shard_index", b"shard_index", "sql", b"sql", "sql_ref", b"sql_ref", "timeout_ms", b"timeout_ms", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

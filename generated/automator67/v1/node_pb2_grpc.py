@@ -75,6 +75,11 @@ class NodeServiceStub:
                 request_serializer=automator67_dot_v1_dot_node__pb2.PushShardResultRequest.SerializeToString,
                 response_deserializer=automator67_dot_v1_dot_node__pb2.PushShardResultResponse.FromString,
                 _registered_method=True)
+        self.FetchStatement = channel.unary_stream(
+                '/automator67.v1.NodeService/FetchStatement',
+                request_serializer=automator67_dot_v1_dot_node__pb2.FetchStatementRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_node__pb2.FetchStatementResponse.FromString,
+                _registered_method=True)
         self.ListNodes = channel.unary_unary(
                 '/automator67.v1.NodeService/ListNodes',
                 request_serializer=automator67_dot_v1_dot_node__pb2.ListNodesRequest.SerializeToString,
@@ -182,6 +187,15 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchStatement(self, request, context):
+        """The text of a shard statement too long to ride its command (StatementRef), in
+        pieces, while the command runs (mutual TLS, node port). Only the node the command
+        went to may fetch it (NOT_FOUND otherwise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListNodes(self, request, context):
         """Lists the caller's nodes.
         """
@@ -276,6 +290,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.PushShardResult,
                     request_deserializer=automator67_dot_v1_dot_node__pb2.PushShardResultRequest.FromString,
                     response_serializer=automator67_dot_v1_dot_node__pb2.PushShardResultResponse.SerializeToString,
+            ),
+            'FetchStatement': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchStatement,
+                    request_deserializer=automator67_dot_v1_dot_node__pb2.FetchStatementRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_node__pb2.FetchStatementResponse.SerializeToString,
             ),
             'ListNodes': grpc.unary_unary_rpc_method_handler(
                     servicer.ListNodes,
@@ -530,6 +549,33 @@ class NodeService:
             '/automator67.v1.NodeService/PushShardResult',
             automator67_dot_v1_dot_node__pb2.PushShardResultRequest.SerializeToString,
             automator67_dot_v1_dot_node__pb2.PushShardResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchStatement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/automator67.v1.NodeService/FetchStatement',
+            automator67_dot_v1_dot_node__pb2.FetchStatementRequest.SerializeToString,
+            automator67_dot_v1_dot_node__pb2.FetchStatementResponse.FromString,
             options,
             channel_credentials,
             insecure,

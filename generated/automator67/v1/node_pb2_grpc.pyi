@@ -66,6 +66,11 @@ class NodeServiceStub:
     node, and the controller ending the call (CANCELLED, NOT_FOUND) interrupts the
     statement.
     """
+    FetchStatement: _grpc.UnaryStreamMultiCallable[_node_pb2.FetchStatementRequest, _node_pb2.FetchStatementResponse]
+    """The text of a shard statement too long to ride its command (StatementRef), in
+    pieces, while the command runs (mutual TLS, node port). Only the node the command
+    went to may fetch it (NOT_FOUND otherwise).
+    """
     ListNodes: _grpc.UnaryUnaryMultiCallable[_node_pb2.ListNodesRequest, _node_pb2.ListNodesResponse]
     """Lists the caller's nodes."""
     GetNode: _grpc.UnaryUnaryMultiCallable[_node_pb2.GetNodeRequest, _node_pb2.GetNodeResponse]
@@ -124,6 +129,11 @@ class NodeServiceAsyncStub(NodeServiceStub):
     (mutual TLS). The first message names the command; HTTP/2 flow control paces the
     node, and the controller ending the call (CANCELLED, NOT_FOUND) interrupts the
     statement.
+    """
+    FetchStatement: _aio.UnaryStreamMultiCallable[_node_pb2.FetchStatementRequest, _node_pb2.FetchStatementResponse]  # type: ignore[assignment]
+    """The text of a shard statement too long to ride its command (StatementRef), in
+    pieces, while the command runs (mutual TLS, node port). Only the node the command
+    went to may fetch it (NOT_FOUND otherwise).
     """
     ListNodes: _aio.UnaryUnaryMultiCallable[_node_pb2.ListNodesRequest, _node_pb2.ListNodesResponse]  # type: ignore[assignment]
     """Lists the caller's nodes."""
@@ -228,6 +238,17 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         (mutual TLS). The first message names the command; HTTP/2 flow control paces the
         node, and the controller ending the call (CANCELLED, NOT_FOUND) interrupts the
         statement.
+        """
+
+    @_abc_1.abstractmethod
+    def FetchStatement(
+        self,
+        request: _node_pb2.FetchStatementRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_node_pb2.FetchStatementResponse], _abc.AsyncIterator[_node_pb2.FetchStatementResponse]]:
+        """The text of a shard statement too long to ride its command (StatementRef), in
+        pieces, while the command runs (mutual TLS, node port). Only the node the command
+        went to may fetch it (NOT_FOUND otherwise).
         """
 
     @_abc_1.abstractmethod
