@@ -8,11 +8,21 @@
 
 Agents call :func:`verify_package` and :func:`unpack_package` on what they receive.
 
-At run time (not imported here, to keep this package's pure parts light):
-``service.py`` (:class:`~controller.deployments.service.DeploymentService`: create,
-rollout, scale, rolling update and rollback, delete, routing, recovery, the
-reconciler), ``snapshot.py`` (the scheduling snapshot built from the fleet and the
-placed replicas) and ``repository.py`` (deployment rows and kept packages).
+At run time (not imported here, to keep this package's pure parts light), after
+Nomad's planner and harness (DESIGN.md, "Deciding and doing"):
+
+* the pure core: ``records.py`` (typed statuses and the replica record),
+  ``decide.py`` (rollout, retry elsewhere, settle, scale, recovery, reconcile),
+  ``versions.py`` (rolling update and revert), ``fencing.py`` (what nodes report),
+  each returning a plan (``plans.py``); ``plan.py`` is the one placement helper;
+* the harness: ``harness.py`` (applies plans, one transaction each, and keeps the
+  in-memory index), ``commands.py`` (the narrow interface to nodes),
+  ``rollout.py``, ``recovery.py`` and ``updates.py`` (sequence the decisions around
+  the nodes' answers), ``service.py``
+  (:class:`~controller.deployments.service.DeploymentService`, the façade the RPCs
+  and the fleet's hooks call), ``snapshot.py`` (the scheduling snapshot built from
+  the fleet and the placed replicas) and ``repository.py`` (deployment rows and
+  kept packages).
 """
 
 from controller.deployments.manifest import (

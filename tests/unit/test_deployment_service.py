@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime
 from typing import Any, cast
 
 import pytest
 
-from controller.deployments import service
+from controller.deployments import decide, harness, service
+from controller.deployments.records import Replica, failure_summary
 from controller.errors import InvalidArgument
 from controller.store.models import Deployment
 from controller.store.paging import decode_page_token, encode_page_token
@@ -28,26 +28,29 @@ def _assignment(index: int, status: str, endpoint: str = "", error: str = "") ->
 
 def test_assignments_publish_only_running_endpoints_in_index_order() -> None:
     row = Deployment()
-    service._set_assignments(
+    harness.set_replicas(
         row,
         [
-            _assignment(2, "running", "http://c"),
-            _assignment(0, "running", "http://a"),
-            _assignment(1, "unhealthy", "http://b"),
-            _assignment(3, "lost"),
+            Replica.from_dict(_assignment(2, "running", "http://c")),
+            Replica.from_dict(_assignment(0, "running", "http://a")),
+            Replica.from_dict(_assignment(1, "unhealthy", "http://b")),
+            Replica.from_dict(_assignment(3, "lost")),
         ],
     )
     assert [a["replica_index"] for a in row.node_assignments] == [0, 1, 2, 3]
     assert row.endpoints == ["http://a", "http://c"]
     assert row.current_replicas == 2
+    # stored exactly as before: plain strings, the same keys
+    assert row.node_assignments[0] == _assignment(0, "running", "http://a")
+    assert type(row.node_assignments[0]["status"]) is str
 
 
 def test_failure_summary_names_each_replica_that_is_not_running() -> None:
-    summary = service._failure_summary(
+    summary = failure_summary(
         [
-            _assignment(0, "running"),
-            _assignment(1, "failed", error="node n1: app crashed"),
-            _assignment(2, "lost"),
+            Replica.from_dict(_assignment(0, "running")),
+            Replica.from_dict(_assignment(1, "failed", error="node n1: app crashed")),
+            Replica.from_dict(_assignment(2, "lost")),
         ]
     )
     assert summary == "replica 1: node n1: app crashed; replica 2: lost"
@@ -61,27 +64,15 @@ def test_page_tokens_round_trip_and_reject_garbage() -> None:
             decode_page_token(bad)
 
 
-async def test_recovery_is_rate_limited_per_user_after_a_burst(monkeypatch: pytest.MonkeyPatch) -> None:
-    now = [100.0]
-    slept: list[float] = []
-
-    async def fake_sleep(seconds: float) -> None:
-        slept.append(seconds)
-
-    monkeypatch.setattr(service.asyncio, "sleep", fake_sleep)
-    svc = cast(Any, object.__new__(service.DeploymentService))
-    svc._clock = lambda: now[0]
-    svc._recovery_rate = 5.0
-    svc._recovery_next = {}
-    for _ in range(service.RECOVERY_BURST):
-        await svc._recovery_slot("u1")
-    assert slept == []  # the burst goes at once
-    await svc._recovery_slot("u1")
-    await svc._recovery_slot("u1")
-    assert slept == pytest.approx([0.2, 0.4])  # then one every 1/rate seconds
-    await svc._recovery_slot("u2")  # another user is not held up
-    assert len(slept) == 2
-    assert asyncio.iscoroutinefunction(service.DeploymentService._recovery_slot)
+def test_recovery_is_rate_limited_per_user_after_a_burst() -> None:
+    now = 100.0
+    waits: list[float] = []
+    slots: dict[str, float] = {}
+    for user in ["u1"] * (decide.RECOVERY_BURST + 2) + ["u2"]:
+        wait, slots[user] = decide.recovery_wait(slots.get(user), now, 5.0)
+        waits.append(wait)
+    assert waits[: decide.RECOVERY_BURST] == [0.0] * decide.RECOVERY_BURST  # the burst goes at once
+    assert waits[decide.RECOVERY_BURST :] == pytest.approx([0.2, 0.4, 0.0])  # then 1/rate; u2 not held up
 
 
 # --------------------------------------------------------------------------- issue 11

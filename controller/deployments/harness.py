@@ -1,0 +1,419 @@
+"""The harness that applies the deployments core's plans: one transaction per plan.
+
+State lives in the store (one ``deployments`` row per deployment; packages in
+``deployment_packages``). The harness keeps an in-memory index of every replica
+assignment (deployment, replica index → :class:`Replica`) so that heartbeats
+can be checked against it without a store read, and the live bookkeeping of
+work in progress in this controller (rollouts, attempts in flight, surge and
+draining replicas, retry backoffs, stops sent recently).
+
+:meth:`Harness.mutate` is how every decision is applied: under the deployment's
+lock, read the row, build its :class:`DeploymentView`, call the decision, write
+the plan's changes back in one transaction, and update the index. Then
+:meth:`Harness.carry_out` publishes the plan's reason and sends its commands
+through :class:`~controller.deployments.commands.NodeCommands`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from automator67.v1 import deployment_pb2, node_pb2
+
+from controller.deployments.alerts import Alerts
+from controller.deployments.blobs import PackageStore, Stored, is_sha256
+from controller.deployments.commands import NodeCommands
+from controller.deployments.decide import Backoff
+from controller.deployments.fencing import SentKey
+from controller.deployments.package import PackageLimits, build_package_file
+from controller.deployments.plan import plan as place_replicas
+from controller.deployments.plans import Plan, Stop
+from controller.deployments.records import (
+    ACTIVE,
+    STATUS_ENUM,
+    DeploymentStatus,
+    DeploymentView,
+    Replica,
+    endpoints,
+    ordered,
+    resources_of,
+)
+from controller.deployments.repository import DeploymentRepository
+from controller.deployments.snapshot import NodeRows, build_snapshot
+from controller.errors import FieldViolation, InvalidArgument, NotFound
+from controller.nodes.fleet import Fleet
+from controller.nodes.monitor import StateChange
+from controller.scheduling import NodeHistory, Placement, ReplicaRequest, Resources
+from controller.store.db import Store
+from controller.store.models import Deployment, utcnow
+from controller.timestamps import timestamp
+from controller.vault import Vault
+
+log = logging.getLogger("a67.deployments")
+
+DEPLOY_MARGIN_SECONDS = 15.0
+"""Added to a manifest's startup window (health interval * retries + timeout) to get the
+deadline of one DeployReplica (unpacking, starting the interpreter, the network)."""
+PACKAGE_BYTES_PER_SECOND = 20e6
+"""A DeployReplica's deadline grows by the package's size at this rate (the node fetches it)."""
+WATCH_QUEUE_SIZE = 1000
+ENV_PURPOSE = "deployment-env"
+
+Watchers = set[asyncio.Queue[deployment_pb2.WatchDeploymentResponse | None]]
+
+
+@dataclass
+class Known:
+    """A deployment as the in-memory index holds it."""
+
+    user_id: str
+    request: Resources
+    assignments: dict[int, Replica] = field(default_factory=dict)
+    packages: frozenset[str] = frozenset()
+    """The package digests of every version (what its nodes may fetch)."""
+
+
+def view_of(row: Deployment) -> DeploymentView:
+    return DeploymentView(
+        id=row.id,
+        user_id=row.user_id,
+        name=row.name,
+        status=DeploymentStatus(row.status),
+        desired_replicas=int(row.desired_replicas),
+        replicas=ordered(Replica.from_dict(a) for a in row.node_assignments),
+        meta=dict(row.manifest),
+        deployed_at=row.deployed_at,
+    )
+
+
+def set_replicas(row: Deployment, replicas: Iterable[Replica]) -> None:
+    """Store ``replicas`` in index order, with the endpoints and count of the running ones."""
+    listed = ordered(replicas)
+    row.node_assignments = [r.to_dict() for r in listed]
+    row.endpoints = endpoints(listed)
+    row.current_replicas = sum(1 for r in listed if r.status == "running")
+
+
+def apply_plan(row: Deployment, plan: Plan) -> None:
+    """Write ``plan``'s store changes into ``row`` (not saved)."""
+    if plan.meta is not None:
+        row.manifest = dict(plan.meta)
+    if plan.replicas is not None:
+        set_replicas(row, plan.replicas)
+    if plan.status is not None:
+        row.status = plan.status.value
+    if plan.deployed_at is not None:
+        row.deployed_at = plan.deployed_at
+    if plan.desired_replicas is not None:
+        row.desired_replicas = plan.desired_replicas
+    if plan.last_scaled_at is not None:
+        row.last_scaled_at = plan.last_scaled_at
+
+
+def assignment_proto(r: Replica) -> deployment_pb2.NodeAssignment:
+    return deployment_pb2.NodeAssignment(
+        node_id=r.node_id,
+        replica_index=r.replica_index,
+        status=r.status.value,
+        started_at=timestamp(datetime.fromisoformat(r.started_at)) if r.started_at else None,
+        error_message=r.error_message,
+        generation=r.generation,
+        endpoint=r.endpoint,
+    )
+
+
+class Harness:
+    """The deployments' shared state and the machinery that applies plans and sends commands."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        fleet: Fleet,
+        vault: Vault,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], datetime] = utcnow,
+        packages: PackageStore | None = None,
+        deploy_margin_seconds: float = DEPLOY_MARGIN_SECONDS,
+    ) -> None:
+        self.store = store
+        self.repo = DeploymentRepository(store)
+        self.fleet = fleet
+        self.vault = vault
+        self.clock = clock
+        """Monotonic seconds: backoffs, the recovery rate, stop resends."""
+        self.wall = wall
+        """UTC wall-clock time: what is stored (started_at, deployed_at, last_scaled_at)."""
+        self.packages = packages or PackageStore(tempfile.mkdtemp(prefix="a67-packages-"))
+        self.package_limits = PackageLimits(max_compressed_bytes=self.packages.max_bytes)
+        self.deploy_margin = deploy_margin_seconds
+        self.nodes = NodeCommands(lambda: fleet.streams)
+        self.node_rows = NodeRows(store, fleet)
+        self.history = NodeHistory()
+        """Every node's liveness over the last 24 h: the reliability factor of placement."""
+        fleet.monitor.add_listener(self._on_state_change)
+        self.alerts = Alerts(store, fleet)
+        """Stored alerts: mass-failure freezes (the fleet's hook) and failed rollouts."""
+        fleet.alert_handler = self.alerts.on_fleet_alert
+        self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.index: dict[str, Known] = {}
+        self.granted: set[tuple[str, str]] = set()
+        self.inflight: set[tuple[str, int]] = set()
+        self.rolling: set[str] = set()
+        self.surging: dict[tuple[str, int], tuple[str, int]] = {}
+        # replicas taken out of the ingress and waiting out the drain time before their
+        # StopReplica: (node, deployment, index, generation); the fence leaves them running
+        self.draining: set[SentKey] = set()
+        self.retry: dict[tuple[str, int], Backoff] = {}
+        self.stop_sent: dict[SentKey, float] = {}
+        self.recovery_next: dict[str, float] = {}
+        self.watchers: defaultdict[str, Watchers] = defaultdict(set)
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.loaded = False
+        self.closing = False
+        self.on_change: Callable[[str, Deployment | None], None] | None = None
+        self.drain_seconds = 0.0
+
+    async def _on_state_change(self, change: StateChange) -> None:
+        self.history.record(change.node_id, change.new, change.at)
+
+    # -- tasks ----------------------------------------------------------------------------------
+
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        if self.closing:
+            if asyncio.iscoroutine(coro):
+                coro.close()
+            return
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("deployment task failed", exc_info=task.exception())
+
+    # -- index ----------------------------------------------------------------------------------
+
+    def remember(self, row: Deployment) -> None:
+        view = view_of(row)
+        self.index[row.id] = Known(
+            user_id=row.user_id,
+            request=resources_of(row.manifest),
+            assignments={r.replica_index: r for r in view.replicas},
+            packages=view.packages(),
+        )
+        if self.on_change is not None:
+            self.on_change(row.id, row)
+
+    def forget(self, deployment_id: str) -> None:
+        self.index.pop(deployment_id, None)
+        if self.on_change is not None:
+            self.on_change(deployment_id, None)
+
+    def reserved(self, user_id: str, skip: tuple[str, int] | None = None) -> dict[str, Resources]:
+        reserved: dict[str, Resources] = {}
+        for dep_id, known in self.index.items():
+            if known.user_id != user_id:
+                continue
+            for index, r in known.assignments.items():
+                if r.status in ACTIVE and (dep_id, index) != skip:
+                    reserved[r.node_id] = reserved.get(r.node_id, Resources()) + known.request
+        return reserved
+
+    # -- placement ------------------------------------------------------------------------------
+
+    async def place(
+        self,
+        user_id: str,
+        request: ReplicaRequest,
+        count: int,
+        *,
+        seed: str,
+        hosting: Sequence[str] = (),
+        exclude: Iterable[str] = (),
+        skip: tuple[str, int] | None = None,
+    ) -> Placement:
+        """Where ``count`` replicas go, beside the deployment's replicas on ``hosting``: the
+        one placement setup of create, retry, recovery, scale-up and rolling update
+        (:func:`controller.deployments.plan.plan`). ``skip`` is a replica whose reserved
+        resources do not count (the one being moved)."""
+        nodes = await self.node_rows.get(user_id)
+        snapshot = build_snapshot(user_id, nodes, self.fleet, self.reserved(user_id, skip=skip), self.history)
+        return place_replicas(
+            snapshot,
+            {n.id: n.region or "" for n in nodes},
+            request,
+            count,
+            seed=seed,
+            hosting=hosting,
+            exclude=frozenset(exclude),
+        )
+
+    # -- events ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def offer(
+        queue: asyncio.Queue[deployment_pb2.WatchDeploymentResponse | None],
+        event: deployment_pb2.WatchDeploymentResponse | None,
+    ) -> None:
+        if queue.full():
+            with contextlib.suppress(asyncio.QueueEmpty):
+                queue.get_nowait()
+        queue.put_nowait(event)
+
+    def publish(self, row: Deployment, message: str, replica: Replica | None = None) -> None:
+        queues = self.watchers.get(row.id)
+        if not queues:
+            return
+        event = deployment_pb2.WatchDeploymentResponse(
+            time=timestamp(self.wall()),
+            status=STATUS_ENUM.get(row.status, deployment_pb2.DEPLOYMENT_STATUS_UNSPECIFIED),
+            message=message,
+            assignment=assignment_proto(replica) if replica else None,
+        )
+        for queue in queues:
+            self.offer(queue, event)
+
+    def end_watch(self, deployment_id: str) -> None:
+        for queue in self.watchers.pop(deployment_id, set()):
+            self.offer(queue, None)
+
+    # -- applying plans -------------------------------------------------------------------------
+
+    async def commit(self, row: Deployment, plan: Plan) -> None:
+        """Apply ``plan`` to ``row`` and save it (the caller holds the deployment's lock)."""
+        apply_plan(row, plan)
+        await self.repo.save(row)
+        self.remember(row)
+
+    async def mutate(
+        self, deployment_id: str, decide: Callable[[DeploymentView], Plan | None]
+    ) -> tuple[Deployment | None, Plan | None]:
+        """Under the deployment's lock: read it, decide, write the plan's store changes (one
+        transaction). The row (None: deleted) and the plan (None: nothing to do)."""
+        async with self.locks[deployment_id]:
+            row = await self.repo.get(deployment_id)
+            if row is None:
+                return None, None
+            plan = decide(view_of(row))
+            if plan is not None and plan.changes_store:
+                await self.commit(row, plan)
+            return row, plan
+
+    def carry_out(self, row: Deployment, plan: Plan) -> None:
+        """Publish ``plan``'s reason and send its commands (in the background)."""
+        if plan.reason:
+            self.publish(row, plan.reason, plan.event_replica)
+        if plan.stops:
+            self.spawn(self.stop_all(plan.stops))
+        if plan.drains:
+            self.spawn(self.drain_then_stop(row.id, plan.drains))
+
+    # -- node commands --------------------------------------------------------------------------
+
+    async def stop_all(self, stops: Iterable[Stop]) -> None:
+        await asyncio.gather(*(self.nodes.stop(s) for s in stops))
+
+    def stop_later(self, node_id: str, deployment_id: str, index: int, generation: int) -> None:
+        self.spawn(self.nodes.stop(Stop(node_id, deployment_id, index, generation)))
+
+    async def drain_then_stop(self, deployment_id: str, replicas: Collection[Replica]) -> None:
+        """Stop replicas that no longer get traffic, after the drain time (their endpoints
+        left the ingress when the deployment was stored without them)."""
+        keys = {(r.node_id, deployment_id, r.replica_index, r.generation) for r in replicas}
+        if replicas and self.drain_seconds > 0:
+            self.draining |= keys
+            try:
+                await asyncio.sleep(self.drain_seconds)
+            finally:
+                self.draining -= keys
+        await self.stop_all(Stop.of(deployment_id, r) for r in replicas)
+
+    async def deploy_command(
+        self, deployment_id: str, index: int, generation: int, node_id: str, record: dict[str, Any]
+    ) -> tuple[node_pb2.NodeCommand, float] | None:
+        """The DeployReplica of replica ``index`` at version ``record`` and its deadline (None if
+        the package is missing); ``node_id`` may fetch the package from now on."""
+        package = await self.package_file(str(record["package_sha256"]))
+        if package is None:
+            return None
+        self.granted.add((node_id, package.sha256))
+        env = json.loads(
+            self.vault.decrypt_str(str(record["env_sealed"]), owner=deployment_id, purpose=ENV_PURPOSE)
+        )
+        command = node_pb2.NodeCommand(
+            deploy_replica=node_pb2.DeployReplica(
+                deployment_id=deployment_id,
+                replica_index=index,
+                generation=generation,
+                package_sha256=package.sha256,
+                package_size=package.size,
+                env=env,
+                port=0,
+            )
+        )
+        deadline = float(record.get("startup_seconds", 30)) + self.deploy_margin
+        return command, deadline + package.size / PACKAGE_BYTES_PER_SECOND
+
+    # -- packages -------------------------------------------------------------------------------
+
+    async def build_with_source(
+        self, user_id: str, valid: Any, inline: bytes, source_sha256: str
+    ) -> tuple[Stored, str]:
+        """The package of ``valid`` from the inline source or the user's uploaded one, built in a
+        worker thread straight to disk (by digest; the inline source is kept as an upload
+        too), and the digest of the source it was built from."""
+        if inline and source_sha256:
+            raise InvalidArgument(
+                "Give the source either inline or by digest, not both",
+                field_violations=[
+                    FieldViolation("source_sha256", "must be empty when source_tar_gz is given")
+                ],
+            )
+        if inline:
+            source = await self.packages.receive_bytes(user_id, inline)
+        else:
+            digest = source_sha256.strip().lower()
+            if not is_sha256(digest):
+                raise InvalidArgument(
+                    "Invalid source digest",
+                    field_violations=[FieldViolation("source_sha256", "must be 64 hexadecimal characters")],
+                )
+            found = self.packages.source(user_id, digest)
+            if found is None:
+                raise NotFound(
+                    f"Source {digest} was not found: upload it first (UploadSource)",
+                    reason="SOURCE_NOT_FOUND",
+                )
+            source = found
+        sha256, size, path = await asyncio.to_thread(
+            build_package_file,
+            valid,
+            source.path,
+            self.packages.new_sink(),
+            self.packages.packages_dir,
+            limits=self.package_limits,
+        )
+        return Stored(sha256, size, path), source.sha256
+
+    async def package_file(self, sha256: str) -> Stored | None:
+        """The package ``sha256`` on disk (written out from the store if an older version kept
+        its bytes in the row); None if it is unknown."""
+        found = self.packages.package(sha256)
+        if found is not None:
+            return found
+        row = await self.repo.get_package(sha256)
+        if row is None or not row.data:
+            return None
+        return await self.packages.put_package_bytes(sha256, bytes(row.data))

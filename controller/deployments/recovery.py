@@ -1,0 +1,188 @@
+"""Recovery, the reconciler and the fence: keeping what runs equal to what is assigned.
+
+* :meth:`Recovery.on_node_failed` (the fleet's recovery hook): a failed node's
+  replicas are marked lost and re-placed elsewhere, at a bounded rate per user
+  (:func:`~controller.deployments.decide.recovery_wait`).
+* :meth:`Recovery.reconcile` (every interval): per deployment, the pure
+  :func:`~controller.deployments.decide.reconcile` says which interrupted rollout
+  to resume, which replicas to retry (after their backoff) and which failed nodes
+  the hook missed.
+* :meth:`Recovery.on_replicas_reported` (a node's hello or heartbeat): the pure
+  :func:`~controller.deployments.fencing.fence` says which stale replicas to stop,
+  which deleted deployments to remove, which health changes and failures to record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from functools import partial
+
+from automator67.v1 import node_pb2
+
+from controller.deployments import decide, fencing
+from controller.deployments.harness import Harness, view_of
+from controller.deployments.records import ENDED, SERVING
+from controller.deployments.rollout import Rollouts
+from controller.nodes.health import NodeState
+
+log = logging.getLogger("a67.deployments")
+
+RECOVERY_PER_SECOND = 5.0
+"""Replica recoveries started per second per user (a flapping node causes no storm)."""
+
+
+class Recovery:
+    """The recovery hook, the reconcile pass and the fence of reported replicas."""
+
+    def __init__(
+        self, harness: Harness, rollouts: Rollouts, *, recovery_per_second: float = RECOVERY_PER_SECOND
+    ) -> None:
+        self.h = harness
+        self.rollouts = rollouts
+        self.rate = recovery_per_second
+
+    # -- recovery -------------------------------------------------------------------------------
+
+    async def on_node_failed(self, node_id: str, user_id: str) -> None:
+        """The fleet's recovery hook: re-place every replica of the failed node elsewhere."""
+        h = self.h
+        for deployment_id, known in list(h.index.items()):
+            if known.user_id != user_id:
+                continue
+            inflight = {i for d, i in h.inflight if d == deployment_id}
+            lost = [
+                r.replica_index
+                for r in known.assignments.values()
+                if r.node_id == node_id and r.status in SERVING and r.replica_index not in inflight
+            ]
+            if not lost:
+                continue
+            row, plan = await h.mutate(deployment_id, partial(decide.drop_lost, node_id=node_id, lost=lost))
+            if row is None or plan is None or row.status in ENDED:
+                continue
+            h.carry_out(row, plan)
+            for index in lost:
+                h.inflight.add((deployment_id, index))
+                h.spawn(self._recover(user_id, deployment_id, index, node_id))
+
+    async def recovery_slot(self, user_id: str) -> None:
+        """Wait for the user's next recovery slot (token bucket: rate and burst)."""
+        wait, self.h.recovery_next[user_id] = decide.recovery_wait(
+            self.h.recovery_next.get(user_id), self.h.clock(), self.rate
+        )
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async def _recover(self, user_id: str, deployment_id: str, index: int, failed_node: str) -> None:
+        try:
+            await self.recovery_slot(user_id)
+            await self.rollouts.deploy_replica(deployment_id, index, exclude={failed_node}, reuse=False)
+        finally:
+            self.h.inflight.discard((deployment_id, index))
+        await self.rollouts.settle(deployment_id)
+
+    # -- reconcile ------------------------------------------------------------------------------
+
+    def _facts(self, node_ids: set[str]) -> dict[str, decide.NodeFact]:
+        fleet = self.h.fleet
+        facts = {}
+        for node_id in node_ids:
+            state = fleet.state_of(node_id)
+            facts[node_id] = decide.NodeFact(
+                state=state,
+                connected=fleet.streams.get(node_id) is not None,
+                recovery_due=state == NodeState.FAILED and fleet.recovery_due(node_id),
+            )
+        return facts
+
+    async def reconcile(self) -> None:
+        """Compare desired and current state; resume rollouts, deploy missing replicas."""
+        h = self.h
+        if h.closing:
+            return
+        now = h.clock()
+        h.stop_sent = fencing.prune_sent(h.stop_sent, now)
+        for listed in await h.repo.list_all():
+            if listed.status in ENDED or listed.id in h.rolling:
+                continue
+            # Decide on a fresh row under the deployment's lock: a rollout ends (status
+            # written) under this lock before it leaves ``rolling``, so neither can be stale.
+            async with h.locks[listed.id]:
+                row = await h.repo.get(listed.id)
+                if row is None or row.status in ENDED or row.id in h.rolling:
+                    continue
+                h.remember(row)
+                view = view_of(row)
+                action = decide.reconcile(
+                    view,
+                    now=now,
+                    inflight={i for d, i in h.inflight if d == row.id},
+                    retry_at={i: b.at for (d, i), b in h.retry.items() if d == row.id},
+                    nodes=self._facts({r.node_id for r in view.replicas}),
+                )
+                if action.resume is not None:
+                    log.info("deployment %s was %s: resuming its rollout", row.id, row.status)
+                    self.rollouts.start(row.id, list(action.resume), initial=action.initial)
+                    continue
+                for index in action.retry:
+                    h.inflight.add((row.id, index))
+                    h.spawn(self.rollouts.retry_replica(row.id, index))
+            # Failures the recovery hook missed (e.g. while the controller was down), held
+            # and frozen exactly as the hook would be: see Fleet.recovery_due.
+            for node_id in sorted(action.failed_nodes):
+                await self.on_node_failed(node_id, row.user_id)
+
+    # -- the fence ------------------------------------------------------------------------------
+
+    async def on_replicas_reported(
+        self, node_id: str, replicas: Sequence[node_pb2.ReplicaState], complete: bool
+    ) -> None:
+        """A node's hello (``complete``) or heartbeat listed its replicas: fence and sync health."""
+        h = self.h
+        if not h.loaded or h.closing:
+            return
+        plan = fencing.fence(
+            node_id,
+            [
+                fencing.Reported(
+                    s.deployment_id, s.replica_index, s.generation, s.status, s.endpoint, s.error_message
+                )
+                for s in replicas
+            ],
+            complete=complete,
+            assignments={d: known.assignments for d, known in h.index.items()},
+            surging=h.surging,
+            draining=h.draining,
+            sent=h.stop_sent,
+            now=h.clock(),
+        )
+        h.stop_sent.update(plan.sent)
+        for deployment_id in plan.remove:
+            # a deleted deployment (the node was away when it was deleted): stop its replicas
+            # there and remove their directories
+            log.info("node %s holds deleted deployment %s: removing it", node_id, deployment_id)
+            h.spawn(h.nodes.remove(node_id, deployment_id))
+        for stop in plan.stops:
+            log.info(
+                "node %s runs stale replica %s/%d (generation %d): stopping it",
+                node_id,
+                stop.deployment_id,
+                stop.replica_index,
+                stop.generation,
+            )
+            h.spawn(h.nodes.stop(stop))
+        for change in plan.health:
+            await self.rollouts.set_health(
+                change.deployment_id,
+                change.replica_index,
+                node_id,
+                change.generation,
+                change.status,
+                change.endpoint,
+            )
+        for failure in plan.failures:
+            await self.rollouts.mark_failed(
+                failure.deployment_id, failure.replica_index, node_id, failure.generation, failure.error
+            )
