@@ -209,13 +209,12 @@ class TransactionManager:
         streams: StreamRegistry,
         clock: Callable[[], float] = time.monotonic,
         recovery_interval: float = RECOVERY_INTERVAL_SECONDS,
-        results: ShardResults | None = None,
+        results: ShardResults,
     ) -> None:
         self._log = log_store
         self._streams = streams
         self._results = results
-        """Where statements' rows arrive (``PushShardResult``); without it they ride the
-        command's result, bounded by the node stream's 256 KiB."""
+        """Where statements' rows arrive (``PushShardResult``, the data path)."""
         self._clock = clock
         self._interval = recovery_interval
         self._live: dict[str, Transaction] = {}
@@ -619,12 +618,6 @@ class TransactionManager:
     ) -> ShardResult:
         """A ``BEGIN`` (with sql) or ``EXECUTE`` step whose rows come back over
         ``PushShardResult`` in batches, within ``caps`` (as other statements' rows do)."""
-        if self._results is None:
-            return await self._command(
-                txn.id, txn.database_id, shard, txn.participants[shard], action, sql=sql, seconds=seconds,
-                idle_timeout_ms=self.agent_idle_ms(txn), priority=txn.priority, holds_nothing=holds_nothing,
-                distributed=txn.distributed,
-            )  # fmt: skip
         node_id = txn.participants[shard]
         command = node_pb2.NodeCommand(
             command_id=str(uuid.uuid4()),

@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from datetime import timedelta
 
+from controller.federation.results import ShardResults
 from controller.federation.transactions import (
     DECISION_LOG_RETENTION,
     PRUNE_INTERVAL_SECONDS,
@@ -51,7 +52,10 @@ async def test_resolved_rows_past_retention_are_pruned_unresolved_ones_stay(stor
                 )
         tick = [0.0]
         manager = TransactionManager(
-            log_store=TransactionLog(store), streams=StreamRegistry(), clock=lambda: tick[0]
+            log_store=TransactionLog(store),
+            streams=StreamRegistry(),
+            clock=lambda: tick[0],
+            results=ShardResults(),
         )
         assert await manager.prune(now) == 1
         log = TransactionLog(store)

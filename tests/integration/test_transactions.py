@@ -31,6 +31,7 @@ from grpc_status import rpc_status
 
 from controller.config import Settings
 from controller.errors import NotFound
+from controller.federation.results import ShardResults
 from controller.federation.transactions import CrashPoint, TransactionLog, TransactionManager
 from controller.limits import CONTROL_MESSAGE_MAX_BYTES
 from controller.server import Controller
@@ -149,6 +150,11 @@ class Bank:
             metadata=bearer(self.token),
         )
         return response.transaction
+
+    @property
+    def results(self) -> ShardResults:
+        assert self.controller.shard_results is not None
+        return self.controller.shard_results
 
     async def row(self, txid: str) -> DatabaseTransaction | None:
         return await TransactionLog(self.controller.store).get(txid)
@@ -381,7 +387,9 @@ async def test_controller_crash_at_each_step_is_recovered(
     assert row.resolved_at is None  # in doubt
 
     restarted = TransactionManager(
-        log_store=TransactionLog(bank.controller.store), streams=bank.controller.fleet.streams
+        log_store=TransactionLog(bank.controller.store),
+        streams=bank.controller.fleet.streams,
+        results=bank.results,
     )
     assert await restarted.recover() == 1
     row = await bank.row(txid)
@@ -484,6 +492,7 @@ async def test_idle_transaction_times_out_and_rolls_back(bank: Bank) -> None:
         log_store=TransactionLog(bank.controller.store),
         streams=bank.controller.fleet.streams,
         clock=lambda: now[0],
+        results=bank.results,
     )
     # run the transaction through a manager on an injected clock
     txn = await manager.begin(bank.user_id, bank.db_id, distributed=False, idle_timeout_ms=5000, timeout_ms=0)
