@@ -122,9 +122,25 @@ class Settings:
     one encrypts new secrets, all of them decrypt. Empty in development means
     keys generated once into ``data_dir/keys``."""
 
+    master_keys_file: str = ""
+    """File holding the vault keyring (the same syntax as ``master_keys``), used when
+    ``master_keys`` is empty; ``a67 vault rotate`` adds keys to it and the controller
+    re-reads it while running. Empty: ``data_dir/keys/master.keys`` (development)."""
+
+    vault_keyring_poll_seconds: float = 10.0
+    """How often a running controller re-reads the keyring file and, after a master-key
+    rotation, rewraps stored secrets under the new key."""
+
     jwt_private_key_file: str = ""
     """PEM file of the Ed25519 key that signs tokens; empty in development means a
     key generated once into ``data_dir/keys``."""
+
+    jwt_retired_public_key_files: str = ""
+    """Comma-separated PEM files of Ed25519 keys that signed tokens before a signing-key
+    rotation (public or private keys; only the public half is used). Tokens they
+    signed stay valid until they expire; new tokens are signed only by
+    ``jwt_private_key_file``. Drop a file from the list once the refresh-token lifetime
+    has passed since the rotation (docs/credentials.md)."""
 
     jwt_issuer: str = "automator67-controller"
     """The ``iss`` claim written into and required of every token."""

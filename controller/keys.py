@@ -85,8 +85,8 @@ def load_key_material(settings: Settings) -> KeyMaterial:
 
     if production:
         problems = []
-        if not settings.master_keys.strip():
-            problems.append("A67_MASTER_KEYS is not set")
+        if not settings.master_keys.strip() and not settings.master_keys_file:
+            problems.append("A67_MASTER_KEYS (or A67_MASTER_KEYS_FILE) is not set")
         if jwt_file is None:
             problems.append("A67_JWT_PRIVATE_KEY_FILE is not set")
         elif not jwt_file.is_file():
@@ -105,6 +105,13 @@ def load_key_material(settings: Settings) -> KeyMaterial:
 
     if settings.master_keys.strip():
         keyring = _parse_keyring(settings.master_keys, "A67_MASTER_KEYS")
+    elif settings.master_keys_file:
+        from controller.vault.keyfile import read_keyring
+
+        try:
+            keyring = read_keyring(Path(settings.master_keys_file).expanduser())
+        except ValueError as exc:
+            raise FailedPrecondition(f"A67_MASTER_KEYS_FILE: {exc}", reason=REASON_INVALID) from None
     else:
         keyring = _dev_keyring(settings.keys_dir, generated, reused)
 
@@ -129,11 +136,23 @@ def load_key_material(settings: Settings) -> KeyMaterial:
 
     public_key = signing_key.public_key()
     kid = jwt_key_id(public_key)
+    verification = {kid: public_key}
+    from controller.auth.signing_keys import load_retired_keys
+
+    retired = load_retired_keys(settings.jwt_retired_public_key_files)
+    for retired_kid, retired_key in retired.items():
+        verification.setdefault(retired_kid, retired_key)
+    if retired:
+        log.info(
+            "JWT signing key %s; also accepting tokens of retired keys %s until they expire",
+            kid,
+            ", ".join(sorted(k for k in retired if k != kid)),
+        )
     return KeyMaterial(
         keyring=keyring,
         jwt_signing_key=signing_key,
         jwt_key_id=kid,
-        verification_keys={kid: public_key},
+        verification_keys=verification,
     )
 
 

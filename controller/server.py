@@ -42,6 +42,7 @@ from controller.api.metrics_servicer import MetricsServicer
 from controller.api.node_servicer import NodeServicer
 from controller.api.query_servicer import QueryServicer
 from controller.api.storage_servicer import StorageServicer
+from controller.auth.mfa import MfaService
 from controller.auth.passwords import PasswordHasher
 from controller.auth.service import AuthService
 from controller.auth.tokens import TokenService
@@ -71,6 +72,9 @@ from controller.store.db import Store, ensure_data_dir, redact
 from controller.store.migrate import ensure_schema
 from controller.store.repositories import AuthFailureRepository, RefreshTokenRepository, UserRepository
 from controller.vault import Vault
+from controller.vault.audit import SecretAuditLog
+from controller.vault.keyfile import file_source, keyring_file
+from controller.vault.rewrap import Rewrapper
 
 log = logging.getLogger("a67.server")
 
@@ -116,6 +120,9 @@ class Controller:
     storage: StorageService | None = None
     shard_results: ShardResults | None = None
     merge_workers: MergeWorkers | None = None
+    vault: Vault | None = None
+    secret_audit: SecretAuditLog | None = None
+    rewrapper: Rewrapper | None = None
 
     @property
     def address(self) -> str:
@@ -128,6 +135,8 @@ class Controller:
             return
         self.draining.set()
         await self.health.enter_graceful_shutdown()
+        if self.rewrapper is not None:
+            await self.rewrapper.stop()
         await self.deployments.stop()
         if self.storage is not None:
             await self.storage.stop()
@@ -139,6 +148,8 @@ class Controller:
         grace = self.settings.drain_grace_seconds if grace is None else grace
         log.info("draining: health is NOT_SERVING; in-flight calls have %.1f s to finish", grace)
         await self.server.stop(grace)
+        if self.secret_audit is not None:
+            await self.secret_audit.stop()
         if self.merge_workers is not None:
             self.merge_workers.close()
         await self.cache.close()
@@ -178,6 +189,15 @@ async def start_controller(settings: Settings) -> Controller:
         ),
     )
     vault = Vault(keys.keyring)
+    secret_audit = SecretAuditLog(store)  # issue 16: every decryption, append-only
+    vault.set_auditor(secret_audit.record)
+    keyfile = keyring_file(settings.master_keys, settings.master_keys_file, settings.keys_dir)
+    rewrapper = Rewrapper(  # master-key rotation: rewraps stored secrets in the background
+        store,
+        vault,
+        keyring_source=file_source(keyfile) if keyfile is not None else None,
+        poll_seconds=settings.vault_keyring_poll_seconds,
+    )
     deployments = DeploymentService(
         store=store,
         fleet=fleet,
@@ -235,6 +255,7 @@ async def start_controller(settings: Settings) -> Controller:
         tokens=tokens,
         passwords=PasswordHasher(),
         cache=cache,
+        mfa=MfaService(store, vault),
     )
     server = grpc.aio.server(
         interceptors=[ControllerInterceptor(auth)],
@@ -251,7 +272,7 @@ async def start_controller(settings: Settings) -> Controller:
             *keepalive.server_options(interval_ms),
         ],
     )
-    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(auth, users), server)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(auth, users, secret_audit), server)
     # shard statements' rows (NodeService.PushShardResult)
     shard_results = ShardResults(settings.shard_result_queue_batches)
     merge_workers = MergeWorkers(settings.query_merge_processes)  # StreamQuery merges, off the GIL
@@ -336,6 +357,8 @@ async def start_controller(settings: Settings) -> Controller:
             await cache.close()
             await store.close()
             raise Unavailable(f"Cannot listen for xDS: {exc}", reason="BIND_FAILED") from exc
+    secret_audit.start()
+    rewrapper.start()
     await fleet.start()
     await deployments.start()
     await storage.start()
@@ -360,6 +383,9 @@ async def start_controller(settings: Settings) -> Controller:
         storage=storage,
         shard_results=shard_results,
         merge_workers=merge_workers,
+        vault=vault,
+        secret_audit=secret_audit,
+        rewrapper=rewrapper,
     )
     transactions.start()
     log.info(

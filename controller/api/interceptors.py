@@ -55,6 +55,7 @@ PUBLIC_METHODS = frozenset(
         "/automator67.v1.AuthService/Register",
         "/automator67.v1.AuthService/Login",
         "/automator67.v1.AuthService/Refresh",
+        "/automator67.v1.AuthService/VerifyMfa",  # the second step of Login: proves itself with its challenge
         "/automator67.v1.NodeService/RegisterNode",
         "/automator67.v1.NodeService/Connect",
         "/automator67.v1.NodeService/FetchPackage",

@@ -34,13 +34,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from controller.api.context import Principal
+from controller.auth.mfa import Enrollment, MfaService, looks_like_totp
 from controller.auth.passwords import PasswordHasher
 from controller.auth.session_cache import AUTH_CACHE_SECONDS, AuthCache, UserRecord
 from controller.auth.tokens import IssuedToken, TokenService
 from controller.auth.validation import normalise_email, validate_credentials
 from controller.cache.base import Cache
 from controller.cache.bus import invalidation_bus
-from controller.errors import ResourceExhausted, Unauthenticated, require_fields
+from controller.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    ResourceExhausted,
+    Unauthenticated,
+    require_fields,
+)
 from controller.store.repositories import AuthFailureRepository, RefreshTokenRepository, UserRepository
 
 log = logging.getLogger(__name__)
@@ -56,6 +63,17 @@ THROTTLE_MAX_DELAY_SECONDS = 15 * 60
 SESSION_CACHE_SECONDS = AUTH_CACHE_SECONDS
 
 INVALID_CREDENTIALS = "The email or password is not correct"
+
+
+@dataclass(frozen=True)
+class MfaRequired:
+    """Login's answer for an account with MFA on: the password was right; a code must follow."""
+
+    user_id: str
+    challenge: str
+
+    def __repr__(self) -> str:  # never print the challenge
+        return f"MfaRequired(user_id={self.user_id!r})"
 
 
 @dataclass(frozen=True)
@@ -82,7 +100,9 @@ class AuthService:
         clock: Callable[[], float] = time.time,
         auth_cache: AuthCache | None = None,
         auth_cache_seconds: float = SESSION_CACHE_SECONDS,
+        mfa: MfaService | None = None,
     ) -> None:
+        self.mfa = mfa
         self._users = users
         self._refresh_tokens = refresh_tokens
         self._failures = failures
@@ -112,8 +132,14 @@ class AuthService:
         log.info("registered user %s", user.id)
         return await self._start_session(user.id)
 
-    async def login(self, email: str, password_hash: str) -> Session:
-        """Verify credentials and start a session; the same error for any mismatch."""
+    async def login(self, email: str, password_hash: str) -> Session | MfaRequired:
+        """Verify credentials and start a session; the same error for any mismatch.
+
+        For an account with MFA on, a right password earns :class:`MfaRequired` (a
+        single-use challenge for :meth:`verify_mfa`) instead, and the account's
+        failure count is *not* reset: wrong codes count against the same throttle
+        as wrong passwords, and only a complete sign-in resets it.
+        """
         require_fields(validate_credentials(email, password_hash))
         normalised = normalise_email(email)
         key = f"login:{normalised}"
@@ -127,12 +153,107 @@ class AuthService:
         if not ok or user is None:
             # Already counted by the reservation.
             raise Unauthenticated(INVALID_CREDENTIALS, reason="INVALID_CREDENTIALS")
-        await self._failures.reset(key)
         if self._passwords.needs_rehash(user.password_hash):
             await self._users.update_password_hash(user.id, await self._passwords.hash(password_hash))
+        if user.mfa_enabled:
+            mfa = self._require_mfa()
+            return MfaRequired(user_id=user.id, challenge=await mfa.start_challenge(user.id))
+        await self._failures.reset(key)
         await self._users.touch_last_login(user.id, self._now())
         await self._memory.user_changed(user.id)
         return await self._start_session(user.id)
+
+    # -- multi-factor sign-in ------------------------------------------------------
+
+    def _require_mfa(self) -> MfaService:
+        if self.mfa is None:
+            raise FailedPrecondition(
+                "Multi-factor sign-in is not configured on this controller", reason="MFA_UNAVAILABLE"
+            )
+        return self.mfa
+
+    async def verify_mfa(self, challenge: str, code: str, recovery_code: str) -> Session:
+        """Complete a sign-in with a challenge from :meth:`login` and a code.
+
+        Every attempt reserves a slot of the account's login throttle first (so at
+        most 5 codes, then one per lock, however many arrive at once); a wrong or
+        replayed code is ``UNAUTHENTICATED`` (``INVALID_MFA_CODE``), and the challenge
+        stays usable until it expires or a sign-in completes.
+        """
+        mfa = self._require_mfa()
+        require_fields(_code_violations(code, recovery_code, challenge=challenge))
+        user_id = await mfa.challenge_user(challenge)
+        if user_id is None:
+            raise Unauthenticated(
+                "This sign-in challenge is not valid or has expired; sign in again",
+                reason="MFA_CHALLENGE_INVALID",
+            )
+        user = await self._users.get(user_id)
+        if user is None or not user.active:
+            raise Unauthenticated("This account is not active", reason="ACCOUNT_INACTIVE")
+        key = f"login:{user.email}"
+        await self._reserve_attempt(key)
+        if recovery_code:
+            ok = await mfa.use_recovery_code(user.id, recovery_code)
+        else:
+            ok = await mfa.use_code(user.id, code, reason="sign-in")
+        if not ok:
+            raise Unauthenticated("The code is not correct or was already used", reason="INVALID_MFA_CODE")
+        if not await mfa.consume_challenge(challenge):
+            raise Unauthenticated(
+                "This sign-in challenge was already used; sign in again", reason="MFA_CHALLENGE_INVALID"
+            )
+        await self._failures.reset(key)
+        await self._users.touch_last_login(user.id, self._now())
+        await self._memory.user_changed(user.id)
+        return await self._start_session(user.id)
+
+    async def enroll_mfa(self, user_id: str) -> Enrollment:
+        """Start enrolling an authenticator (``FAILED_PRECONDITION`` if MFA is on)."""
+        mfa = self._require_mfa()
+        user = await self._users.get(user_id)
+        if user is None:
+            raise Unauthenticated("This account no longer exists", reason="ACCOUNT_INACTIVE")
+        return await mfa.enroll(user.id, user.email)
+
+    async def confirm_mfa(self, user_id: str, code: str) -> list[str]:
+        """Turn MFA on with a first code (throttled); the recovery codes."""
+        mfa = self._require_mfa()
+        require_fields(_code_violations(code, ""))
+        user = await self._users.get(user_id)
+        if user is None:
+            raise Unauthenticated("This account no longer exists", reason="ACCOUNT_INACTIVE")
+        key = f"login:{user.email}"
+        await self._reserve_attempt(key)
+        codes = await mfa.confirm(user.id, code)
+        if codes is None:
+            raise Unauthenticated("The code is not correct or was already used", reason="INVALID_MFA_CODE")
+        await self._failures.reset(key)
+        await self._memory.user_changed(user.id)
+        log.info("user %s turned multi-factor sign-in on", user.id)
+        return codes
+
+    async def disable_mfa(self, user_id: str, code: str, recovery_code: str) -> None:
+        """Turn MFA off; needs a current code or a recovery code (throttled)."""
+        mfa = self._require_mfa()
+        require_fields(_code_violations(code, recovery_code))
+        user = await self._users.get(user_id)
+        if user is None:
+            raise Unauthenticated("This account no longer exists", reason="ACCOUNT_INACTIVE")
+        if not await mfa.is_enabled(user.id):
+            raise FailedPrecondition("Multi-factor sign-in is not on", reason="MFA_NOT_ENABLED")
+        key = f"login:{user.email}"
+        await self._reserve_attempt(key)
+        if recovery_code:
+            ok = await mfa.use_recovery_code(user.id, recovery_code)
+        else:
+            ok = await mfa.use_code(user.id, code, reason="disable")
+        if not ok:
+            raise Unauthenticated("The code is not correct or was already used", reason="INVALID_MFA_CODE")
+        await self._failures.reset(key)
+        await mfa.disable(user.id)
+        await self._memory.user_changed(user.id)
+        log.info("user %s turned multi-factor sign-in off", user.id)
 
     async def refresh(self, refresh_token: str) -> Session:
         """Rotate a refresh token; reuse of a spent one revokes its session."""
@@ -238,6 +359,22 @@ class AuthService:
             reason="LOGIN_THROTTLED",
             retry_after=wait,
         )
+
+
+def _code_violations(code: str, recovery_code: str, *, challenge: str | None = None) -> list[FieldViolation]:
+    """Field violations of a code request: exactly one of a 6-digit code and a recovery code."""
+    problems: dict[str, str] = {}
+    if challenge is not None and not challenge:
+        problems["mfa_challenge"] = "is required (LoginResponse.mfa_challenge)"
+    if code and recovery_code:
+        problems["recovery_code"] = "give either code or recovery_code, not both"
+    elif not code and not recovery_code:
+        problems["code"] = "is required (a 6-digit code from your authenticator, or recovery_code)"
+    elif code and not looks_like_totp(code.strip().replace(" ", "")):
+        problems["code"] = "must be the 6 digits your authenticator shows"
+    elif recovery_code and len(recovery_code) > 64:
+        problems["recovery_code"] = "is too long"
+    return [FieldViolation(name, text) for name, text in problems.items()]
 
 
 def throttle_delay(attempts: int) -> float:

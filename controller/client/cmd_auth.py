@@ -1,4 +1,4 @@
-"""``a67 register``, ``login``, ``logout``, ``whoami``."""
+"""``a67 register``, ``login``, ``logout``, ``whoami``, ``auth mfa …``, ``auth audit``."""
 
 from __future__ import annotations
 
@@ -55,6 +55,43 @@ def _remember(conn: Connection, email: str, access: str, refresh: str, expires_i
     return user
 
 
+def _ask_code(code: str | None, recovery_code: str | None) -> tuple[str, str]:
+    if code or recovery_code:
+        return code or "", recovery_code or ""
+    if sys.stdin.isatty():
+        return str(click.prompt("Authenticator code (or a recovery code)")).strip(), ""
+    raise CliError(
+        "This account has multi-factor sign-in on: give --code (or --recovery-code).",
+        exit_code=USAGE,
+        reason="MFA_CODE_REQUIRED",
+    )
+
+
+def _split_code(code: str, recovery_code: str) -> tuple[str, str]:
+    """A prompted answer may be either kind: 6 digits is a TOTP code, else a recovery code."""
+    if code and not (len(code) == 6 and code.isdigit()):
+        return "", code
+    return code, recovery_code
+
+
+def _second_factor(
+    conn: Connection, challenge: str, code: str | None, recovery_code: str | None
+) -> auth_pb2.VerifyMfaResponse:
+    totp, recovery = _split_code(*_ask_code(code, recovery_code))
+    try:
+        reply: auth_pb2.VerifyMfaResponse = conn.call(
+            conn.auth.VerifyMfa,
+            auth_pb2.VerifyMfaRequest(mfa_challenge=challenge, code=totp, recovery_code=recovery),
+            auth=False,
+        )
+    except CliError as error:
+        if error.reason == "INVALID_MFA_CODE":
+            error.message = "Wrong or already used code."
+            error.hint = "wait for the next code of your authenticator, then: a67 login"
+        raise
+    return reply
+
+
 def _signed_in(user: auth_pb2.User, address: str, verb: str) -> None:
     out = state().output
     if out.as_json:
@@ -108,7 +145,11 @@ def register(group: click.Group) -> None:
         is_flag=True,
         help="Read the password from the first line of standard input (scripts).",
     )
-    def login_cmd(email: str | None, password_stdin: bool) -> None:
+    @click.option("--code", help="A current code of your authenticator, if the account has MFA on.")
+    @click.option("--recovery-code", help="A one-time recovery code instead of --code.")
+    def login_cmd(
+        email: str | None, password_stdin: bool, code: str | None, recovery_code: str | None
+    ) -> None:
         """Sign in to a controller; the session is kept in your config directory.
 
         Tokens are stored in $XDG_CONFIG_HOME/a67/credentials.json (mode 0600) and
@@ -119,6 +160,7 @@ def register(group: click.Group) -> None:
           a67 login --email ada@example.com
           a67 login --controller https://a67.example.com:50051 --email ada@example.com
           a67 login --email ada@example.com --password-stdin < password.txt
+          a67 login --email ada@example.com --code 123456      # multi-factor sign-in
         """
         st = state()
         email = _email(email)
@@ -135,6 +177,8 @@ def register(group: click.Group) -> None:
                 error.message = "Wrong email or password."
                 error.hint = "create an account with: a67 register"
             raise
+        if reply.mfa_required:
+            reply = _second_factor(conn, reply.mfa_challenge, code, recovery_code)
         user = _remember(conn, email, reply.access_token, reply.refresh_token, reply.expires_in)
         _signed_in(user, st.address, "Signed in as")
 
@@ -189,4 +233,133 @@ def register(group: click.Group) -> None:
                 ("created", when(user.created_at)),
                 ("last login", when(user.last_login)),
             ]
+        )
+
+    @group.group("auth")
+    def auth_group() -> None:
+        """Your account's security: multi-factor sign-in and the audit log of your secrets."""
+
+    @auth_group.group("mfa")
+    def mfa_group() -> None:
+        """Multi-factor sign-in with a TOTP authenticator app (RFC 6238).
+
+        \b
+        Turning it on:
+          a67 auth mfa enroll            # shows a secret and an otpauth:// URI for your app
+          a67 auth mfa confirm 123456    # the app's current code; prints recovery codes (once)
+        Then a67 login asks for a code. Turning it off: a67 auth mfa disable 123456
+        """
+
+    @command(mfa_group, "enroll")
+    def mfa_enroll_cmd() -> None:
+        """Start enrolling an authenticator: prints its secret once.
+
+        \b
+        Example:
+          a67 auth mfa enroll
+        """
+        st = state()
+        conn = st.connection()
+        reply = conn.call(conn.auth.EnrollMfa, auth_pb2.EnrollMfaRequest())
+        if st.output.as_json:
+            st.output.json({"secret": reply.secret, "otpauth_uri": reply.otpauth_uri})
+            return
+        st.output.fields([("secret", reply.secret), ("otpauth uri", reply.otpauth_uri)])
+        st.output.say("Add it to your authenticator app, then: a67 auth mfa confirm <code>")
+
+    @command(mfa_group, "confirm")
+    @click.argument("code")
+    def mfa_confirm_cmd(code: str) -> None:
+        """Turn multi-factor sign-in on with the authenticator's current code.
+
+        Prints one-time recovery codes: keep them somewhere safe; they are not shown again.
+
+        \b
+        Example:
+          a67 auth mfa confirm 123456
+        """
+        st = state()
+        conn = st.connection()
+        reply = conn.call(conn.auth.ConfirmMfa, auth_pb2.ConfirmMfaRequest(code=code.strip()))
+        codes = list(reply.recovery_codes)
+        if st.output.as_json:
+            st.output.json({"mfa_enabled": True, "recovery_codes": codes})
+            return
+        st.output.say("Multi-factor sign-in is on. Recovery codes (each works once; shown only now):")
+        for recovery in codes:
+            st.output.say(f"  {recovery}")
+
+    @command(mfa_group, "disable")
+    @click.argument("code", required=False)
+    @click.option("--recovery-code", help="A recovery code instead of CODE.")
+    def mfa_disable_cmd(code: str | None, recovery_code: str | None) -> None:
+        """Turn multi-factor sign-in off; needs a current code (or a recovery code).
+
+        \b
+        Examples:
+          a67 auth mfa disable 123456
+          a67 auth mfa disable --recovery-code abcde-fghij
+        """
+        st = state()
+        conn = st.connection()
+        totp, recovery = _ask_code(code, recovery_code)
+        conn.call(
+            conn.auth.DisableMfa,
+            auth_pb2.DisableMfaRequest(code=totp.strip(), recovery_code=recovery.strip()),
+        )
+        if st.output.as_json:
+            st.output.json({"mfa_enabled": False})
+        else:
+            st.output.say("Multi-factor sign-in is off.")
+
+    @command(mfa_group, "status")
+    def mfa_status_cmd() -> None:
+        """Whether multi-factor sign-in is on.
+
+        \b
+        Example:
+          a67 auth mfa status
+        """
+        st = state()
+        conn = st.connection()
+        user = conn.call(conn.auth.GetCurrentUser, auth_pb2.GetCurrentUserRequest()).user
+        if st.output.as_json:
+            st.output.json({"mfa_enabled": user.mfa_enabled})
+        else:
+            st.output.say(f"Multi-factor sign-in is {'on' if user.mfa_enabled else 'off'} for {user.email}.")
+
+    @command(auth_group, "audit")
+    @click.option("--limit", default=50, show_default=True, help="Most events to show.")
+    def audit_cmd(limit: int) -> None:
+        """Every decryption of your secrets: who or what, which secret, why, when (newest first).
+
+        \b
+        Examples:
+          a67 auth audit
+          a67 auth audit --limit 500 --json
+        """
+        st = state()
+        conn = st.connection()
+        events: list[auth_pb2.SecretAuditEvent] = []
+        token = ""
+        while len(events) < limit:
+            reply = conn.call(
+                conn.auth.ListSecretAuditEvents,
+                auth_pb2.ListSecretAuditEventsRequest(
+                    page_size=min(1000, limit - len(events)), page_token=token
+                ),
+            )
+            events.extend(reply.events)
+            token = reply.next_page_token
+            if not token:
+                break
+        if st.output.as_json:
+            st.output.json({"events": [message_dict(e) for e in events]})
+            return
+        st.output.table(
+            ["when", "actor", "secret", "key", "why"],
+            [
+                (when(e.created_at), e.actor, f"{e.secret_purpose} of {e.secret_owner}", e.key_id, e.reason)
+                for e in events
+            ],
         )

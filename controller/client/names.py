@@ -18,11 +18,13 @@ CLIENT_COMMANDS: dict[str, str] = {
     "login": "sign in to a controller",
     "logout": "end the session and forget its tokens",
     "whoami": "show who is signed in, and where",
+    "auth": "multi-factor sign-in (auth mfa …) and the audit log of your secrets (auth audit)",
     "nodes": "list, show, drain, remove and enroll nodes",
     "deploy": "deploy an app directory (a67.toml) and follow the rollout",
     "apps": "list, show, scale, update, roll back and remove apps",
     "db": "create databases, apply schema, run SQL",
     "metrics": "the fleet's metrics (--watch: live)",
+    "vault": "master keys (operators): status, rotate, retire",
     "completion": "print a shell completion script",
 }
 

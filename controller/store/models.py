@@ -418,3 +418,73 @@ class DeploymentPackage(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UserMfa(Base):
+    """A user's TOTP authenticator (issue 16; spec §3.1 ``mfa_enabled``).
+
+    ``secret_encrypted`` is a vault token (owner ``user:<id>``, purpose ``mfa-totp``).
+    ``confirmed_at`` is set by the first valid code; until then MFA is not on.
+    ``last_used_step`` is the RFC 6238 time step of the last accepted code: a code is
+    accepted only for a later step (one conditional UPDATE), so each code works once.
+    """
+
+    __tablename__ = "user_mfa"
+
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    secret_encrypted: Mapped[str] = mapped_column(Text)
+    confirmed_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_used_step: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class MfaRecoveryCode(Base):
+    """A one-time recovery code, stored as the SHA-256 of the (high-entropy) code."""
+
+    __tablename__ = "mfa_recovery_codes"
+    __table_args__ = (Index(None, "user_id"),)
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id", ondelete="CASCADE"))
+    code_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    used_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class MfaChallenge(Base):
+    """The second step of a sign-in: proof that the password was right, single-use, short-lived."""
+
+    __tablename__ = "mfa_challenges"
+    __table_args__ = (Index(None, "user_id"),)
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True, default=new_id)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    used_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class SecretAuditEvent(Base):
+    """One decryption of a secret (never its value): append-only.
+
+    ``user_id`` is the user whose secret it is (None for none); ``actor`` who or what
+    asked (``user:<id>``, ``node:<id>``, ``controller``); ``secret_owner`` and
+    ``secret_purpose`` name the secret as the vault binds it; ``reason`` says why.
+    Migration 0007 adds triggers that refuse UPDATE and DELETE of its rows.
+    """
+
+    __tablename__ = "secret_audit_events"
+    __table_args__ = (Index(None, "user_id", "seq"),)
+
+    seq: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    id: Mapped[str] = mapped_column(ID, unique=True, default=new_id)
+    user_id: Mapped[str | None] = mapped_column(ID, default=None)
+    actor: Mapped[str] = mapped_column(String(100))
+    secret_owner: Mapped[str] = mapped_column(String(255))
+    secret_purpose: Mapped[str] = mapped_column(String(255))
+    key_id: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

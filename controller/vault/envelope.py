@@ -39,6 +39,7 @@ import base64
 import binascii
 import re
 import secrets
+from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -54,6 +55,11 @@ _WRAPPED_DEK_SIZE = KEY_SIZE + _TAG_SIZE
 _MIN_BLOB = _NONCE_SIZE + _WRAPPED_DEK_SIZE + _NONCE_SIZE + _TAG_SIZE
 _BODY_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 _VERSION_PATTERN = re.compile(r"a67v\d+")
+
+
+Auditor = Callable[[str, str, str, str], None]
+"""``audit(owner, purpose, key_id, operation)``: called after each decryption (see
+:mod:`controller.vault.audit`); it may raise to refuse the plaintext."""
 
 
 class VaultError(Exception):
@@ -159,15 +165,32 @@ def _parse(token: str) -> _Parsed:
 class Vault:
     """Encrypts and decrypts secrets with envelope encryption under a :class:`Keyring`."""
 
-    __slots__ = ("_keyring",)
+    __slots__ = ("_audit", "_keyring")
 
-    def __init__(self, keyring: Keyring) -> None:
+    def __init__(self, keyring: Keyring, *, audit: Auditor | None = None) -> None:
         self._keyring = keyring
+        self._audit = audit
 
     @property
     def keyring(self) -> Keyring:
         """The keyring in use."""
         return self._keyring
+
+    def replace_keyring(self, keyring: Keyring) -> None:
+        """Use ``keyring`` from now on (a master key added or retired while running).
+
+        Every holder of this vault sees the change. ``ValueError`` if a key of the
+        current ring would change its bytes (an id must always name the same key).
+        """
+        for key_id, key in keyring.items():
+            old = self._keyring.get(key_id)
+            if old is not None and not secrets.compare_digest(old, key):
+                raise ValueError(f"master key {key_id!r} changed its bytes; a key id must never be reused")
+        self._keyring = keyring
+
+    def set_auditor(self, audit: Auditor | None) -> None:
+        """Record every decryption with ``audit(owner, purpose, key_id, operation)``."""
+        self._audit = audit
 
     # -- bytes --------------------------------------------------------------
 
@@ -193,7 +216,10 @@ class Vault:
         context = _context(owner, purpose)
         parsed = _parse(token)
         dek = self._unwrap(parsed, context)
-        return self._open(parsed, dek, context)
+        plaintext = self._open(parsed, dek, context)
+        if self._audit is not None:
+            self._audit(owner, purpose, parsed.key_id, "decrypt")
+        return plaintext
 
     # -- text ---------------------------------------------------------------
 
@@ -226,6 +252,8 @@ class Vault:
         key_id = self._keyring.primary_id
         if parsed.key_id == key_id:
             return token
+        if self._audit is not None:
+            self._audit(owner, purpose, parsed.key_id, "rewrap")
         wrap_nonce = secrets.token_bytes(_NONCE_SIZE)
         wrapped = AESGCM(self._keyring.primary_key).encrypt(wrap_nonce, dek, _wrap_aad(key_id, context))
         return self._format(key_id, wrap_nonce + wrapped + parsed.data_nonce + parsed.ciphertext)

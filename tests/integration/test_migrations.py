@@ -41,6 +41,10 @@ TABLES = {
     "node_enrollment_tokens",
     "deployment_packages",
     "alerts",
+    "user_mfa",
+    "mfa_recovery_codes",
+    "mfa_challenges",
+    "secret_audit_events",
 }
 
 
@@ -63,7 +67,7 @@ def _set_revision(url: str, revision: str) -> None:
 
 
 def test_head_revision_is_the_latest_migration() -> None:
-    assert head_revision() == "0006"
+    assert head_revision() == "0007"
 
 
 def test_upgrade_from_empty_reaches_head_and_creates_every_table(store_url: str) -> None:

@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61utomator67/v1/auth.proto\x12\x0e\x61utomator67.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"7\n\x0fRegisterRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x15\n\rpassword_hash\x18\x02 \x01(\t\"d\n\x10RegisterResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\t\x12\x15\n\rrefresh_token\x18\x03 \x01(\t\x12\x12\n\nexpires_in\x18\x04 \x01(\x05\"4\n\x0cLoginRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x15\n\rpassword_hash\x18\x02 \x01(\t\"P\n\rLoginResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x05\"\x10\n\x0eRefreshRequest\"R\n\x0fRefreshResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x05\"\x0f\n\rLogoutRequest\"\x10\n\x0eLogoutResponse\"\x17\n\x15GetCurrentUserRequest\"<\n\x16GetCurrentUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.automator67.v1.User\"\xa6\x01\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nlast_login\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bmfa_enabled\x18\x05 \x01(\x08\x12\x0e\n\x06\x61\x63tive\x18\x06 \x01(\x08\x32\xb3\x04\n\x0b\x41uthService\x12o\n\x08Register\x12\x1f.automator67.v1.RegisterRequest\x1a .automator67.v1.RegisterResponse\" \x82\xd3\xe4\x93\x02\x1a\"\x15/api/v1/auth/register:\x01*\x12\x63\n\x05Login\x12\x1c.automator67.v1.LoginRequest\x1a\x1d.automator67.v1.LoginResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x12/api/v1/auth/login:\x01*\x12k\n\x07Refresh\x12\x1e.automator67.v1.RefreshRequest\x1a\x1f.automator67.v1.RefreshResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/api/v1/auth/refresh:\x01*\x12g\n\x06Logout\x12\x1d.automator67.v1.LogoutRequest\x1a\x1e.automator67.v1.LogoutResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/api/v1/auth/logout:\x01*\x12x\n\x0eGetCurrentUser\x12%.automator67.v1.GetCurrentUserRequest\x1a&.automator67.v1.GetCurrentUserResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/api/v1/auth/meb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61utomator67/v1/auth.proto\x12\x0e\x61utomator67.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"7\n\x0fRegisterRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x15\n\rpassword_hash\x18\x02 \x01(\t\"d\n\x10RegisterResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\t\x12\x15\n\rrefresh_token\x18\x03 \x01(\t\x12\x12\n\nexpires_in\x18\x04 \x01(\x05\"4\n\x0cLoginRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x15\n\rpassword_hash\x18\x02 \x01(\t\"}\n\rLoginResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x05\x12\x14\n\x0cmfa_required\x18\x04 \x01(\x08\x12\x15\n\rmfa_challenge\x18\x05 \x01(\t\"\x10\n\x0eRefreshRequest\"R\n\x0fRefreshResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x05\"\x0f\n\rLogoutRequest\"\x10\n\x0eLogoutResponse\"\x17\n\x15GetCurrentUserRequest\"<\n\x16GetCurrentUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.automator67.v1.User\"\xa6\x01\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nlast_login\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bmfa_enabled\x18\x05 \x01(\x08\x12\x0e\n\x06\x61\x63tive\x18\x06 \x01(\x08\"N\n\x10VerifyMfaRequest\x12\x15\n\rmfa_challenge\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x15\n\rrecovery_code\x18\x03 \x01(\t\"T\n\x11VerifyMfaResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x05\"\x12\n\x10\x45nrollMfaRequest\"8\n\x11\x45nrollMfaResponse\x12\x0e\n\x06secret\x18\x01 \x01(\t\x12\x13\n\x0botpauth_uri\x18\x02 \x01(\t\"!\n\x11\x43onfirmMfaRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\",\n\x12\x43onfirmMfaResponse\x12\x16\n\x0erecovery_codes\x18\x01 \x03(\t\"8\n\x11\x44isableMfaRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x15\n\rrecovery_code\x18\x02 \x01(\t\"\x14\n\x12\x44isableMfaResponse\"E\n\x1cListSecretAuditEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"j\n\x1dListSecretAuditEventsResponse\x12\x30\n\x06\x65vents\x18\x01 \x03(\x0b\x32 .automator67.v1.SecretAuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xab\x01\n\x10SecretAuditEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x14\n\x0csecret_owner\x18\x03 \x01(\t\x12\x16\n\x0esecret_purpose\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xb4\t\n\x0b\x41uthService\x12o\n\x08Register\x12\x1f.automator67.v1.RegisterRequest\x1a .automator67.v1.RegisterResponse\" \x82\xd3\xe4\x93\x02\x1a\"\x15/api/v1/auth/register:\x01*\x12\x63\n\x05Login\x12\x1c.automator67.v1.LoginRequest\x1a\x1d.automator67.v1.LoginResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x12/api/v1/auth/login:\x01*\x12k\n\x07Refresh\x12\x1e.automator67.v1.RefreshRequest\x1a\x1f.automator67.v1.RefreshResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/api/v1/auth/refresh:\x01*\x12g\n\x06Logout\x12\x1d.automator67.v1.LogoutRequest\x1a\x1e.automator67.v1.LogoutResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/api/v1/auth/logout:\x01*\x12x\n\x0eGetCurrentUser\x12%.automator67.v1.GetCurrentUserRequest\x1a&.automator67.v1.GetCurrentUserResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/api/v1/auth/me\x12t\n\tVerifyMfa\x12 .automator67.v1.VerifyMfaRequest\x1a!.automator67.v1.VerifyMfaResponse\"\"\x82\xd3\xe4\x93\x02\x1c\"\x17/api/v1/auth/mfa:verify:\x01*\x12t\n\tEnrollMfa\x12 .automator67.v1.EnrollMfaRequest\x1a!.automator67.v1.EnrollMfaResponse\"\"\x82\xd3\xe4\x93\x02\x1c\"\x17/api/v1/auth/mfa:enroll:\x01*\x12x\n\nConfirmMfa\x12!.automator67.v1.ConfirmMfaRequest\x1a\".automator67.v1.ConfirmMfaResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/api/v1/auth/mfa:confirm:\x01*\x12x\n\nDisableMfa\x12!.automator67.v1.DisableMfaRequest\x1a\".automator67.v1.DisableMfaResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/api/v1/auth/mfa:disable:\x01*\x12\x9e\x01\n\x15ListSecretAuditEvents\x12,.automator67.v1.ListSecretAuditEventsRequest\x1a-.automator67.v1.ListSecretAuditEventsResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /api/v1/auth/secret-audit-eventsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,6 +43,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTHSERVICE'].methods_by_name['Logout']._serialized_options = b'\202\323\344\223\002\030\"\023/api/v1/auth/logout:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['GetCurrentUser']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['GetCurrentUser']._serialized_options = b'\202\323\344\223\002\021\022\017/api/v1/auth/me'
+  _globals['_AUTHSERVICE'].methods_by_name['VerifyMfa']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['VerifyMfa']._serialized_options = b'\202\323\344\223\002\034\"\027/api/v1/auth/mfa:verify:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['EnrollMfa']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['EnrollMfa']._serialized_options = b'\202\323\344\223\002\034\"\027/api/v1/auth/mfa:enroll:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['ConfirmMfa']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['ConfirmMfa']._serialized_options = b'\202\323\344\223\002\035\"\030/api/v1/auth/mfa:confirm:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['DisableMfa']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['DisableMfa']._serialized_options = b'\202\323\344\223\002\035\"\030/api/v1/auth/mfa:disable:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['ListSecretAuditEvents']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['ListSecretAuditEvents']._serialized_options = b'\202\323\344\223\002\"\022 /api/v1/auth/secret-audit-events'
   _globals['_REGISTERREQUEST']._serialized_start=108
   _globals['_REGISTERREQUEST']._serialized_end=163
   _globals['_REGISTERRESPONSE']._serialized_start=165
@@ -50,21 +60,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOGINREQUEST']._serialized_start=267
   _globals['_LOGINREQUEST']._serialized_end=319
   _globals['_LOGINRESPONSE']._serialized_start=321
-  _globals['_LOGINRESPONSE']._serialized_end=401
-  _globals['_REFRESHREQUEST']._serialized_start=403
-  _globals['_REFRESHREQUEST']._serialized_end=419
-  _globals['_REFRESHRESPONSE']._serialized_start=421
-  _globals['_REFRESHRESPONSE']._serialized_end=503
-  _globals['_LOGOUTREQUEST']._serialized_start=505
-  _globals['_LOGOUTREQUEST']._serialized_end=520
-  _globals['_LOGOUTRESPONSE']._serialized_start=522
-  _globals['_LOGOUTRESPONSE']._serialized_end=538
-  _globals['_GETCURRENTUSERREQUEST']._serialized_start=540
-  _globals['_GETCURRENTUSERREQUEST']._serialized_end=563
-  _globals['_GETCURRENTUSERRESPONSE']._serialized_start=565
-  _globals['_GETCURRENTUSERRESPONSE']._serialized_end=625
-  _globals['_USER']._serialized_start=628
-  _globals['_USER']._serialized_end=794
-  _globals['_AUTHSERVICE']._serialized_start=797
-  _globals['_AUTHSERVICE']._serialized_end=1360
+  _globals['_LOGINRESPONSE']._serialized_end=446
+  _globals['_REFRESHREQUEST']._serialized_start=448
+  _globals['_REFRESHREQUEST']._serialized_end=464
+  _globals['_REFRESHRESPONSE']._serialized_start=466
+  _globals['_REFRESHRESPONSE']._serialized_end=548
+  _globals['_LOGOUTREQUEST']._serialized_start=550
+  _globals['_LOGOUTREQUEST']._serialized_end=565
+  _globals['_LOGOUTRESPONSE']._serialized_start=567
+  _globals['_LOGOUTRESPONSE']._serialized_end=583
+  _globals['_GETCURRENTUSERREQUEST']._serialized_start=585
+  _globals['_GETCURRENTUSERREQUEST']._serialized_end=608
+  _globals['_GETCURRENTUSERRESPONSE']._serialized_start=610
+  _globals['_GETCURRENTUSERRESPONSE']._serialized_end=670
+  _globals['_USER']._serialized_start=673
+  _globals['_USER']._serialized_end=839
+  _globals['_VERIFYMFAREQUEST']._serialized_start=841
+  _globals['_VERIFYMFAREQUEST']._serialized_end=919
+  _globals['_VERIFYMFARESPONSE']._serialized_start=921
+  _globals['_VERIFYMFARESPONSE']._serialized_end=1005
+  _globals['_ENROLLMFAREQUEST']._serialized_start=1007
+  _globals['_ENROLLMFAREQUEST']._serialized_end=1025
+  _globals['_ENROLLMFARESPONSE']._serialized_start=1027
+  _globals['_ENROLLMFARESPONSE']._serialized_end=1083
+  _globals['_CONFIRMMFAREQUEST']._serialized_start=1085
+  _globals['_CONFIRMMFAREQUEST']._serialized_end=1118
+  _globals['_CONFIRMMFARESPONSE']._serialized_start=1120
+  _globals['_CONFIRMMFARESPONSE']._serialized_end=1164
+  _globals['_DISABLEMFAREQUEST']._serialized_start=1166
+  _globals['_DISABLEMFAREQUEST']._serialized_end=1222
+  _globals['_DISABLEMFARESPONSE']._serialized_start=1224
+  _globals['_DISABLEMFARESPONSE']._serialized_end=1244
+  _globals['_LISTSECRETAUDITEVENTSREQUEST']._serialized_start=1246
+  _globals['_LISTSECRETAUDITEVENTSREQUEST']._serialized_end=1315
+  _globals['_LISTSECRETAUDITEVENTSRESPONSE']._serialized_start=1317
+  _globals['_LISTSECRETAUDITEVENTSRESPONSE']._serialized_end=1423
+  _globals['_SECRETAUDITEVENT']._serialized_start=1426
+  _globals['_SECRETAUDITEVENT']._serialized_end=1597
+  _globals['_AUTHSERVICE']._serialized_start=1600
+  _globals['_AUTHSERVICE']._serialized_end=2804
 # @@protoc_insertion_point(module_scope)

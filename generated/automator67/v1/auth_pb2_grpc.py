@@ -64,6 +64,31 @@ class AuthServiceStub:
                 request_serializer=automator67_dot_v1_dot_auth__pb2.GetCurrentUserRequest.SerializeToString,
                 response_deserializer=automator67_dot_v1_dot_auth__pb2.GetCurrentUserResponse.FromString,
                 _registered_method=True)
+        self.VerifyMfa = channel.unary_unary(
+                '/automator67.v1.AuthService/VerifyMfa',
+                request_serializer=automator67_dot_v1_dot_auth__pb2.VerifyMfaRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_auth__pb2.VerifyMfaResponse.FromString,
+                _registered_method=True)
+        self.EnrollMfa = channel.unary_unary(
+                '/automator67.v1.AuthService/EnrollMfa',
+                request_serializer=automator67_dot_v1_dot_auth__pb2.EnrollMfaRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_auth__pb2.EnrollMfaResponse.FromString,
+                _registered_method=True)
+        self.ConfirmMfa = channel.unary_unary(
+                '/automator67.v1.AuthService/ConfirmMfa',
+                request_serializer=automator67_dot_v1_dot_auth__pb2.ConfirmMfaRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_auth__pb2.ConfirmMfaResponse.FromString,
+                _registered_method=True)
+        self.DisableMfa = channel.unary_unary(
+                '/automator67.v1.AuthService/DisableMfa',
+                request_serializer=automator67_dot_v1_dot_auth__pb2.DisableMfaRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_auth__pb2.DisableMfaResponse.FromString,
+                _registered_method=True)
+        self.ListSecretAuditEvents = channel.unary_unary(
+                '/automator67.v1.AuthService/ListSecretAuditEvents',
+                request_serializer=automator67_dot_v1_dot_auth__pb2.ListSecretAuditEventsRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_auth__pb2.ListSecretAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -112,6 +137,46 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyMfa(self, request, context):
+        """Completes a sign-in that Login answered with mfa_required: exchanges the
+        challenge and a current TOTP code (or an unused recovery code) for tokens.
+        Codes are single-use and wrong ones are throttled like passwords.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnrollMfa(self, request, context):
+        """Starts enrolling a TOTP authenticator (RFC 6238): returns its secret once.
+        MFA is on only after ConfirmMfa with a first code.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmMfa(self, request, context):
+        """Confirms the enrolled authenticator with a first code; turns MFA on and
+        returns one-time recovery codes (shown once, stored hashed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisableMfa(self, request, context):
+        """Turns MFA off; needs a current code (or an unused recovery code).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSecretAuditEvents(self, request, context):
+        """Lists the audit events of the caller's secrets (every decryption: who or
+        what, which secret, why, when), newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +204,31 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.GetCurrentUser,
                     request_deserializer=automator67_dot_v1_dot_auth__pb2.GetCurrentUserRequest.FromString,
                     response_serializer=automator67_dot_v1_dot_auth__pb2.GetCurrentUserResponse.SerializeToString,
+            ),
+            'VerifyMfa': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyMfa,
+                    request_deserializer=automator67_dot_v1_dot_auth__pb2.VerifyMfaRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_auth__pb2.VerifyMfaResponse.SerializeToString,
+            ),
+            'EnrollMfa': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnrollMfa,
+                    request_deserializer=automator67_dot_v1_dot_auth__pb2.EnrollMfaRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_auth__pb2.EnrollMfaResponse.SerializeToString,
+            ),
+            'ConfirmMfa': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmMfa,
+                    request_deserializer=automator67_dot_v1_dot_auth__pb2.ConfirmMfaRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_auth__pb2.ConfirmMfaResponse.SerializeToString,
+            ),
+            'DisableMfa': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableMfa,
+                    request_deserializer=automator67_dot_v1_dot_auth__pb2.DisableMfaRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_auth__pb2.DisableMfaResponse.SerializeToString,
+            ),
+            'ListSecretAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSecretAuditEvents,
+                    request_deserializer=automator67_dot_v1_dot_auth__pb2.ListSecretAuditEventsRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_auth__pb2.ListSecretAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -281,6 +371,141 @@ class AuthService:
             '/automator67.v1.AuthService/GetCurrentUser',
             automator67_dot_v1_dot_auth__pb2.GetCurrentUserRequest.SerializeToString,
             automator67_dot_v1_dot_auth__pb2.GetCurrentUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyMfa(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automator67.v1.AuthService/VerifyMfa',
+            automator67_dot_v1_dot_auth__pb2.VerifyMfaRequest.SerializeToString,
+            automator67_dot_v1_dot_auth__pb2.VerifyMfaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnrollMfa(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automator67.v1.AuthService/EnrollMfa',
+            automator67_dot_v1_dot_auth__pb2.EnrollMfaRequest.SerializeToString,
+            automator67_dot_v1_dot_auth__pb2.EnrollMfaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmMfa(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automator67.v1.AuthService/ConfirmMfa',
+            automator67_dot_v1_dot_auth__pb2.ConfirmMfaRequest.SerializeToString,
+            automator67_dot_v1_dot_auth__pb2.ConfirmMfaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableMfa(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automator67.v1.AuthService/DisableMfa',
+            automator67_dot_v1_dot_auth__pb2.DisableMfaRequest.SerializeToString,
+            automator67_dot_v1_dot_auth__pb2.DisableMfaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSecretAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automator67.v1.AuthService/ListSecretAuditEvents',
+            automator67_dot_v1_dot_auth__pb2.ListSecretAuditEventsRequest.SerializeToString,
+            automator67_dot_v1_dot_auth__pb2.ListSecretAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,25 @@ class AuthServiceStub:
     """
     GetCurrentUser: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetCurrentUserRequest, _auth_pb2.GetCurrentUserResponse]
     """Returns the signed-in user."""
+    VerifyMfa: _grpc.UnaryUnaryMultiCallable[_auth_pb2.VerifyMfaRequest, _auth_pb2.VerifyMfaResponse]
+    """Completes a sign-in that Login answered with mfa_required: exchanges the
+    challenge and a current TOTP code (or an unused recovery code) for tokens.
+    Codes are single-use and wrong ones are throttled like passwords.
+    """
+    EnrollMfa: _grpc.UnaryUnaryMultiCallable[_auth_pb2.EnrollMfaRequest, _auth_pb2.EnrollMfaResponse]
+    """Starts enrolling a TOTP authenticator (RFC 6238): returns its secret once.
+    MFA is on only after ConfirmMfa with a first code.
+    """
+    ConfirmMfa: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ConfirmMfaRequest, _auth_pb2.ConfirmMfaResponse]
+    """Confirms the enrolled authenticator with a first code; turns MFA on and
+    returns one-time recovery codes (shown once, stored hashed).
+    """
+    DisableMfa: _grpc.UnaryUnaryMultiCallable[_auth_pb2.DisableMfaRequest, _auth_pb2.DisableMfaResponse]
+    """Turns MFA off; needs a current code (or an unused recovery code)."""
+    ListSecretAuditEvents: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListSecretAuditEventsRequest, _auth_pb2.ListSecretAuditEventsResponse]
+    """Lists the audit events of the caller's secrets (every decryption: who or
+    what, which secret, why, when), newest first.
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -79,6 +98,25 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """
     GetCurrentUser: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetCurrentUserRequest, _auth_pb2.GetCurrentUserResponse]  # type: ignore[assignment]
     """Returns the signed-in user."""
+    VerifyMfa: _aio.UnaryUnaryMultiCallable[_auth_pb2.VerifyMfaRequest, _auth_pb2.VerifyMfaResponse]  # type: ignore[assignment]
+    """Completes a sign-in that Login answered with mfa_required: exchanges the
+    challenge and a current TOTP code (or an unused recovery code) for tokens.
+    Codes are single-use and wrong ones are throttled like passwords.
+    """
+    EnrollMfa: _aio.UnaryUnaryMultiCallable[_auth_pb2.EnrollMfaRequest, _auth_pb2.EnrollMfaResponse]  # type: ignore[assignment]
+    """Starts enrolling a TOTP authenticator (RFC 6238): returns its secret once.
+    MFA is on only after ConfirmMfa with a first code.
+    """
+    ConfirmMfa: _aio.UnaryUnaryMultiCallable[_auth_pb2.ConfirmMfaRequest, _auth_pb2.ConfirmMfaResponse]  # type: ignore[assignment]
+    """Confirms the enrolled authenticator with a first code; turns MFA on and
+    returns one-time recovery codes (shown once, stored hashed).
+    """
+    DisableMfa: _aio.UnaryUnaryMultiCallable[_auth_pb2.DisableMfaRequest, _auth_pb2.DisableMfaResponse]  # type: ignore[assignment]
+    """Turns MFA off; needs a current code (or an unused recovery code)."""
+    ListSecretAuditEvents: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListSecretAuditEventsRequest, _auth_pb2.ListSecretAuditEventsResponse]  # type: ignore[assignment]
+    """Lists the audit events of the caller's secrets (every decryption: who or
+    what, which secret, why, when), newest first.
+    """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     """User accounts and sessions (spec §5.1).
@@ -132,5 +170,54 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.GetCurrentUserResponse, _abc.Awaitable[_auth_pb2.GetCurrentUserResponse]]:
         """Returns the signed-in user."""
+
+    @_abc_1.abstractmethod
+    def VerifyMfa(
+        self,
+        request: _auth_pb2.VerifyMfaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.VerifyMfaResponse, _abc.Awaitable[_auth_pb2.VerifyMfaResponse]]:
+        """Completes a sign-in that Login answered with mfa_required: exchanges the
+        challenge and a current TOTP code (or an unused recovery code) for tokens.
+        Codes are single-use and wrong ones are throttled like passwords.
+        """
+
+    @_abc_1.abstractmethod
+    def EnrollMfa(
+        self,
+        request: _auth_pb2.EnrollMfaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.EnrollMfaResponse, _abc.Awaitable[_auth_pb2.EnrollMfaResponse]]:
+        """Starts enrolling a TOTP authenticator (RFC 6238): returns its secret once.
+        MFA is on only after ConfirmMfa with a first code.
+        """
+
+    @_abc_1.abstractmethod
+    def ConfirmMfa(
+        self,
+        request: _auth_pb2.ConfirmMfaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ConfirmMfaResponse, _abc.Awaitable[_auth_pb2.ConfirmMfaResponse]]:
+        """Confirms the enrolled authenticator with a first code; turns MFA on and
+        returns one-time recovery codes (shown once, stored hashed).
+        """
+
+    @_abc_1.abstractmethod
+    def DisableMfa(
+        self,
+        request: _auth_pb2.DisableMfaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.DisableMfaResponse, _abc.Awaitable[_auth_pb2.DisableMfaResponse]]:
+        """Turns MFA off; needs a current code (or an unused recovery code)."""
+
+    @_abc_1.abstractmethod
+    def ListSecretAuditEvents(
+        self,
+        request: _auth_pb2.ListSecretAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ListSecretAuditEventsResponse, _abc.Awaitable[_auth_pb2.ListSecretAuditEventsResponse]]:
+        """Lists the audit events of the caller's secrets (every decryption: who or
+        what, which secret, why, when), newest first.
+        """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
