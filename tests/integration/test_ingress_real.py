@@ -515,3 +515,183 @@ async def test_the_docs_examples_run(tmp_path: Path) -> None:
                 assert lines[1] == "replica 0 path /"
                 assert lines[2] == "404"
                 assert lines[3] == '{"message":"No app is served at this address","status":404}'
+
+
+class _DrainWatch:
+    """Polls, on a thread, whether each ``endpoint`` is still in Envoy's cluster and still
+    answers directly; records a violation if one stops answering while Envoy still routes
+    to it (its process stopped before it was drained)."""
+
+    def __init__(self, ingress: object, cluster: str, endpoints: set[str]) -> None:
+        self._ingress, self._cluster = ingress, cluster
+        self.pending = set(endpoints)  # not yet seen both out of Envoy and stopped
+        self.left: set[str] = set()
+        self.violations: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from tests.integration.ingress_support import http_request
+
+        while not self._stop.is_set() and self.pending:
+            for endpoint in sorted(self.pending):
+                port = int(endpoint.rsplit(":", 1)[1])
+                try:
+                    http_request(port, "/health", timeout=1.0)
+                    answering = True
+                except OSError:
+                    answering = False
+                # read Envoy after the probe: a refused probe with the endpoint still routed
+                # means the process stopped first
+                routed = endpoint in self._ingress.endpoints(self._cluster)  # type: ignore[attr-defined]
+                if not routed:
+                    self.left.add(endpoint)
+                if not answering:
+                    if routed:
+                        self.violations.append(f"{endpoint} stopped while Envoy still routed to it")
+                    self.pending.discard(endpoint)
+
+    def __enter__(self) -> _DrainWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def test_rolling_update_under_load_fails_no_request(tmp_path: Path) -> None:
+    settings = controller_settings(
+        tmp_path / "controller", heartbeat_interval_seconds=HEARTBEAT, ingress_drain_seconds=3.0
+    )
+    with processes(tmp_path) as procs:
+        async with (
+            running_controller(settings) as controller,
+            grpc.aio.insecure_channel(controller.address) as channel,
+        ):
+            assert controller.ingress is not None
+            client = Client(channel, await _user(channel))
+            enrollment = await client.enrollment(uses=3)
+            for region, ports in zip(["eu", "us", "ap"], _ports(3), strict=True):
+                procs.agent(controller.address, enrollment, region, ports)
+            await client.wait_ready(3)
+            async with running_ingress(controller.ingress.address, tmp_path) as ingress:
+                deployment_id = await _deploy(client, "rolling", 2)
+                d = await client.get(deployment_id)
+                old = {a.endpoint.removeprefix("http://") for a in d.node_assignments}
+                await _until(
+                    lambda: asyncio.to_thread(lambda: set(ingress.endpoints(deployment_id)) == old),
+                    "both v1 replicas in Envoy",
+                )
+                v2 = APP.replace('f"replica {INDEX}', 'f"v2 replica {INDEX}')
+                assert v2 != APP
+                with (
+                    _Loop(ingress, f"/apps/{deployment_id}/", "") as loop,
+                    _DrainWatch(ingress, deployment_id, old) as watch,
+                ):
+                    await _until(lambda: asyncio.to_thread(lambda: loop.ok >= 50), "50 requests on v1")
+                    await client.deployments.UpdateDeployment(
+                        deployment_pb2.UpdateDeploymentRequest(
+                            deployment_id=deployment_id,
+                            manifest=app_manifest("rolling", 2),
+                            source_tar_gz=source_tar_gz({"app.py": v2}),
+                        ),
+                        metadata=bearer(client.token),
+                    )
+                    d = await client.wait(
+                        deployment_id,
+                        lambda d: (
+                            d.version == 2
+                            and d.status == deployment_pb2.DEPLOYMENT_STATUS_RUNNING
+                            and len(d.node_assignments) == 2
+                            and all(a.status == "running" for a in d.node_assignments)
+                        ),
+                        "version 2 running on both replicas",
+                        within=60.0,
+                    )
+                    new = {a.endpoint.removeprefix("http://") for a in d.node_assignments}
+                    assert not new & old
+                    await _until(
+                        lambda: asyncio.to_thread(lambda: set(ingress.endpoints(deployment_id)) == new),
+                        "Envoy routing to the v2 replicas only",
+                    )
+                    await _until(
+                        lambda: asyncio.to_thread(lambda: not watch.pending),
+                        "the v1 replicas to stop",
+                        within=30,
+                    )
+                    before = loop.ok
+                    await _until(
+                        lambda: asyncio.to_thread(lambda: loop.ok >= before + 50), "50 requests on v2"
+                    )
+                assert loop.failures == [], loop.failures[:5]
+                assert watch.violations == []
+                assert watch.left == old  # each left Envoy (and only then stopped)
+                reply = await ingress.aget(f"/apps/{deployment_id}/")
+                assert reply.body.startswith(b"v2 replica")
+
+
+async def test_the_ingress_keeps_serving_while_the_controller_restarts_then_resyncs(tmp_path: Path) -> None:
+    from tests.integration.ingress_support import free_port
+
+    ports = {name: f"127.0.0.1:{free_port()}" for name in ("api", "nodes", "xds")}
+    settings = controller_settings(
+        tmp_path / "controller",
+        heartbeat_interval_seconds=HEARTBEAT,
+        listen_address=ports["api"],
+        node_listen_address=ports["nodes"],
+        xds_listen_address=ports["xds"],
+    )
+    with processes(tmp_path) as procs:
+        async with (
+            running_controller(settings) as first,
+            grpc.aio.insecure_channel(ports["api"]) as channel,
+        ):
+            client = Client(channel, await _user(channel))
+            enrollment = await client.enrollment(uses=2)
+            for region, port_range in zip(["eu", "us"], _ports(2), strict=True):
+                procs.agent(ports["api"], enrollment, region, port_range)
+            await client.wait_ready(2)
+            deployment_id = await _deploy(client, "survivor", 1)
+            async with running_ingress(ports["xds"], tmp_path) as ingress:
+                await _until(
+                    lambda: asyncio.to_thread(lambda: len(ingress.endpoints(deployment_id)) == 1),
+                    "the deployment's endpoint in Envoy",
+                )
+                # The controller stops: Envoy keeps its last configuration and keeps serving.
+                await first.stop(grace=0.5)
+                with _Loop(ingress, f"/apps/{deployment_id}/", "") as loop:
+                    await _until(
+                        lambda: asyncio.to_thread(lambda: loop.ok >= 50), "50 requests, controller down"
+                    )
+                assert loop.failures == [], loop.failures[:5]
+                # It comes back on the same addresses; Envoy reconnects and follows what changes.
+                async with (
+                    running_controller(settings) as again,
+                    grpc.aio.insecure_channel(ports["api"]) as channel2,
+                ):
+                    client = Client(channel2, client.token)
+                    # both agents back on their streams (the listing may still show the state
+                    # stored before the restart)
+                    await _until(
+                        lambda: asyncio.to_thread(lambda: len(again.fleet.streams) == 2), "agents back"
+                    )
+                    await client.wait_ready(2)
+                    await client.deployments.ScaleDeployment(
+                        deployment_pb2.ScaleDeploymentRequest(deployment_id=deployment_id, replicas=2),
+                        metadata=bearer(client.token),
+                    )
+                    d = await client.wait(
+                        deployment_id,
+                        lambda d: (
+                            d.current_replicas == 2 and all(a.status == "running" for a in d.node_assignments)
+                        ),
+                        "2 running replicas after the restart",
+                        within=40.0,
+                    )
+                    want = {a.endpoint.removeprefix("http://") for a in d.node_assignments}
+                    await _until(
+                        lambda: asyncio.to_thread(lambda: set(ingress.endpoints(deployment_id)) == want),
+                        "Envoy resynchronised with the restarted controller",
+                    )
+                    assert (await ingress.aget(f"/apps/{deployment_id}/")).status == 200
