@@ -3,6 +3,9 @@
 # and .tools/ (buf from npm).
 
 PYTHON ?= python3
+# bash with pipefail: a failed pip install fails the step even though its output is filtered
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 VENV ?= .venv
 BIN := $(VENV)/bin
 BUF := .tools/node_modules/.bin/buf
@@ -21,10 +24,15 @@ test: install
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@echo "==> [1/3] creating the virtual environment $(VENV)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "==> [2/3] upgrading pip"
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	@echo "==> [3/3] installing the controller and its dependencies (about 30 s the first time; each package is listed)"
+	$(BIN)/pip install --progress-bar off -e '.[dev]' 2>&1 | tee $(VENV)/install.log \
+	  | { grep --line-buffered -E '^(Collecting|Successfully installed|ERROR)' || true; } | cut -c1-120
 	touch $@
+	@echo "==> installed (full log: $(VENV)/install.log)"
 
 tools: $(BUF)
 
