@@ -3,7 +3,8 @@
 Modules:
 
 * :mod:`~controller.agent.client` — :class:`Agent`: enroll once, hold the stream,
-  reconnect with backoff; :func:`keepalive_options`;
+  reconnect with backoff; :func:`keepalive_options` (its parts: ``agent_config``,
+  ``agent_enroll``, ``agent_session``, ``agent_commands``, ``agent_node_port``);
 * :mod:`~controller.agent.identity` — the key, certificates and node.json on disk;
 * :mod:`~controller.agent.handlers` — :class:`CommandHandlers`, the command registry;
 * :mod:`~controller.agent.metrics` — capabilities and live metrics from psutil;
