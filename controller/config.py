@@ -249,6 +249,40 @@ class Settings:
     controller's GIL (so heartbeats stay on time); a stream beyond them merges in a
     thread. 0: always in a thread."""
 
+    provider_oauth: str = ""
+    """The providers' OAuth 2.0 endpoints and client credentials (controller/credentials/),
+    JSON: ``{"render": {"token_url": "https://…", "revocation_url": "https://…",
+    "client_id": "…", "client_secret_file": "/etc/a67/render.secret"}, …}`` (or
+    ``client_secret`` inline). A provider not named here has its tokens stored and
+    delivered but never refreshed or revoked at the provider."""
+
+    credential_refresh_share: float = 0.75
+    """A provider token is refreshed when this share of its lifetime has passed…"""
+
+    credential_refresh_jitter: float = 0.1
+    """…plus or minus up to this share of its lifetime, at random (tokens issued together
+    do not refresh together)."""
+
+    credential_refresh_rate_per_second: float = 20.0
+    """At most this many provider-token refreshes start per second (per controller)."""
+
+    credential_refresh_concurrency: int = 8
+    """At most this many refreshes in flight at once (per controller)."""
+
+    credential_refresh_lease_seconds: float = 60.0
+    """How long a controller holds a token's refresh lease (stored): no other controller
+    refreshes that token meanwhile, even after the holder dies."""
+
+    credential_refresh_poll_seconds: float = 30.0
+    """How often the store is asked for tokens due (also picks up other controllers' work)."""
+
+    credential_refresh_backoff_seconds: float = 5.0
+    """First retry delay after a temporary refresh failure; doubled per failure (at most
+    300 s, never past the token's expiry)."""
+
+    credential_http_timeout_seconds: float = 10.0
+    """Timeout of one call to a provider's token or revocation endpoint."""
+
     @property
     def tls(self) -> bool:
         """Whether the user-facing port serves TLS."""
@@ -341,6 +375,23 @@ class Settings:
             raise ValueError("A67_QUERY_MERGE_PROCESSES must be between 0 and 64")
         if not 0 < self.max_receive_message_bytes < 2**31:
             raise ValueError("A67_MAX_RECEIVE_MESSAGE_BYTES must be between 1 and 2147483647")
+        if not 0 < self.credential_refresh_share < 1 or not 0 <= self.credential_refresh_jitter < 1:
+            raise ValueError(
+                "A67_CREDENTIAL_REFRESH_SHARE must be in (0, 1), A67_CREDENTIAL_REFRESH_JITTER in [0, 1)"
+            )
+        if self.credential_refresh_share + self.credential_refresh_jitter >= 1:
+            raise ValueError("A67_CREDENTIAL_REFRESH_SHARE + A67_CREDENTIAL_REFRESH_JITTER must be below 1")
+        if (
+            self.credential_refresh_rate_per_second <= 0
+            or self.credential_refresh_concurrency <= 0
+            or self.credential_refresh_lease_seconds <= 0
+            or self.credential_refresh_poll_seconds <= 0
+            or self.credential_refresh_backoff_seconds <= 0
+            or self.credential_http_timeout_seconds <= 0
+        ):
+            raise ValueError(
+                "the A67_CREDENTIAL_REFRESH_* and A67_CREDENTIAL_HTTP_* settings must be positive"
+            )
         if not (
             self.cache_url.startswith("memory://") or self.cache_url.startswith(("redis://", "rediss://"))
         ):

@@ -49,7 +49,13 @@ from controller.auth.tokens import TokenService
 from controller.cache import open_cache
 from controller.cache.base import Cache
 from controller.config import Settings
+from controller.credentials.delivery import CredentialDelivery
+from controller.credentials.providers import load_adapters
+from controller.credentials.refresher import Refresher
+from controller.credentials.service import NodeCredentialsService
+from controller.credentials.states import CredentialStates
 from controller.deployments.blobs import PackageStore
+from controller.deployments.logs import ReplicaLogs
 from controller.deployments.service import DeploymentService
 from controller.errors import Unavailable
 from controller.federation.query.workers import MergeWorkers
@@ -123,6 +129,9 @@ class Controller:
     vault: Vault | None = None
     secret_audit: SecretAuditLog | None = None
     rewrapper: Rewrapper | None = None
+    credentials: NodeCredentialsService | None = None
+    refresher: Refresher | None = None
+    replica_logs: ReplicaLogs | None = None
 
     @property
     def address(self) -> str:
@@ -137,6 +146,8 @@ class Controller:
         await self.health.enter_graceful_shutdown()
         if self.rewrapper is not None:
             await self.rewrapper.stop()
+        if self.refresher is not None:
+            await self.refresher.stop()
         await self.deployments.stop()
         if self.storage is not None:
             await self.storage.stop()
@@ -238,6 +249,30 @@ async def start_controller(settings: Settings) -> Controller:
         deployments.on_change = ingress.deployment_changed
         fleet.app_traffic = ingress.node_traffic
         deployments.drain_seconds = settings.ingress_drain_seconds
+    # Provider tokens: refreshed before expiry, revocable, delivered sealed (controller/credentials/).
+    credential_states = CredentialStates(store)
+    delivery = CredentialDelivery(
+        states=credential_states, vault=vault, cache=cache, streams=fleet.streams, load_node=nodes.get
+    )
+    refresher = Refresher(
+        states=credential_states,
+        vault=vault,
+        adapters=load_adapters(
+            settings.provider_oauth, timeout_seconds=settings.credential_http_timeout_seconds
+        ),
+        share=settings.credential_refresh_share,
+        jitter=settings.credential_refresh_jitter,
+        rate_per_second=settings.credential_refresh_rate_per_second,
+        concurrency=settings.credential_refresh_concurrency,
+        lease_seconds=settings.credential_refresh_lease_seconds,
+        poll_seconds=settings.credential_refresh_poll_seconds,
+        backoff_seconds=settings.credential_refresh_backoff_seconds,
+        on_changed=delivery.changed,
+        alert=deployments.alerts.add,
+    )
+    node_credentials = NodeCredentialsService(
+        states=credential_states, vault=vault, delivery=delivery, refresher=refresher
+    )
     registrar = NodeRegistrar(
         store,
         enrollment,
@@ -246,6 +281,7 @@ async def start_controller(settings: Settings) -> Controller:
         vault,
         controller_endpoint=settings.node_advertise_address or settings.node_listen_address,
         heartbeat_interval_ms=interval_ms,
+        credential_schedule=refresher.schedule,
     )
     users = UserRepository(store)
     auth = AuthService(
@@ -275,6 +311,7 @@ async def start_controller(settings: Settings) -> Controller:
     auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(auth, users, secret_audit), server)
     # shard statements' rows (NodeService.PushShardResult)
     shard_results = ShardResults(settings.shard_result_queue_batches)
+    replica_logs = ReplicaLogs(fleet.streams)  # app logs (GetReplicaLogs; NodeService.PushReplicaLogs)
     merge_workers = MergeWorkers(settings.query_merge_processes)  # StreamQuery merges, off the GIL
     node_pb2_grpc.add_NodeServiceServicer_to_server(
         NodeServicer(
@@ -289,11 +326,13 @@ async def start_controller(settings: Settings) -> Controller:
             serve_package=deployments.serve_package,
             storage=storage,
             shard_results=shard_results,
+            credentials=node_credentials,
+            replica_logs=replica_logs.slots,
         ),
         server,
     )
     deployment_pb2_grpc.add_DeploymentServiceServicer_to_server(
-        DeploymentServicer(deployments, ingress), server
+        DeploymentServicer(deployments, ingress, logs=replica_logs), server
     )
     transactions = TransactionManager(
         log_store=TransactionLog(store), streams=fleet.streams, results=shard_results
@@ -359,6 +398,7 @@ async def start_controller(settings: Settings) -> Controller:
             raise Unavailable(f"Cannot listen for xDS: {exc}", reason="BIND_FAILED") from exc
     secret_audit.start()
     rewrapper.start()
+    refresher.start()
     await fleet.start()
     await deployments.start()
     await storage.start()
@@ -386,6 +426,9 @@ async def start_controller(settings: Settings) -> Controller:
         vault=vault,
         secret_audit=secret_audit,
         rewrapper=rewrapper,
+        credentials=node_credentials,
+        refresher=refresher,
+        replica_logs=replica_logs,
     )
     transactions.start()
     log.info(

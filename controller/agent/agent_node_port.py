@@ -97,6 +97,21 @@ class _NodePort(_AgentState):
             raise ValueError(f"the statement text {ref.id} arrived damaged ({size} of {ref.size} bytes)")
         return data.decode()
 
+    async def fetch_node_credentials(
+        self, request: node_pb2.FetchNodeCredentialsRequest
+    ) -> node_pb2.FetchNodeCredentialsResponse:
+        """The node's provider token, HPKE-sealed to its key (``NodeService.FetchNodeCredentials``,
+        on the data connection; opened by :mod:`controller.agent.credentials`)."""
+        enrollment = self._enrollment
+        if enrollment is None:
+            raise RuntimeError("the agent is not enrolled yet")
+        if self._data is None:
+            self._data = self._node_port_channel(enrollment, own_connection=True)
+        response: node_pb2.FetchNodeCredentialsResponse = await node_pb2_grpc.NodeServiceStub(
+            self._data
+        ).FetchNodeCredentials(request, timeout=30)
+        return response
+
     def open_shard_push(self) -> Any:
         """A ``NodeService.PushShardResult`` call (the rows of a shard statement), on a
         connection of its own beside the node stream (controller/agent/shards.py)."""
@@ -106,3 +121,13 @@ class _NodePort(_AgentState):
         if self._data is None:
             self._data = self._node_port_channel(enrollment, own_connection=True)
         return node_pb2_grpc.NodeServiceStub(self._data).PushShardResult()
+
+    def open_log_push(self) -> Any:
+        """A ``NodeService.PushReplicaLogs`` call (replicas' log lines, controller/agent/replica_logs.py),
+        on the data connection beside the node stream."""
+        enrollment = self._enrollment
+        if enrollment is None:
+            raise RuntimeError("the agent is not enrolled yet")
+        if self._data is None:
+            self._data = self._node_port_channel(enrollment, own_connection=True)
+        return node_pb2_grpc.NodeServiceStub(self._data).PushReplicaLogs()

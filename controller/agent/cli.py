@@ -32,6 +32,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from automator67.v1 import node_pb2
+
 from controller.agent.chunks import DEFAULT_SCRUB_INTERVAL_SECONDS, StorageAgent, storage_message_options
 from controller.agent.cleanup import register_cleanup_handlers
 from controller.agent.client import (
@@ -43,6 +45,7 @@ from controller.agent.client import (
     detect_provider,
     provider_value,
 )
+from controller.agent.credentials import AgentCredentials, CredentialsError
 from controller.agent.handlers import CommandHandlers
 from controller.agent.hardening import (
     DEFAULT_REPLICA_UIDS,
@@ -58,6 +61,7 @@ from controller.agent.hardening import (
 )
 from controller.agent.identity import DEFAULT_DATA_DIR
 from controller.agent.metrics import NODE_TYPES
+from controller.agent.replica_logs import ReplicaLogReader, register_log_handlers
 from controller.agent.replicas import DEFAULT_PORT_RANGE, ReplicaSupervisor, register_replica_handlers
 from controller.agent.shards import ShardStore, register_shard_handlers
 
@@ -321,6 +325,52 @@ def _port_range_like(text: str) -> tuple[int, int]:
     return low, high
 
 
+class _ProviderCredentials:
+    """The node's provider token (:class:`AgentCredentials`), made once the agent knows its
+    node id: fetched after each connect (so after a restart too) and when the controller
+    announces a new version (``credentials_changed``). Nothing is stored on disk."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self._held: AgentCredentials | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _holder(self) -> AgentCredentials | None:
+        node_id = self._agent.node_id
+        if self._held is None and node_id:
+            self._held = AgentCredentials(
+                node_id=node_id,
+                private_key=self._agent.identity.key(),
+                fetch=self._agent.fetch_node_credentials,
+            )
+        return self._held
+
+    def connected(self) -> None:
+        holder = self._holder()
+        if holder is None:
+            return
+
+        async def fetch() -> None:
+            try:
+                await holder.refresh()
+            except CredentialsError as exc:  # none registered, revoked, or the controller has none
+                log.info("no provider token for this node: %s", exc)
+            except Exception:
+                log.warning("fetching the provider token failed", exc_info=True)
+
+        task = asyncio.create_task(fetch(), name="agent-credentials")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def changed(self, command: node_pb2.NodeCommand) -> node_pb2.CommandResult:
+        holder = self._holder()
+        if holder is None:
+            return node_pb2.CommandResult(
+                command_id=command.command_id, ok=False, error_message="the agent is not enrolled yet"
+            )
+        return await holder.on_credentials_changed(command)
+
+
 async def run_agent(
     config: AgentConfig,
     *,
@@ -352,6 +402,8 @@ async def run_agent(
     await asyncio.to_thread(supervisor.reap_orphans)
     await asyncio.to_thread(supervisor.secure_leftovers)
     register_replica_handlers(handlers, supervisor)
+    log_reader = ReplicaLogReader(supervisor)
+    register_log_handlers(handlers, log_reader)  # replicas' logs (read_replica_logs)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
@@ -364,7 +416,11 @@ async def run_agent(
         supervisor.packages.fetch = agent.fetch_package
         shards.open_push = agent.open_shard_push  # shard results' data path (PushShardResult)
         shards.fetch_statement = agent.fetch_statement  # long SQL texts (FetchStatement)
+        log_reader.open_push = agent.open_log_push  # replicas' logs' data path (PushReplicaLogs)
         agent.on_connected.append(shards.stream_replaced)
+        credentials = _ProviderCredentials(agent)  # the provider token, in memory only
+        handlers.register("credentials_changed", credentials.changed)
+        agent.on_connected.append(credentials.connected)
         if "storage" in config.node_types:  # chunks of files (controller/agent/chunks.py)
             storage = StorageAgent(
                 config.data_dir,

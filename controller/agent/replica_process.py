@@ -44,6 +44,7 @@ import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -56,7 +57,14 @@ log = logging.getLogger("controller.agent.replicas")
 
 LOG_FILE = "replica.log"
 LOG_MAX_BYTES = 1024 * 1024
-"""``replica.log`` is rotated to ``replica.log.1`` when it reaches this size."""
+"""``replica.log`` is rotated to ``replica.log.1`` when it reaches this size (one rotated
+file is kept: at most about twice this on disk per replica)."""
+
+LOG_LINE_MAX_BYTES = 4096
+"""A longer line of output is written to ``replica.log`` in pieces of this size."""
+
+LOG_STAMP_BYTES = 27
+"""Length of a line's time prefix in ``replica.log`` (``2024-05-01T12:00:00.000000Z``)."""
 
 LOG_TAIL_LINES = 20
 """How many of the last log lines an error message quotes."""
@@ -170,8 +178,21 @@ def _open_log(path: Path) -> BinaryIO:
     return os.fdopen(fd, "ab")
 
 
+def log_stamp(moment: datetime | None = None) -> bytes:
+    """The prefix of a line in ``replica.log``: the UTC time, RFC 3339 with microseconds
+    (:data:`LOG_STAMP_BYTES` bytes), and a space."""
+    return (moment or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ ").encode()
+
+
 class _ReplicaLog:
-    """``replica.log`` with rotation, and the last lines in memory."""
+    """``replica.log`` with rotation, and the last lines in memory.
+
+    Every line of the replica's output is written as ``<time> <line>\n`` (the time the
+    agent read it, :func:`log_stamp`), so that logs can be read "since" a time; a line
+    longer than :data:`LOG_LINE_MAX_BYTES` is written in pieces, and the last line is
+    written when it ends (or when the log is closed). At :data:`LOG_MAX_BYTES` the file
+    is renamed ``replica.log.1`` (replacing the previous one) and a new one is begun: at
+    most about twice the cap on disk per replica."""
 
     def __init__(
         self, path: Path, *, max_bytes: int = LOG_MAX_BYTES, tail_lines: int = LOG_TAIL_LINES
@@ -182,20 +203,39 @@ class _ReplicaLog:
         self._size = path.stat().st_size
         self._lines: deque[bytes] = deque(maxlen=tail_lines)
         self._partial = b""
+        self._pending = b""
+        """The start of the line being written (not in the file yet)."""
+
+    def _append(self, lines: list[bytes]) -> None:
+        if self._file is None or not lines:
+            return
+        stamp = log_stamp()
+        data = b"".join(stamp + line + b"\n" for line in lines)
+        try:
+            self._file.write(data)
+            self._file.flush()
+            self._size += len(data)
+            if self._size >= self._max:
+                self._file.close()
+                os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+                self._file = _open_log(self.path)
+                self._size = 0
+        except OSError as exc:  # a full disk must not kill the supervisor
+            log.warning("cannot write %s: %s", self.path, exc)
 
     def write(self, data: bytes) -> None:
-        if self._file is not None:
-            try:
-                self._file.write(data)
-                self._file.flush()
-                self._size += len(data)
-                if self._size >= self._max:
-                    self._file.close()
-                    os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-                    self._file = _open_log(self.path)
-                    self._size = 0
-            except OSError as exc:  # a full disk must not kill the supervisor
-                log.warning("cannot write %s: %s", self.path, exc)
+        pieces = (self._pending + data).split(b"\n")
+        self._pending = pieces.pop()
+        while len(self._pending) > LOG_LINE_MAX_BYTES:
+            pieces.append(self._pending[:LOG_LINE_MAX_BYTES])
+            self._pending = self._pending[LOG_LINE_MAX_BYTES:]
+        out: list[bytes] = []
+        for piece in pieces:
+            while len(piece) > LOG_LINE_MAX_BYTES:
+                out.append(piece[:LOG_LINE_MAX_BYTES])
+                piece = piece[LOG_LINE_MAX_BYTES:]
+            out.append(piece)
+        self._append(out)
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()[-4096:]
         self._lines.extend(line[-500:] for line in lines)
@@ -207,6 +247,9 @@ class _ReplicaLog:
         return "\n".join(line.decode("utf-8", "replace").rstrip("\r") for line in lines)
 
     def close(self) -> None:
+        if self._pending:
+            self._append([self._pending])
+            self._pending = b""
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -228,6 +271,8 @@ class ReplicaInfo:
     """0 for a replica without a port (workers)."""
     directory: Path
     log_path: Path
+    secrets: tuple[str, ...] = ()
+    """Values of its env to mask in its log (:func:`controller.agent.replica_logs.secret_values`)."""
 
 
 @dataclass(eq=False)
@@ -243,6 +288,8 @@ class _Replica:
     log: _ReplicaLog
     ready: asyncio.Future[tuple[bool, str, str]]
     """(healthy, failure message, error kind), set once."""
+    secrets: tuple[str, ...] = ()
+    """Values of its env that are masked when its log is read."""
     status: str = STARTING
     error_message: str = ""
     stopping: bool = False

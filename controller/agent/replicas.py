@@ -66,6 +66,7 @@ from controller.agent.replica_health import (
     http_health_check,
     startup_deadline_seconds,
 )
+from controller.agent.replica_logs import secret_values
 from controller.agent.replica_process import (
     LOG_FILE,
     MAX_ERROR_CHARS,
@@ -219,6 +220,7 @@ class ReplicaSupervisor:
             port=r.port,
             directory=r.directory,
             log_path=r.log.path,
+            secrets=r.secrets,
         )
 
     def _expired(self, r: _Replica, now: float) -> bool:
@@ -469,6 +471,7 @@ class ReplicaSupervisor:
             process=process,
             log=replica_log,
             ready=asyncio.get_running_loop().create_future(),
+            secrets=secret_values(request.env),  # masked when its log is read (replica_logs.py)
         )
         self._replicas[key] = replica
         name = f"{request.deployment_id}/{request.replica_index}-g{request.generation}"

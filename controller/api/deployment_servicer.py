@@ -11,17 +11,25 @@ from google.api import httpbody_pb2
 
 from controller.api.context import current_principal
 from controller.api.http import set_http_status
+from controller.deployments.logs import ReplicaLogs
 from controller.deployments.service import STATUS_ENUM, DeploymentService
-from controller.errors import FieldViolation, InvalidArgument
+from controller.errors import FieldViolation, InvalidArgument, Unavailable
 from controller.ingress.service import IngressService
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 class DeploymentServicer(deployment_pb2_grpc.DeploymentServiceServicer):
-    def __init__(self, service: DeploymentService, ingress: IngressService | None = None) -> None:
+    def __init__(
+        self,
+        service: DeploymentService,
+        ingress: IngressService | None = None,
+        *,
+        logs: ReplicaLogs | None = None,
+    ) -> None:
         self._service = service
         self._ingress = ingress
+        self._logs = logs
 
     async def _proto(self, row: Any) -> deployment_pb2.Deployment:
         """The deployment as returned, with its ingress URLs and traffic when there is an ingress."""
@@ -62,6 +70,16 @@ class DeploymentServicer(deployment_pb2_grpc.DeploymentServiceServicer):
         row = await self._service.owned(current_principal().user_id, request.deployment_id)
         async for event in self._service.watch(row):
             yield event
+
+    async def GetReplicaLogs(
+        self, request: deployment_pb2.GetReplicaLogsRequest, context: Context
+    ) -> AsyncIterator[deployment_pb2.GetReplicaLogsResponse]:
+        """The replicas' output (controller/deployments/logs.py); another user's app is NOT_FOUND."""
+        row = await self._service.owned(current_principal().user_id, request.deployment_id)
+        if self._logs is None:
+            raise Unavailable("This controller cannot read app logs", reason="LOGS_UNAVAILABLE")
+        async for batch in self._logs.stream(row, request):
+            yield batch
 
     async def ScaleDeployment(
         self, request: deployment_pb2.ScaleDeploymentRequest, context: Context

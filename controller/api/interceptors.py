@@ -61,7 +61,9 @@ PUBLIC_METHODS = frozenset(
         "/automator67.v1.NodeService/FetchPackage",
         *(f"/automator67.v1.NodeService/{m}" for m in ("FetchChunk", "PushChunk", "ReportChunks")),  # storage
         "/automator67.v1.NodeService/PushShardResult",  # shard results (controller/federation/results.py)
+        "/automator67.v1.NodeService/PushReplicaLogs",  # replicas' logs (controller/deployments/logs.py)
         "/automator67.v1.NodeService/FetchStatement",  # long SQL texts (controller/nodes/statements.py)
+        "/automator67.v1.NodeService/FetchNodeCredentials",  # sealed provider token (controller/credentials/)
     }
 )
 PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
@@ -72,7 +74,9 @@ NODE_METHODS = frozenset(
         "/automator67.v1.NodeService/FetchPackage",
         *(f"/automator67.v1.NodeService/{m}" for m in ("FetchChunk", "PushChunk", "ReportChunks")),  # storage
         "/automator67.v1.NodeService/PushShardResult",  # shard results (controller/federation/results.py)
+        "/automator67.v1.NodeService/PushReplicaLogs",  # replicas' logs (controller/deployments/logs.py)
         "/automator67.v1.NodeService/FetchStatement",  # long SQL texts (controller/nodes/statements.py)
+        "/automator67.v1.NodeService/FetchNodeCredentials",  # sealed provider token (controller/credentials/)
         "/grpc.health.v1.Health/Check",
     }
 )
@@ -162,6 +166,9 @@ class ControllerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if not recheck > 0:
             raise ValueError("stream_recheck_seconds must be positive")
         self._stream_recheck_seconds = float(recheck)
+        # method -> (the servicer's handler, its wrapped handler): built once per method,
+        # not once per call (the servicers' generic handlers return the same object)
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -172,6 +179,15 @@ class ControllerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler
         method = handler_call_details.method
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(method, handler)
+        if len(self._wrapped) < 1024:  # methods of the services this server hosts
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         needs_auth = not is_public(method)
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=self._unary(method, needs_auth, handler.unary_unary))

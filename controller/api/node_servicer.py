@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
@@ -13,7 +14,9 @@ from automator67.v1 import common_pb2, node_pb2, node_pb2_grpc
 from controller.api import storage_servicer as storage_rpcs
 from controller.api.context import current_principal
 from controller.api.http import set_http_status
+from controller.credentials.service import NodeCredentialsService
 from controller.deployments.alerts import MASS_FAILURE, Alerts
+from controller.deployments.logs import ReplicaLogSlots
 from controller.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from controller.federation.results import ShardResults
 from controller.federation.storage import StorageService
@@ -36,6 +39,13 @@ Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 HELLO_TIMEOUT_SECONDS = 10.0
 # At most this many field violations are reported for one invalid hello.
 MAX_HELLO_VIOLATIONS = 20
+# How long a node's row check (not removed, the certificate's serial still its own) is
+# trusted for its calls other than Connect: a node fetching a file's chunks makes one call
+# per chunk. This controller forgets it at once when it deregisters the node; a removal or
+# new certificate by another controller is seen within this bound.
+NODE_CHECK_SECONDS = 5.0
+# Node rows remembered for that, at most (the oldest is forgotten first).
+NODE_CHECK_MAX = 32_768
 
 PROVIDER_NAMES = {
     value: name.removeprefix("PROVIDER_").lower() for name, value in common_pb2.Provider.items()
@@ -58,6 +68,8 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         storage: StorageService | None = None,
         shard_results: ShardResults | None = None,
         alerts: Alerts | None = None,
+        credentials: NodeCredentialsService | None = None,
+        replica_logs: ReplicaLogSlots | None = None,
     ) -> None:
         self._fleet = fleet
         self._nodes = nodes
@@ -69,7 +81,13 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self._serve_package = serve_package
         self._storage = storage
         self._shard_results = shard_results
+        self._replica_logs = replica_logs  # replicas' log lines (controller/deployments/logs.py)
         self._alerts = alerts
+        self._credentials = credentials  # provider tokens (controller/credentials/)
+        self.clock: Callable[[], float] = time.monotonic
+        """Times the node row checks (:data:`NODE_CHECK_SECONDS`)."""
+        # node id -> (certificate serial, when checked, the row): see _calling_node
+        self._checked: dict[str, tuple[str, float, Node]] = {}
 
     # -- user RPCs ----------------------------------------------------------------------
 
@@ -95,7 +113,37 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         )
 
     async def GetNode(self, request: node_pb2.GetNodeRequest, context: Context) -> node_pb2.GetNodeResponse:
-        return node_pb2.GetNodeResponse(node=await self._to_proto(await self._owned(request.node_id)))
+        node = await self._owned(request.node_id)
+        proto = await self._to_proto(node)
+        if self._credentials is not None:
+            proto.credentials.CopyFrom(await self._credentials.describe(node))
+        return node_pb2.GetNodeResponse(node=proto)
+
+    # -- provider tokens (controller/credentials/service.py) --------------------------
+
+    def _credentials_service(self) -> NodeCredentialsService:
+        if self._credentials is None:
+            raise FailedPrecondition(
+                "This controller manages no node credentials", reason="CREDENTIALS_UNAVAILABLE"
+            )
+        return self._credentials
+
+    async def UpdateNodeCredentials(
+        self, request: node_pb2.UpdateNodeCredentialsRequest, context: Context
+    ) -> node_pb2.UpdateNodeCredentialsResponse:
+        return await self._credentials_service().update(await self._owned(request.node_id), request)
+
+    async def RevokeNodeCredentials(
+        self, request: node_pb2.RevokeNodeCredentialsRequest, context: Context
+    ) -> node_pb2.RevokeNodeCredentialsResponse:
+        return await self._credentials_service().revoke(await self._owned(request.node_id))
+
+    async def FetchNodeCredentials(
+        self, request: node_pb2.FetchNodeCredentialsRequest, context: Context
+    ) -> node_pb2.FetchNodeCredentialsResponse:
+        """The calling node's own provider token, HPKE-sealed to its certificate's key."""
+        node = await self._calling_node(context, "FetchNodeCredentials")
+        return await self._credentials_service().fetch(node, request, context.auth_context())
 
     async def DrainNode(
         self, request: node_pb2.DrainNodeRequest, context: Context
@@ -161,6 +209,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     ) -> node_pb2.DeregisterNodeResponse:
         node = await self._owned(request.node_id)
         await self._nodes.mark_removed(node.id, None)
+        self._checked.pop(node.id, None)
         await self._fleet.remove(node.id)
         log.info("node %s deregistered", node.id)
         return node_pb2.DeregisterNodeResponse()
@@ -177,8 +226,13 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         await set_http_status(context, 201)
         return response
 
-    async def _calling_node(self, context: Context, method: str) -> Node:
-        """The node whose client certificate made this call (mutual TLS on the node port)."""
+    async def _calling_node(self, context: Context, method: str, *, fresh: bool = False) -> Node:
+        """The node whose client certificate made this call (mutual TLS on the node port).
+
+        The certificate's verification is remembered by the CA (per certificate: a
+        node's connection presents the same one on every call), and the node's row check
+        for :data:`NODE_CHECK_SECONDS` (``fresh``: read the row whatever is remembered, as
+        Connect does)."""
         identity = self._ca.node_id_from_auth_context(context.auth_context())
         if identity is None:
             raise Unauthenticated(
@@ -186,11 +240,25 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 reason="NODE_CERTIFICATE_REQUIRED",
             )
         node_id, serial = identity
+        now = self.clock()
+        checked = self._checked.get(node_id)
+        if (
+            not fresh
+            and checked is not None
+            and checked[0] == serial
+            and now - checked[1] < NODE_CHECK_SECONDS
+        ):
+            return checked[2]
         node = await self._nodes.get(node_id)
         if node is None or node.status == str(NodeState.REMOVED) or node.cert_serial != serial:
+            self._checked.pop(node_id, None)
             raise PermissionDenied(
                 "This node certificate is no longer accepted", reason="NODE_CERTIFICATE_REVOKED"
             )
+        self._checked.pop(node_id, None)  # re-inserted last: the oldest check is forgotten first
+        if len(self._checked) >= NODE_CHECK_MAX:
+            del self._checked[next(iter(self._checked))]
+        self._checked[node_id] = (serial, now, node)
         return node
 
     async def FetchPackage(
@@ -241,6 +309,17 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             await context.abort(grpc.StatusCode.CANCELLED, "The rows are no longer needed")
         return node_pb2.PushShardResultResponse()
 
+    async def PushReplicaLogs(
+        self, request_iterator: AsyncIterator[node_pb2.PushReplicaLogsRequest], context: Context
+    ) -> node_pb2.PushReplicaLogsResponse:
+        """The log lines of replicas this node was asked for (controller/deployments/logs.py)."""
+        node = await self._calling_node(context, "PushReplicaLogs")
+        if self._replica_logs is None:
+            raise NotFound("This controller reads no logs", reason="REPLICA_LOGS_UNKNOWN")
+        if not await self._replica_logs.receive(node.id, request_iterator):
+            await context.abort(grpc.StatusCode.CANCELLED, "The lines are no longer needed")
+        return node_pb2.PushReplicaLogsResponse()
+
     async def FetchStatement(
         self, request: node_pb2.FetchStatementRequest, context: Context
     ) -> AsyncIterator[node_pb2.FetchStatementResponse]:
@@ -252,7 +331,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     async def Connect(
         self, request_iterator: AsyncIterator[node_pb2.ConnectRequest], context: Context
     ) -> AsyncIterator[node_pb2.ConnectResponse]:
-        node = await self._calling_node(context, "Connect")
+        node = await self._calling_node(context, "Connect", fresh=True)
         try:
             first = await asyncio.wait_for(anext(aiter(request_iterator)), HELLO_TIMEOUT_SECONDS)
         except (TimeoutError, StopAsyncIteration) as exc:

@@ -446,7 +446,11 @@ def _deploy(directory: Path, params: dict[str, Any], *, must_exist: str | None =
         return 0
     try:
         final = follow(conn, app, out, timeout=params["timeout"], goal_version=goal)
-    except CliError:
+    except CliError as error:
+        if error.reason in ("DEPLOYMENT_FAILED", "ROLLOUT_REVERTED"):
+            from controller.client.cmd_logs import show_failure_logs  # cmd_logs imports this module
+
+            show_failure_logs(conn, out, app.id)
         if params.get("explain"):
             show_placement(out, get_app(conn, app.id))
         raise

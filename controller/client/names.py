@@ -22,6 +22,7 @@ CLIENT_COMMANDS: dict[str, str] = {
     "nodes": "list, show, drain, remove and enroll nodes",
     "deploy": "deploy an app directory (a67.toml) and follow the rollout",
     "apps": "list, show, scale, update, roll back and remove apps",
+    "logs": "an app's output: the last lines, -f to follow",
     "db": "create databases, apply schema, run SQL",
     "metrics": "the fleet's metrics (--watch: live)",
     "vault": "master keys (operators): status, rotate, retire",

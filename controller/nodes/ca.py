@@ -47,6 +47,7 @@ Key bytes are never logged.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import logging
 import re
@@ -85,6 +86,9 @@ CLOCK_SKEW = dt.timedelta(minutes=5)
 
 MAX_CSR_PEM_CHARS = 16 * 1024
 AUTH_CONTEXT_CERT_KEY = "x509_pem_cert"
+VERIFIED_PEERS_MAX = 32_768
+"""Peer certificates whose verification :meth:`CertificateAuthority.node_id_from_auth_context`
+remembers (by SHA-256 of the PEM, ~0.2 KiB each); the oldest is forgotten beyond this."""
 
 _NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SUPPORTED_CURVES: tuple[type[ec.EllipticCurve], ...] = (ec.SECP256R1, ec.SECP384R1)
@@ -199,6 +203,8 @@ class CertificateAuthority:
         self._clock = clock
         self._cert_pem = _pem_certificate(certificate).decode("ascii")
         self._ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        # SHA-256 of a peer's PEM -> (node id, serial, valid from, valid until: epoch seconds)
+        self._verified: dict[bytes, tuple[str, str, float, float]] = {}
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -466,6 +472,14 @@ class CertificateAuthority:
         ``auth_context`` is ``context.auth_context()`` of a grpc (aio) servicer; its
         ``x509_pem_cert`` entry is the peer's certificate, checked with
         :meth:`verify_node_certificate`.
+
+        A node's connection presents the same certificate on every call (each chunk a
+        node fetches is a call), so a certificate that verified is remembered by the
+        SHA-256 of its PEM: later calls cost a hash and a lookup instead of a parse and
+        an ECDSA verification, and only the validity period (which depends on the clock)
+        is checked again. Everything else verified is a function of those bytes and of
+        this CA. Failures are not remembered. Whether the serial is still the node's is,
+        as before, the caller's check.
         """
         entries = auth_context.get(AUTH_CONTEXT_CERT_KEY)
         if entries is None:
@@ -473,11 +487,27 @@ class CertificateAuthority:
         pem = next(iter(entries), None)
         if not pem:
             return None
+        pem = bytes(pem)
+        digest = hashlib.sha256(pem).digest()
+        known = self._verified.get(digest)
+        if known is not None:
+            node_id, serial, valid_from, valid_until = known
+            now = float(int(self._clock()))  # whole seconds, as verify_node_certificate compares
+            return (node_id, serial) if valid_from <= now <= valid_until else None
         try:
-            certificate = x509.load_pem_x509_certificate(bytes(pem))
+            certificate = x509.load_pem_x509_certificate(pem)
         except (ValueError, TypeError):
             return None
-        return self.verify_node_certificate(certificate)
+        identity = self.verify_node_certificate(certificate)
+        if identity is not None:
+            if len(self._verified) >= VERIFIED_PEERS_MAX:
+                del self._verified[next(iter(self._verified))]  # the oldest
+            self._verified[digest] = (
+                *identity,
+                certificate.not_valid_before_utc.timestamp(),
+                certificate.not_valid_after_utc.timestamp(),
+            )
+        return identity
 
     def __repr__(self) -> str:
         return f"CertificateAuthority(subject={self._cert.subject.rfc4514_string()!r})"

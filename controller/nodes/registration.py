@@ -42,13 +42,14 @@ from automator67.v1 import common_pb2, node_pb2
 from cryptography import x509
 from sqlalchemy.exc import IntegrityError
 
+from controller.credentials.states import REFRESH_TOKEN_PURPOSE, initial_state
 from controller.errors import FieldViolation, InvalidArgument, require_fields
 from controller.nodes.ca import CertificateAuthority, parse_node_csr
 from controller.nodes.enrollment import EnrollmentTokens, invalid_token
 from controller.nodes.repository import STATUS_INITIALIZING, NodeRepository
 from controller.nodes.validation import NODE_TYPES, capability_violations
 from controller.store.db import Store
-from controller.store.models import Node, new_id
+from controller.store.models import Node, NodeCredentialState, new_id
 from controller.vault import Vault
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ class _Checked:
     fingerprint: str
     oauth_token: str
     oauth_expires_at: datetime | None
+    oauth_refresh_token: str = ""
 
 
 class NodeRegistrar:
@@ -152,6 +154,7 @@ class NodeRegistrar:
         heartbeat_interval_ms: int,
         *,
         clock: Clock = time.time,
+        credential_schedule: Callable[[float, float | None, str, bool], float | None] | None = None,
     ) -> None:
         if heartbeat_interval_ms <= 0:
             raise ValueError("heartbeat_interval_ms must be positive")
@@ -163,6 +166,8 @@ class NodeRegistrar:
         self.controller_endpoint = controller_endpoint
         self._heartbeat_interval_ms = heartbeat_interval_ms
         self._clock = clock
+        self._credential_schedule = credential_schedule
+        """When a provider token stored now is due for refresh (controller/credentials/)."""
 
     async def register(self, request: node_pb2.RegisterNodeRequest) -> node_pb2.RegisterNodeResponse:
         """Register a node; see the module documentation for the steps and errors."""
@@ -182,6 +187,10 @@ class NodeRegistrar:
             credentials["oauth_provider"] = checked.provider
             if checked.oauth_expires_at is not None:
                 credentials["oauth_expires_at"] = checked.oauth_expires_at.isoformat()
+            if checked.oauth_refresh_token:
+                credentials["refresh_token"] = self._vault.encrypt_str(
+                    checked.oauth_refresh_token, owner=node_id, purpose=REFRESH_TOKEN_PURPOSE
+                )
 
         try:
             async with self._store.session() as session:
@@ -202,6 +211,8 @@ class NodeRegistrar:
                     created_at=datetime.fromtimestamp(self._clock(), UTC),
                     session=session,
                 )
+                if checked.oauth_token:  # its life cycle (controller/credentials/)
+                    session.add(self._credential_state(node_id, user_id, checked))
         except IntegrityError:
             # Lost a race with a concurrent registration of the same installation;
             # the transaction (and with it the token use) was rolled back.
@@ -224,6 +235,18 @@ class NodeRegistrar:
             certificate_pem=signed.cert_pem,
             ca_certificate_pem=self._ca.ca_cert_pem,
             heartbeat_interval_ms=self._heartbeat_interval_ms,
+        )
+
+    def _credential_state(self, node_id: str, user_id: str, checked: _Checked) -> NodeCredentialState:
+        now = self._clock()
+        expires = checked.oauth_expires_at.timestamp() if checked.oauth_expires_at else None
+        refresh_at = None
+        if self._credential_schedule is not None:
+            refresh_at = self._credential_schedule(
+                now, expires, checked.provider, bool(checked.oauth_refresh_token)
+            )
+        return initial_state(
+            node_id, user_id, checked.provider, now=now, expires_at=expires, refresh_at=refresh_at
         )
 
     # -- validation -----------------------------------------------------------------------------
@@ -268,6 +291,11 @@ class NodeRegistrar:
         if len(request.oauth_token.encode("utf-8")) > MAX_OAUTH_TOKEN_BYTES:
             bad("oauth_token", f"must be at most {MAX_OAUTH_TOKEN_BYTES} bytes")
 
+        if len(request.oauth_refresh_token.encode("utf-8")) > MAX_OAUTH_TOKEN_BYTES:
+            bad("oauth_refresh_token", f"must be at most {MAX_OAUTH_TOKEN_BYTES} bytes")
+        elif request.oauth_refresh_token and not request.oauth_token:
+            bad("oauth_refresh_token", "is only meaningful with oauth_token")
+
         oauth_expires_at: datetime | None = None
         if request.HasField("oauth_expires_at"):
             try:
@@ -294,6 +322,7 @@ class NodeRegistrar:
             fingerprint=request.fingerprint,
             oauth_token=request.oauth_token,
             oauth_expires_at=oauth_expires_at,
+            oauth_refresh_token=request.oauth_refresh_token,
         )
 
     @staticmethod

@@ -488,3 +488,35 @@ class SecretAuditEvent(Base):
     key_id: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class NodeCredentialState(Base):
+    """The life cycle of a node's provider OAuth token (issue 16; ``controller/credentials/``).
+
+    The token itself (and its refresh token) stays vault-encrypted in ``nodes.credentials``;
+    this row holds what is not secret. ``state``: ``active``, ``expired`` or ``revoked``.
+    ``version`` grows with every change of the token (a node asks for it again when the
+    controller announces a newer one). ``refresh_at`` is when the next refresh is due
+    (None: not refreshable). ``lease_owner``/``lease_until`` are the refresh lease: one
+    conditional UPDATE takes it, so at most one refresh per token is in flight, across
+    controllers and restarts. ``last_error`` names a failure (an OAuth error code or an
+    exception class), never a token.
+    """
+
+    __tablename__ = "node_credential_states"
+    __table_args__ = (Index(None, "refresh_at"),)
+
+    node_id: Mapped[str] = mapped_column(ID, ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ID)
+    provider: Mapped[str] = mapped_column(String(50))
+    state: Mapped[str] = mapped_column(String(20), default="active", server_default="active")
+    version: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")
+    obtained_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    refresh_at: Mapped[datetime | None] = mapped_column(default=None)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), default=None)
+    lease_until: Mapped[datetime | None] = mapped_column(default=None)
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(String(255), default=None)
+    refreshed_at: Mapped[datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

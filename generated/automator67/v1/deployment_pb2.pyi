@@ -939,3 +939,115 @@ class ResolveEndpointResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResolveEndpointResponse: _TypeAlias = ResolveEndpointResponse  # noqa: Y015
+
+@_typing.final
+class GetReplicaLogsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
+    REPLICA_INDEX_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    TAIL_LINES_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    deployment_id: _builtins.str
+    replica_index: _builtins.int
+    """One replica only; unset: every replica of the deployment."""
+    since: _builtins.str
+    """Only lines written since then: a duration back from now ("90s", "10m", "2h", "1d")
+    or an RFC 3339 time ("2024-05-01T12:00:00Z"). Empty: no bound.
+    """
+    tail_lines: _builtins.int
+    """At most this many of the last lines of each replica (0: 100; at most 10000). With
+    `since`, the last lines among those written since then.
+    """
+    follow: _builtins.bool
+    """Keep the stream open and send new lines as the replicas write them, until the client
+    cancels.
+    """
+    def __init__(
+        self,
+        *,
+        deployment_id: _builtins.str = ...,
+        replica_index: _builtins.int | None = ...,
+        since: _builtins.str = ...,
+        tail_lines: _builtins.int = ...,
+        follow: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_replica_index", b"_replica_index", "replica_index", b"replica_index"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_replica_index", b"_replica_index", "deployment_id", b"deployment_id", "follow", b"follow", "replica_index", b"replica_index", "since", b"since", "tail_lines", b"tail_lines"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__replica_index: _TypeAlias = _typing.Literal["replica_index"]  # noqa: Y015
+    _WhichOneofArgType__replica_index: _TypeAlias = _typing.Literal["_replica_index", b"_replica_index"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__replica_index) -> _WhichOneofReturnType__replica_index | None: ...
+
+Global___GetReplicaLogsRequest: _TypeAlias = GetReplicaLogsRequest  # noqa: Y015
+
+@_typing.final
+class LogLine(_message.Message):
+    """One line of a replica's output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The line without its line break (credentials masked; at most 4096 bytes: a longer
+    line arrives in pieces).
+    """
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the agent read the line from the replica's output."""
+
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogLine: _TypeAlias = LogLine  # noqa: Y015
+
+@_typing.final
+class GetReplicaLogsResponse(_message.Message):
+    """A batch of one replica's lines, or (error_message) why its log cannot be read."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_INDEX_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    replica_index: _builtins.int
+    node_id: _builtins.str
+    """The node that runs (or ran) the replica."""
+    generation: _builtins.int
+    """The replica's generation on that node."""
+    error_message: _builtins.str
+    """Set when this replica's log could not be read (its node is not connected, or no
+    longer has it); no lines follow for it.
+    """
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogLine]: ...
+    def __init__(
+        self,
+        *,
+        replica_index: _builtins.int = ...,
+        node_id: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        lines: _abc.Iterable[Global___LogLine] | None = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_message", b"error_message", "generation", b"generation", "lines", b"lines", "node_id", b"node_id", "replica_index", b"replica_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReplicaLogsResponse: _TypeAlias = GetReplicaLogsResponse  # noqa: Y015

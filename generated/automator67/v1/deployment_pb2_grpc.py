@@ -91,6 +91,11 @@ class DeploymentServiceStub:
                 request_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
                 response_deserializer=automator67_dot_v1_dot_deployment__pb2.UploadSourceBodyResponse.FromString,
                 _registered_method=True)
+        self.GetReplicaLogs = channel.unary_stream(
+                '/automator67.v1.DeploymentService/GetReplicaLogs',
+                request_serializer=automator67_dot_v1_dot_deployment__pb2.GetReplicaLogsRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_deployment__pb2.GetReplicaLogsResponse.FromString,
+                _registered_method=True)
 
 
 class DeploymentServiceServicer:
@@ -175,6 +180,17 @@ class DeploymentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetReplicaLogs(self, request, context):
+        """The output of a deployment's replicas (stdout and stderr, as the agents keep it in
+        size-capped, rotated files): the last lines, then (`follow`) new lines as they are
+        written, until the client cancels. Each message is a batch of one replica's lines.
+        Credentials in the lines are masked (docs/deployments.md "Logs"). Over REST one JSON
+        object per line (NDJSON).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeploymentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -232,6 +248,11 @@ def add_DeploymentServiceServicer_to_server(servicer, server):
                     servicer.UploadSourceBody,
                     request_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                     response_serializer=automator67_dot_v1_dot_deployment__pb2.UploadSourceBodyResponse.SerializeToString,
+            ),
+            'GetReplicaLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetReplicaLogs,
+                    request_deserializer=automator67_dot_v1_dot_deployment__pb2.GetReplicaLogsRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_deployment__pb2.GetReplicaLogsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -532,6 +553,33 @@ class DeploymentService:
             '/automator67.v1.DeploymentService/UploadSourceBody',
             google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             automator67_dot_v1_dot_deployment__pb2.UploadSourceBodyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReplicaLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/automator67.v1.DeploymentService/GetReplicaLogs',
+            automator67_dot_v1_dot_deployment__pb2.GetReplicaLogsRequest.SerializeToString,
+            automator67_dot_v1_dot_deployment__pb2.GetReplicaLogsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,13 @@ class DeploymentServiceStub:
     buf:lint:ignore RPC_REQUEST_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
+    GetReplicaLogs: _grpc.UnaryStreamMultiCallable[_deployment_pb2.GetReplicaLogsRequest, _deployment_pb2.GetReplicaLogsResponse]
+    """The output of a deployment's replicas (stdout and stderr, as the agents keep it in
+    size-capped, rotated files): the last lines, then (`follow`) new lines as they are
+    written, until the client cancels. Each message is a batch of one replica's lines.
+    Credentials in the lines are masked (docs/deployments.md "Logs"). Over REST one JSON
+    object per line (NDJSON).
+    """
 
 @_typing.type_check_only
 class DeploymentServiceAsyncStub(DeploymentServiceStub):
@@ -89,6 +96,13 @@ class DeploymentServiceAsyncStub(DeploymentServiceStub):
     Over the gateway's upload limit: 413. HTTP 201.
     buf:lint:ignore RPC_REQUEST_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    GetReplicaLogs: _aio.UnaryStreamMultiCallable[_deployment_pb2.GetReplicaLogsRequest, _deployment_pb2.GetReplicaLogsResponse]  # type: ignore[assignment]
+    """The output of a deployment's replicas (stdout and stderr, as the agents keep it in
+    size-capped, rotated files): the last lines, then (`follow`) new lines as they are
+    written, until the client cancels. Each message is a batch of one replica's lines.
+    Credentials in the lines are masked (docs/deployments.md "Logs"). Over REST one JSON
+    object per line (NDJSON).
     """
 
 class DeploymentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -183,6 +197,19 @@ class DeploymentServiceServicer(metaclass=_abc_1.ABCMeta):
         Over the gateway's upload limit: 413. HTTP 201.
         buf:lint:ignore RPC_REQUEST_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+
+    @_abc_1.abstractmethod
+    def GetReplicaLogs(
+        self,
+        request: _deployment_pb2.GetReplicaLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_deployment_pb2.GetReplicaLogsResponse], _abc.AsyncIterator[_deployment_pb2.GetReplicaLogsResponse]]:
+        """The output of a deployment's replicas (stdout and stderr, as the agents keep it in
+        size-capped, rotated files): the last lines, then (`follow`) new lines as they are
+        written, until the client cancels. Each message is a batch of one replica's lines.
+        Credentials in the lines are masked (docs/deployments.md "Logs"). Over REST one JSON
+        object per line (NDJSON).
         """
 
 def add_DeploymentServiceServicer_to_server(servicer: DeploymentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

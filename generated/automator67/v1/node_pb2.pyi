@@ -67,6 +67,36 @@ SHARD_TRANSACTION_ACTION_LIST_PREPARED: ShardTransactionAction.ValueType  # 6
 """List the prepared transactions of the shard (payload {"prepared": [ids]})."""
 Global___ShardTransactionAction: _TypeAlias = ShardTransactionAction  # noqa: Y015
 
+class _NodeCredentialsState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NodeCredentialsStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeCredentialsState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    NODE_CREDENTIALS_STATE_UNSPECIFIED: _NodeCredentialsState.ValueType  # 0
+    NODE_CREDENTIALS_STATE_NONE: _NodeCredentialsState.ValueType  # 1
+    """The node registered without a provider token."""
+    NODE_CREDENTIALS_STATE_ACTIVE: _NodeCredentialsState.ValueType  # 2
+    """Valid (as far as the controller knows); refreshed before it expires when it can be."""
+    NODE_CREDENTIALS_STATE_EXPIRED: _NodeCredentialsState.ValueType  # 3
+    """It expired, or the provider refused to refresh it after its expiry: replace it."""
+    NODE_CREDENTIALS_STATE_REVOKED: _NodeCredentialsState.ValueType  # 4
+    """Revoked by the user, or refused by the provider (invalid_grant) before its expiry."""
+
+class NodeCredentialsState(_NodeCredentialsState, metaclass=_NodeCredentialsStateEnumTypeWrapper):
+    """The life-cycle state of a node's provider token."""
+
+NODE_CREDENTIALS_STATE_UNSPECIFIED: NodeCredentialsState.ValueType  # 0
+NODE_CREDENTIALS_STATE_NONE: NodeCredentialsState.ValueType  # 1
+"""The node registered without a provider token."""
+NODE_CREDENTIALS_STATE_ACTIVE: NodeCredentialsState.ValueType  # 2
+"""Valid (as far as the controller knows); refreshed before it expires when it can be."""
+NODE_CREDENTIALS_STATE_EXPIRED: NodeCredentialsState.ValueType  # 3
+"""It expired, or the provider refused to refresh it after its expiry: replace it."""
+NODE_CREDENTIALS_STATE_REVOKED: NodeCredentialsState.ValueType  # 4
+"""Revoked by the user, or refused by the provider (invalid_grant) before its expiry."""
+Global___NodeCredentialsState: _TypeAlias = NodeCredentialsState  # noqa: Y015
+
 @_typing.final
 class Node(_message.Message):
     """A registered node (spec §3.2). Credentials are never returned."""
@@ -85,6 +115,7 @@ class Node(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     LAST_HEARTBEAT_FIELD_NUMBER: _builtins.int
     LAST_METRICS_UPDATE_FIELD_NUMBER: _builtins.int
+    CREDENTIALS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     user_id: _builtins.str
     provider: _common_pb2.Provider.ValueType
@@ -103,6 +134,10 @@ class Node(_message.Message):
     def last_heartbeat(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def last_metrics_update(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def credentials(self) -> Global___NodeCredentials:
+        """The state of the node's provider token (never the token itself)."""
+
     def __init__(
         self,
         *,
@@ -118,10 +153,11 @@ class Node(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         last_heartbeat: _timestamp_pb2.Timestamp | None = ...,
         last_metrics_update: _timestamp_pb2.Timestamp | None = ...,
+        credentials: Global___NodeCredentials | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "created_at", b"created_at", "last_heartbeat", b"last_heartbeat", "last_metrics_update", b"last_metrics_update", "metrics", b"metrics"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "created_at", b"created_at", "credentials", b"credentials", "last_heartbeat", b"last_heartbeat", "last_metrics_update", b"last_metrics_update", "metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "created_at", b"created_at", "deployments", b"deployments", "endpoint", b"endpoint", "id", b"id", "last_heartbeat", b"last_heartbeat", "last_metrics_update", b"last_metrics_update", "metrics", b"metrics", "provider", b"provider", "region", b"region", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "created_at", b"created_at", "credentials", b"credentials", "deployments", b"deployments", "endpoint", b"endpoint", "id", b"id", "last_heartbeat", b"last_heartbeat", "last_metrics_update", b"last_metrics_update", "metrics", b"metrics", "provider", b"provider", "region", b"region", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -191,6 +227,7 @@ class RegisterNodeRequest(_message.Message):
     OAUTH_TOKEN_FIELD_NUMBER: _builtins.int
     OAUTH_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     FINGERPRINT_FIELD_NUMBER: _builtins.int
+    OAUTH_REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
     enrollment_token: _builtins.str
     provider: _common_pb2.Provider.ValueType
     endpoint: _builtins.str
@@ -202,6 +239,10 @@ class RegisterNodeRequest(_message.Message):
     fingerprint: _builtins.str
     """A stable identity for this node installation (for example a hash of its
     public key); registering the same installation again is ALREADY_EXISTS.
+    """
+    oauth_refresh_token: _builtins.str
+    """The provider OAuth refresh token, if any: the controller refreshes oauth_token
+    with it before oauth_expires_at. Stored encrypted, never returned.
     """
     @_builtins.property
     def capabilities(self) -> _common_pb2.NodeCapabilities: ...
@@ -219,10 +260,11 @@ class RegisterNodeRequest(_message.Message):
         oauth_token: _builtins.str = ...,
         oauth_expires_at: _timestamp_pb2.Timestamp | None = ...,
         fingerprint: _builtins.str = ...,
+        oauth_refresh_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "oauth_expires_at", b"oauth_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "csr_pem", b"csr_pem", "endpoint", b"endpoint", "enrollment_token", b"enrollment_token", "fingerprint", b"fingerprint", "oauth_expires_at", b"oauth_expires_at", "oauth_token", b"oauth_token", "provider", b"provider", "region", b"region"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "csr_pem", b"csr_pem", "endpoint", b"endpoint", "enrollment_token", b"enrollment_token", "fingerprint", b"fingerprint", "oauth_expires_at", b"oauth_expires_at", "oauth_refresh_token", b"oauth_refresh_token", "oauth_token", b"oauth_token", "provider", b"provider", "region", b"region"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -497,6 +539,8 @@ class NodeCommand(_message.Message):
     DELETE_CHUNKS_FIELD_NUMBER: _builtins.int
     REMOVE_DEPLOYMENT_FIELD_NUMBER: _builtins.int
     DROP_DATABASE_SHARDS_FIELD_NUMBER: _builtins.int
+    CREDENTIALS_CHANGED_FIELD_NUMBER: _builtins.int
+    READ_REPLICA_LOGS_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     @_builtins.property
     def deploy_replica(self) -> Global___DeployReplica: ...
@@ -528,6 +572,16 @@ class NodeCommand(_message.Message):
     def drop_database_shards(self) -> Global___DropDatabaseShards:
         """A database was deleted: drop its shards here (SQLite files; PostgreSQL schemas and roles)."""
 
+    @_builtins.property
+    def credentials_changed(self) -> Global___CredentialsChanged:
+        """The node's provider token changed: fetch it again (FetchNodeCredentials)."""
+
+    @_builtins.property
+    def read_replica_logs(self) -> Global___ReadReplicaLogs:
+        """Read (and with follow keep reading) replicas' logs; the lines go back over
+        PushReplicaLogs keyed by the command id.
+        """
+
     def __init__(
         self,
         *,
@@ -541,12 +595,14 @@ class NodeCommand(_message.Message):
         delete_chunks: Global___DeleteChunks | None = ...,
         remove_deployment: Global___RemoveDeployment | None = ...,
         drop_database_shards: Global___DropDatabaseShards | None = ...,
+        credentials_changed: Global___CredentialsChanged | None = ...,
+        read_replica_logs: Global___ReadReplicaLogs | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delete_chunks", b"delete_chunks", "deploy_replica", b"deploy_replica", "drop_database_shards", b"drop_database_shards", "execute_shard_statement", b"execute_shard_statement", "kind", b"kind", "read_chunk", b"read_chunk", "remove_deployment", b"remove_deployment", "shard_transaction", b"shard_transaction", "stop_replica", b"stop_replica", "store_chunk", b"store_chunk"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credentials_changed", b"credentials_changed", "delete_chunks", b"delete_chunks", "deploy_replica", b"deploy_replica", "drop_database_shards", b"drop_database_shards", "execute_shard_statement", b"execute_shard_statement", "kind", b"kind", "read_chunk", b"read_chunk", "read_replica_logs", b"read_replica_logs", "remove_deployment", b"remove_deployment", "shard_transaction", b"shard_transaction", "stop_replica", b"stop_replica", "store_chunk", b"store_chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "delete_chunks", b"delete_chunks", "deploy_replica", b"deploy_replica", "drop_database_shards", b"drop_database_shards", "execute_shard_statement", b"execute_shard_statement", "kind", b"kind", "read_chunk", b"read_chunk", "remove_deployment", b"remove_deployment", "shard_transaction", b"shard_transaction", "stop_replica", b"stop_replica", "store_chunk", b"store_chunk"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "credentials_changed", b"credentials_changed", "delete_chunks", b"delete_chunks", "deploy_replica", b"deploy_replica", "drop_database_shards", b"drop_database_shards", "execute_shard_statement", b"execute_shard_statement", "kind", b"kind", "read_chunk", b"read_chunk", "read_replica_logs", b"read_replica_logs", "remove_deployment", b"remove_deployment", "shard_transaction", b"shard_transaction", "stop_replica", b"stop_replica", "store_chunk", b"store_chunk"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["deploy_replica", "stop_replica", "execute_shard_statement", "shard_transaction", "store_chunk", "read_chunk", "delete_chunks", "remove_deployment", "drop_database_shards"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["deploy_replica", "stop_replica", "execute_shard_statement", "shard_transaction", "store_chunk", "read_chunk", "delete_chunks", "remove_deployment", "drop_database_shards", "credentials_changed", "read_replica_logs"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -1620,3 +1676,365 @@ class ReportChunksResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportChunksResponse: _TypeAlias = ReportChunksResponse  # noqa: Y015
+
+@_typing.final
+class NodeCredentials(_message.Message):
+    """What is known about a node's provider token; never the token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    REFRESHED_AT_FIELD_NUMBER: _builtins.int
+    NEXT_REFRESH_AT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    state: Global___NodeCredentialsState.ValueType
+    provider: _common_pb2.Provider.ValueType
+    version: _builtins.int
+    """Grows with every change of the token."""
+    last_error: _builtins.str
+    """The last refresh failure (an OAuth error code such as "invalid_grant", or the kind
+    of a temporary failure); empty after a success.
+    """
+    failures: _builtins.int
+    """Refresh failures in a row."""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def refreshed_at(self) -> _timestamp_pb2.Timestamp:
+        """The last successful refresh; unset if never refreshed."""
+
+    @_builtins.property
+    def next_refresh_at(self) -> _timestamp_pb2.Timestamp:
+        """When the next refresh is due; unset when the token is not refreshed (no refresh
+        token, the provider's endpoints not configured, or not active).
+        """
+
+    def __init__(
+        self,
+        *,
+        state: Global___NodeCredentialsState.ValueType = ...,
+        provider: _common_pb2.Provider.ValueType = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        refreshed_at: _timestamp_pb2.Timestamp | None = ...,
+        next_refresh_at: _timestamp_pb2.Timestamp | None = ...,
+        version: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        failures: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "next_refresh_at", b"next_refresh_at", "refreshed_at", b"refreshed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "failures", b"failures", "last_error", b"last_error", "next_refresh_at", b"next_refresh_at", "provider", b"provider", "refreshed_at", b"refreshed_at", "state", b"state", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeCredentials: _TypeAlias = NodeCredentials  # noqa: Y015
+
+@_typing.final
+class UpdateNodeCredentialsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    OAUTH_TOKEN_FIELD_NUMBER: _builtins.int
+    OAUTH_REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
+    OAUTH_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    oauth_token: _builtins.str
+    """The new provider OAuth token (required; at most 8 KiB)."""
+    oauth_refresh_token: _builtins.str
+    """Its refresh token, if any (at most 8 KiB)."""
+    @_builtins.property
+    def oauth_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When oauth_token expires (in the future), if known."""
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        oauth_token: _builtins.str = ...,
+        oauth_refresh_token: _builtins.str = ...,
+        oauth_expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["oauth_expires_at", b"oauth_expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "oauth_expires_at", b"oauth_expires_at", "oauth_refresh_token", b"oauth_refresh_token", "oauth_token", b"oauth_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateNodeCredentialsRequest: _TypeAlias = UpdateNodeCredentialsRequest  # noqa: Y015
+
+@_typing.final
+class UpdateNodeCredentialsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIALS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def credentials(self) -> Global___NodeCredentials: ...
+    def __init__(
+        self,
+        *,
+        credentials: Global___NodeCredentials | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateNodeCredentialsResponse: _TypeAlias = UpdateNodeCredentialsResponse  # noqa: Y015
+
+@_typing.final
+class RevokeNodeCredentialsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeNodeCredentialsRequest: _TypeAlias = RevokeNodeCredentialsRequest  # noqa: Y015
+
+@_typing.final
+class RevokeNodeCredentialsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIALS_FIELD_NUMBER: _builtins.int
+    PROVIDER_REVOKED_FIELD_NUMBER: _builtins.int
+    provider_revoked: _builtins.bool
+    """Whether the provider confirmed the revocation (false: no revocation endpoint is
+    configured, or it failed; the token is erased here all the same).
+    """
+    @_builtins.property
+    def credentials(self) -> Global___NodeCredentials: ...
+    def __init__(
+        self,
+        *,
+        credentials: Global___NodeCredentials | None = ...,
+        provider_revoked: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "provider_revoked", b"provider_revoked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeNodeCredentialsResponse: _TypeAlias = RevokeNodeCredentialsResponse  # noqa: Y015
+
+@_typing.final
+class FetchNodeCredentialsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    MIN_VERSION_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """The caller's own node id (its certificate's); another node's is PERMISSION_DENIED."""
+    min_version: _builtins.int
+    """The version the node was told of (CredentialsChanged), so no older copy is served."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        min_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_version", b"min_version", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchNodeCredentialsRequest: _TypeAlias = FetchNodeCredentialsRequest  # noqa: Y015
+
+@_typing.final
+class FetchNodeCredentialsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEALED_FIELD_NUMBER: _builtins.int
+    SUITE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    sealed: _builtins.bytes
+    """HPKE (RFC 9180) base mode, `suite` below, sealed to the public key of the client
+    certificate that made the call, info "automator67/v1 node-credentials|<node id>|<version>":
+    enc (65 bytes) followed by the AEAD ciphertext. Opened, a JSON object
+    {"access_token", "expires_at" (RFC 3339 or null), "provider", "version"}.
+    """
+    suite: _builtins.str
+    """"DHKEM(P-256, HKDF-SHA256), HKDF-SHA256, AES-256-GCM"."""
+    version: _builtins.int
+    provider: _common_pb2.Provider.ValueType
+    state: Global___NodeCredentialsState.ValueType
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        sealed: _builtins.bytes = ...,
+        suite: _builtins.str = ...,
+        version: _builtins.int = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        provider: _common_pb2.Provider.ValueType = ...,
+        state: Global___NodeCredentialsState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "provider", b"provider", "sealed", b"sealed", "state", b"state", "suite", b"suite", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchNodeCredentialsResponse: _TypeAlias = FetchNodeCredentialsResponse  # noqa: Y015
+
+@_typing.final
+class CredentialsChanged(_message.Message):
+    """The node's provider token changed (refreshed, replaced or revoked)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CredentialsChanged: _TypeAlias = CredentialsChanged  # noqa: Y015
+
+@_typing.final
+class ReadReplicaLogs(_message.Message):
+    """Send the logs of a deployment's replicas on this node over PushReplicaLogs (keyed by
+    the command id): the last tail_lines lines of each (written at or after `since`, if
+    set), then with `follow` every new line until the controller ends the call. The
+    command's result comes once the push has ended.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
+    REPLICA_INDEXES_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    TAIL_LINES_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    deployment_id: _builtins.str
+    tail_lines: _builtins.int
+    follow: _builtins.bool
+    @_builtins.property
+    def replica_indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The replicas to read; empty: every replica of the deployment on this node."""
+
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        deployment_id: _builtins.str = ...,
+        replica_indexes: _abc.Iterable[_builtins.int] | None = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        tail_lines: _builtins.int = ...,
+        follow: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment_id", b"deployment_id", "follow", b"follow", "replica_indexes", b"replica_indexes", "since", b"since", "tail_lines", b"tail_lines"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadReplicaLogs: _TypeAlias = ReadReplicaLogs  # noqa: Y015
+
+@_typing.final
+class ReplicaLogLine(_message.Message):
+    """One line of a replica's log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaLogLine: _TypeAlias = ReplicaLogLine  # noqa: Y015
+
+@_typing.final
+class PushReplicaLogsRequest(_message.Message):
+    """One message of PushReplicaLogs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
+    REPLICA_INDEX_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    command_id: _builtins.str
+    """The first message only (it carries no lines): the ReadReplicaLogs command."""
+    replica_index: _builtins.int
+    """A batch of one replica's lines (credentials masked by the node)."""
+    generation: _builtins.int
+    error_message: _builtins.str
+    """This replica's log cannot be read (the node has no such replica)."""
+    done: _builtins.bool
+    """The last message: every asked-for line was sent (never set when following)."""
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaLogLine]: ...
+    def __init__(
+        self,
+        *,
+        command_id: _builtins.str = ...,
+        replica_index: _builtins.int = ...,
+        generation: _builtins.int = ...,
+        lines: _abc.Iterable[Global___ReplicaLogLine] | None = ...,
+        error_message: _builtins.str = ...,
+        done: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "done", b"done", "error_message", b"error_message", "generation", b"generation", "lines", b"lines", "replica_index", b"replica_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushReplicaLogsRequest: _TypeAlias = PushReplicaLogsRequest  # noqa: Y015
+
+@_typing.final
+class PushReplicaLogsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushReplicaLogsResponse: _TypeAlias = PushReplicaLogsResponse  # noqa: Y015

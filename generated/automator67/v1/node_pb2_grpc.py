@@ -115,6 +115,26 @@ class NodeServiceStub:
                 request_serializer=automator67_dot_v1_dot_node__pb2.DeregisterNodeRequest.SerializeToString,
                 response_deserializer=automator67_dot_v1_dot_node__pb2.DeregisterNodeResponse.FromString,
                 _registered_method=True)
+        self.UpdateNodeCredentials = channel.unary_unary(
+                '/automator67.v1.NodeService/UpdateNodeCredentials',
+                request_serializer=automator67_dot_v1_dot_node__pb2.UpdateNodeCredentialsRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_node__pb2.UpdateNodeCredentialsResponse.FromString,
+                _registered_method=True)
+        self.RevokeNodeCredentials = channel.unary_unary(
+                '/automator67.v1.NodeService/RevokeNodeCredentials',
+                request_serializer=automator67_dot_v1_dot_node__pb2.RevokeNodeCredentialsRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_node__pb2.RevokeNodeCredentialsResponse.FromString,
+                _registered_method=True)
+        self.FetchNodeCredentials = channel.unary_unary(
+                '/automator67.v1.NodeService/FetchNodeCredentials',
+                request_serializer=automator67_dot_v1_dot_node__pb2.FetchNodeCredentialsRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_node__pb2.FetchNodeCredentialsResponse.FromString,
+                _registered_method=True)
+        self.PushReplicaLogs = channel.stream_unary(
+                '/automator67.v1.NodeService/PushReplicaLogs',
+                request_serializer=automator67_dot_v1_dot_node__pb2.PushReplicaLogsRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_node__pb2.PushReplicaLogsResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -248,6 +268,43 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateNodeCredentials(self, request, context):
+        """Replaces the provider OAuth token of one of the caller's nodes (docs/credentials.md):
+        stored vault-encrypted, never returned; a revoked or expired token becomes active
+        again, and the node is told to fetch the new one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeNodeCredentials(self, request, context):
+        """Revokes a node's provider token: at the provider (RFC 7009) when its revocation
+        endpoint is configured, and here (the stored token is erased).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchNodeCredentials(self, request, context):
+        """The calling node's current provider token, sealed with HPKE to the public key of
+        its own client certificate (mutual TLS, node port). A node may fetch only its own
+        (PERMISSION_DENIED otherwise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushReplicaLogs(self, request_iterator, context):
+        """The lines of replicas' logs a ReadReplicaLogs command asked for, pushed by the node
+        in batches on the node port beside the control stream (mutual TLS). The first
+        message names the command; the controller ending the call (CANCELLED) stops the
+        reading (a followed log included). Only the node the command went to may push
+        (NOT_FOUND otherwise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -330,6 +387,26 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.DeregisterNode,
                     request_deserializer=automator67_dot_v1_dot_node__pb2.DeregisterNodeRequest.FromString,
                     response_serializer=automator67_dot_v1_dot_node__pb2.DeregisterNodeResponse.SerializeToString,
+            ),
+            'UpdateNodeCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateNodeCredentials,
+                    request_deserializer=automator67_dot_v1_dot_node__pb2.UpdateNodeCredentialsRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_node__pb2.UpdateNodeCredentialsResponse.SerializeToString,
+            ),
+            'RevokeNodeCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeNodeCredentials,
+                    request_deserializer=automator67_dot_v1_dot_node__pb2.RevokeNodeCredentialsRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_node__pb2.RevokeNodeCredentialsResponse.SerializeToString,
+            ),
+            'FetchNodeCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchNodeCredentials,
+                    request_deserializer=automator67_dot_v1_dot_node__pb2.FetchNodeCredentialsRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_node__pb2.FetchNodeCredentialsResponse.SerializeToString,
+            ),
+            'PushReplicaLogs': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushReplicaLogs,
+                    request_deserializer=automator67_dot_v1_dot_node__pb2.PushReplicaLogsRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_node__pb2.PushReplicaLogsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -765,6 +842,114 @@ class NodeService:
             '/automator67.v1.NodeService/DeregisterNode',
             automator67_dot_v1_dot_node__pb2.DeregisterNodeRequest.SerializeToString,
             automator67_dot_v1_dot_node__pb2.DeregisterNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateNodeCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automator67.v1.NodeService/UpdateNodeCredentials',
+            automator67_dot_v1_dot_node__pb2.UpdateNodeCredentialsRequest.SerializeToString,
+            automator67_dot_v1_dot_node__pb2.UpdateNodeCredentialsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeNodeCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automator67.v1.NodeService/RevokeNodeCredentials',
+            automator67_dot_v1_dot_node__pb2.RevokeNodeCredentialsRequest.SerializeToString,
+            automator67_dot_v1_dot_node__pb2.RevokeNodeCredentialsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchNodeCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automator67.v1.NodeService/FetchNodeCredentials',
+            automator67_dot_v1_dot_node__pb2.FetchNodeCredentialsRequest.SerializeToString,
+            automator67_dot_v1_dot_node__pb2.FetchNodeCredentialsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushReplicaLogs(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/automator67.v1.NodeService/PushReplicaLogs',
+            automator67_dot_v1_dot_node__pb2.PushReplicaLogsRequest.SerializeToString,
+            automator67_dot_v1_dot_node__pb2.PushReplicaLogsResponse.FromString,
             options,
             channel_credentials,
             insecure,

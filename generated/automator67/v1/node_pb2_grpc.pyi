@@ -91,6 +91,27 @@ class NodeServiceStub:
     """
     DeregisterNode: _grpc.UnaryUnaryMultiCallable[_node_pb2.DeregisterNodeRequest, _node_pb2.DeregisterNodeResponse]
     """Removes a node: its stream is closed and its certificate is no longer accepted."""
+    UpdateNodeCredentials: _grpc.UnaryUnaryMultiCallable[_node_pb2.UpdateNodeCredentialsRequest, _node_pb2.UpdateNodeCredentialsResponse]
+    """Replaces the provider OAuth token of one of the caller's nodes (docs/credentials.md):
+    stored vault-encrypted, never returned; a revoked or expired token becomes active
+    again, and the node is told to fetch the new one.
+    """
+    RevokeNodeCredentials: _grpc.UnaryUnaryMultiCallable[_node_pb2.RevokeNodeCredentialsRequest, _node_pb2.RevokeNodeCredentialsResponse]
+    """Revokes a node's provider token: at the provider (RFC 7009) when its revocation
+    endpoint is configured, and here (the stored token is erased).
+    """
+    FetchNodeCredentials: _grpc.UnaryUnaryMultiCallable[_node_pb2.FetchNodeCredentialsRequest, _node_pb2.FetchNodeCredentialsResponse]
+    """The calling node's current provider token, sealed with HPKE to the public key of
+    its own client certificate (mutual TLS, node port). A node may fetch only its own
+    (PERMISSION_DENIED otherwise).
+    """
+    PushReplicaLogs: _grpc.StreamUnaryMultiCallable[_node_pb2.PushReplicaLogsRequest, _node_pb2.PushReplicaLogsResponse]
+    """The lines of replicas' logs a ReadReplicaLogs command asked for, pushed by the node
+    in batches on the node port beside the control stream (mutual TLS). The first
+    message names the command; the controller ending the call (CANCELLED) stops the
+    reading (a followed log included). Only the node the command went to may push
+    (NOT_FOUND otherwise).
+    """
 
 @_typing.type_check_only
 class NodeServiceAsyncStub(NodeServiceStub):
@@ -155,6 +176,27 @@ class NodeServiceAsyncStub(NodeServiceStub):
     """
     DeregisterNode: _aio.UnaryUnaryMultiCallable[_node_pb2.DeregisterNodeRequest, _node_pb2.DeregisterNodeResponse]  # type: ignore[assignment]
     """Removes a node: its stream is closed and its certificate is no longer accepted."""
+    UpdateNodeCredentials: _aio.UnaryUnaryMultiCallable[_node_pb2.UpdateNodeCredentialsRequest, _node_pb2.UpdateNodeCredentialsResponse]  # type: ignore[assignment]
+    """Replaces the provider OAuth token of one of the caller's nodes (docs/credentials.md):
+    stored vault-encrypted, never returned; a revoked or expired token becomes active
+    again, and the node is told to fetch the new one.
+    """
+    RevokeNodeCredentials: _aio.UnaryUnaryMultiCallable[_node_pb2.RevokeNodeCredentialsRequest, _node_pb2.RevokeNodeCredentialsResponse]  # type: ignore[assignment]
+    """Revokes a node's provider token: at the provider (RFC 7009) when its revocation
+    endpoint is configured, and here (the stored token is erased).
+    """
+    FetchNodeCredentials: _aio.UnaryUnaryMultiCallable[_node_pb2.FetchNodeCredentialsRequest, _node_pb2.FetchNodeCredentialsResponse]  # type: ignore[assignment]
+    """The calling node's current provider token, sealed with HPKE to the public key of
+    its own client certificate (mutual TLS, node port). A node may fetch only its own
+    (PERMISSION_DENIED otherwise).
+    """
+    PushReplicaLogs: _aio.StreamUnaryMultiCallable[_node_pb2.PushReplicaLogsRequest, _node_pb2.PushReplicaLogsResponse]  # type: ignore[assignment]
+    """The lines of replicas' logs a ReadReplicaLogs command asked for, pushed by the node
+    in batches on the node port beside the control stream (mutual TLS). The first
+    message names the command; the controller ending the call (CANCELLED) stops the
+    reading (a followed log included). Only the node the command went to may push
+    (NOT_FOUND otherwise).
+    """
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     """Node registry, the node stream and node management (spec §4.1, §4.4, §5.2)."""
@@ -312,5 +354,50 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.DeregisterNodeResponse, _abc.Awaitable[_node_pb2.DeregisterNodeResponse]]:
         """Removes a node: its stream is closed and its certificate is no longer accepted."""
+
+    @_abc_1.abstractmethod
+    def UpdateNodeCredentials(
+        self,
+        request: _node_pb2.UpdateNodeCredentialsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.UpdateNodeCredentialsResponse, _abc.Awaitable[_node_pb2.UpdateNodeCredentialsResponse]]:
+        """Replaces the provider OAuth token of one of the caller's nodes (docs/credentials.md):
+        stored vault-encrypted, never returned; a revoked or expired token becomes active
+        again, and the node is told to fetch the new one.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeNodeCredentials(
+        self,
+        request: _node_pb2.RevokeNodeCredentialsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.RevokeNodeCredentialsResponse, _abc.Awaitable[_node_pb2.RevokeNodeCredentialsResponse]]:
+        """Revokes a node's provider token: at the provider (RFC 7009) when its revocation
+        endpoint is configured, and here (the stored token is erased).
+        """
+
+    @_abc_1.abstractmethod
+    def FetchNodeCredentials(
+        self,
+        request: _node_pb2.FetchNodeCredentialsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.FetchNodeCredentialsResponse, _abc.Awaitable[_node_pb2.FetchNodeCredentialsResponse]]:
+        """The calling node's current provider token, sealed with HPKE to the public key of
+        its own client certificate (mutual TLS, node port). A node may fetch only its own
+        (PERMISSION_DENIED otherwise).
+        """
+
+    @_abc_1.abstractmethod
+    def PushReplicaLogs(
+        self,
+        request_iterator: _MaybeAsyncIterator[_node_pb2.PushReplicaLogsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.PushReplicaLogsResponse, _abc.Awaitable[_node_pb2.PushReplicaLogsResponse]]:
+        """The lines of replicas' logs a ReadReplicaLogs command asked for, pushed by the node
+        in batches on the node port beside the control stream (mutual TLS). The first
+        message names the command; the controller ending the call (CANCELLED) stops the
+        reading (a followed log included). Only the node the command went to may push
+        (NOT_FOUND otherwise).
+        """
 
 def add_NodeServiceServicer_to_server(servicer: NodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,356 @@
+"""App logs: ``DeploymentService.GetReplicaLogs`` over the data path.
+
+The agents keep each replica's output in size-capped, rotated files
+(:mod:`controller.agent.replica_process`). To read them the controller sends each node
+that runs one of the deployment's replicas a small ``read_replica_logs`` command on its
+node stream; the node pushes the lines on ``NodeService.PushReplicaLogs`` (node port,
+mutual TLS), a call of its own keyed by the command id — the pattern of shard results
+(:mod:`controller.federation.results`), so that log bytes never ride the node stream,
+whose messages stay under 256 KiB (:mod:`controller.limits`).
+
+:class:`ReplicaLogSlots` pairs such a call with the request waiting for it: a call for a
+command nobody waits for, or from another node than the one the command went to, is
+refused (``NOT_FOUND``). Each slot's queue is bounded (:data:`QUEUE_BATCHES`), so a
+client that reads slowly holds the agent back (HTTP/2 flow control). When the client
+cancels (or a non-follow read has everything) the slots are closed, which ends the
+agents' calls with ``CANCELLED``: that is how a followed log stops on the agent.
+
+Lines are scrubbed twice, as error messages are: on the agent (the replica's secret env
+values and :func:`controller.redact.redact`) and here again (``redact``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from automator67.v1 import deployment_pb2, node_pb2
+
+from controller.agent.replica_logs import LINE_CHARS, MAX_TAIL_LINES
+from controller.deployments.harness import view_of
+from controller.errors import ControllerError, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from controller.nodes.sessions import StreamRegistry
+from controller.redact import redact
+from controller.store.models import Deployment
+
+log = logging.getLogger("a67.deployments")
+
+QUEUE_BATCHES = 8
+"""Batches (each at most about 128 KiB of text) queued per node before its agent is paced."""
+
+COMMAND_SECONDS = 15.0
+"""How long a node has to start pushing the lines it was asked for."""
+
+FOLLOW_COMMAND_SECONDS = 7 * 24 * 3600.0
+"""How long the controller waits for a followed read's command result (the call ends first)."""
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime | None:
+    """``since`` of a request: a duration back from ``now`` (``90s``, ``10m``, ``2h``,
+    ``1d``, ``1h30m``) or an RFC 3339 time; None if empty; ``INVALID_ARGUMENT`` otherwise."""
+    text = text.strip()
+    if not text:
+        return None
+    now = now or datetime.now(UTC)
+    total = 0.0
+    rest = text
+    while rest:
+        match = _DURATION_PART.match(rest)
+        if match is None:
+            break
+        total += float(match.group(1)) * _UNITS[match.group(2)]
+        rest = rest[match.end() :]
+    if not rest and total <= 10 * 365 * 86400:
+        return now - timedelta(seconds=total)
+    with contextlib.suppress(ValueError):
+        moment = datetime.fromisoformat(text)
+        if moment.tzinfo is None:
+            raise ValueError("no time zone")
+        return moment.astimezone(UTC)
+    raise InvalidArgument(
+        "Invalid request",
+        field_violations=[
+            FieldViolation(
+                "since", 'must be a duration such as "10m", "90s", "2h" or an RFC 3339 time with a time zone'
+            )
+        ],
+    )
+
+
+class LogSlot:
+    """Where the lines pushed for one ``read_replica_logs`` command arrive."""
+
+    def __init__(self, command_id: str, node_id: str, queue_batches: int = QUEUE_BATCHES) -> None:
+        self.command_id = command_id
+        self.node_id = node_id
+        self.queue: asyncio.Queue[node_pb2.PushReplicaLogsRequest] = asyncio.Queue(queue_batches)
+        self.attached = False
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def get(self) -> node_pb2.PushReplicaLogsRequest | None:
+        """The next message; None once the slot is closed and drained."""
+        if not self.queue.empty():
+            return self.queue.get_nowait()
+        if self.gone.done():
+            return None
+        getter = asyncio.ensure_future(self.queue.get())
+        try:
+            waiters: set[asyncio.Future[Any]] = {getter, self.gone}
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getter.done():
+                getter.cancel()
+        if getter.done() and not getter.cancelled():
+            return getter.result()
+        return self.queue.get_nowait() if not self.queue.empty() else None
+
+    def close(self) -> None:
+        if not self.gone.done():
+            self.gone.set_result(None)
+
+
+class ReplicaLogSlots:
+    """The log reads waiting for their lines, by command id."""
+
+    def __init__(self, queue_batches: int = QUEUE_BATCHES) -> None:
+        self._queue_batches = queue_batches
+        self._slots: dict[str, LogSlot] = {}
+
+    def open(self, command_id: str, node_id: str) -> LogSlot:
+        slot = LogSlot(command_id, node_id, self._queue_batches)
+        self._slots[command_id] = slot
+        return slot
+
+    def close(self, slot: LogSlot) -> None:
+        slot.close()
+        if self._slots.get(slot.command_id) is slot:
+            del self._slots[slot.command_id]
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    async def receive(self, node_id: str, requests: AsyncIterator[node_pb2.PushReplicaLogsRequest]) -> bool:
+        """Feed a ``PushReplicaLogs`` call into its slot; False if the slot was closed before
+        the node was done (the servicer then ends the call with ``CANCELLED``)."""
+        iterator = aiter(requests)
+        first = await anext(iterator, None)
+        if first is None or not first.command_id:
+            raise InvalidArgument(
+                "PushReplicaLogs must start with the command id", reason="COMMAND_ID_EXPECTED"
+            )
+        slot = self._slots.get(first.command_id)
+        if slot is None or slot.node_id != node_id:
+            raise NotFound(
+                f"No log read {first.command_id!r} waits for lines from this node (it ended or was cancelled)",
+                reason="REPLICA_LOGS_UNKNOWN",
+            )
+        if slot.attached:
+            raise FailedPrecondition(
+                f"The lines of {first.command_id!r} are already arriving", reason="REPLICA_LOGS_ATTACHED"
+            )
+        slot.attached = True
+        pump = asyncio.ensure_future(self._pump(slot, iterator))
+        try:
+            waiters: set[asyncio.Future[Any]] = {pump, slot.gone}
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not pump.done():
+                pump.cancel()
+            with contextlib.suppress(BaseException):
+                await pump
+        return pump.done() and not pump.cancelled() and pump.result()
+
+    async def _pump(self, slot: LogSlot, iterator: AsyncIterator[node_pb2.PushReplicaLogsRequest]) -> bool:
+        try:
+            async for message in iterator:
+                await slot.queue.put(message)  # waits while the client is behind: flow control
+                if message.done:
+                    return True
+            failure = "the node ended its log stream early"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the call broke (the agent died, the connection dropped)
+            failure = f"the node's log stream broke ({type(exc).__name__})"
+        if not slot.gone.done():
+            await slot.queue.put(node_pb2.PushReplicaLogsRequest(done=True, error_message=failure))
+        return True
+
+
+class ReplicaLogs:
+    """Reads deployments' logs from their nodes (see the module docstring)."""
+
+    def __init__(
+        self,
+        streams: StreamRegistry,
+        slots: ReplicaLogSlots | None = None,
+        *,
+        command_seconds: float = COMMAND_SECONDS,
+    ) -> None:
+        self.streams = streams
+        self.slots = slots if slots is not None else ReplicaLogSlots()
+        self.command_seconds = command_seconds
+
+    async def stream(
+        self, row: Deployment, request: deployment_pb2.GetReplicaLogsRequest
+    ) -> AsyncIterator[deployment_pb2.GetReplicaLogsResponse]:
+        """The lines of ``row``'s replicas (the caller checked it is theirs)."""
+        if not 0 <= request.tail_lines <= MAX_TAIL_LINES:
+            raise InvalidArgument(
+                "Invalid request",
+                field_violations=[FieldViolation("tail_lines", f"must be between 0 and {MAX_TAIL_LINES}")],
+            )
+        since = parse_since(request.since)
+        replicas = [r for r in view_of(row).replicas]
+        if request.HasField("replica_index"):
+            replicas = [r for r in replicas if r.replica_index == request.replica_index]
+            if not replicas:
+                raise NotFound(
+                    f"Deployment {row.id!r} has no replica {request.replica_index}",
+                    reason="REPLICA_NOT_FOUND",
+                )
+        by_node: dict[str, set[int]] = {}
+        unplaced: list[int] = []
+        for r in replicas:
+            if r.node_id:
+                by_node.setdefault(r.node_id, set()).add(r.replica_index)
+            else:
+                unplaced.append(r.replica_index)
+        for index in sorted(set(unplaced)):
+            yield deployment_pb2.GetReplicaLogsResponse(
+                replica_index=index, error_message="the replica is not placed on a node yet"
+            )
+        out: asyncio.Queue[Any] = asyncio.Queue(QUEUE_BATCHES)
+        tasks = [
+            asyncio.create_task(self._node(node_id, sorted(indexes), row.id, since, request, out))
+            for node_id, indexes in sorted(by_node.items())
+        ]
+        try:
+            while True:
+                running = [t for t in tasks if not t.done()]
+                if not running and out.empty():
+                    break
+                getter = asyncio.ensure_future(out.get())
+                await asyncio.wait({getter, *running}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await getter
+                if getter.done() and not getter.cancelled():
+                    yield getter.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _node(
+        self,
+        node_id: str,
+        indexes: list[int],
+        deployment_id: str,
+        since: datetime | None,
+        request: deployment_pb2.GetReplicaLogsRequest,
+        out: asyncio.Queue[Any],
+    ) -> None:
+        """Ask one node for its replicas' lines and put them into ``out``."""
+        command = node_pb2.NodeCommand(
+            command_id=str(uuid.uuid4()),
+            read_replica_logs=node_pb2.ReadReplicaLogs(
+                deployment_id=deployment_id,
+                replica_indexes=indexes,
+                tail_lines=request.tail_lines,
+                follow=request.follow,
+            ),
+        )
+        if since is not None:
+            command.read_replica_logs.since.FromDatetime(since)
+        slot = self.slots.open(command.command_id, node_id)
+        wait = FOLLOW_COMMAND_SECONDS if request.follow else self.command_seconds + 60
+        sent = asyncio.ensure_future(self.streams.send_command(node_id, command, wait))
+
+        async def fail(message: str) -> None:
+            for index in indexes:
+                await out.put(
+                    deployment_pb2.GetReplicaLogsResponse(
+                        replica_index=index, node_id=node_id, error_message=message
+                    )
+                )
+
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.command_seconds
+            while True:
+                getter = asyncio.ensure_future(slot.get())
+                waiting: set[asyncio.Future[Any]] = {getter}
+                if not sent.done():
+                    waiting.add(sent)
+                timeout = None if slot.attached else max(0.0, deadline - loop.time())
+                await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await getter
+                    if slot.attached:
+                        continue  # the command ended while its lines are still arriving
+                    if sent.done():
+                        await fail(_command_failure(node_id, sent))
+                    else:
+                        await fail(f"node {node_id} did not answer in time")
+                    return
+                message = getter.result()
+                if message is None or message.done:
+                    if message is not None and message.error_message:
+                        await fail(redact(message.error_message, LINE_CHARS))
+                    return
+                if message.command_id:
+                    continue  # the header: the lines follow
+                await out.put(_response(node_id, message))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never let one node end the others' lines
+            log.warning("logs of %s from node %s: %s", deployment_id, node_id, exc)
+            await fail(f"node {node_id}: {type(exc).__name__}")
+        finally:
+            self.slots.close(slot)  # ends the node's call (CANCELLED): a followed log stops there
+            if not sent.done():
+                sent.cancel()
+            with contextlib.suppress(BaseException):
+                await sent
+
+
+def _command_failure(node_id: str, sent: asyncio.Future[node_pb2.CommandResult]) -> str:
+    if sent.cancelled():
+        return f"node {node_id} did not answer"
+    exc = sent.exception()
+    if isinstance(exc, ControllerError):
+        return exc.message
+    if exc is not None:
+        return f"node {node_id}: {type(exc).__name__}"
+    result = sent.result()
+    if not result.ok:
+        return f"node {node_id} cannot read the logs: {redact(result.error_message, LINE_CHARS)}"
+    return f"node {node_id} sent no lines"
+
+
+def _response(
+    node_id: str, message: node_pb2.PushReplicaLogsRequest
+) -> deployment_pb2.GetReplicaLogsResponse:
+    response = deployment_pb2.GetReplicaLogsResponse(
+        replica_index=message.replica_index,
+        node_id=node_id,
+        generation=message.generation,
+        error_message=redact(message.error_message, LINE_CHARS) if message.error_message else "",
+    )
+    for line in message.lines:
+        added = response.lines.add(text=redact(line.text, LINE_CHARS))
+        if line.HasField("time"):
+            added.time.CopyFrom(line.time)
+    return response

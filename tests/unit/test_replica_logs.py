@@ -1,0 +1,132 @@
+"""App logs in pieces: the log file's format and rotation, reading and following it,
+scrubbing, ``since`` parsing, and the controller's pairing of pushes with reads."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from automator67.v1 import node_pb2
+
+from controller.agent.replica_logs import (
+    _Followed,
+    follow_lines,
+    initial_lines,
+    parse_line,
+    scrub,
+    secret_values,
+)
+from controller.agent.replica_process import ReplicaInfo, _ReplicaLog
+from controller.deployments.logs import ReplicaLogSlots, parse_since
+from controller.errors import InvalidArgument, NotFound
+
+
+def info(path: Path, generation: int = 1) -> ReplicaInfo:
+    return ReplicaInfo("d1", 0, generation, "running", "", "", 1, 0, path.parent, path)
+
+
+class OneReplica:
+    def __init__(self, replica: ReplicaInfo) -> None:
+        self.replica = replica
+
+    def get(self, deployment_id: str, replica_index: int) -> ReplicaInfo | None:
+        return self.replica
+
+    def replicas(self) -> list[ReplicaInfo]:
+        return [self.replica]
+
+
+def test_lines_are_stamped_split_and_rotated(tmp_path: Path) -> None:
+    path = tmp_path / "replica.log"
+    log = _ReplicaLog(path, max_bytes=10_000)
+    log.write(b"first\nsecond\npart")
+    moment, text = parse_line(path.read_bytes().split(b"\n")[0])
+    assert text == "first"
+    assert moment is not None
+    assert abs(moment - datetime.now(UTC)) < timedelta(minutes=5)
+    log.write(b"ial\n" + b"x" * 5000 + b"\n")  # a long line arrives in pieces of 4096
+    for i in range(10):
+        log.write(f"line {i}\n".encode())
+    log.write(b"x" * 6000 + b"\n")  # over the cap: rotated
+    log.write(b"no newline at the end")
+    log.close()
+    assert (tmp_path / "replica.log.1").exists()
+    f = _Followed(info(path))
+    lines = [t for _, t in initial_lines(f, None, 10_000)]
+    f.close()
+    assert lines[:4] == ["first", "second", "partial", "x" * 4096]
+    assert lines[-1] == "no newline at the end"
+    assert lines[-4] == "line 9"
+    assert log.tail().endswith("no newline at the end")
+
+
+def test_tail_since_and_follow_across_a_rotation(tmp_path: Path) -> None:
+    path = tmp_path / "replica.log"
+    log = _ReplicaLog(path, max_bytes=600)
+    for i in range(5):
+        log.write(f"old {i}\n".encode())
+    f = _Followed(info(path))
+    assert [t for _, t in initial_lines(f, None, 2)] == ["old 3", "old 4"]
+    assert initial_lines(_Followed(info(path)), datetime.now(UTC) + timedelta(hours=1), 10) == []
+    for i in range(20):  # rotates once
+        log.write(f"new {i}\n".encode())
+    replicas = OneReplica(info(path))
+    seen = [t for _, t in follow_lines(f, replicas)]
+    seen += [t for _, t in follow_lines(f, replicas)]
+    assert seen == [f"new {i}" for i in range(20)]
+    log.close()
+    f.close()
+
+
+def test_secret_env_values_and_credentials_are_masked() -> None:
+    secrets = secret_values(
+        {
+            "API_TOKEN": "tok-1234",
+            "GREETING": "hi",
+            "MODE": "production",
+            "DSN_URL": "x" * 20,
+            "PIN_KEY": "abc",
+        }
+    )
+    assert set(secrets) == {"tok-1234", "x" * 20}
+    assert scrub("using tok-1234 and hi in production", secrets) == "using *** and hi in production"
+    assert "hunter2" not in scrub("postgres://app:hunter2@db/x", ())
+
+
+def test_since_is_a_duration_or_a_time() -> None:
+    now = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    assert parse_since("", now) is None
+    assert parse_since("10m", now) == now - timedelta(minutes=10)
+    assert parse_since("1h30m", now) == now - timedelta(minutes=90)
+    assert parse_since("2024-05-01T11:00:00Z", now) == now - timedelta(hours=1)
+    for bad in ("10", "yesterday", "2024-05-01T11:00:00"):
+        with pytest.raises(InvalidArgument):
+            parse_since(bad, now)
+
+
+async def _messages(
+    *items: node_pb2.PushReplicaLogsRequest,
+) -> AsyncIterator[node_pb2.PushReplicaLogsRequest]:
+    for item in items:
+        yield item
+
+
+async def test_a_push_is_paired_with_its_read_from_its_own_node_only() -> None:
+    slots = ReplicaLogSlots()
+    slot = slots.open("c1", "node-a")
+    with pytest.raises(NotFound):
+        await slots.receive("node-b", _messages(node_pb2.PushReplicaLogsRequest(command_id="c1")))
+    with pytest.raises(NotFound):
+        await slots.receive("node-a", _messages(node_pb2.PushReplicaLogsRequest(command_id="other")))
+    line = node_pb2.PushReplicaLogsRequest(replica_index=0, lines=[node_pb2.ReplicaLogLine(text="hello")])
+    done = node_pb2.PushReplicaLogsRequest(done=True)
+    assert await slots.receive(
+        "node-a", _messages(node_pb2.PushReplicaLogsRequest(command_id="c1"), line, done)
+    )
+    assert (await slot.get()) == line
+    assert (await slot.get()) == done
+    slots.close(slot)
+    assert len(slots) == 0
+    assert await slot.get() is None
