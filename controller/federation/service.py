@@ -95,6 +95,9 @@ THREAD_ENCODE_ROWS = 2_000
 STREAM_MESSAGE_BYTES = 256 * 1024
 # TTL of db:schema:{db_id} (spec §7: 24 hours).
 SCHEMA_CACHE_SECONDS = 24 * 3600.0
+# How long a statement's ownership check (the database row) is remembered, and for how many.
+OWNED_ROW_SECONDS = 2.0
+OWNED_ROWS_MAX = 10_000
 
 _SCHEMA_SQL = {
     "sqlite": (
@@ -155,6 +158,10 @@ class DatabaseService:
         self._cache = cache
         self._plans = PlanCache()
         self._replication: dict[str, ReplicationState] = {}
+        # (user, database) -> (until, row): the ownership check of _load, a store read per
+        # statement otherwise (issue 12). Forgotten on delete; another controller's delete
+        # is seen within OWNED_ROW_SECONDS.
+        self._owned_rows: dict[tuple[str, str], tuple[float, DatabaseInstance]] = {}
         self.shard_drops = ShardDrops(streams)
         """Drops a deleted database's shards on its nodes (controller/federation/cleanup.py)."""
 
@@ -246,6 +253,7 @@ class DatabaseService:
     async def delete(self, user_id: str, database_id: str) -> None:
         row = await self.get(user_id, database_id)
         await self._databases.delete(row.id)
+        self._owned_rows.pop((user_id, row.id), None)
         self._replication.pop(row.id, None)
         await self._cache.delete(f"db:schema:{row.id}")
         # its shards on the nodes (files; schemas and roles): now, or retried until each confirms
@@ -291,6 +299,16 @@ class DatabaseService:
 
     async def _plan(self, loaded: _Loaded, sql: str) -> Plan:
         """The statement's plan; parsing and planning (a cache miss) run in a worker thread."""
+        if self._plan_lock.acquire(blocking=False):  # a hit costs no thread hop (issue 12)
+            try:
+                dialect, version = loaded.row.connection["dialect"], loaded.schema_version
+                hit = self._plans.cached(
+                    sql, dialect, loaded.layout, schema_version=version, database=loaded.row.id
+                )
+            finally:
+                self._plan_lock.release()
+            if hit is not None:
+                return hit
 
         def plan() -> Plan:
             with self._plan_lock:
@@ -597,7 +615,15 @@ class DatabaseService:
         return loaded.row
 
     async def _load(self, user_id: str, database_id: str) -> _Loaded:
-        row = await self.get(user_id, database_id)
+        now = time.monotonic()
+        owned = self._owned_rows.get((user_id, database_id))
+        if owned is not None and owned[0] > now:
+            row = owned[1]
+        else:
+            row = await self.get(user_id, database_id)
+            if len(self._owned_rows) >= OWNED_ROWS_MAX:
+                del self._owned_rows[next(iter(self._owned_rows))]
+            self._owned_rows[(user_id, database_id)] = (now + OWNED_ROW_SECONDS, row)
         cached = await self._cache.get(f"db:schema:{row.id}")
         schema_info = json.loads(cached) if cached else (row.schema_info or {"version": 0, "tables": []})
         if not cached:

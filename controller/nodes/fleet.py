@@ -16,6 +16,13 @@ This is the edge between the pure health logic (:mod:`controller.nodes.health`,
 * a node that becomes failed triggers the recovery hook (the deployments work
   fills it in; until then it records the event), except during a mass failure,
   when the monitor freezes recovery and raises an alert.
+
+Clocks: health runs on a **monotonic** clock (:attr:`Fleet.clock`), so a step of the
+wall clock (NTP, an operator, a VM resume) neither fails a fleet of nodes nor hides a
+dead one. Its readings are shifted once, at start, to read like epoch seconds, so that
+code comparing them (the deployments' node history, the metrics' push timing) keeps
+working; wherever a time leaves the process (the store's ``last_heartbeat``, the cache's
+``last_update``, the metrics history) it is converted with :meth:`Fleet.wall_time`.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from typing import Any
 from automator67.v1 import common_pb2, node_pb2
 
 from controller.cache.base import Cache
+from controller.nodes.collector import FreezingCollector
 from controller.nodes.health import HealthConfig, Metrics, NodeState, metrics_problem
 from controller.nodes.monitor import HealthMonitor, MonitorConfig, StateChange
 from controller.nodes.repository import NodeRepository
@@ -76,6 +84,22 @@ STATUS_ENUM = {
     NodeState.REMOVED: common_pb2.NODE_STATUS_REMOVED,
 }
 
+
+def monotonic_clock() -> Callable[[], float]:
+    """``time.monotonic`` shifted to read like ``time.time`` at the moment this is called.
+
+    Monotonic: a step of the wall clock afterwards changes nothing it reads. Its readings
+    stay close to the wall clock (both are slewed alike by NTP) but are not wall times:
+    convert them with :meth:`Fleet.wall_time` before they leave the process."""
+    offset = time.time() - time.monotonic()
+    monotonic = time.monotonic
+
+    def clock() -> float:
+        return offset + monotonic()
+
+    return clock
+
+
 RecoveryHandler = Callable[[str, str], Awaitable[None]]
 ReplicaReportHandler = Callable[[str, Sequence[node_pb2.ReplicaState], bool], Awaitable[None]]
 """``(node_id, replicas, complete)``: the replicas a node reported; ``complete`` for a hello
@@ -88,6 +112,7 @@ class LiveMetrics:
 
     metrics: common_pb2.NodeMetrics
     received_at: float
+    """When it arrived, on the health clock (:attr:`Fleet.clock`)."""
     capabilities: common_pb2.NodeCapabilities | None = None
 
 
@@ -96,6 +121,7 @@ class FleetEvent:
     """Something that happened to the fleet, for operators and tests."""
 
     at: float
+    """On the health clock (:attr:`Fleet.clock`)."""
     kind: str  # "state", "recovery", "alert"
     node_id: str
     user_id: str
@@ -109,7 +135,12 @@ class Fleet:
     nodes: NodeRepository
     cache: Cache
     health_config: HealthConfig
-    clock: Callable[[], float] = time.time
+    clock: Callable[[], float] = field(default_factory=monotonic_clock)
+    """The health clock (seconds): monotonic. Every time the monitor, :attr:`live` and
+    :class:`StateChange` carry is on it."""
+    wall_clock: Callable[[], float] = time.time
+    """The wall clock, read only to convert health-clock times for the store, the cache
+    and the history (:meth:`wall_time`)."""
     recovery_handler: RecoveryHandler | None = None
     alert_handler: Callable[[str, str], Awaitable[None]] | None = None
     """``(user_id, message)``: stores an alert (controller/deployments/alerts.py)."""
@@ -124,6 +155,9 @@ class Fleet:
     heartbeat_problems: dict[str, str] = field(default_factory=dict)
     """Why a node's latest heartbeat was invalid, for nodes whose latest one was."""
     events: deque[FleetEvent] = field(default_factory=lambda: deque(maxlen=EVENT_LOG_SIZE))
+    view_listeners: list[Callable[[str], None]] = field(default_factory=list)
+    """Called with a node id when what placement sees of it may have changed (a heartbeat,
+    a hello, its stream, its removal): the deployments' live scheduler view."""
 
     def __post_init__(self) -> None:
         self.monitor_config = MonitorConfig(
@@ -151,6 +185,17 @@ class Fleet:
         self._history_unsaved: dict[str, tuple[float, common_pb2.NodeMetrics]] = {}
         self._metrics_due = asyncio.Event()
         self._metrics_writer: asyncio.Task[None] | None = None
+        self._collector: FreezingCollector | None = None
+        self._collecting: asyncio.Task[None] | None = None
+
+    def wall_time(self, at: float) -> float:
+        """The wall-clock time (epoch seconds) of ``at``, a time on the health clock: now on
+        the wall clock, less the time elapsed on the health clock since ``at``."""
+        return self.wall_clock() - (self.clock() - at)
+
+    def health_time(self, wall: float) -> float:
+        """The inverse of :meth:`wall_time`: the health-clock time of a wall-clock time."""
+        return self.clock() - (self.wall_clock() - wall)
 
     async def start(self) -> None:
         """Load every known node with a fresh grace period and start sweeping."""
@@ -163,15 +208,27 @@ class Fleet:
                 node.id,
                 node.user_id,
                 state,
-                node.last_heartbeat.timestamp() if node.last_heartbeat else None,
+                self.health_time(node.last_heartbeat.timestamp()) if node.last_heartbeat else None,
                 now,
                 draining=state == NodeState.DRAINING,
             )
         log.info("monitoring %d nodes (each with a fresh grace period)", len(self.monitor))
+        # Streams and fleet state are millions of long-lived objects at 20,000 nodes: full
+        # collections scan only what came since the last one (controller/nodes/collector.py).
+        if self._collector is None:
+            self._collector = FreezingCollector.install()
+            self._collecting = asyncio.create_task(FreezingCollector.run())
         self._runner = asyncio.create_task(self.monitor.run(self.clock, asyncio.sleep))
         self._metrics_writer = asyncio.create_task(self._write_metrics_forever())
 
     async def stop(self) -> None:
+        if self._collector is not None:
+            self._collector = None
+            if self._collecting is not None:
+                self._collecting.cancel()
+                await asyncio.gather(self._collecting, return_exceptions=True)
+                self._collecting = None
+            FreezingCollector.uninstall()
         self.streams.close_all("controller draining")
         self.monitor.stop()
         if self._runner is not None:
@@ -232,6 +289,7 @@ class Fleet:
                 )
             self.heartbeat_problems[node_id] = problem
         result = self.monitor.heartbeat(node_id, now, reported)
+        self._view_changed(node_id)
         if self.monitor.pending and (self._runner is None or self._runner.done()):
             # A running monitor delivers its queue itself: no task per heartbeat.
             self._background(self.monitor.flush())
@@ -285,14 +343,17 @@ class Fleet:
         live = self.live.get(node_id)
         if live is not None:
             live.capabilities = capabilities
+        self._view_changed(node_id)
 
     def stream_connected(self, node_id: str) -> None:
         self.monitor.stream_connected(node_id, self.clock())
+        self._view_changed(node_id)
 
     def stream_broken(self, node_id: str) -> None:
         if node_id in self.monitor:
             self.monitor.stream_broken(node_id, self.clock())
             self._background(self.monitor.flush())
+        self._view_changed(node_id)
 
     async def drain(self, node_id: str) -> None:
         self.monitor.drain(node_id, self.clock())
@@ -306,7 +367,12 @@ class Fleet:
         self.live.pop(node_id, None)
         self.announced.pop(node_id, None)
         self.heartbeat_problems.pop(node_id, None)
+        self._view_changed(node_id)
         await self.cache.delete(f"node:health:{node_id}")
+
+    def _view_changed(self, node_id: str) -> None:
+        for listener in self.view_listeners:
+            listener(node_id)
 
     def recovery_due(self, node_id: str) -> bool:
         """Whether a failed node's replicas may be re-placed now, outside the recovery hook.
@@ -343,7 +409,7 @@ class Fleet:
         if change.new == NodeState.REMOVED:
             self._unsaved.pop(change.node_id, None)
             await self.nodes.update_status(
-                change.node_id, str(change.new), now=datetime.fromtimestamp(change.at, UTC)
+                change.node_id, str(change.new), now=datetime.fromtimestamp(self.wall_time(change.at), UTC)
             )
             await self._write_cache(change.node_id)
             return
@@ -364,7 +430,7 @@ class Fleet:
                 (
                     node_id,
                     str(change.new),
-                    datetime.fromtimestamp(last, UTC) if last is not None else None,
+                    datetime.fromtimestamp(self.wall_time(last), UTC) if last is not None else None,
                     _metrics_dict(live.metrics) if live is not None and last is not None else None,
                 )
             )
@@ -399,11 +465,12 @@ class Fleet:
         value = {
             "status": str(health.state),
             "metrics": _metrics_dict(live.metrics) if live else None,
-            "last_update": live.received_at if live else None,
+            "last_update": self.wall_time(live.received_at) if live else None,
         }
         await self.cache.set(f"node:health:{node_id}", json.dumps(value).encode(), CACHE_HEALTH_TTL_SECONDS)
 
-    async def _append_history(self, node_id: str, now: float, metrics: common_pb2.NodeMetrics) -> None:
+    async def _append_history(self, node_id: str, at: float, metrics: common_pb2.NodeMetrics) -> None:
+        now = self.wall_time(at)
         hour = int(now // 3600)
         key = f"node:metrics:history:{node_id}:{hour}"
         raw = await self.cache.get(key)
@@ -413,7 +480,7 @@ class Fleet:
 
     async def history(self, node_id: str, hours: int) -> list[dict[str, Any]]:
         """Samples of the last ``hours`` hours, oldest first."""
-        current = int(self.clock() // 3600)
+        current = int(self.wall_clock() // 3600)
         samples: list[dict[str, Any]] = []
         for hour in range(current - hours + 1, current + 1):
             raw = await self.cache.get(f"node:metrics:history:{node_id}:{hour}")
@@ -462,7 +529,7 @@ class Fleet:
             for node_id, _ in batch:
                 del self._metrics_unsaved[node_id]
             rows = [
-                (node_id, datetime.fromtimestamp(at, UTC), _metrics_dict(metrics))
+                (node_id, datetime.fromtimestamp(self.wall_time(at), UTC), _metrics_dict(metrics))
                 for node_id, (at, metrics) in batch
             ]
             try:

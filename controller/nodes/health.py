@@ -512,17 +512,33 @@ def _heartbeat(health: NodeHealth, event: HeartbeatReceived, config: HealthConfi
     return Transition(new=new, changed=True, previous_state=health.state)
 
 
+def tick_due(health: NodeHealth, config: HealthConfig) -> float:
+    """The earliest time at which a :class:`Tick` would change ``health`` at all: the next
+    missed-heartbeat deadline or, for a node held from failure only by the restart grace,
+    the end of the grace period (``inf`` for a removed node). A Tick before it returns the
+    record unchanged, so the sweeper need only visit nodes whose due time has passed.
+
+    Events only ever move it later, except a :class:`ControllerRestarted`, which may set
+    a grace period (see :meth:`controller.nodes.monitor.HealthMonitor.observe`).
+
+    >>> config = HealthConfig.fast(1.0)
+    >>> tick_due(NodeHealth.registered("n1", at=10.0), config)
+    11.1
+    """
+    if health.state is NodeState.REMOVED:
+        return math.inf
+    deadline = missed_deadline(health, health.consecutive_missed + 1, config)
+    if health.state is NodeState.FAILED:
+        return deadline
+    if health.consecutive_missed >= config.failed_after_missed and health.grace_until is not None:
+        return min(deadline, health.grace_until)  # failure waits only for the grace to end
+    return deadline
+
+
 def _tick_changes_nothing(health: NodeHealth, at: float, config: HealthConfig) -> bool:
     """Whether a Tick at ``at`` would leave ``health`` exactly as it is: no further
     interval missed, and no failure waiting only for the grace period to end."""
-    if health.state is NodeState.FAILED:
-        return at < missed_deadline(health, health.consecutive_missed + 1, config)
-    if at >= missed_deadline(health, health.consecutive_missed + 1, config):
-        return False
-    waiting_for_grace = (
-        health.consecutive_missed >= config.failed_after_missed and health.grace_until is not None
-    )
-    return not (waiting_for_grace and not _in_grace(health, at))
+    return at < tick_due(health, config)
 
 
 def _undrain(health: NodeHealth, at: float, config: HealthConfig) -> Transition:

@@ -7,6 +7,17 @@ and friends with the time of the event, and the server runs
 :meth:`HealthMonitor.run` with an injected clock and sleep, which calls
 :meth:`HealthMonitor.sweep` every ``interval / 4``.
 
+A sweep visits only the nodes whose **due time** has passed
+(:func:`~controller.nodes.health.tick_due`: the next missed-heartbeat deadline, or the
+end of a restart grace that alone holds off a failure), kept in a heap with one entry
+per node. A heartbeat does not touch the heap: it only moves the node's due time later,
+so the entry is checked when it comes up and pushed again with the real due time. A
+sweep of 20,000 nodes heartbeating every 30 s thus visits the ~5,000 whose entries came
+up in the last quarter interval (a heap pop and push each) instead of ticking all
+20,000 (50-100 ms on this machine, in one go on the event loop), and ticks only the
+silent ones. Results are exactly those of ticking every node (a tick before the due time
+changes nothing), reported in the order the nodes were added.
+
 What it reports, in the order things happened, through awaited callbacks:
 
 * **State changes** (:class:`StateChange`) to every transition listener, once per
@@ -64,7 +75,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -84,6 +98,7 @@ from controller.nodes.health import (
     StreamConnected,
     Tick,
     Transition,
+    tick_due,
     transition,
 )
 
@@ -180,11 +195,18 @@ class _Alert:
 
 _Notice = StateChange | _Recovery | _Alert
 
+SWEEP_BATCH = 1000
+"""Heap entries a sweep handles before letting other tasks run (a few ms on this machine)."""
+
 
 @dataclass(slots=True)
 class _Entry:
     user_id: str
     health: NodeHealth
+    order: int
+    """When the node was added (a counter): sweeps report in this order."""
+    due: float = math.inf
+    """The due time of the node's live entry in the sweep heap (no later than its real one)."""
 
 
 class HealthMonitor:
@@ -212,6 +234,10 @@ class HealthMonitor:
         self._to_check: dict[str, float] = {}  # user -> time of a failure not yet weighed
         self._persisted_at: dict[str, float] = {}
         self._queue: deque[_Notice] = deque()
+        # (due time, entry order, node id): the sweep heap. An entry is live while it
+        # matches its node's _Entry (due and order); others are stale and skipped.
+        self._deadlines: list[tuple[float, int, str]] = []
+        self._order = itertools.count()
         self._flush_lock = asyncio.Lock()
         self._wakeup = asyncio.Event()
         self._stop = asyncio.Event()
@@ -288,7 +314,9 @@ class HealthMonitor:
         return self._track(node_id, user_id, health)
 
     def _track(self, node_id: str, user_id: str, health: NodeHealth) -> NodeHealth:
-        self._nodes[node_id] = _Entry(user_id, health)
+        entry = _Entry(user_id, health, next(self._order))
+        self._nodes[node_id] = entry
+        self._schedule(node_id, entry)
         self._by_user.setdefault(user_id, set()).add(node_id)
         if health.state is NodeState.FAILED:
             self._count_failed(user_id, +1)
@@ -322,6 +350,10 @@ class HealthMonitor:
             raise NotFound(f"node {node_id} is not monitored", reason="NODE_NOT_MONITORED")
         result = transition(entry.health, event, self.config.health)
         entry.health = result.new
+        if not isinstance(event, HeartbeatReceived):
+            # A heartbeat only moves the due time later (the heap entry, checked when it
+            # comes up, stays valid); other events are rare and checked here.
+            self._schedule(node_id, entry)
         if result.changed:
             self._changed(node_id, entry.user_id, result, event.at)
             self._weigh_failures()
@@ -352,19 +384,78 @@ class HealthMonitor:
         return self._apply_all(lambda: ControllerRestarted(at=now))
 
     def tick(self, now: float) -> list[StateChange]:
-        """Apply a :class:`Tick` to every node and release held recoveries that are due.
+        """Apply a :class:`Tick` to every node whose due time has passed (the same as to
+        every node: a tick before it changes nothing) and release held recoveries that
+        are due.
 
         Synchronous; :meth:`sweep` is this plus delivery.
         """
-        changes = self._apply_all(lambda: Tick(at=now))
+        changes: list[StateChange] = []
+        while self._tick_some(now, changes, SWEEP_BATCH):
+            pass
+        self._weigh_failures()
         self._release_due(now)
         return changes
 
     async def sweep(self, now: float) -> list[StateChange]:
-        """Tick every node, release due recoveries, and deliver everything queued."""
-        changes = self.tick(now)
+        """:meth:`tick`, letting other tasks run every :data:`SWEEP_BATCH` nodes, then
+        deliver everything queued."""
+        changes: list[StateChange] = []
+        more = self._tick_some(now, changes, SWEEP_BATCH)
+        while more:
+            await asyncio.sleep(0)  # heartbeats in between are fine: see _tick_some
+            more = self._tick_some(now, changes, SWEEP_BATCH)
+        self._weigh_failures()
+        self._release_due(now)
         await self.flush()
         return changes
+
+    def _tick_some(self, now: float, changes: list[StateChange], limit: int) -> bool:
+        """Tick (at ``now``) up to ``limit`` of the nodes whose heap entries have come up;
+        whether more may be left. A node that heartbeated after ``now`` in between is due
+        later, so it is only rescheduled."""
+        config = self.config.health
+        due: list[tuple[int, str, _Entry]] = []
+        popped = 0
+        while self._deadlines and self._deadlines[0][0] <= now and popped < limit:
+            popped += 1
+            at, order, node_id = heapq.heappop(self._deadlines)  # (_push may rebuild the list)
+            entry = self._nodes.get(node_id)
+            if entry is None or entry.order != order or entry.due != at:
+                continue  # stale: the node was forgotten, reloaded or rescheduled
+            entry.due = math.inf
+            real = tick_due(entry.health, config)
+            if real > now:  # it heartbeated since: check again when that comes up
+                self._push(node_id, entry, real)
+            else:
+                due.append((order, node_id, entry))
+        due.sort()
+        event = Tick(at=now)
+        for _, node_id, entry in due:
+            if self._nodes.get(node_id) is not entry:
+                continue  # forgotten by an earlier change in this pass
+            result = transition(entry.health, event, config)
+            entry.health = result.new
+            if result.changed:
+                changes.append(self._changed(node_id, entry.user_id, result, now))
+            if self._nodes.get(node_id) is entry:
+                self._schedule(node_id, entry)
+        return popped == limit
+
+    def _schedule(self, node_id: str, entry: _Entry) -> None:
+        """Make sure the sweep heap has an entry for the node no later than its due time."""
+        due = tick_due(entry.health, self.config.health)
+        if due < entry.due:
+            self._push(node_id, entry, due)
+
+    def _push(self, node_id: str, entry: _Entry, due: float) -> None:
+        if due == math.inf:
+            return
+        entry.due = due
+        heapq.heappush(self._deadlines, (due, entry.order, node_id))
+        if len(self._deadlines) > 4 * len(self._nodes) + 1024:  # many stale entries: rebuild
+            self._deadlines = [(e.due, e.order, n) for n, e in self._nodes.items() if e.due != math.inf]
+            heapq.heapify(self._deadlines)
 
     def _apply_all(self, make: Callable[[], Event]) -> list[StateChange]:
         changes: list[StateChange] = []
@@ -376,6 +467,8 @@ class HealthMonitor:
             entry.health = result.new
             if result.changed:
                 changes.append(self._changed(node_id, entry.user_id, result, event.at))
+            if self._nodes.get(node_id) is entry:
+                self._schedule(node_id, entry)
         self._weigh_failures()
         return changes
 

@@ -22,6 +22,19 @@ connection per client:
 Every figure is also printed as a ratio to Health.Check's from the same run.
 ``--logging`` adds an in-process measurement of the access-log line alone.
 
+``--query`` adds two more RPCs through **real agents** (two ``a67 agent`` processes,
+database nodes, one database of 4 hash shards on ``customer_id``, two shards per agent,
+20,000 rows written into the shard files before the run):
+
+* ``point``   ``ExecuteQuery``, ``SELECT … FROM orders WHERE customer_id = C AND id = I``:
+  one shard (client → controller → node stream → agent → shard → PushShardResult → client);
+  64 different statements in turn (all in the plan cache after the warm-up);
+* ``groupby`` ``ExecuteQuery``, ``SELECT region, COUNT(*), SUM(total) FROM orders GROUP BY
+  region ORDER BY region``: all 4 shards, merged by the controller.
+
+Every answer is checked (the point row, the 4 groups' counts and sums); a wrong one
+counts as an error.
+
 Loopback only; the client processes share the machine's cores with the
 controller. Not a test: pytest does not collect it.
 """
@@ -33,19 +46,29 @@ import asyncio
 import multiprocessing
 import os
 import platform
+import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 import psutil  # noqa: E402
-from automator67.v1 import auth_pb2, auth_pb2_grpc  # noqa: E402
+from automator67.v1 import (  # noqa: E402
+    auth_pb2,
+    auth_pb2_grpc,
+    node_pb2,
+    node_pb2_grpc,
+    query_pb2,
+    query_pb2_grpc,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from tests.bench.bench_node_streams import start_controller  # noqa: E402
@@ -53,6 +76,119 @@ from tests.bench.stats import describe, percentile, tail  # noqa: E402
 
 PASSWORD_HASH = "YmVuY2htYXJrLWNsaWVudC1zYWx0ZWQtaGFzaA=="
 RPCS = ("health", "me")
+AGENT_PIDS: list[int] = []
+"""The agents of ``--query`` (their CPU per call is reported with the controller's)."""
+QUERY_RPCS = ("point", "groupby")
+QUERY_SCHEMA = (
+    "CREATE TABLE orders (id INTEGER NOT NULL, customer_id INTEGER NOT NULL, region TEXT NOT NULL, "
+    "total REAL NOT NULL, PRIMARY KEY (customer_id, id))"
+)
+QUERY_ROWS = 20_000
+REGIONS = ("ap", "eu", "sa", "us")
+GROUP_BY_SQL = "SELECT region, COUNT(*) AS n, SUM(total) AS s FROM orders GROUP BY region ORDER BY region"
+
+
+def _order(i: int) -> tuple[int, int, str, float]:
+    return i, i % 1000, REGIONS[i % 4], float(i % 100) + 0.5
+
+
+class QueryContext:
+    """What the query RPCs send and expect (picklable: handed to the client processes)."""
+
+    def __init__(self, db_id: str) -> None:
+        self.db_id = db_id
+        picks = range(7, QUERY_ROWS, QUERY_ROWS // 64)
+        self.points = [
+            (f"SELECT id, customer_id, region, total FROM orders WHERE customer_id = {c} AND id = {i}",
+             [float(i), float(c), r, t])
+            for i, c, r, t in map(_order, picks)
+        ]  # fmt: skip
+        groups: dict[str, list[float]] = {}
+        for _, _, region, total in map(_order, range(QUERY_ROWS)):
+            n_s = groups.setdefault(region, [0.0, 0.0])
+            n_s[0] += 1
+            n_s[1] += total
+        self.groups = [[region, n, s] for region, (n, s) in sorted(groups.items())]
+
+    def point_check(self, k: int) -> tuple[query_pb2.ExecuteQueryRequest, Any]:
+        sql, expected = self.points[k % len(self.points)]
+
+        def check(response: query_pb2.ExecuteQueryResponse) -> None:
+            rows = [list(row) for row in response.data]
+            if rows != [expected]:
+                raise AssertionError(f"point: {rows} != {[expected]}")
+
+        return query_pb2.ExecuteQueryRequest(db_id=self.db_id, query=sql, timeout_ms=10_000), check
+
+    def groupby_check(self) -> tuple[query_pb2.ExecuteQueryRequest, Any]:
+        def check(response: query_pb2.ExecuteQueryResponse) -> None:
+            rows = [list(row) for row in response.data]
+            if rows != self.groups:
+                raise AssertionError(f"group by: {rows} != {self.groups}")
+
+        request = query_pb2.ExecuteQueryRequest(db_id=self.db_id, query=GROUP_BY_SQL, timeout_ms=10_000)
+        return request, check
+
+
+def setup_query(address: str, token: str, work: Path, agents: list[subprocess.Popen[bytes]]) -> QueryContext:
+    """Two agents (database nodes, appended to ``agents`` as they start: the caller stops
+    them), a 4-shard database on them, its rows in the shard files."""
+    from controller.federation.query import key_type_from_sql, layout_from_proto
+
+    metadata = (("authorization", f"Bearer {token}"),)
+    with grpc.insecure_channel(address) as channel:
+        nodes = node_pb2_grpc.NodeServiceStub(channel)
+        enroll = nodes.CreateEnrollmentToken(
+            node_pb2.CreateEnrollmentTokenRequest(max_uses=2), metadata=metadata
+        ).token
+        env = {k: v for k, v in os.environ.items() if not k.startswith("A67_")} | {"A67_AGENT_TOKEN": enroll}
+        agent_args = [sys.executable, "-m", "controller.cli", "agent", "--node-types", "database",
+                      "--controller", address, "--log-level", "WARNING"]  # fmt: skip
+        for name in ("a", "b"):
+            agents.append(
+                subprocess.Popen(
+                    [*agent_args, "--data-dir", str(work / f"agent-{name}"), "--region", name],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        deadline = time.monotonic() + 90
+        while True:
+            listed = nodes.ListNodes(node_pb2.ListNodesRequest(), metadata=metadata).nodes
+            ids = {n.region: n.id for n in listed if n.status in (2, 3)}  # ready or busy (a loaded machine)
+            if len(ids) == 2:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit("the agents did not become ready")
+            time.sleep(0.1)
+        sharding = query_pb2.Sharding(
+            strategy=query_pb2.SHARDING_STRATEGY_HASH, shard_count=4, sharding_key="customer_id"
+        )
+        stub = query_pb2_grpc.QueryServiceStub(channel)
+        owner = {0: "a", 1: "b", 2: "a", 3: "b"}
+        db_id = stub.CreateDatabase(
+            query_pb2.CreateDatabaseRequest(
+                name="hot",
+                dialect="sqlite",
+                sharding=sharding,
+                shards=[
+                    query_pb2.ShardPlacement(shard_index=i, primary_node_id=ids[owner[i]]) for i in range(4)
+                ],
+            ),
+            metadata=metadata,
+        ).database.id
+        stub.ApplySchema(query_pb2.ApplySchemaRequest(db_id=db_id, ddl=QUERY_SCHEMA), metadata=metadata)
+    layout = layout_from_proto(sharding, key_type=key_type_from_sql("INTEGER"))
+    by_shard: dict[int, list[tuple[int, int, str, float]]] = {i: [] for i in range(4)}
+    for row in map(_order, range(QUERY_ROWS)):
+        by_shard[layout.shard_for(row[1])].append(row)
+    for shard, rows in by_shard.items():
+        conn = sqlite3.connect(work / f"agent-{owner[shard]}" / "shards" / db_id / f"{shard}.sqlite3")
+        conn.executemany("INSERT INTO orders VALUES (?, ?, ?, ?)", rows)
+        conn.commit()
+        conn.close()
+    return QueryContext(db_id)
 
 
 def register(address: str) -> str:
@@ -68,25 +204,49 @@ def register(address: str) -> str:
 # -- sequential --------------------------------------------------------------
 
 
-def sequential(address: str, token: str, requests: int, rounds: int, warmup: int) -> dict[str, list[float]]:
+def sequential(
+    address: str,
+    token: str,
+    requests: int,
+    rounds: int,
+    warmup: int,
+    rpcs: tuple[str, ...] = RPCS,
+    query: QueryContext | None = None,
+) -> dict[str, list[float]]:
     channel = grpc.insecure_channel(address)
     health = health_pb2_grpc.HealthStub(channel).Check
     me = auth_pb2_grpc.AuthServiceStub(channel).GetCurrentUser
+    execute = query_pb2_grpc.QueryServiceStub(channel).ExecuteQuery
     health_request = health_pb2.HealthCheckRequest(service="")
     me_request = auth_pb2.GetCurrentUserRequest()
     metadata = (("authorization", f"Bearer {token}"),)
+    counter = [0]
+
+    def point() -> None:
+        assert query is not None
+        counter[0] += 1
+        request, check = query.point_check(counter[0])
+        check(execute(request, metadata=metadata, timeout=10))
+
+    def groupby() -> None:
+        assert query is not None
+        request, check = query.groupby_check()
+        check(execute(request, metadata=metadata, timeout=10))
+
     calls = {
         "health": lambda: health(health_request, timeout=10),
         "me": lambda: me(me_request, metadata=metadata, timeout=10),
+        "point": point,
+        "groupby": groupby,
     }
-    samples: dict[str, list[float]] = {rpc: [] for rpc in RPCS}
+    samples: dict[str, list[float]] = {rpc: [] for rpc in rpcs}
     try:
-        for call in calls.values():
+        for rpc in rpcs:
             for _ in range(warmup):
-                call()
+                calls[rpc]()
         per_round = max(1, requests // rounds)
         for round_no in range(rounds):
-            for rpc in RPCS if round_no % 2 == 0 else tuple(reversed(RPCS)):
+            for rpc in rpcs if round_no % 2 == 0 else tuple(reversed(rpcs)):
                 call, out = calls[rpc], samples[rpc]
                 for _ in range(per_round):
                     start = time.perf_counter_ns()
@@ -101,7 +261,13 @@ def sequential(address: str, token: str, requests: int, rounds: int, warmup: int
 
 
 async def _client(
-    rpc: str, address: str, token: str, inflight: int, start_at: float, stop_at: float
+    rpc: str,
+    address: str,
+    token: str,
+    inflight: int,
+    start_at: float,
+    stop_at: float,
+    query: QueryContext | None = None,
 ) -> tuple[int, int, list[float]]:
     async with grpc.aio.insecure_channel(address) as channel:
         if rpc == "health":
@@ -110,6 +276,17 @@ async def _client(
 
             async def call() -> None:
                 await stub.Check(request, timeout=10)
+        elif rpc in QUERY_RPCS:
+            assert query is not None
+            execute = query_pb2_grpc.QueryServiceStub(channel).ExecuteQuery
+            query_metadata = (("authorization", f"Bearer {token}"),)
+            counter = [os.getpid()]
+
+            async def call() -> None:
+                assert query is not None
+                counter[0] += 1
+                sql, check = query.point_check(counter[0]) if rpc == "point" else query.groupby_check()
+                check(await execute(sql, metadata=query_metadata, timeout=10))
         else:
             me = auth_pb2_grpc.AuthServiceStub(channel)
             me_request = auth_pb2.GetCurrentUserRequest()
@@ -128,7 +305,7 @@ async def _client(
                 began = time.perf_counter_ns()
                 try:
                     await call()
-                except grpc.RpcError:
+                except (grpc.RpcError, AssertionError):
                     counts[1] += 1
                     continue
                 latencies.append((time.perf_counter_ns() - began) / 1e6)
@@ -139,9 +316,15 @@ async def _client(
 
 
 def _client_process(
-    rpc: str, address: str, token: str, inflight: int, start_at: float, stop_at: float
+    rpc: str,
+    address: str,
+    token: str,
+    inflight: int,
+    start_at: float,
+    stop_at: float,
+    query: QueryContext | None = None,
 ) -> tuple[int, int, list[float]]:
-    return asyncio.run(_client(rpc, address, token, inflight, start_at, stop_at))
+    return asyncio.run(_client(rpc, address, token, inflight, start_at, stop_at, query))
 
 
 def concurrent(
@@ -153,16 +336,21 @@ def concurrent(
     procs: int,
     inflight: int,
     seconds: float,
+    query: QueryContext | None = None,
 ) -> dict[str, float | list[float]]:
     start_at = time.time() + 1.5
     stop_at = start_at + seconds
     pending = pool.starmap_async(
-        _client_process, [(rpc, address, token, inflight, start_at, stop_at)] * procs
+        _client_process, [(rpc, address, token, inflight, start_at, stop_at, query)] * procs
     )
+    agents = [psutil.Process(pid) for pid in AGENT_PIDS]
     time.sleep(max(0.0, start_at - time.time()))
     cpu0 = controller.cpu_times()
+    agents0 = [a.cpu_times() for a in agents]
     time.sleep(max(0.0, stop_at - time.time()))
     cpu1 = controller.cpu_times()
+    agents1 = [a.cpu_times() for a in agents]
+    agent_cpu = sum((b.user - a.user) + (b.system - a.system) for a, b in zip(agents0, agents1, strict=True))
     results = pending.get(timeout=seconds + 60)
     done = sum(r[0] for r in results)
     errors = sum(r[1] for r in results)
@@ -174,6 +362,7 @@ def concurrent(
         "errors": errors,
         "cpu_ms_per_call": cpu * 1000 / done if done else float("nan"),
         "controller_cpu_percent": cpu / seconds * 100,
+        "agent_cpu_ms_per_call": agent_cpu * 1000 / done if done else float("nan"),
         "latencies": latencies,
     }
 
@@ -230,8 +419,11 @@ def profile_only(args: argparse.Namespace, proc: psutil.Process, address: str, t
     """Only the 8-client phase of one RPC, for a profiler attached to the controller."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(args.procs) as pool:
-        f = concurrent(pool, proc, args.only, address, token, args.procs, 2, args.seconds)
-    print(f"{args.only}: {f['rate']:,.0f} calls/s, {f['cpu_ms_per_call']:.3f} ms controller CPU per call")
+        f = concurrent(pool, proc, args.only, address, token, args.procs, 2, args.seconds, args.query_context)
+    print(
+        f"{args.only}: {f['rate']:,.0f} calls/s, {f['cpu_ms_per_call']:.3f} ms controller CPU per call, "
+        f"{f['agent_cpu_ms_per_call']:.3f} ms agents' CPU per call; {describe(f['latencies'])}"  # type: ignore[arg-type]
+    )
 
 
 # -- main --------------------------------------------------------------------------
@@ -249,7 +441,15 @@ def main() -> int:
     )
     parser.add_argument("--cache-url", default="memory://", help="the controller's cache (default memory://)")
     parser.add_argument("--logging", action="store_true", help="also time the access-log line in-process")
-    parser.add_argument("--only", choices=RPCS, help="concurrent phase for this RPC alone (profiling)")
+    parser.add_argument(
+        "--only", choices=RPCS + QUERY_RPCS, help="concurrent phase for this RPC alone (profiling)"
+    )
+    parser.add_argument(
+        "--query", action="store_true", help="also a point query and a 4-shard GROUP BY through real agents"
+    )
+    parser.add_argument(
+        "--rpcs", help="comma-separated subset of health,me,point,groupby (default: all measured)"
+    )
     parser.add_argument("--pid-file", type=Path, help="write the controller's pid here (for py-spy)")
     args = parser.parse_args()
 
@@ -261,11 +461,21 @@ def main() -> int:
             extra_args=("--cache-url", args.cache_url),
         )
         address = controller.address
+        agents: list[subprocess.Popen[bytes]] = []
         try:
             proc = psutil.Process(controller.proc.pid)
             if args.pid_file:
                 args.pid_file.write_text(str(proc.pid))
             token = register(address)
+            args.query_context = None
+            rpcs: tuple[str, ...] = RPCS
+            if args.query or (args.only in QUERY_RPCS):
+                args.query_context = setup_query(address, token, work, agents)
+                AGENT_PIDS.extend(agent.pid for agent in agents)
+                rpcs = RPCS + QUERY_RPCS
+            if args.rpcs:
+                rpcs = tuple(r for r in rpcs if r in args.rpcs.split(","))
+                assert rpcs[0] == "health", "the ratios are to health: list it"
             print(
                 f"Health.Check vs GetCurrentUser, loopback; {os.cpu_count()} CPUs "
                 f"({platform.processor() or platform.machine()}), Python {platform.python_version()}, "
@@ -275,14 +485,16 @@ def main() -> int:
             if args.only:
                 profile_only(args, proc, address, token)
                 return 0
-            samples = sequential(address, token, args.requests, args.rounds, args.warmup)
+            samples = sequential(
+                address, token, args.requests, args.rounds, args.warmup, rpcs, args.query_context
+            )
             base = samples["health"]
             print(
                 f"\nSequential, one client, {len(base)} calls per RPC in {args.rounds} interleaved rounds (ms):\n"
             )
             print("| RPC | p50 | p90 | p99 / max | mean | p50 ratio to health |")
             print("|---|---:|---:|---:|---:|---:|")
-            for rpc in RPCS:
+            for rpc in rpcs:
                 values = samples[rpc]
                 name, value = tail(values)
                 ratio = percentile(values, 50) / percentile(base, 50)
@@ -301,26 +513,36 @@ def main() -> int:
                     )
                     print(
                         "| RPC | calls/s | ratio | latency | controller CPU ms/call | ratio | "
-                        "controller CPU % | errors |"
+                        "controller CPU % | agents' CPU ms/call | errors |"
                     )
-                    print("|---|---:|---:|---|---:|---:|---:|---:|")
+                    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
                     figures = {}
-                    order = RPCS if inflight % 2 else tuple(reversed(RPCS))
+                    order = rpcs if inflight % 2 else tuple(reversed(rpcs))
                     for rpc in order:
                         figures[rpc] = concurrent(
-                            pool, proc, rpc, address, token, args.procs, inflight, args.seconds
-                        )
-                    for rpc in RPCS:
+                            pool, proc, rpc, address, token, args.procs, inflight, args.seconds,
+                            args.query_context,
+                        )  # fmt: skip
+                    for rpc in rpcs:
                         f, h = figures[rpc], figures["health"]
                         print(
                             f"| {rpc} | {f['rate']:,.0f} | {f['rate'] / h['rate']:.2f} | "  # type: ignore[operator]
                             f"{describe(f['latencies'])} | {f['cpu_ms_per_call']:.3f} | "  # type: ignore[arg-type]
                             f"{f['cpu_ms_per_call'] / h['cpu_ms_per_call']:.2f}x | "  # type: ignore[operator]
-                            f"{f['controller_cpu_percent']:.0f} | {f['errors']} |"
+                            f"{f['controller_cpu_percent']:.0f} | {f['agent_cpu_ms_per_call']:.3f} | "
+                            f"{f['errors']} |"
                         )
             print(f"\nload average {os.getloadavg()[0]:.2f} at end")
         finally:
             controller.stop()
+            for agent in agents:
+                agent.terminate()
+            for agent in agents:
+                try:
+                    agent.wait(10)
+                except subprocess.TimeoutExpired:
+                    agent.kill()
+                    agent.wait()
     if args.logging:
         print("\nThe access-log line alone (in-process, this interpreter):")
         logging_cost()

@@ -62,6 +62,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -81,6 +82,7 @@ from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 
 from controller import keepalive  # noqa: E402
+from controller.nodes.collector import FreezingCollector  # noqa: E402
 from tests.bench.stats import percentile, tail  # noqa: E402
 
 SERVER_NAME = "automator67-controller"
@@ -124,6 +126,45 @@ class ControllerProc:
                 self.proc.wait()
 
 
+# ``python -c`` launcher of ``controller.cli`` that logs every garbage collection of
+# generation 2 (or any taking over 5 ms): wall time, generation, duration (and the
+# thread's CPU time in it: on a loaded machine the wall time includes waiting for a core),
+# objects collected (BENCH_CONTROLLER_GC_LOG=<file>).
+GC_LOGGING_LAUNCHER = """
+import gc, runpy, sys, time
+out = open(sys.argv[1], "a", buffering=1)
+sys.argv = ["controller.cli", *sys.argv[2:]]
+started = [0.0, 0.0]
+census_at = [0.0]
+def census(generation):
+    # what a large young generation holds (at most every 10 s): the 8 commonest types
+    if generation == 2 or time.monotonic() - census_at[0] < 10:
+        return
+    objects = gc.get_objects(generation)
+    if len(objects) > 5000:
+        census_at[0] = time.monotonic()
+        counts = {}
+        for o in objects:
+            name = type(o).__qualname__
+            counts[name] = counts.get(name, 0) + 1
+        top = sorted(counts.items(), key=lambda kv: -kv[1])[:8]
+        out.write(f"{time.time():.3f} census gen{generation} {len(objects)} objects: {top}\\n")
+    del objects
+def timing(phase, info):
+    if phase == "start":
+        census(info["generation"])
+        started[:] = time.perf_counter(), time.thread_time()
+        return
+    took = (time.perf_counter() - started[0]) * 1000
+    cpu = (time.thread_time() - started[1]) * 1000
+    if info["generation"] == 2 or took > 5:
+        out.write(f"{time.time():.3f} gen{info['generation']} {took:.1f} ms (cpu {cpu:.1f} ms) "
+                  f"collected={info['collected']}\\n")
+gc.callbacks.append(timing)
+runpy.run_module("controller.cli", run_name="__main__")
+"""
+
+
 def start_controller(
     data_dir: Path,
     interval: float = 1.0,
@@ -142,8 +183,12 @@ def start_controller(
     env["A67_XDS_LISTEN_ADDRESS"] = f"127.0.0.1:{free_port()}"
     env.update(env_overrides or {})
     profile = os.environ.get("BENCH_CONTROLLER_CPROFILE")  # experiments: cProfile output path
+    gc_log = os.environ.get("BENCH_CONTROLLER_GC_LOG")  # experiments: one line per slow collection
+    launcher = ["-m", "controller.cli"]
+    if gc_log:
+        launcher = ["-c", GC_LOGGING_LAUNCHER, gc_log]
     args = [
-        sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []), "-m", "controller.cli", "serve",
+        sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []), *launcher, "serve",
         "--listen", f"127.0.0.1:{port}",
         "--node-listen", f"127.0.0.1:{node_port}",
         "--data-dir", str(data_dir),
@@ -278,6 +323,9 @@ async def _worker_main(
     queue: multiprocessing.Queue,  # type: ignore[type-arg]
 ) -> None:
     errors: collections.Counter[str] = collections.Counter()
+    # The load generator's own full collections (millions of objects at 5,000 streams per
+    # worker) would stall its timing: the controller's policy, here too.
+    FreezingCollector.install()
 
     # 1. enrollment (once, with the controller: its CA signs every node's certificate)
     t0 = time.monotonic()
@@ -334,6 +382,7 @@ async def _measure(
     # The window is known once all workers pass the barrier: measured from go +
     # warmup_seconds, for --seconds; until then nothing is counted.
     latencies: list[float] = []
+    slow_log = _diagnostics_log(f"worker{result.worker}")
     held = [0]
     counts = {"sent": 0, "acks": 0}
     window = {"from": math.inf, "end": math.inf}
@@ -369,8 +418,11 @@ async def _measure(
                     if msg.WhichOneof("message") == "heartbeat_ack":
                         break
                 if measured:
-                    latencies.append((time.perf_counter() - sent) * 1000)
+                    took_ms = (time.perf_counter() - sent) * 1000
+                    latencies.append(took_ms)
                     counts["acks"] += 1
+                    if slow_log is not None and took_ms > 200:
+                        slow_log.write(f"{time.time():.3f} ack {took_ms:.0f} ms\n")
                 # next tick on the grid of this stream
                 next_at = now + interval
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
@@ -417,6 +469,35 @@ async def _measure(
     result.errors = dict(errors)
     result.cpu_seconds = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
 
+
+def _diagnostics_log(name: str) -> Any:
+    """With BENCH_CONTROLLER_GC_LOG=<file>: ``<file>.<name>``, where this load generator logs
+    its slow acks (over 200 ms) and its own slow garbage collections, with wall times to
+    line up with the controller's; else None."""
+    import gc
+
+    path = os.environ.get("BENCH_CONTROLLER_GC_LOG")
+    if not path:
+        return None
+    if name in _DIAGNOSTICS:
+        return _DIAGNOSTICS[name]
+    out = open(f"{path}.{name}", "a", buffering=1)  # noqa: SIM115 - lives as long as the worker
+    started = [0.0]
+
+    def timing(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        took = (time.perf_counter() - started[0]) * 1000
+        if info["generation"] == 2 or took > 5:
+            out.write(f"{time.time():.3f} gen{info['generation']} {took:.1f} ms\n")
+
+    gc.callbacks.append(timing)
+    _DIAGNOSTICS[name] = out
+    return out
+
+
+_DIAGNOSTICS: dict[str, Any] = {}
 
 FAST_ENROLL = "fast-enroll:"
 
@@ -557,6 +638,7 @@ def serve_bare(
     )
 
     async def main() -> None:
+        FreezingCollector.install()  # the controller's collector policy, for a like-for-like floor
         options = keepalive.server_options(interval_ms)
         if os.environ.get("BENCH_SERVER_KEEPALIVE_MS"):  # experiments: the bare server's ping period
             options.append(("grpc.keepalive_time_ms", int(os.environ["BENCH_SERVER_KEEPALIVE_MS"])))

@@ -71,7 +71,9 @@ async def _node(nodes: NodeRepository, user: User) -> str:
 async def test_a_flapping_node_costs_one_row_per_flush(store: Store, alice: User) -> None:
     clock = Clock()
     nodes = CountingNodes(store)
-    fleet = Fleet(nodes=nodes, cache=MemoryCache(), health_config=HealthConfig.fast(1.0), clock=clock)
+    fleet = Fleet(
+        nodes=nodes, cache=MemoryCache(), health_config=HealthConfig.fast(1.0), clock=clock, wall_clock=clock
+    )
     ids = [await _node(nodes, alice) for _ in range(3)]
     for node_id in ids:
         fleet.track(node_id, alice.id)

@@ -542,3 +542,31 @@ async def test_an_invalid_heartbeat_degrades_the_node_and_its_numbers_go_nowhere
         assert [sample.metrics.cpu_percent for sample in current.history] == [42]
         await stored_and_cached()
         await stream.outbox.put(None)
+
+
+async def test_a_deregistered_nodes_certificate_is_refused_at_once_on_its_other_calls(
+    controller: Controller, channel: grpc.aio.Channel
+) -> None:
+    """The node port remembers a certificate's verification and the node's row check
+    (FetchChunk and PushShardResult are one call per chunk or shard statement), but
+    deregistering the node forgets them: its next call is refused."""
+    token = await _user(channel)
+    stub = node_pb2_grpc.NodeServiceStub(channel)
+    node = FakeNode()
+    reply = await _enroll(stub, token, node)
+    async with node.channel(controller) as node_channel:
+        node_stub = node_pb2_grpc.NodeServiceStub(node_channel)
+
+        async def fetch_refusal() -> str:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in node_stub.FetchPackage(node_pb2.FetchPackageRequest(sha256="0" * 64)):
+                    pass
+            return _reason(info.value)
+
+        first = await fetch_refusal()  # no such package for this node, but the node is known
+        assert first != "NODE_CERTIFICATE_REVOKED"
+        assert await fetch_refusal() == first  # the remembered check: the same answer
+        await stub.DeregisterNode(
+            node_pb2.DeregisterNodeRequest(node_id=reply.node_id), metadata=bearer(token)
+        )
+        assert await fetch_refusal() == "NODE_CERTIFICATE_REVOKED"

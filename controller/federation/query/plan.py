@@ -179,6 +179,24 @@ class PlanCache:
             self._plans.popitem(last=False)
         return result
 
+    def cached(
+        self,
+        sql: str,
+        dialect: str,
+        layout: ShardLayout,
+        *,
+        schema_version: int = 0,
+        database: str = "",
+    ) -> Plan | None:
+        """The cached plan of ``sql`` (counted as a hit), or None without planning: a
+        caller on the event loop can take a hit there and plan a miss in a thread."""
+        key = (database, sql, dialect, layout.version, schema_version)
+        cached = self._plans.get(key)
+        if cached is not None:
+            self._plans.move_to_end(key)
+            self.hits += 1
+        return cached
+
     def clear(self) -> None:
         """Forget every plan."""
         self._plans.clear()
