@@ -383,9 +383,12 @@ class DatabaseService:
                 query_pb2.ShardStatus(
                     shard_index=s.shard,
                     status=s.status,
-                    node_id=loaded.replication.shards[s.shard].primary
-                    if s.shard in loaded.replication.shards
-                    else "",
+                    node_id=s.node_id  # the node that answered: a replica when the read fell back
+                    or (
+                        loaded.replication.shards[s.shard].primary
+                        if s.shard in loaded.replication.shards
+                        else ""
+                    ),
                     error_message=s.error,
                 )
                 for s in result.shard_statuses

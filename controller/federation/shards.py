@@ -156,10 +156,13 @@ def _failure(
             reason="RESULT_TOO_LARGE",
             metadata={"shard": str(shard), "max_rows": str(caps.rows), "max_bytes": str(caps.bytes)},
         )
+    retryable = kind in ("unavailable", "cancelled")
     return ShardError(
         shard,
-        f"node {node_id}: {message}",
-        retryable=kind in ("unavailable", "cancelled"),
+        # the node matters when it failed; a statement's own error (a missing column, a
+        # constraint) is the same on any node and names what is wrong itself
+        f"node {node_id}: {message}" if retryable else message,
+        retryable=retryable,
         sqlstate=sqlstates.get(kind),
     )
 
@@ -513,5 +516,8 @@ async def collect(rows: ShardRows, is_write: bool) -> ShardResult:
     finally:
         await rows.close()
     return ShardResult(
-        columns=rows.columns, rows=collected, rows_affected=rows.rowcount if is_write else None
+        columns=rows.columns,
+        rows=collected,
+        rows_affected=rows.rowcount if is_write else None,
+        node_id=rows.node_id,
     )

@@ -240,10 +240,18 @@ async def test_errors(setup: tuple, channel: grpc.aio.Channel) -> None:
 async def test_replica_fallback_and_catch_up(
     setup: tuple, fleet: Fleet, controller: Controller, channel: grpc.aio.Channel, tmp_path: Path
 ) -> None:
-    stub, token, db_id, _ = setup
+    stub, token, db_id, ids = setup
+    before = await _query(stub, token, db_id, "SELECT count(*) FROM orders")
+    assert {s.shard_index: s.node_id for s in before.shard_statuses} == {
+        0: ids["a"],
+        1: ids["b"],
+        2: ids["c"],
+    }
     fleet.kill("a")  # primary of shard 0, replica of shard 1
     total = await _query(stub, token, db_id, "SELECT count(*) FROM orders")
     assert _rows(total) == [[40]]  # shard 0 answered from its replica on b
+    answered = {s.shard_index: s.node_id for s in total.shard_statuses}
+    assert answered == {0: ids["b"], 1: ids["b"], 2: ids["c"]}  # the node that answered, not the primary
 
     # Writes while a is down: shard 0's primary is a, and writes do not fail over;
     # shard 1's take them on b, and a's copy of shard 1 is now stale.

@@ -73,6 +73,8 @@ class ShardResult:
     """The rows, in the shard's order."""
     rows_affected: int | None = None
     """For writes: the rows inserted, updated or deleted."""
+    node_id: str = ""
+    """The node that answered (the primary, or the replica a read fell back to)."""
 
 
 class ShardError(Exception):
@@ -112,6 +114,8 @@ class ShardStatus:
     shard: int
     status: Literal["ok", "failed", "timeout"]
     error: str = ""
+    node_id: str = ""
+    """The node that answered ("" when none did)."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,7 @@ async def execute(
         error = task.exception()
         if error is None:
             results[shard] = task.result()
-            statuses.append(ShardStatus(shard, "ok"))
+            statuses.append(ShardStatus(shard, "ok", node_id=results[shard].node_id))
         elif isinstance(error, TimeoutError):  # the executor gave up at the deadline itself
             statuses.append(ShardStatus(shard, "timeout", f"no answer within {deadline_seconds:g} s"))
         else:
