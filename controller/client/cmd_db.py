@@ -299,15 +299,20 @@ def register(root: click.Group) -> None:
         Examples:
           a67 db schema shop -f schema.sql
           a67 db schema shop "CREATE TABLE orders (id INTEGER, customer_id INTEGER, PRIMARY KEY (customer_id, id))"
-          a67 db schema shop          # show the tables
+          a67 db schema shop          # show the tables (also with an empty standard input)
         """
         st = state()
         conn = st.connection()
         found = find_database(conn, database)
-        if ddl is None and file is None and sys.stdin.isatty():
-            updated = found
+        statement = ""
+        if ddl is None and file is None:
+            # DDL piped in is applied; a terminal, or an empty pipe (a script), shows the schema
+            statement = "" if sys.stdin.isatty() else sys.stdin.read().strip()
         else:
             statement = read_sql(ddl, file, "DDL")
+        if not statement:
+            updated = found
+        else:
             updated = conn.call(
                 conn.query.ApplySchema, query_pb2.ApplySchemaRequest(db_id=found.id, ddl=statement)
             ).database

@@ -1,4 +1,4 @@
-"""``a67 nodes`` (list), ``nodes show|drain|remove|enroll``."""
+"""``a67 nodes`` (list), ``nodes show|drain|undrain|remove|enroll``."""
 
 from __future__ import annotations
 
@@ -164,6 +164,27 @@ def register(root: click.Group) -> None:
         else:
             st.output.say(f"Node {drained.id} is {status_label(drained.status)}: no new replicas go to it.")
 
+    @command(nodes, "undrain")
+    @click.argument("node")
+    def undrain(node: str) -> None:
+        """Let a drained node take new replicas again.
+
+        \b
+        Example:
+          a67 nodes undrain 3f2a
+        """
+        st = state()
+        conn = st.connection()
+        undrained = conn.call(
+            conn.nodes.UndrainNode, node_pb2.UndrainNodeRequest(node_id=find_node(conn, node).id)
+        ).node
+        if st.output.as_json:
+            st.output.json({"node": message_dict(undrained)})
+        else:
+            st.output.say(
+                f"Node {undrained.id} is {status_label(undrained.status)}: it takes new replicas again."
+            )
+
     @command(nodes, "remove")
     @click.argument("node")
     @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
@@ -248,7 +269,7 @@ def register(root: click.Group) -> None:
             f"Enrollment token created: valid until {when(reply.expires_at)} for {reply.max_uses} "
             f"node{'s' if reply.max_uses != 1 else ''}; it is shown only now. On the node, run:"
         )
-        st.output.say(line)
+        st.output.command_line(line)
 
 
 def _quote(word: str) -> str:

@@ -33,6 +33,8 @@ INVALID = 5
 CONFLICT = 6
 THROTTLED = 7
 UNREACHABLE = 8
+UNAVAILABLE = 9
+"""The controller answered but cannot do it now: no capacity, a node or shard down."""
 INTERRUPTED = 130
 
 EXIT_CODES: dict[grpc.StatusCode, int] = {
@@ -115,6 +117,8 @@ def from_rpc_error(err: grpc.RpcError, *, address: str = "") -> CliError:
     reason, problems, retry = error_info(err)
     exit_code = EXIT_CODES.get(code, FAILED)
     hint = ""
+    if code is grpc.StatusCode.UNAVAILABLE and reason:
+        exit_code = UNAVAILABLE  # the controller said why (INSUFFICIENT_CAPACITY, a shard down)
     if code is grpc.StatusCode.UNAVAILABLE and not reason:
         # No ErrorInfo: grpc itself could not reach the controller.
         where = f" at {address}" if address else ""

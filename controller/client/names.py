@@ -19,7 +19,7 @@ CLIENT_COMMANDS: dict[str, str] = {
     "logout": "end the session and forget its tokens",
     "whoami": "show who is signed in, and where",
     "auth": "multi-factor sign-in (auth mfa …) and the audit log of your secrets (auth audit)",
-    "nodes": "list, show, drain, remove and enroll nodes",
+    "nodes": "list, show, drain, undrain, remove and enroll nodes",
     "deploy": "deploy an app directory (a67.toml) and follow the rollout",
     "apps": "list, show, scale, update, roll back and remove apps",
     "logs": "an app's output: the last lines, -f to follow",

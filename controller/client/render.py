@@ -81,6 +81,11 @@ class Output:
         if not self.as_json:
             self.console.print(text, markup=False)
 
+    def command_line(self, text: str) -> None:
+        """A shell command for the user to copy: one line, never wrapped or highlighted."""
+        if not self.as_json:
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
     def note(self, text: str) -> None:
         """Progress or advice for people: stderr, so stdout stays clean."""
         self.err.print(text, markup=False)

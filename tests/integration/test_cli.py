@@ -202,6 +202,8 @@ async def test_fleet_deploy_and_databases(a67: A67, controller: Controller, tmp_
             assert enroll.code == 0, enroll.err
             assert "shown only now" in enroll.err
             line = enroll.out.strip()
+            assert len(line.splitlines()) == 1  # one line to copy, never wrapped
+            assert len(line) > 80
             assert line.startswith("A67_AGENT_TOKEN=a67e_")
             assert f"--controller {controller.address}" in line
             env, argv = agent_args(line, f"{21000 + 500 * i}-{21499 + 500 * i}")
@@ -215,6 +217,14 @@ async def test_fleet_deploy_and_databases(a67: A67, controller: Controller, tmp_
             )
 
         await until(two_ready, "both agents to enroll and be ready")
+        first = (await a67("nodes", "--json")).json()["nodes"][0]["id"]
+        drained = await a67("nodes", "drain", first[:8], "--json")
+        assert drained.code == 0, drained.err
+        assert drained.json()["node"]["status"] == "NODE_STATUS_DRAINING"
+        undrained = await a67("nodes", "undrain", first[:8])
+        assert undrained.code == 0, undrained.err
+        assert "takes new replicas again" in undrained.out
+        await until(two_ready, "the undrained node to be ready again")
         table = await a67("nodes")
         assert table.code == 0
         assert "east" in table.out
@@ -244,6 +254,9 @@ async def test_fleet_deploy_and_databases(a67: A67, controller: Controller, tmp_
         assert len(deployment["endpoints"]) == 2
         assert deployment["manifest"]["app_type"] == "APP_TYPE_BACKEND"
 
+        too_many = await a67("apps", "scale", "hello", "20")
+        assert too_many.code == 9, (too_many.code, too_many.err)  # answered: no capacity now
+        assert "INSUFFICIENT_CAPACITY" in too_many.err
         scaled = await a67("apps", "scale", "hello", "1")
         assert scaled.code == 0, scaled.err
         after = (await a67("apps", "show", "hello", "--json")).json()["deployment"]
@@ -282,6 +295,9 @@ async def test_fleet_deploy_and_databases(a67: A67, controller: Controller, tmp_
         assert applied.code == 0, applied.err
         assert "orders" in applied.out
         assert "customer_id" in applied.out
+        shown = await a67("db", "schema", "shop", stdin="")  # a script's empty stdin: show, not fail
+        assert shown.code == 0, shown.err
+        assert "orders" in shown.out
         inserted = await a67(
             "db",
             "query",
