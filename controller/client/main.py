@@ -7,12 +7,21 @@ from collections.abc import Sequence
 
 import click
 
-from controller.client import cmd_apps, cmd_auth, cmd_db, cmd_logs, cmd_metrics, cmd_nodes, cmd_vault
+from controller.client import (
+    cmd_alerts,
+    cmd_apps,
+    cmd_auth,
+    cmd_db,
+    cmd_logs,
+    cmd_metrics,
+    cmd_nodes,
+    cmd_vault,
+)
 from controller.client.app import PROG, State, cli
 from controller.client.errors import INTERRUPTED, CliError
 from controller.client.names import COMPLETE_VAR
 
-for _module in (cmd_auth, cmd_nodes, cmd_apps, cmd_logs, cmd_db, cmd_metrics, cmd_vault):
+for _module in (cmd_auth, cmd_nodes, cmd_apps, cmd_logs, cmd_db, cmd_metrics, cmd_alerts, cmd_vault):
     _module.register(cli)
 
 

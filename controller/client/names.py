@@ -25,6 +25,7 @@ CLIENT_COMMANDS: dict[str, str] = {
     "logs": "an app's output: the last lines, -f to follow",
     "db": "create databases, apply schema, run SQL",
     "metrics": "the fleet's metrics (--watch: live)",
+    "alerts": "alerts (recovery freezes, failed rollouts); unfreeze recovery",
     "vault": "master keys (operators): status, rotate, retire",
     "completion": "print a shell completion script",
 }

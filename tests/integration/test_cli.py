@@ -225,6 +225,13 @@ async def test_fleet_deploy_and_databases(a67: A67, controller: Controller, tmp_
         assert undrained.code == 0, undrained.err
         assert "takes new replicas again" in undrained.out
         await until(two_ready, "the undrained node to be ready again")
+        quiet = await a67("alerts")
+        assert quiet.code == 0, quiet.err
+        assert "No alert applies now" in quiet.out
+        assert (await a67("alerts", "--all", "--json")).json() == {"alerts": []}
+        lifted = await a67("alerts", "unfreeze")
+        assert lifted.code == 0, lifted.err
+        assert "was not frozen" in lifted.out
         table = await a67("nodes")
         assert table.code == 0
         assert "east" in table.out
