@@ -48,8 +48,8 @@ from controller.deployments.records import (
     ordered,
     resources_of,
 )
-from controller.deployments.repository import DeploymentRepository
-from controller.deployments.snapshot import NodeRows, build_snapshot
+from controller.deployments.repository import Conflict, DeploymentRepository
+from controller.deployments.snapshot import LiveFleetView
 from controller.errors import FieldViolation, InvalidArgument, NotFound
 from controller.nodes.fleet import Fleet
 from controller.nodes.monitor import StateChange
@@ -79,6 +79,7 @@ class Known:
     user_id: str
     request: Resources
     assignments: dict[int, Replica] = field(default_factory=dict)
+    name: str = ""
     packages: frozenset[str] = frozenset()
     """The package digests of every version (what its nodes may fetch)."""
 
@@ -93,6 +94,19 @@ def view_of(row: Deployment) -> DeploymentView:
         replicas=ordered(Replica.from_dict(a) for a in row.node_assignments),
         meta=dict(row.manifest),
         deployed_at=row.deployed_at,
+    )
+
+
+def _routed(row: Deployment) -> tuple[Any, ...]:
+    """What the ingress reads of a row (IngressService.deployment_changed)."""
+    return (
+        row.name,
+        row.user_id,
+        row.status,
+        tuple(
+            (a["replica_index"], a["node_id"], a["status"], a.get("endpoint") or "")
+            for a in row.node_assignments
+        ),
     )
 
 
@@ -158,15 +172,23 @@ class Harness:
         self.package_limits = PackageLimits(max_compressed_bytes=self.packages.max_bytes)
         self.deploy_margin = deploy_margin_seconds
         self.nodes = NodeCommands(lambda: fleet.streams)
-        self.node_rows = NodeRows(store, fleet)
         self.history = NodeHistory()
         """Every node's liveness over the last 24 h: the reliability factor of placement."""
+        self.live = LiveFleetView(store, fleet, self.history)
+        """The fleet's live scheduler view: one view per node, updated as nodes change."""
         fleet.monitor.add_listener(self._on_state_change)
+        fleet.view_listeners.append(self.live.node_changed)
         self.alerts = Alerts(store, fleet)
         """Stored alerts: mass-failure freezes (the fleet's hook) and failed rollouts."""
         fleet.alert_handler = self.alerts.on_fleet_alert
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.index: dict[str, Known] = {}
+        self._routed: dict[str, tuple[Any, ...]] = {}
+        self.names: dict[tuple[str, str], str] = {}
+        """(user, name) -> deployment id of every known deployment: CreateDeployment's check
+        for a taken name without a store read (the store's unique constraint decides)."""
+        self.rows: dict[str, Deployment] = {}
+        """The row of each deployment as this controller last read or wrote it (see :meth:`row`)."""
         self.granted: set[tuple[str, str]] = set()
         self.inflight: set[tuple[str, int]] = set()
         self.rolling: set[str] = set()
@@ -186,6 +208,7 @@ class Harness:
 
     async def _on_state_change(self, change: StateChange) -> None:
         self.history.record(change.node_id, change.new, change.at)
+        self.live.node_changed(change.node_id)
 
     # -- tasks ----------------------------------------------------------------------------------
 
@@ -207,21 +230,46 @@ class Harness:
 
     def remember(self, row: Deployment) -> None:
         view = view_of(row)
-        self.index[row.id] = Known(
+        known = Known(
             user_id=row.user_id,
             request=resources_of(row.manifest),
             assignments={r.replica_index: r for r in view.replicas},
             packages=view.packages(),
+            name=row.name,
         )
-        if self.on_change is not None:
+        old = self.index.get(row.id)
+        self._reservations(row.id, old, known)
+        self.index[row.id] = known
+        self.names[(row.user_id, row.name)] = row.id
+        routed = _routed(row)
+        if self.on_change is not None and self._routed.get(row.id) != routed:
+            # only when what the ingress routes by changed: it rebuilds its routes each time
+            self._routed[row.id] = routed
             self.on_change(row.id, row)
 
     def forget(self, deployment_id: str) -> None:
-        self.index.pop(deployment_id, None)
+        old = self.index.pop(deployment_id, None)
+        self._reservations(deployment_id, old, None)
+        if old is not None and self.names.get((old.user_id, old.name)) == deployment_id:
+            del self.names[(old.user_id, old.name)]
+        self._routed.pop(deployment_id, None)
         if self.on_change is not None:
             self.on_change(deployment_id, None)
 
+    def _reservations(self, deployment_id: str, old: Known | None, new: Known | None) -> None:
+        """Tell the live view which nodes the deployment's active replicas hold resources on."""
+        before = {i: r.node_id for i, r in old.assignments.items() if r.status in ACTIVE} if old else {}
+        after = {i: r.node_id for i, r in new.assignments.items() if r.status in ACTIVE} if new else {}
+        for index, node_id in before.items():
+            if after.get(index) != node_id:
+                self.live.release(node_id, (deployment_id, index))
+        if new is not None:
+            for index, node_id in after.items():
+                self.live.reserve(node_id, (deployment_id, index), new.request)
+
     def reserved(self, user_id: str, skip: tuple[str, int] | None = None) -> dict[str, Resources]:
+        """What the active replicas of ``user_id``'s deployments reserve, per node (without
+        replica ``skip``): the sums the live view keeps, recomputed from the index."""
         reserved: dict[str, Resources] = {}
         for dep_id, known in self.index.items():
             if known.user_id != user_id:
@@ -248,17 +296,18 @@ class Harness:
         one placement setup of create, retry, recovery, scale-up and rolling update
         (:func:`controller.deployments.plan.plan`). ``skip`` is a replica whose reserved
         resources do not count (the one being moved)."""
-        nodes = await self.node_rows.get(user_id)
-        snapshot = build_snapshot(user_id, nodes, self.fleet, self.reserved(user_id, skip=skip), self.history)
-        return place_replicas(
-            snapshot,
-            {n.id: n.region or "" for n in nodes},
-            request,
-            count,
-            seed=seed,
-            hosting=hosting,
-            exclude=frozenset(exclude),
-        )
+        live = await self.live.snapshot(user_id)
+        moving = None
+        if skip is not None and (known := self.index.get(skip[0])) is not None:
+            current = known.assignments.get(skip[1])
+            if current is not None and current.status in ACTIVE:
+                moving = current.node_id
+        regions = {node_id: view.region for node_id in hosting if (view := live.node(node_id)) is not None}
+        # no await from here on: the placement reads the live views as they are now
+        with self.live.without(live, skip, moving):
+            return place_replicas(
+                live, regions, request, count, seed=seed, hosting=hosting, exclude=frozenset(exclude)
+            )
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -291,25 +340,65 @@ class Harness:
 
     # -- applying plans -------------------------------------------------------------------------
 
+    async def row(self, deployment_id: str, listed: Deployment | None = None) -> Deployment | None:
+        """The deployment's row (the caller holds its lock): as this controller last read or
+        wrote it, else read from the store; ``listed``, a copy just read from the store,
+        replaces it if newer. Every write is conditional on the row's version (``updated_at``,
+        :meth:`DeploymentRepository.update`), so a row another writer changed meanwhile is
+        never overwritten: the write fails with :class:`Conflict`, the copy is dropped and
+        the next read goes to the store."""
+        cached = self.rows.get(deployment_id)
+        if listed is not None and (cached is None or listed.updated_at > cached.updated_at):
+            self.rows[deployment_id] = listed
+            return listed
+        if cached is not None:
+            return cached
+        row = await self.repo.get(deployment_id)
+        if row is not None:
+            self.rows[deployment_id] = row
+        return row
+
+    def drop_row(self, deployment_id: str) -> None:
+        """Forget the cached row (deleted, or its write failed): read it from the store next time."""
+        self.rows.pop(deployment_id, None)
+
+    async def save(self, row: Deployment) -> None:
+        """Write ``row``'s changes (the caller holds the deployment's lock; see :meth:`row`)."""
+        try:
+            await self.repo.update(row)
+        except BaseException:
+            self.drop_row(row.id)
+            raise
+        self.rows[row.id] = row
+
     async def commit(self, row: Deployment, plan: Plan) -> None:
         """Apply ``plan`` to ``row`` and save it (the caller holds the deployment's lock)."""
         apply_plan(row, plan)
-        await self.repo.save(row)
+        await self.save(row)
         self.remember(row)
 
     async def mutate(
         self, deployment_id: str, decide: Callable[[DeploymentView], Plan | None]
     ) -> tuple[Deployment | None, Plan | None]:
         """Under the deployment's lock: read it, decide, write the plan's store changes (one
-        transaction). The row (None: deleted) and the plan (None: nothing to do)."""
+        statement, committed with whatever else is being written). The row (None: deleted)
+        and the plan (None: nothing to do). If the row changed in the store since it was
+        read (another writer), it is read again and decided again, once."""
         async with self.locks[deployment_id]:
-            row = await self.repo.get(deployment_id)
-            if row is None:
-                return None, None
-            plan = decide(view_of(row))
-            if plan is not None and plan.changes_store:
-                await self.commit(row, plan)
-            return row, plan
+            for attempt in range(2):
+                row = await self.row(deployment_id)
+                if row is None:
+                    return None, None
+                plan = decide(view_of(row))
+                if plan is not None and plan.changes_store:
+                    try:
+                        await self.commit(row, plan)
+                    except Conflict:
+                        if attempt == 0:
+                            continue
+                        raise
+                return row, plan
+            raise AssertionError("unreachable")
 
     def carry_out(self, row: Deployment, plan: Plan) -> None:
         """Publish ``plan``'s reason and send its commands (in the background)."""

@@ -3,7 +3,7 @@
 Create, a replica's retry or recovery, scale-up and a rolling update's new replica
 all ask the same question: "where do ``count`` more replicas of this deployment
 go, given where its other replicas already run?" :func:`plan` answers it over a
-scheduling :class:`~controller.scheduling.Snapshot` with the same three inputs
+scheduling :class:`~controller.scheduling.Snapshot` (or the fleet's live view) with the same three inputs
 every time:
 
 * ``exclude``: nodes that must not be chosen (the replica just failed there, or
@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 
-from controller.scheduling import Placement, ReplicaRequest, Snapshot, place
+from controller.scheduling import Placement, ReplicaRequest, place
+from controller.scheduling.snapshot import NodeSet
 
 
 def occupied_regions(hosting: Iterable[str], regions: Mapping[str, str]) -> dict[str, int]:
@@ -37,7 +38,7 @@ def occupied_regions(hosting: Iterable[str], regions: Mapping[str, str]) -> dict
 
 
 def plan(
-    snapshot: Snapshot,
+    snapshot: NodeSet,
     regions: Mapping[str, str],
     request: ReplicaRequest,
     count: int,

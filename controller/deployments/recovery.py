@@ -110,7 +110,7 @@ class Recovery:
             # Decide on a fresh row under the deployment's lock: a rollout ends (status
             # written) under this lock before it leaves ``rolling``, so neither can be stale.
             async with h.locks[listed.id]:
-                row = await h.repo.get(listed.id)
+                row = await h.row(listed.id, listed)
                 if row is None or row.status in ENDED or row.id in h.rolling:
                     continue
                 h.remember(row)

@@ -11,7 +11,14 @@ which one a concurrent insert lost on.
 
 from __future__ import annotations
 
-from sqlalchemy import delete, select
+import asyncio
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Table, bindparam, delete, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from controller.errors import AlreadyExists
@@ -21,9 +28,49 @@ from controller.store.paging import DEFAULT_PAGE_SIZE, keyset_page
 
 NAME_TAKEN = "DEPLOYMENT_NAME_TAKEN"
 
+log = logging.getLogger("a67.deployments")
+
+UPDATE_BATCH_ROWS = 200
+"""Deployment updates written in one store transaction, at most (see :meth:`DeploymentRepository.update`)."""
+
+_MUTABLE = (
+    "status",
+    "manifest",
+    "node_assignments",
+    "current_replicas",
+    "desired_replicas",
+    "endpoints",
+    "deployed_at",
+    "last_scaled_at",
+)
+"""The columns a deployment's changes write (name, owner and request id never change)."""
+
+
+_TABLE: Table = Deployment.__table__  # type: ignore[assignment]
+_UPDATE = (
+    _TABLE.update()
+    .where(_TABLE.c.id == bindparam("b_id"), _TABLE.c.updated_at == bindparam("b_expected"))
+    .values(
+        {name: bindparam(f"b_{name}", type_=_TABLE.c[name].type) for name in _MUTABLE}
+        | {"updated_at": bindparam("b_version", type_=_TABLE.c.updated_at.type)}
+    )
+)
+"""One deployment's changes, written only if its row is still at the version read."""
+
 
 class RequestIdTaken(Exception):
     """A concurrent create with the same request id won: read that deployment instead."""
+
+
+class Conflict(Exception):
+    """The deployment row changed in the store since it was read (another writer), or is gone."""
+
+
+def _next_version(previous: datetime | None, now: datetime) -> datetime:
+    """``updated_at`` for a write: now, but always later than the version it replaces."""
+    if previous is not None and now <= previous:
+        return previous + timedelta(microseconds=1)
+    return now
 
 
 class DeploymentRepository:
@@ -31,6 +78,8 @@ class DeploymentRepository:
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        self._pending: list[tuple[Deployment, datetime | None, datetime, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def create(self, deployment: Deployment, package: DeploymentPackage) -> None:
         """Insert the deployment and (unless already kept) its package, in one transaction.
@@ -39,9 +88,10 @@ class DeploymentRepository:
         :class:`RequestIdTaken` if a concurrent create with the same request id won.
         """
         try:
+            # a write first, no read: an SQLite transaction that reads, then writes, fails at once
+            # ("database is locked") if another connection wrote in between
             async with self._store.session() as session:
-                if await session.get(DeploymentPackage, package.sha256) is None:
-                    session.add(package)
+                await session.execute(self._insert_package(package))
                 session.add(deployment)
         except IntegrityError as exc:
             if deployment.request_id and await self.get_by_request_id(
@@ -53,6 +103,18 @@ class DeploymentRepository:
                 reason=NAME_TAKEN,
                 metadata={"name": deployment.name},
             ) from exc
+
+    def _insert_package(self, package: DeploymentPackage) -> Any:
+        """``INSERT`` of the package row unless one with its digest is kept (either dialect)."""
+        values = {
+            "sha256": package.sha256,
+            "data": package.data,
+            "size": package.size,
+            "created_at": package.created_at or utcnow(),
+        }
+        if self._store.dialect_name == "postgresql":
+            return postgresql_insert(DeploymentPackage).values(values).on_conflict_do_nothing()
+        return sqlite_insert(DeploymentPackage).values(values).on_conflict_do_nothing()
 
     async def get(self, deployment_id: str) -> Deployment | None:
         async with self._store.session() as session:
@@ -97,6 +159,72 @@ class DeploymentRepository:
         deployment.updated_at = utcnow()
         async with self._store.session() as session:
             await session.merge(deployment)
+
+    async def update(self, deployment: Deployment) -> None:
+        """Write the deployment's mutable fields if its row is still the version it was read at.
+
+        The version is ``updated_at``: the row is written only ``WHERE updated_at`` is the
+        value ``deployment`` holds (no read first), and gets a later one; :class:`Conflict`
+        if another writer changed (or deleted) the row meanwhile. Concurrent updates of
+        different deployments share one transaction (group commit, at most
+        :data:`UPDATE_BATCH_ROWS`): each is one statement, so each is all or nothing, and
+        each caller returns once its row is committed.
+        """
+        expected = deployment.updated_at
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((deployment, expected, _next_version(expected, utcnow()), future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write_pending())
+        await asyncio.shield(future)
+
+    async def _write_pending(self) -> None:
+        while self._pending:
+            batch = self._pending[:UPDATE_BATCH_ROWS]
+            del self._pending[:UPDATE_BATCH_ROWS]
+            try:
+                written = await self._write_batch(batch)
+            except BaseException as exc:
+                for _, _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for deployment, _, version, future in batch:
+                if future.done():
+                    continue
+                if deployment.id in written:
+                    deployment.updated_at = version
+                    future.set_result(None)
+                else:
+                    future.set_exception(
+                        Conflict(f"deployment {deployment.id} changed in the store meanwhile")
+                    )
+
+    async def _write_batch(
+        self, batch: list[tuple[Deployment, datetime | None, datetime, asyncio.Future[None]]]
+    ) -> set[str]:
+        """One transaction, one ``executemany``: the ids whose rows were written."""
+        params = [
+            {
+                "b_id": deployment.id,
+                "b_expected": expected,
+                "b_version": version,
+                **{f"b_{name}": getattr(deployment, name) for name in _MUTABLE},
+            }
+            for deployment, expected, version, _ in batch
+        ]
+        async with self._store.session() as session:
+            connection = await session.connection()
+            result = await connection.execute(_UPDATE, params)
+            if getattr(result, "rowcount", -1) == len(batch):
+                return {deployment.id for deployment, _, _, _ in batch}
+            # some rows had changed: the ones now at the version this batch wrote are ours
+            rows = await connection.execute(
+                select(_TABLE.c.id, _TABLE.c.updated_at).where(_TABLE.c.id.in_([p["b_id"] for p in params]))
+            )
+            now = {row.id: row.updated_at for row in rows}
+            return {deployment.id for deployment, _, version, _ in batch if now.get(deployment.id) == version}
 
     async def delete(self, deployment_id: str) -> bool:
         async with self._store.session() as session:

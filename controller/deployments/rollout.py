@@ -132,7 +132,7 @@ class Rollouts:
         """Choose the node and generation of the next attempt and record them (status starting)."""
         h = self.h
         async with h.locks[deployment_id]:
-            row = await h.repo.get(deployment_id)
+            row = await h.row(deployment_id)
             if row is None:
                 return None
             view = view_of(row)

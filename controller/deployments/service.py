@@ -67,6 +67,11 @@ log = logging.getLogger("a67.deployments")
 MAX_STORED_REJECTED = 50
 """Rejected nodes kept in a deployment's placement explanations."""
 
+PROTO_CACHE_SIZE = 10_000
+"""Deployment protos kept, by (id, updated_at) (see :meth:`DeploymentService.to_proto`)."""
+
+_PROTOS: dict[tuple[str, datetime], deployment_pb2.Deployment] = {}
+
 __all__ = ["STATUS_ENUM", "DeploymentService"]
 
 
@@ -215,9 +220,11 @@ class DeploymentService:
         valid = validate_manifest(request.manifest, source_size=self._source_size(request))
         if request.request_id:
             existing = await self.repo.get_by_request_id(user_id, request.request_id)
-            if existing is not None:
-                return existing.id, existing.status
-        if await self.repo.get_by_name(user_id, valid.name) is not None:
+            if existing is not None:  # a retried create: the answer the first call got (AIP-155)
+                return existing.id, DeploymentStatus.PENDING.value
+        # a name this controller knows is taken is refused before packaging; any other is
+        # settled by the store's unique constraint when the row is inserted
+        if (user_id, valid.name) in h.names:
             raise AlreadyExists(
                 f"A deployment named {valid.name!r} already exists",
                 reason=NAME_TAKEN,
@@ -239,10 +246,7 @@ class DeploymentService:
             ),
             "package_sha256": package.sha256,
             "source_sha256": source_sha256,
-            "placement": [
-                json_format.MessageToDict(e, preserving_proto_field_name=True)
-                for e in placement.explanations(max_rejected=MAX_STORED_REJECTED)
-            ],
+            "placement": placement.explanation_dicts(max_rejected=MAX_STORED_REJECTED),
             "version": 1,
             "generation": len(placement.selected),
             "message": "placed",
@@ -276,7 +280,8 @@ class DeploymentService:
         except RequestIdTaken:
             existing = await self.repo.get_by_request_id(user_id, request.request_id)
             assert existing is not None
-            return existing.id, existing.status
+            return existing.id, DeploymentStatus.PENDING.value
+        h.rows[row.id] = row
         h.remember(row)
         log.info("deployment %s (%s) placed on %s", deployment_id, valid.name, ", ".join(placement.node_ids))
         self._rollouts.start(deployment_id, list(range(valid.replicas)), initial=True)
@@ -339,6 +344,24 @@ class DeploymentService:
     # -- read -----------------------------------------------------------------------------------
 
     def to_proto(self, row: Deployment) -> deployment_pb2.Deployment:
+        """The deployment as the API returns it (a copy: the caller may add to it). Built once
+        per stored version of the row (``updated_at``) and kept: ListDeployments and
+        GetDeployment of an unchanged deployment parse no JSON."""
+        if row.updated_at is None:  # not a stored row: nothing identifies its version
+            return DeploymentService._build_proto(row)
+        key = (row.id, row.updated_at)
+        built = _PROTOS.get(key)
+        if built is None:
+            built = DeploymentService._build_proto(row)
+            if len(_PROTOS) >= PROTO_CACHE_SIZE:
+                _PROTOS.pop(next(iter(_PROTOS)))
+            _PROTOS[key] = built
+        copy = deployment_pb2.Deployment()
+        copy.CopyFrom(built)
+        return copy
+
+    @staticmethod
+    def _build_proto(row: Deployment) -> deployment_pb2.Deployment:
         meta = row.manifest
         manifest = json_format.ParseDict(meta.get("spec", {}), deployment_pb2.DeploymentManifest())
         manifest.replicas = row.desired_replicas  # scaling changes it after the manifest was given
@@ -418,7 +441,7 @@ class DeploymentService:
         on their nodes (RemoveDeployment), then delete the deployment."""
         h = self._h
         async with h.locks[row.id]:
-            fresh = await self.repo.get(row.id)
+            fresh = await h.row(row.id)
             if fresh is None:
                 return
             view = view_of(fresh)
@@ -429,7 +452,7 @@ class DeploymentService:
             ]
             nodes = sorted({r.node_id for r in view.replicas if r.node_id})
             fresh.status = DeploymentStatus.STOPPED.value
-            await self.repo.save(fresh)
+            await h.save(fresh)
             h.forget(row.id)
             h.publish(fresh, "deleting: stopping every replica")
         await h.stop_all(stops)
@@ -438,6 +461,7 @@ class DeploymentService:
         await asyncio.gather(*(h.nodes.remove(node, row.id) for node in nodes))
         async with h.locks[row.id]:
             await self.repo.delete(row.id)
+            h.drop_row(row.id)
             h.index.pop(row.id, None)
         h.locks.pop(row.id, None)
         h.end_watch(row.id)
@@ -452,7 +476,7 @@ class DeploymentService:
                 field_violations=[FieldViolation("replicas", f"must be between 1 and {MAX_REPLICAS}")],
             )
         async with h.locks[row.id]:
-            fresh = await self.repo.get(row.id)
+            fresh = await h.row(row.id)
             if fresh is None:
                 raise NotFound(f"Deployment {row.id!r} was not found", reason="DEPLOYMENT_NOT_FOUND")
             view = view_of(fresh)

@@ -1,4 +1,9 @@
-"""Build a scheduling :class:`~controller.scheduling.Snapshot` from the fleet and the store.
+"""The scheduler's view of the fleet: one :class:`NodeView` per node, kept current.
+
+:class:`LiveFleetView` keeps, per user, a :class:`~controller.scheduling.live.LiveSnapshot`
+whose node views are rebuilt one at a time when the node changes (see the class); placement
+reads it without rebuilding anything. :func:`build_snapshot` builds an immutable
+:class:`~controller.scheduling.Snapshot` the same way, for callers that want one.
 
 Per node: the state the health monitor holds (the store's status if the monitor
 does not know the node; a node with no open stream counts as suspect, since it
@@ -14,8 +19,11 @@ placed on it (every active assignment of the user's deployments).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from sqlalchemy import select
 
@@ -24,10 +32,13 @@ from controller.nodes.health import Metrics, NodeState
 from controller.nodes.registration import DEFAULT_NODE_TYPES
 from controller.scheduling import Capabilities, NodeView, Reliability, Resources, Snapshot
 from controller.scheduling.history import NodeHistory
+from controller.scheduling.live import LiveSnapshot
 from controller.store.db import Store
 from controller.store.models import Node
 
 STATUS_REMOVED = str(NodeState.REMOVED)
+
+log = logging.getLogger("a67.deployments")
 
 
 def node_types_of(node: Node, fleet: Fleet) -> frozenset[str]:
@@ -123,50 +134,171 @@ async def user_nodes(store: Store, user_id: str) -> list[Node]:
         return list(result.scalars())
 
 
-# How long a user's node rows are reused between placements. Rows change rarely
-# (registration, deregistration); everything that changes often — state, metrics,
-# capabilities announced in the hello, the stream — comes from the fleet's memory, and
-# a node removed meanwhile is seen as removed there.
-NODE_ROWS_TTL_SECONDS = 2.0
+# How long a user's node rows are trusted by the live view before they are read again. Rows
+# change rarely (registration, deregistration) and the fleet reports those nodes
+# (LiveFleetView.node_changed: an unknown node makes its user's rows be read again at
+# once), so this is only a safety net; everything that changes often — state, metrics,
+# capabilities announced in the hello, the stream, RTT, reserved resources — reaches the
+# views through the fleet's and the deployments' hooks.
+NODE_ROWS_TTL_SECONDS = 60.0
 
 
-class NodeRows:
-    """The users' node rows for placement, read once per :data:`NODE_ROWS_TTL_SECONDS`.
+def _holding(reservations: Mapping[tuple[str, int], Resources], skip: tuple[str, int] | None) -> Resources:
+    total = Resources()
+    for key, amount in reservations.items():
+        if key != skip:
+            total = total + amount
+    return total
 
-    A burst of CreateDeployment calls shares one store read (one load in flight per
-    user) instead of reading every node row once per call. The rows are read again
-    at once when the number of the user's nodes the fleet monitors changes (a node
-    registered); a node removed meanwhile is seen as removed through the fleet.
+
+class LiveFleetView:
+    """One scheduler view per node, kept current: the fleet's live view for placement.
+
+    Per user a :class:`~controller.scheduling.live.LiveSnapshot`. A node's view is built
+    again (:func:`node_view`, its score computed once there) only when something it
+    shows changed, once however often it changed, just before the next placement reads
+    it: the fleet calls :meth:`node_changed` on a heartbeat, a hello, a stream
+    connected or broken and a removal; the deployments harness calls it on a
+    state change (after recording it in the history) and :meth:`reserve` /
+    :meth:`release` when an assignment starts or stops holding resources on a node.
+    Placement reads the current views (:meth:`snapshot`): nothing is rebuilt per
+    placement. The store is read only for a user's node rows: on the first placement,
+    when the fleet reports a node the view does not know (registered meanwhile), and
+    every :data:`NODE_ROWS_TTL_SECONDS`.
     """
 
-    def __init__(self, store: Store, fleet: Fleet, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        store: Store,
+        fleet: Fleet,
+        history: NodeHistory | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._store = store
         self._fleet = fleet
+        self._history = history
         self._clock = clock
-        self._rows: dict[str, tuple[float, int, list[Node]]] = {}
+        self._users: dict[str, LiveSnapshot] = {}
+        self._rows: dict[str, Node] = {}
+        self._loaded_at: dict[str, float] = {}
+        self._stale: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._dirty: dict[str, set[str]] = {}
+        """Per user: nodes whose view must be built again before the next placement."""
+        self._holders: dict[str, dict[tuple[str, int], Resources]] = {}
+        """Per node: what each active replica placed on it reserves, by (deployment, index)."""
 
-    async def get(self, user_id: str) -> list[Node]:
-        """The user's nodes that are not removed (possibly up to the TTL old)."""
-        fresh = self._fresh(user_id)
-        if fresh is not None:
-            return fresh
+    # -- changes ------------------------------------------------------------------------------
+
+    def node_changed(self, node_id: str) -> None:
+        """Something placement sees of ``node_id`` may have changed: its view is built again
+        before the next placement for its user reads it (a heartbeat costs a set insertion;
+        a node that heartbeats ten times between two placements is rebuilt once)."""
+        row = self._rows.get(node_id)
+        if row is not None:
+            self._dirty.setdefault(row.user_id, set()).add(node_id)
+            return
+        user_id = self._fleet.monitor.user_of(node_id)
+        if user_id is not None and user_id in self._users:
+            self._stale.add(user_id)  # a node registered since the rows were read
+
+    def reserve(self, node_id: str, key: tuple[str, int], amount: Resources) -> None:
+        """Replica ``key`` (deployment, index) holds ``amount`` on ``node_id`` from now on."""
+        holders = self._holders.setdefault(node_id, {})
+        if holders.get(key) == amount:
+            return
+        holders[key] = amount
+        self.node_changed(node_id)
+
+    def release(self, node_id: str, key: tuple[str, int]) -> None:
+        """Replica ``key`` no longer holds anything on ``node_id``."""
+        holders = self._holders.get(node_id)
+        if holders is None or holders.pop(key, None) is None:
+            return
+        if not holders:
+            del self._holders[node_id]
+        self.node_changed(node_id)
+
+    def reserved(self, node_id: str, skip: tuple[str, int] | None = None) -> Resources:
+        """What the replicas on ``node_id`` reserve (without replica ``skip``)."""
+        return _holding(self._holders.get(node_id, {}), skip)
+
+    def _view(self, row: Node, skip: tuple[str, int] | None = None) -> NodeView:
+        return node_view(row, self._fleet, self.reserved(row.id, skip), self._history)
+
+    def _refresh(self, row: Node) -> None:
+        live = self._users.get(row.user_id)
+        if live is None:
+            return
+        view = self._view(row)
+        if view.state is NodeState.REMOVED:
+            live.remove(row.id)
+            self._rows.pop(row.id, None)
+        else:
+            live.put(view)
+
+    # -- placement ----------------------------------------------------------------------------
+
+    async def snapshot(self, user_id: str) -> LiveSnapshot:
+        """The user's live view (its node rows read first if they are not known or stale)."""
+        live = self._users.get(user_id)
+        if live is not None and self._fresh(user_id):
+            self._apply_changes(user_id)
+            return live
         async with self._locks.setdefault(user_id, asyncio.Lock()):
-            fresh = self._fresh(user_id)
-            if fresh is not None:
-                return fresh
-            monitored = len(self._fleet.monitor.nodes_of(user_id))
+            live = self._users.get(user_id)
+            if live is not None and self._fresh(user_id):
+                return live
+            self._stale.discard(user_id)
             rows = await user_nodes(self._store, user_id)
-            self._rows[user_id] = (self._clock(), monitored, rows)
-            return rows
+            self._loaded_at[user_id] = self._clock()
+            live = self._users.setdefault(user_id, LiveSnapshot(user_id))
+            known = {row.id for row in rows}
+            for node in list(live.nodes):
+                if node.node_id not in known:
+                    live.remove(node.node_id)
+                    self._rows.pop(node.node_id, None)
+            self._dirty.pop(user_id, None)
+            for row in rows:
+                self._rows[row.id] = row
+                self._refresh(row)
+            return live
 
-    def _fresh(self, user_id: str) -> list[Node] | None:
-        cached = self._rows.get(user_id)
-        if cached is None:
-            return None
-        read_at, monitored, rows = cached
-        if self._clock() - read_at >= NODE_ROWS_TTL_SECONDS:
-            return None
-        if monitored != len(self._fleet.monitor.nodes_of(user_id)):
-            return None
-        return rows
+    def _apply_changes(self, user_id: str) -> None:
+        """Build again the views of the user's nodes that changed since the last placement."""
+        changed = self._dirty.pop(user_id, None)
+        if not changed:
+            return
+        for node_id in changed:
+            row = self._rows.get(node_id)
+            if row is None:
+                continue
+            try:
+                self._refresh(row)
+            except Exception:
+                log.exception("could not update the scheduler view of node %s", node_id)
+                self._stale.add(user_id)
+
+    def _fresh(self, user_id: str) -> bool:
+        if user_id in self._stale:
+            return False
+        return self._clock() - self._loaded_at.get(user_id, -math.inf) < NODE_ROWS_TTL_SECONDS
+
+    @contextlib.contextmanager
+    def without(
+        self, live: LiveSnapshot, skip: tuple[str, int] | None, node_id: str | None
+    ) -> Iterator[None]:
+        """Within the block, ``node_id``'s view leaves out replica ``skip``'s reservation (the
+        replica being moved); its current view is put back afterwards. Use it without an
+        ``await`` inside: the live view is shared."""
+        row = self._rows.get(node_id) if node_id is not None and skip is not None else None
+        if row is None or node_id not in live:
+            yield
+            return
+        current = live.node(row.id)
+        live.put(self._view(row, skip))
+        try:
+            yield
+        finally:
+            if current is not None and row.id in live:
+                live.put(self._view(row))

@@ -205,7 +205,7 @@ class Updates:
         """Record the new current version and start the rolling update to it."""
         h = self.h
         async with h.locks[deployment_id]:
-            fresh = await h.repo.get(deployment_id)
+            fresh = await h.row(deployment_id)
             if fresh is None:
                 raise NotFound(f"Deployment {deployment_id!r} was not found", reason="DEPLOYMENT_NOT_FOUND")
             plan, goal, current, earlier = versions.begin(
@@ -223,7 +223,7 @@ class Updates:
         (whose own previous version was ``earlier``)."""
         h = self.h
         try:
-            row = await h.repo.get(deployment_id)
+            row = await h.row(deployment_id)
             if row is None:
                 return
             done: list[int] = []
@@ -258,7 +258,7 @@ class Updates:
         """Start replica ``index`` at ``version`` beside the old one, then switch; None or the error."""
         h = self.h
         async with h.locks[deployment_id]:
-            row = await h.repo.get(deployment_id)
+            row = await h.row(deployment_id)
             if row is None:
                 return None
             view = view_of(row)

@@ -27,12 +27,12 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
 from controller.nodes.health import is_schedulable
-from controller.scheduling.snapshot import MB_PER_GB, NodeView, ReplicaRequest, Snapshot
+from controller.scheduling.snapshot import MB_PER_GB, SCHEDULABLE, NodeSet, NodeView, ReplicaRequest
 
 RESOURCE_EPSILON = 1e-9
 """Slack when comparing free and requested resources, so that float arithmetic
@@ -112,8 +112,28 @@ def rejection_reason(node: NodeView, request: ReplicaRequest, exclude: Collectio
     return rejection.reason if rejection else None
 
 
+def iter_rejections(
+    snapshot: NodeSet, request: ReplicaRequest, exclude: Collection[str] = ()
+) -> Iterator[tuple[str, Rejection]]:
+    """The infeasible nodes with their :class:`Rejection`, in snapshot order, lazily: a feasible
+    node costs a few comparisons on its placement row (no :func:`check_node`), so taking the
+    first few rejections of a large, mostly feasible snapshot is cheap."""
+    need_cpu = request.cpu_cores - RESOURCE_EPSILON
+    need_memory = request.memory_mb - RESOURCE_EPSILON
+    need_disk = request.disk_mb - RESOURCE_EPSILON
+    node_type = request.node_type
+    for node in snapshot.nodes:
+        if node.state in SCHEDULABLE and node_type in node.node_types and node.node_id not in exclude:
+            row = node.placement_row
+            if row[3] >= need_cpu and row[4] >= need_memory and row[5] >= need_disk:
+                continue
+        rejection = check_node(node, request, exclude)
+        if rejection is not None:
+            yield node.node_id, rejection
+
+
 def rejections(
-    snapshot: Snapshot, request: ReplicaRequest, exclude: Collection[str] = ()
+    snapshot: NodeSet, request: ReplicaRequest, exclude: Collection[str] = ()
 ) -> dict[str, Rejection]:
     """Every infeasible node of the snapshot with its :class:`Rejection`, in snapshot order."""
     result: dict[str, Rejection] = {}
@@ -125,7 +145,7 @@ def rejections(
 
 
 def filter_nodes(
-    snapshot: Snapshot, request: ReplicaRequest, *, exclude: Collection[str] = ()
+    snapshot: NodeSet, request: ReplicaRequest, *, exclude: Collection[str] = ()
 ) -> tuple[list[NodeView], dict[str, str]]:
     """The feasibility stage: ``(feasible nodes, {rejected node id: reason})``, in snapshot order."""
     feasible: list[NodeView] = []

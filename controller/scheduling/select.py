@@ -31,7 +31,9 @@
 Cost. Scores are computed once per :class:`NodeView` and kept on it. The
 per-snapshot work (group the schedulable nodes of a type by region, each sorted
 by ``(-score, node_id)``) is done on first use and kept on the snapshot
-(:meth:`Snapshot.memo`). A placement then walks each region's order only until
+(:meth:`Snapshot.regions`); the fleet's live view
+(:class:`~controller.scheduling.live.LiveSnapshot`) keeps that order current as
+nodes change instead, so placing on it never rebuilds anything. A placement then walks each region's order only until
 it holds N candidates (no later node of that region can be picked), so a
 region that cannot take the replica costs one pass over that region, never
 more. Ties are shuffled lazily (a partial Fisher-Yates yields the prefix of the
@@ -46,7 +48,6 @@ random choices on active requests among healthy replicas only.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,15 +58,15 @@ from operator import itemgetter
 from automator67.v1 import deployment_pb2
 
 from controller.errors import Unavailable
-from controller.nodes.health import NodeState, is_schedulable
 from controller.scheduling.feasible import (
     RESOURCE_EPSILON,
     RejectKind,
     format_amount,
+    iter_rejections,
     rejection_reason,
     rejections,
 )
-from controller.scheduling.snapshot import PlacementRow, ReplicaRequest, Snapshot
+from controller.scheduling.snapshot import NodeSet, PlacementRow, ReplicaRequest
 
 MAX_REASONS_IN_MESSAGE = 10
 """How many rejected nodes an "Insufficient capacity" message names one by one;
@@ -76,8 +77,6 @@ INSUFFICIENT_CAPACITY = "INSUFFICIENT_CAPACITY"
 
 NO_HEALTHY_REPLICA = "NO_HEALTHY_REPLICA"
 """``ErrorInfo.reason`` when a deployment has no healthy replica to route to."""
-
-_INDEX_KEY = "scheduling.select.index"
 
 _KIND_LABELS = {
     RejectKind.EXCLUDED: "excluded",
@@ -100,44 +99,7 @@ class Choice:
     """Chosen from the ``avoid`` set because the other feasible nodes were too few."""
 
 
-class _TypeIndex:
-    """The schedulable nodes of one node type, per region, best score first.
-
-    Each region's rows are :attr:`NodeView.placement_row` tuples sorted by score
-    only (sorting on a float key is twice as fast as on the tuple); a group of
-    equal scores is put in node id order by the walk, only if it reaches it.
-    Each list ends with a NaN sentinel (equal to nothing), so the walk can look
-    one row ahead freely.
-    """
-
-    __slots__ = ("regions",)
-
-    def __init__(self, snapshot: Snapshot, node_type: str) -> None:
-        regions: dict[str, list[PlacementRow]] = {}
-        for row in [
-            node.placement_row
-            for node in snapshot.nodes
-            if node.state in _SCHEDULABLE and node_type in node.node_types
-        ]:
-            rows = regions.get(row[2])
-            if rows is None:
-                regions[row[2]] = [row]
-            else:
-                rows.append(row)
-        by_score = itemgetter(0)
-        for rows in regions.values():
-            rows.sort(key=by_score)
-            rows.append(_SENTINEL)
-        self.regions = regions
-
-
-_SCHEDULABLE = frozenset(state for state in NodeState if is_schedulable(state))
-_SENTINEL: PlacementRow = (math.nan, "", "", 0.0, 0.0, 0.0)
 _BY_NODE_ID = itemgetter(1)
-
-
-def _index(snapshot: Snapshot, node_type: str) -> _TypeIndex:
-    return snapshot.memo(f"{_INDEX_KEY}:{node_type}", lambda s: _TypeIndex(s, node_type))
 
 
 def tie_order(seed: str, score: float, region: str, group: list[PlacementRow]) -> Iterator[PlacementRow]:
@@ -255,7 +217,7 @@ def _plural(count: int, word: str) -> str:
 
 
 def insufficient_capacity(
-    snapshot: Snapshot, request: ReplicaRequest, replicas: int, exclude: Collection[str] = ()
+    snapshot: NodeSet, request: ReplicaRequest, replicas: int, exclude: Collection[str] = ()
 ) -> Unavailable:
     """The ``Unavailable`` error for a placement that cannot find ``replicas`` nodes.
 
@@ -309,7 +271,7 @@ class Placement:
     selected: list[Choice]
     """The chosen nodes, in the order they were picked (replica 0 first)."""
 
-    snapshot: Snapshot = field(repr=False)
+    snapshot: NodeSet = field(repr=False)
     request: ReplicaRequest
     exclude: frozenset[str] = frozenset()
     avoid: frozenset[str] = frozenset()
@@ -359,18 +321,45 @@ class Placement:
             )
             for choice in self.selected
         ]
-        rejected = self.rejected.items()
-        if max_rejected is not None:
-            rejected = dict(islice(rejected, max(0, max_rejected))).items()
         result.extend(
             deployment_pb2.PlacementExplanation(node_id=node_id, selected=False, reason=reason)
-            for node_id, reason in rejected
+            for node_id, reason in self._rejected(max_rejected)
         )
+        return result
+
+    def _rejected(self, limit: int | None) -> list[tuple[str, str]]:
+        if limit is None or "rejected" in self.__dict__:  # all of them, or already computed
+            items = list(self.rejected.items())
+            return items if limit is None else items[: max(0, limit)]
+        found = islice(iter_rejections(self.snapshot, self.request, self.exclude), max(0, limit))
+        return [(node_id, r.reason) for node_id, r in found]
+
+    def explanation_dicts(self, *, max_rejected: int | None = None) -> list[dict[str, object]]:
+        """:meth:`explanations` as ``json_format.MessageToDict(e, preserving_proto_field_name=True)``
+        gives them (fields at their default value left out), built directly: what the
+        deployments store, without a protobuf round trip per node."""
+        result: list[dict[str, object]] = []
+        for choice in self.selected:
+            entry: dict[str, object] = {
+                "node_id": choice.node_id,
+                "selected": True,
+                "reason": "selected as a last resort" if choice.last_resort else "selected",
+            }
+            if choice.total_score:
+                entry["total_score"] = choice.total_score
+            if choice.factors:
+                entry["factor_scores"] = dict(choice.factors)
+            result.append(entry)
+        for node_id, reason in self._rejected(max_rejected):
+            entry = {"node_id": node_id}
+            if reason:
+                entry["reason"] = reason
+            result.append(entry)
         return result
 
 
 def place(
-    snapshot: Snapshot,
+    snapshot: NodeSet,
     request: ReplicaRequest,
     replicas: int,
     seed: str,
@@ -389,10 +378,9 @@ def place(
     """
     if replicas < 1:
         raise ValueError(f"replicas must be at least 1, got {replicas}")
-    index = _index(snapshot, request.node_type)
     preferred: dict[str, list[PlacementRow]] = {}
     spare: dict[str, list[PlacementRow]] = {}
-    for region, rows in index.regions.items():
+    for region, rows in snapshot.regions(request.node_type).items():
         chosen, avoided = _walk_region(rows, region, request, replicas, seed, exclude, avoid)
         if chosen:
             preferred[region] = chosen

@@ -27,12 +27,14 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TypeVar, cast
+from operator import itemgetter
+from typing import Protocol, TypeVar, cast
 
-from controller.nodes.health import Metrics, NodeState, metrics_problem
+from controller.nodes.health import Metrics, NodeState, is_schedulable, metrics_problem
 from controller.nodes.validation import CAPABILITY_LIMITS, values_problem
 from controller.scheduling.score import NodeScore, score_node
 
@@ -47,6 +49,12 @@ _T = TypeVar("_T")
 PlacementRow = tuple[float, str, str, float, float, float]
 """``(-score, node_id, region, free CPU cores, free memory MB, free disk MB)``: one node
 as placement's index reads it (see :attr:`NodeView.placement_row`)."""
+
+SCHEDULABLE = frozenset(state for state in NodeState if is_schedulable(state))
+"""States in which a node takes new replicas (ready, busy)."""
+
+SENTINEL: PlacementRow = (math.nan, "", "", 0.0, 0.0, 0.0)
+"""Ends every region's row list: equal to nothing, so a walk may look one row ahead."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +287,11 @@ class Snapshot:
         """The node with this id, or ``None``."""
         return self._by_id.get(node_id)
 
+    def regions(self, node_type: str) -> dict[str, list[PlacementRow]]:
+        """The schedulable nodes of ``node_type`` by region, best score first (see
+        :func:`build_regions`), computed once per snapshot and node type."""
+        return self.memo(f"regions:{node_type}", lambda s: build_regions(s.nodes, node_type))
+
     def memo(self, key: str, build: Callable[[Snapshot], _T]) -> _T:
         """``build(self)``, computed once per snapshot and key (a snapshot never changes).
 
@@ -291,3 +304,53 @@ class Snapshot:
             value = build(self)
             self._memo[key] = value
             return value
+
+
+class NodeSet(Protocol):
+    """What placement reads of one user's nodes: a :class:`Snapshot`, or the
+    :class:`~controller.scheduling.live.LiveSnapshot` the fleet keeps current."""
+
+    @property
+    def nodes(self) -> tuple[NodeView, ...]:
+        """Every node, in a stable order (rejected nodes are reported in it)."""
+        ...
+
+    def node(self, node_id: str) -> NodeView | None: ...
+
+    def __len__(self) -> int: ...
+
+    def regions(self, node_type: str) -> dict[str, list[PlacementRow]]:
+        """See :meth:`Snapshot.regions`."""
+        ...
+
+
+_BY_SCORE = itemgetter(0)
+
+
+def build_regions(
+    nodes: Iterable[NodeView], node_type: str, *, by_node_id: bool = False
+) -> dict[str, list[PlacementRow]]:
+    """The schedulable nodes of ``node_type`` by region, each region's :attr:`NodeView.placement_row`
+    tuples best score first, each list ended by :data:`SENTINEL`.
+
+    Sorted by score only (stable: equal scores stay in ``nodes`` order; sorting on a
+    float key is twice as fast as on the tuple), or with ``by_node_id`` by ``(-score,
+    node_id)``: the order a list kept sorted by insertion needs. Placement orders a
+    group of equal scores by node id itself, so both give the same decisions.
+    """
+    regions: dict[str, list[PlacementRow]] = {}
+    for node in nodes:
+        if node.state in SCHEDULABLE and node_type in node.node_types:
+            row = node.placement_row
+            rows = regions.get(row[2])
+            if rows is None:
+                regions[row[2]] = [row]
+            else:
+                rows.append(row)
+    for rows in regions.values():
+        if by_node_id:
+            rows.sort()
+        else:
+            rows.sort(key=_BY_SCORE)
+        rows.append(SENTINEL)
+    return regions

@@ -82,9 +82,9 @@ from tests.bench.bench_node_streams import (  # noqa: E402
     SimNode,
     _code,
     make_user_and_tokens,
-    pct,
     start_controller,
 )
+from tests.bench.stats import describe  # noqa: E402
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -447,6 +447,13 @@ def burst(args: argparse.Namespace) -> None:
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
+            spy = None
+            if args.pyspy:  # sample the controller for the whole burst (stopped with SIGINT)
+                spy = subprocess.Popen(
+                    [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(ctl.proc.pid), "-r",
+                     str(args.pyspy_rate), "--nonblocking", "-f", "raw", "-o", args.pyspy],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
             wall0 = time.monotonic()
             out = asyncio.run(
                 _burst_client(
@@ -462,6 +469,9 @@ def burst(args: argparse.Namespace) -> None:
             )
             wall = time.monotonic() - wall0
             sampling[0] = False
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(timeout=60)
             cpu1 = ctl_ps.cpu_times()
             ctl_cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
             stop.set()
@@ -489,9 +499,7 @@ def burst(args: argparse.Namespace) -> None:
           f"{sum(r.connected for r in results)}, workers={args.workers}) deployments={args.deployments} "
           f"replicas={args.replicas} interval={args.interval:g}s store={store_url or 'sqlite'}")  # fmt: skip
     if lat:
-        print(
-            f"CreateDeployment latency ms: p50 {pct(lat, 50):.1f}  p99 {pct(lat, 99):.1f}  max {max(lat):.1f}"
-        )
+        print(f"CreateDeployment latency: {describe(lat, 'ms', 1)}")
     accepted = int(out["accepted"])  # type: ignore[call-overload]
     print(f"accepted {accepted}/{args.deployments} in {out['answered_s']:.2f} s "
           f"-> {accepted / out['answered_s']:.1f} accepted/s")  # type: ignore[operator]  # fmt: skip
@@ -678,15 +686,11 @@ def recovery(args: argparse.Namespace) -> None:
             print()
             print(f"runs={len(recoveries)} interval={args.interval:g}s poll={args.poll * 1000:.0f}ms "
                   f"store={store_url or 'sqlite'} health check / every 2 s, timeout 1 s, retries 1")  # fmt: skip
-            print(f"kill -9 -> replica healthy elsewhere (GET answers)  p50 {pct(recoveries, 50):.3f}  "
-                  f"p99 {pct(recoveries, 99):.3f}  max {max(recoveries):.3f}  min {min(recoveries):.3f} s")  # fmt: skip
-            print(f"kill -9 -> assignment running in GetDeployment     p50 {pct(seen_running, 50):.3f}  "
-                  f"p99 {pct(seen_running, 99):.3f}  max {max(seen_running):.3f} s")  # fmt: skip
-            print(f"last heartbeat -> replica healthy elsewhere       p50 {pct(from_hb, 50):.3f}  "
-                  f"p99 {pct(from_hb, 99):.3f}  max {max(from_hb):.3f} s")  # fmt: skip
+            print(f"kill -9 -> replica healthy elsewhere (GET answers)  {describe(recoveries, 's')}")
+            print(f"kill -9 -> assignment running in GetDeployment     {describe(seen_running, 's')}")
+            print(f"last heartbeat -> replica healthy elsewhere       {describe(from_hb, 's')}")
             if to_failed:
-                print(f"kill -9 -> node FAILED (seen)                    p50 {pct(to_failed, 50):.3f}  "
-                      f"p99 {pct(to_failed, 99):.3f}  max {max(to_failed):.3f} s")  # fmt: skip
+                print(f"kill -9 -> node FAILED (seen)                    {describe(to_failed, 's')}")
             print("goal: p99 <= 10 s")
             channel.close()
         finally:
@@ -726,8 +730,10 @@ def main() -> None:
     b.add_argument("--poll", type=float, default=0.25)
     b.add_argument("--channels", type=int, default=4, help="client connections for the burst")
     b.add_argument(
-        "--in-flight", type=int, default=200, help="most CreateDeployment calls outstanding at once"
+        "--in-flight", type=int, default=100, help="most CreateDeployment calls outstanding at once"
     )
+    b.add_argument("--pyspy", default=None, help="py-spy raw profile of the controller during the burst")
+    b.add_argument("--pyspy-rate", type=int, default=100, help="py-spy samples per second")
     b.add_argument("--settle", type=float, default=3.0)
     b.add_argument("--timeout", type=float, default=180.0)
     r = sub.choices["recovery"]

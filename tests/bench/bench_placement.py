@@ -41,6 +41,7 @@ machine; compare figures from one run.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import random
 import statistics
@@ -62,6 +63,8 @@ from controller.scheduling import (  # noqa: E402
     Snapshot,
     place,
 )
+from controller.scheduling.live import LiveSnapshot  # noqa: E402
+from tests.bench.stats import percentile, tail  # noqa: E402
 
 REGIONS = (
     ("us-east", 30),
@@ -141,16 +144,78 @@ def make_nodes(count: int, rng: random.Random) -> list[NodeView]:
 
 
 def ms(samples_ns: list[int]) -> dict[str, float]:
-    ordered = sorted(samples_ns)
-
-    def pct(p: float) -> float:
-        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] / 1e6
-
-    return {"p50": pct(50), "p99": pct(99), "max": ordered[-1] / 1e6, "mean": statistics.fmean(ordered) / 1e6}
+    """p50, p99 (or "max of N" under 100 samples: tests/bench/stats.py), max and mean, in ms."""
+    values = [sample / 1e6 for sample in samples_ns]
+    name, value = tail(values)
+    figures = {"p50": percentile(values, 50), name: value}
+    if name == "p99":
+        figures["max"] = max(values)
+    figures["mean"] = statistics.fmean(values)
+    return figures
 
 
 def show(label: str, figures: dict[str, float]) -> None:
     print(f"  {label:<34}" + "  ".join(f"{key} {value:7.3f} ms" for key, value in figures.items()))
+
+
+def live_path(nodes: list[NodeView], args: argparse.Namespace, rng: random.Random) -> list[int]:
+    """Placement on the live view, as production takes it (controller/deployments/snapshot.py):
+    a heartbeat only marks its node changed; the next placement first builds the changed
+    nodes' views again (new metrics and RTT: new scores, new places in the order) and puts
+    them, then places; the chosen nodes' new reservations mark them changed too. Timed per
+    placement: building and putting the views changed since the previous placement
+    (``--heartbeats-per-placement`` heartbeats, plus the previous placement's nodes), and
+    ``place()``. Nothing is memoised per placement."""
+    ids = [node.node_id for node in nodes]
+    started = time.perf_counter_ns()
+    live = LiveSnapshot("user-1", tuple(nodes))
+    live.regions("compute")
+    print(
+        f"  live: first load of {len(nodes)} views + compute order {(time.perf_counter_ns() - started) / 1e6:.1f} ms"
+    )
+    samples: list[int] = []
+    places: list[int] = []
+    reserve: dict[str, ReplicaRequest] = {}
+    for i in range(args.placements):
+        changed = {rng.choice(ids) for _ in range(args.heartbeats_per_placement)} | set(reserve)
+        request = REQUESTS[i % len(REQUESTS)]
+        exclude: frozenset[str] = frozenset()
+        avoid: frozenset[str] = frozenset()
+        if i % 4 == 0:
+            exclude = frozenset(rng.sample(ids, 3))
+            avoid = frozenset(rng.sample(ids, 3))
+        seed = f"deployment-{rng.getrandbits(64):016x}"
+        draws = [
+            (rng.uniform(0, 100), rng.uniform(0, 100), rng.randrange(0, 120), rng.uniform(5, 400))
+            for _ in changed
+        ]
+        start = time.perf_counter_ns()
+        for node_id, (cpu, memory, active, rtt) in zip(changed, draws, strict=True):
+            node = live.node(node_id)
+            assert node is not None
+            assert node.metrics is not None
+            added = reserve.get(node_id)
+            fresh = replace(
+                node,
+                metrics=replace(node.metrics, cpu_percent=round(cpu, 1), memory_percent=round(memory, 1),
+                                active_requests=active),
+                rtt_ms=round(rtt),
+                reserved=node.reserved if added is None else Resources(
+                    cpu_cores=node.reserved.cpu_cores + added.cpu_cores,
+                    memory_mb=node.reserved.memory_mb + added.memory_mb,
+                    disk_mb=node.reserved.disk_mb + added.disk_mb,
+                ),
+            )  # fmt: skip
+            live.put(fresh)
+        before_place = time.perf_counter_ns()
+        placement = place(live, request, args.replicas, seed, exclude=exclude, avoid=avoid)
+        done = time.perf_counter_ns()
+        samples.append(done - start)
+        places.append(done - before_place)
+        reserve = dict.fromkeys(placement.node_ids, request)
+    show("live: changed views + place()", ms(samples))
+    show("live: place() alone", ms(places))
+    return samples
 
 
 def main() -> None:
@@ -159,6 +224,12 @@ def main() -> None:
     parser.add_argument("--placements", type=int, default=1_000)
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--seed", type=int, default=67)
+    parser.add_argument(
+        "--heartbeats-per-placement",
+        type=int,
+        default=10,
+        help="node views replaced between two placements on the live view",
+    )
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
@@ -166,8 +237,13 @@ def main() -> None:
     ids = [node.node_id for node in nodes]
     print(
         f"placement benchmark: {args.nodes} nodes, {args.placements} placements of {args.replicas} "
-        f"replicas; Python {platform.python_version()} on {platform.machine()}"
+        f"replicas; Python {platform.python_version()} on {platform.machine()}; "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
+    # The path production takes (first, before anything below warms the views' scores):
+    # the fleet's live view, updated node by node.
+    print("live view (the production path):")
+    live = live_path([replace(node) for node in nodes], args, random.Random(args.seed + 1))
 
     # Cold: fresh node views (nothing scored yet), fresh snapshot, first placement.
     started = time.perf_counter_ns()
@@ -259,8 +335,14 @@ def main() -> None:
         ("place() on an indexed snapshot", ms(samples)),
         ("rebuild Snapshot + place()", ms(rebuild)),
     ):
-        verdict = "PASS" if figures["p50"] <= 5.0 and figures["p99"] <= 20.0 else "FAIL"
+        verdict = "PASS" if figures["p50"] <= 5.0 and figures.get("p99", figures["max"]) <= 20.0 else "FAIL"
         print(f"goal (issue 4) p50 <= 5 ms, p99 <= 20 ms, {label}: {verdict}")
+    figures = ms(live)
+    name = "p99" if "p99" in figures else next(key for key in figures if key.startswith("max of"))
+    verdict = "PASS" if figures["p50"] <= 1.0 and figures[name] <= 5.0 else "FAIL"
+    print(
+        f"goal (issue 11) live view p50 <= 1 ms, p99 <= 5 ms: p50 {figures['p50']:.3f} ms, {name} {figures[name]:.3f} ms: {verdict}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,132 @@
+"""The live view of one user's nodes: one :class:`NodeView` per node, kept up to date node by node.
+
+A :class:`~controller.scheduling.snapshot.Snapshot` is immutable, so a placement over
+fresh data must build a new one — a view, a score and a per-type index for every node
+of the user, every time. :class:`LiveSnapshot` is the same picture kept current
+instead: whoever learns that a node changed (a heartbeat, a state change, a hello, an
+assignment that reserves or frees resources) builds that one node's new view and
+:meth:`LiveSnapshot.put` s it; its score is computed once, there, and its placement
+row moves to its new place in the per-type, per-region order (a binary search and a
+list insertion). A placement then reads the current order directly: no per-placement
+rebuild (:func:`controller.scheduling.select.place` accepts a live snapshot wherever it
+accepts a snapshot and decides exactly as it would on a ``Snapshot`` of the same views).
+
+Not thread-safe and not a point-in-time copy: a :class:`~controller.scheduling.select.Placement`
+made over a live snapshot computes its rejected nodes' reasons lazily from the current
+views, so explain it before the next change is applied (in asyncio: before the next
+``await``), as the deployments harness does.
+
+Pure: no I/O, no clock. Feeding it is the caller's job (``controller/deployments/snapshot.py``).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from collections.abc import Iterable
+
+from controller.scheduling.snapshot import SCHEDULABLE, SENTINEL, NodeView, PlacementRow, build_regions
+
+
+class _LiveTypeIndex:
+    """The rows of one node type by region, kept sorted as views change."""
+
+    __slots__ = ("node_type", "regions")
+
+    def __init__(self, nodes: Iterable[NodeView], node_type: str) -> None:
+        self.node_type = node_type
+        self.regions = build_regions(nodes, node_type, by_node_id=True)
+
+    def _member(self, view: NodeView | None) -> bool:
+        return view is not None and view.state in SCHEDULABLE and self.node_type in view.node_types
+
+    def replace(self, old: NodeView | None, new: NodeView | None) -> None:
+        if self._member(old):
+            assert old is not None
+            row = old.placement_row
+            rows = self.regions[row[2]]
+            at = bisect_left(rows, row, 0, len(rows) - 1)
+            if at < len(rows) - 1 and rows[at][1] == row[1]:
+                del rows[at]
+            else:  # cannot happen: the row is where it was put
+                rows.remove(row)
+            if len(rows) == 1:  # only the sentinel is left
+                del self.regions[row[2]]
+        if self._member(new):
+            assert new is not None
+            row = new.placement_row
+            found = self.regions.get(row[2])
+            if found is None:
+                self.regions[row[2]] = [row, SENTINEL]
+            else:
+                insort(found, row, 0, len(found) - 1)
+
+
+class LiveSnapshot:
+    """One user's nodes as placement sees them, updated one node at a time.
+
+    Offers what placement reads of a :class:`~controller.scheduling.snapshot.Snapshot`
+    (``nodes``, ``node()``, ``len()``) plus :meth:`regions`, the per-type placement
+    order, which it maintains instead of rebuilding.
+    """
+
+    def __init__(self, user_id: str, nodes: tuple[NodeView, ...] = ()) -> None:
+        self.user_id = user_id
+        self._views: dict[str, NodeView] = {}
+        self._indexes: dict[str, _LiveTypeIndex] = {}
+        self._order: list[str] | None = None
+        self._nodes: tuple[NodeView, ...] | None = None
+        for node in nodes:
+            self.put(node)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._views
+
+    def node(self, node_id: str) -> NodeView | None:
+        """The node's current view, or ``None``."""
+        return self._views.get(node_id)
+
+    @property
+    def nodes(self) -> tuple[NodeView, ...]:
+        """Every current view, in node id order (built on demand, kept until a view changes)."""
+        if self._nodes is None:
+            if self._order is None:
+                self._order = sorted(self._views)
+            views = self._views
+            self._nodes = tuple(views[node_id] for node_id in self._order)
+        return self._nodes
+
+    def put(self, view: NodeView) -> NodeView | None:
+        """Make ``view`` the node's current view; returns the one it replaces (None: a new node)."""
+        if view.user_id != self.user_id:
+            raise ValueError(
+                f"live snapshot of user {self.user_id!r} given node {view.node_id!r} of user {view.user_id!r}"
+            )
+        old = self._views.get(view.node_id)
+        self._views[view.node_id] = view
+        if old is None:
+            self._order = None
+        self._nodes = None
+        for index in self._indexes.values():
+            index.replace(old, view)
+        return old
+
+    def remove(self, node_id: str) -> NodeView | None:
+        """Forget the node (removed, or no longer the user's); returns its last view."""
+        old = self._views.pop(node_id, None)
+        if old is not None:
+            self._order = None
+            self._nodes = None
+            for index in self._indexes.values():
+                index.replace(old, None)
+        return old
+
+    def regions(self, node_type: str) -> dict[str, list[PlacementRow]]:
+        """The schedulable nodes of ``node_type`` by region, best first, each list ended by
+        :data:`SENTINEL` (built on the first request for the type, then maintained)."""
+        index = self._indexes.get(node_type)
+        if index is None:
+            index = self._indexes[node_type] = _LiveTypeIndex(self._views.values(), node_type)
+        return index.regions
