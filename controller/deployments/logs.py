@@ -34,7 +34,8 @@ from automator67.v1 import deployment_pb2, node_pb2
 
 from controller.agent.replica_logs import LINE_CHARS, MAX_TAIL_LINES
 from controller.deployments.harness import view_of
-from controller.errors import ControllerError, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from controller.errors import ControllerError, FieldViolation, InvalidArgument, NotFound
+from controller.federation.results import PushedSlots
 from controller.nodes.sessions import StreamRegistry
 from controller.redact import redact
 from controller.store.models import Deployment
@@ -118,71 +119,25 @@ class LogSlot:
             self.gone.set_result(None)
 
 
-class ReplicaLogSlots:
-    """The log reads waiting for their lines, by command id."""
+class ReplicaLogSlots(PushedSlots[LogSlot, node_pb2.PushReplicaLogsRequest]):
+    """The log reads waiting for their lines, by command id (the pairing, flow control and
+    cancellation of :class:`~controller.federation.results.PushedSlots`)."""
+
+    RPC = "PushReplicaLogs"
+    WHAT = "log read"
+    ITEMS = "lines"
+    REASON = "REPLICA_LOGS"
+    ENDED_EARLY = "the node ended its log stream early"
+    BROKE = "the node's log stream broke ({kind})"
 
     def __init__(self, queue_batches: int = QUEUE_BATCHES) -> None:
-        self._queue_batches = queue_batches
-        self._slots: dict[str, LogSlot] = {}
+        super().__init__(queue_batches)
 
-    def open(self, command_id: str, node_id: str) -> LogSlot:
-        slot = LogSlot(command_id, node_id, self._queue_batches)
-        self._slots[command_id] = slot
-        return slot
+    def _new_slot(self, command_id: str, node_id: str) -> LogSlot:
+        return LogSlot(command_id, node_id, self._queue_batches)
 
-    def close(self, slot: LogSlot) -> None:
-        slot.close()
-        if self._slots.get(slot.command_id) is slot:
-            del self._slots[slot.command_id]
-
-    def __len__(self) -> int:
-        return len(self._slots)
-
-    async def receive(self, node_id: str, requests: AsyncIterator[node_pb2.PushReplicaLogsRequest]) -> bool:
-        """Feed a ``PushReplicaLogs`` call into its slot; False if the slot was closed before
-        the node was done (the servicer then ends the call with ``CANCELLED``)."""
-        iterator = aiter(requests)
-        first = await anext(iterator, None)
-        if first is None or not first.command_id:
-            raise InvalidArgument(
-                "PushReplicaLogs must start with the command id", reason="COMMAND_ID_EXPECTED"
-            )
-        slot = self._slots.get(first.command_id)
-        if slot is None or slot.node_id != node_id:
-            raise NotFound(
-                f"No log read {first.command_id!r} waits for lines from this node (it ended or was cancelled)",
-                reason="REPLICA_LOGS_UNKNOWN",
-            )
-        if slot.attached:
-            raise FailedPrecondition(
-                f"The lines of {first.command_id!r} are already arriving", reason="REPLICA_LOGS_ATTACHED"
-            )
-        slot.attached = True
-        pump = asyncio.ensure_future(self._pump(slot, iterator))
-        try:
-            waiters: set[asyncio.Future[Any]] = {pump, slot.gone}
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not pump.done():
-                pump.cancel()
-            with contextlib.suppress(BaseException):
-                await pump
-        return pump.done() and not pump.cancelled() and pump.result()
-
-    async def _pump(self, slot: LogSlot, iterator: AsyncIterator[node_pb2.PushReplicaLogsRequest]) -> bool:
-        try:
-            async for message in iterator:
-                await slot.queue.put(message)  # waits while the client is behind: flow control
-                if message.done:
-                    return True
-            failure = "the node ended its log stream early"
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the call broke (the agent died, the connection dropped)
-            failure = f"the node's log stream broke ({type(exc).__name__})"
-        if not slot.gone.done():
-            await slot.queue.put(node_pb2.PushReplicaLogsRequest(done=True, error_message=failure))
-        return True
+    def _failure(self, message: str) -> node_pb2.PushReplicaLogsRequest:
+        return node_pb2.PushReplicaLogsRequest(done=True, error_message=message)
 
 
 class ReplicaLogs:

@@ -23,13 +23,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from automator67.v1 import node_pb2
 
 from controller.errors import FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger("a67.federation")
+
+M = TypeVar("M")
 
 QUEUE_BATCHES = 4
 """Batches (each at most about 256 KiB) queued per shard statement before the agent is paced
@@ -79,21 +81,57 @@ class ResultSlot:
             self.gone.set_result(None)
 
 
-class ShardResults:
-    """The shard statements waiting for their rows, by command id."""
+class PushedSlot(Protocol[M]):
+    """What :class:`PushedSlots` needs of a slot."""
 
-    def __init__(self, queue_batches: int = QUEUE_BATCHES) -> None:
+    command_id: str
+    node_id: str
+    queue: asyncio.Queue[M]
+    attached: bool
+    gone: asyncio.Future[None]
+
+    def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=PushedSlot[Any])
+
+
+class PushedSlots(Generic[S, M]):
+    """Requests waiting for what a node pushes on a call of its own, by command id: the
+    pairing, flow control and cancellation shared by shard results and replicas' logs.
+
+    A subclass names its call (:attr:`RPC`), what waits (:attr:`WHAT`), what arrives
+    (:attr:`ITEMS`) and its reasons' prefix (:attr:`REASON`), makes its slots and the
+    final message of a call that broke."""
+
+    RPC = ""
+    WHAT = ""
+    ITEMS = ""
+    REASON = ""
+    ENDED_EARLY = ""
+    """The failure when the node ends its call before the last message."""
+    BROKE = ""
+    """The failure when the call breaks (``{kind}``: the exception's type)."""
+
+    def __init__(self, queue_batches: int) -> None:
         self._queue_batches = queue_batches
-        self._slots: dict[str, ResultSlot] = {}
-        self.received_rows = 0
-        """Rows received from agents since the start (for tests and diagnostics)."""
+        self._slots: dict[str, S] = {}
 
-    def open(self, command_id: str, node_id: str) -> ResultSlot:
-        slot = ResultSlot(command_id, node_id, self._queue_batches)
+    def _new_slot(self, command_id: str, node_id: str) -> S:
+        raise NotImplementedError
+
+    def _failure(self, message: str) -> M:
+        raise NotImplementedError
+
+    def _received(self, message: M) -> None:
+        """Count what arrived (for diagnostics); nothing by default."""
+
+    def open(self, command_id: str, node_id: str) -> S:
+        slot = self._new_slot(command_id, node_id)
         self._slots[command_id] = slot
         return slot
 
-    def close(self, slot: ResultSlot) -> None:
+    def close(self, slot: S) -> None:
         slot.close()
         if self._slots.get(slot.command_id) is slot:
             del self._slots[slot.command_id]
@@ -101,30 +139,23 @@ class ShardResults:
     def __len__(self) -> int:
         return len(self._slots)
 
-    def paced(self) -> bool:
-        """Every statement whose rows are arriving has a full queue: its agent is held back
-        by flow control until the consumer reads again."""
-        attached = [slot for slot in self._slots.values() if slot.attached]
-        return bool(attached) and all(slot.queue.full() for slot in attached)
-
-    async def receive(self, node_id: str, requests: AsyncIterator[node_pb2.PushShardResultRequest]) -> bool:
-        """Feed a ``PushShardResult`` call into its slot; ``False`` if the slot was closed
-        before the rows ended (the servicer then ends the call with ``CANCELLED``)."""
+    async def receive(self, node_id: str, requests: AsyncIterator[M]) -> bool:
+        """Feed a call into its slot; ``False`` if the slot was closed before the node was
+        done (the servicer then ends the call with ``CANCELLED``)."""
         iterator = aiter(requests)
         first = await anext(iterator, None)
-        if first is None or not first.command_id:
-            raise InvalidArgument(
-                "PushShardResult must start with the command id", reason="COMMAND_ID_EXPECTED"
-            )
-        slot = self._slots.get(first.command_id)
+        command_id = getattr(first, "command_id", "")
+        if first is None or not command_id:
+            raise InvalidArgument(f"{self.RPC} must start with the command id", reason="COMMAND_ID_EXPECTED")
+        slot = self._slots.get(command_id)
         if slot is None or slot.node_id != node_id:
             raise NotFound(
-                f"No shard statement {first.command_id!r} waits for rows from this node (it ended or was cancelled)",
-                reason="SHARD_RESULT_UNKNOWN",
+                f"No {self.WHAT} {command_id!r} waits for {self.ITEMS} from this node (it ended or was cancelled)",
+                reason=f"{self.REASON}_UNKNOWN",
             )
         if slot.attached:
             raise FailedPrecondition(
-                f"The rows of {first.command_id!r} are already arriving", reason="SHARD_RESULT_ATTACHED"
+                f"The {self.ITEMS} of {command_id!r} are already arriving", reason=f"{self.REASON}_ATTACHED"
             )
         slot.attached = True
         pump = asyncio.ensure_future(self._pump(slot, iterator))
@@ -138,20 +169,49 @@ class ShardResults:
                 await pump
         return pump.done() and not pump.cancelled() and pump.result()
 
-    async def _pump(self, slot: ResultSlot, iterator: AsyncIterator[node_pb2.PushShardResultRequest]) -> bool:
+    async def _pump(self, slot: S, iterator: AsyncIterator[M]) -> bool:
         try:
             async for message in iterator:
-                self.received_rows += message.row_count
+                self._received(message)
                 await slot.queue.put(message)  # waits while the consumer is behind: flow control
-                if message.done:
+                if getattr(message, "done", False):
                     return True
-            failure = "the node ended its result stream before the last rows"
+            failure = self.ENDED_EARLY
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the call broke (the agent died, the connection dropped)
-            failure = f"the node's result stream broke ({type(exc).__name__})"
+            failure = self.BROKE.format(kind=type(exc).__name__)
         if not slot.gone.done():
-            await slot.queue.put(
-                node_pb2.PushShardResultRequest(done=True, error_kind="unavailable", error_message=failure)
-            )
+            await slot.queue.put(self._failure(failure))
         return True
+
+
+class ShardResults(PushedSlots[ResultSlot, node_pb2.PushShardResultRequest]):
+    """The shard statements waiting for their rows, by command id."""
+
+    RPC = "PushShardResult"
+    WHAT = "shard statement"
+    ITEMS = "rows"
+    REASON = "SHARD_RESULT"
+    ENDED_EARLY = "the node ended its result stream before the last rows"
+    BROKE = "the node's result stream broke ({kind})"
+
+    def __init__(self, queue_batches: int = QUEUE_BATCHES) -> None:
+        super().__init__(queue_batches)
+        self.received_rows = 0
+        """Rows received from agents since the start (for tests and diagnostics)."""
+
+    def _new_slot(self, command_id: str, node_id: str) -> ResultSlot:
+        return ResultSlot(command_id, node_id, self._queue_batches)
+
+    def _failure(self, message: str) -> node_pb2.PushShardResultRequest:
+        return node_pb2.PushShardResultRequest(done=True, error_kind="unavailable", error_message=message)
+
+    def _received(self, message: node_pb2.PushShardResultRequest) -> None:
+        self.received_rows += message.row_count
+
+    def paced(self) -> bool:
+        """Every statement whose rows are arriving has a full queue: its agent is held back
+        by flow control until the consumer reads again."""
+        attached = [slot for slot in self._slots.values() if slot.attached]
+        return bool(attached) and all(slot.queue.full() for slot in attached)

@@ -126,8 +126,10 @@ def test_bad_registration_is_400_with_field_violations(
 def test_login_is_200_with_expires_in(rest: Rest, account: dict[str, Any]) -> None:
     reply = rest.post("/api/v1/auth/login", {"email": account["email"], "password_hash": PASSWORD})
     assert reply.status == 200
-    assert set(reply.json) == {"access_token", "refresh_token", "expires_in"}
+    assert set(reply.json) == {"access_token", "refresh_token", "expires_in", "mfa_required", "mfa_challenge"}
     assert int(reply.json["expires_in"]) == 3600
+    assert reply.json["mfa_required"] is False  # no second factor on this account
+    assert reply.json["mfa_challenge"] == ""
 
 
 def test_wrong_password_is_401(rest: Rest, account: dict[str, Any]) -> None:
