@@ -361,6 +361,8 @@ async def start_controller(settings: Settings) -> Controller:
     draining = asyncio.Event()
     metrics_pb2_grpc.add_MetricsServiceServicer_to_server(MetricsServicer(fleet, nodes, draining), server)
     health_servicer = health.aio.HealthServicer()
+    # grpc's servicer starts with the server ("") SERVING: not until everything below runs
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -460,12 +462,15 @@ def user_port_credentials(settings: Settings) -> grpc.ServerCredentials:
 
 
 async def serve(settings: Settings) -> int:
-    """Run the controller until SIGTERM/SIGINT, then drain; the process exit code."""
-    controller = await start_controller(settings)
+    """Run the controller until SIGTERM/SIGINT, then drain; the process exit code.
+
+    The signal handlers come first: a SIGTERM while the controller is still starting (its
+    port may already answer) is kept and drains it as soon as it is up."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    controller = await start_controller(settings)
     await stop.wait()
     log.info("received a stop signal")
     await controller.stop()
