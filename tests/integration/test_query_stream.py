@@ -213,7 +213,7 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
             ids: dict[str, str] = {}
             for _ in range(600):
                 listed = (await nodes.ListNodes(node_pb2.ListNodesRequest(), metadata=bearer(token))).nodes
-                ids = {n.region: n.id for n in listed if n.status == 2}
+                ids = {n.region: n.id for n in listed if n.status in (2, 3)}  # READY, or BUSY (CPU > 90 %)
                 if len(ids) == 2:
                     break
                 await asyncio.sleep(0.05)

@@ -102,7 +102,7 @@ class Fleet:
 async def ready_nodes(stub: node_pb2_grpc.NodeServiceStub, token: str, count: int) -> dict[str, str]:
     for _ in range(600):
         nodes = (await stub.ListNodes(node_pb2.ListNodesRequest(), metadata=bearer(token))).nodes
-        ready = [n for n in nodes if n.status == 2]  # NODE_STATUS_READY
+        ready = [n for n in nodes if n.status in (2, 3)]  # READY, or BUSY on a loaded machine (CPU > 90 %)
         if len(ready) == count:
             return {n.region: n.id for n in ready}
         await asyncio.sleep(0.05)

@@ -161,7 +161,7 @@ async def test_bank_transfers_survive_sigkill_of_controller_and_agents(
 
             async def both_ready() -> dict[str, str] | None:
                 listed = (await nodes.ListNodes(node_pb2.ListNodesRequest(), metadata=bearer(token))).nodes
-                ready = {n.region: n.id for n in listed if n.status == 2}
+                ready = {n.region: n.id for n in listed if n.status in (2, 3)}  # READY, or BUSY (CPU > 90 %)
                 return ready if len(ready) == 2 else None
 
             ids = await until(both_ready, "both agents to be ready")
