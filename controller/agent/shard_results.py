@@ -1,5 +1,6 @@
 """Results on the data path: batching a statement's rows (:class:`_Batcher`) and pushing
-them over ``NodeService.PushShardResult`` (:func:`push_parts`).
+them over ``NodeService.PushShardResult`` (:func:`push_parts`), or, for a small result that
+is ready at once, on the command's result itself.
 
 Rows are written in batches (:func:`controller.wire.encode_rows`) of about
 :data:`BATCH_TARGET_BYTES` each while they are fetched; the first batch is small
@@ -36,6 +37,11 @@ FIRST_BATCH_ROWS = 64
 MAX_BATCH_ROWS = 16_384
 # Largest batch message: what the node port accepts on one message, less framing.
 MAX_BATCH_BYTES = CONTROL_MESSAGE_MAX_BYTES - 2048
+# A whole result this small, ready this soon, rides on the command's result (no push call):
+# a point query costs one message each way instead of a call of its own. A slower
+# statement gets its call (and so its cancellation) as before.
+INLINE_RESULT_MAX_BYTES = 32 * 1024
+INLINE_WAIT_SECONDS = 0.02
 
 
 class Stop:
@@ -148,11 +154,101 @@ async def push_parts(
     command_id: str,
     shard_index: int,
     open_push: Callable[[], Any],
+    inline_ok: bool,
     start: Callable[[Stop], AsyncGenerator[ResultPart, None]],
 ) -> node_pb2.CommandResult:
-    """Open the push call (``open_push``), run ``start`` and write its parts on the call;
-    the command's result: a small summary, or the failure (also sent on the call)."""
+    """Run ``start``; when the controller takes it (``inline_ok``), a whole result that comes
+    within :data:`INLINE_WAIT_SECONDS` and fits :data:`INLINE_RESULT_MAX_BYTES` rides on the
+    command's result itself (no call opened);
+    any other is pushed on a call that ``open_push`` opens, and the command's result is
+    then a small summary. A failure is the command's result (and, once a call is open,
+    also sent on the call)."""
     stop = Stop()
+    parts = start(stop)
+    first: asyncio.Future[ResultPart | None] = asyncio.ensure_future(_next_part(parts))
+    try:
+        if inline_ok:
+            await asyncio.wait({first}, timeout=INLINE_WAIT_SECONDS)
+        if inline_ok and first.done():
+            try:
+                part = first.result()
+            except ShardError as exc:
+                return _failed(command_id, shard_index, exc, stop, 0)
+            if part is not None and part.done and len(part.rows) <= INLINE_RESULT_MAX_BYTES:
+                # Run the statement's generator to its end: what follows its last part
+                # (a transaction kept open, a connection returned) must happen, and closing
+                # it early would undo it.
+                try:
+                    extra = await _next_part(parts)
+                except ShardError as exc:
+                    return _failed(command_id, shard_index, exc, stop, part.count)
+                if extra is None:
+                    return _inline(command_id, part)
+                raise RuntimeError("a shard statement yielded a part after its last one")
+        return await _push(command_id, shard_index, open_push, parts, first, stop)
+    finally:
+        if not first.done():
+            first.cancel()
+        with contextlib.suppress(BaseException):
+            await first
+        await parts.aclose()
+
+
+async def _next_part(parts: AsyncGenerator[ResultPart, None]) -> ResultPart | None:
+    try:
+        return await parts.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+def _inline(command_id: str, part: ResultPart) -> node_pb2.CommandResult:
+    """A whole (small) result on the command's result: ``payload`` says how many rows and
+    which columns, ``inline_rows`` holds them (:func:`controller.wire.encode_rows`)."""
+    return node_pb2.CommandResult(
+        command_id=command_id,
+        ok=True,
+        payload=json.dumps(
+            {
+                "rows": part.count,
+                "rowcount": part.rowcount,
+                "columns": [list(c) for c in part.columns or []],
+                "inline": True,
+            },
+            separators=(",", ":"),
+        ).encode(),
+        inline_rows=part.rows if part.count else b"",
+    )
+
+
+def _failed(
+    command_id: str, shard_index: int, exc: ShardError, stop: Stop, rows: int
+) -> node_pb2.CommandResult:
+    if exc.kind == "cancelled" or stop.is_set():
+        log.info(
+            "shard statement %s on shard %d interrupted after %d rows: %s",
+            command_id,
+            shard_index,
+            rows,
+            stop.reason or exc,
+        )
+        exc = ShardError("cancelled", f"the statement was interrupted: {stop.reason or exc}")
+    return node_pb2.CommandResult(
+        command_id=command_id,
+        ok=False,
+        error_message=str(exc),
+        payload=json.dumps({"error_kind": exc.kind}).encode(),
+    )
+
+
+async def _push(
+    command_id: str,
+    shard_index: int,
+    open_push: Callable[[], Any],
+    parts: AsyncGenerator[ResultPart, None],
+    first: asyncio.Future[ResultPart | None],
+    stop: Stop,
+) -> node_pb2.CommandResult:
+    """Open the push call and write the result's parts on it (``first``, then the rest)."""
     call = open_push()
     rows = 0
     columns: list[tuple[str, str]] = []
@@ -163,11 +259,11 @@ async def push_parts(
 
     watcher: asyncio.Future[Any] = asyncio.ensure_future(_await(call))
     watcher.add_done_callback(ended)
-    parts = start(stop)
     try:
         try:
             await call.write(node_pb2.PushShardResultRequest(command_id=command_id))
-            async for part in parts:
+            part = await first
+            while part is not None:
                 message = node_pb2.PushShardResultRequest(
                     rows=part.rows, row_count=part.count, done=part.done, rowcount=part.rowcount
                 )
@@ -180,6 +276,7 @@ async def push_parts(
                 rows += part.count
                 rowcount = part.rowcount if part.done else rowcount
                 await call.write(message)
+                part = await _next_part(parts)
             await call.done_writing()
             await watcher
         except ShardError as exc:
@@ -195,24 +292,8 @@ async def push_parts(
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
             stop.set("the controller ended the result stream")
             raise ShardError("cancelled", f"the result stream ended: {_rpc_text(exc)}") from exc
-        finally:
-            await parts.aclose()
     except ShardError as exc:
-        if exc.kind == "cancelled" or stop.is_set():
-            log.info(
-                "shard statement %s on shard %d interrupted after %d rows: %s",
-                command_id,
-                shard_index,
-                rows,
-                stop.reason or exc,
-            )
-            exc = ShardError("cancelled", f"the statement was interrupted: {stop.reason or exc}")
-        return node_pb2.CommandResult(
-            command_id=command_id,
-            ok=False,
-            error_message=str(exc),
-            payload=json.dumps({"error_kind": exc.kind}).encode(),
-        )
+        return _failed(command_id, shard_index, exc, stop, rows)
     finally:
         watcher.remove_done_callback(ended)
         if not watcher.done():

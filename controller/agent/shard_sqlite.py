@@ -115,17 +115,18 @@ class _SqliteShards(_ShardStoreState):
         self, key: tuple[str, int], sql: str, deadline: float, batcher: _Batcher, read_only: bool, stop: Stop
     ) -> AsyncGenerator[ResultPart, None]:
         lock: threading.Lock | None = None
-        if read_only:
-            conn = await asyncio.to_thread(self._sqlite_reader, key)
-        else:
+        conn: sqlite3.Connection | None = None
+        if not read_only:
             shard = self._sqlite.get(key)
             if shard is None:
                 shard = self._sqlite[key] = _SqliteShard(self._sqlite_path(key))
             conn, lock = shard.conn, shard.lock
         held = threading.Event()
         cursor: sqlite3.Cursor | None = None
+        finished = False
 
         def start() -> sqlite3.Cursor:
+            assert conn is not None
             if lock is not None:
                 lock.acquire()
                 held.set()
@@ -151,6 +152,10 @@ class _SqliteShards(_ShardStoreState):
             return batcher.parts(rows, asked, _sqlite_columns(names), cur.rowcount)
 
         def finish() -> None:
+            nonlocal finished
+            finished = True
+            if conn is None:
+                return
             try:
                 if cursor is not None:
                     cursor.close()
@@ -161,16 +166,34 @@ class _SqliteShards(_ShardStoreState):
                 elif read_only:
                     self._sqlite_return(key, conn)
 
+        def begin() -> list[ResultPart]:
+            """In one worker thread: a connection, the statement, its first batch, and the
+            clean-up when that was all (a point query costs one hop to a thread, not four)."""
+            nonlocal conn, cursor
+            try:
+                if conn is None:
+                    conn = self._sqlite_reader(key)
+                cursor = start()
+                parts = fetch(cursor)
+            except BaseException:
+                finish()
+                raise
+            if parts[-1].done:
+                finish()
+            return parts
+
         try:
-            cursor = await asyncio.to_thread(start)
+            parts = await asyncio.to_thread(begin)
             while True:
-                parts = await asyncio.to_thread(fetch, cursor)
                 for part in parts:
                     yield part
                 if parts[-1].done:
                     return
+                assert cursor is not None
+                parts = await asyncio.to_thread(fetch, cursor)
         finally:
-            await asyncio.to_thread(finish)
+            if not finished:
+                await asyncio.to_thread(finish)
 
     def _sqlite_reader(self, key: tuple[str, int]) -> sqlite3.Connection:
         pool = self._sqlite_readers.setdefault(key, [])

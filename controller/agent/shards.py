@@ -196,6 +196,7 @@ class ShardStore(_Transactions):
             command_id,
             request.shard_index,
             open_push,
+            request.inline_ok,
             lambda stop: self.stream(
                 request.database_id,
                 request.shard_index,
@@ -214,7 +215,11 @@ class ShardStore(_Transactions):
         """Run a transaction's ``BEGIN`` (with sql) or ``EXECUTE`` with ``push_rows`` and push
         the statement's rows over ``PushShardResult``, like :meth:`push_result`."""
         return await push_parts(
-            command_id, request.shard_index, open_push, lambda stop: self.transaction_rows(request, stop)
+            command_id,
+            request.shard_index,
+            open_push,
+            request.inline_ok,
+            lambda stop: self.transaction_rows(request, stop),
         )
 
     async def close(self) -> None:

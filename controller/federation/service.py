@@ -124,6 +124,21 @@ class _Loaded:
     collations: dict[str, dict[str, str]]
 
 
+def _derive(
+    row: DatabaseInstance, schema_info: dict[str, Any]
+) -> tuple[ShardLayout, dict[str, list[str]], int, dict[str, dict[str, str]]]:
+    """The layout, tables' columns, schema version and collations of a database."""
+    tables = {t["name"]: [c["name"] for c in t["columns"]] for t in schema_info.get("tables", [])}
+    collations = {
+        t["name"]: {c["name"]: c["collation"] for c in t["columns"] if c.get("collation")}
+        for t in schema_info.get("tables", [])
+    }
+    sharding = json_format.ParseDict(row.sharding or {}, query_pb2.Sharding())
+    key_type = _key_type(schema_info.get("tables", []), sharding.sharding_key)
+    layout = layout_from_proto(sharding, key_type=key_type)
+    return layout, tables, int(schema_info.get("version", 0)), collations
+
+
 class DatabaseService:
     def __init__(
         self,
@@ -162,6 +177,12 @@ class DatabaseService:
         # statement otherwise (issue 12). Forgotten on delete; another controller's delete
         # is seen within OWNED_ROW_SECONDS.
         self._owned_rows: dict[tuple[str, str], tuple[float, DatabaseInstance]] = {}
+        # What each query needs of a database's row and schema (layout, columns, collations),
+        # worked out once per row read and schema text rather than on every query.
+        self._derived: dict[
+            str,
+            tuple[DatabaseInstance, bytes, ShardLayout, dict[str, list[str]], int, dict[str, dict[str, str]]],
+        ] = {}
         self.shard_drops = ShardDrops(streams)
         """Drops a deleted database's shards on its nodes (controller/federation/cleanup.py)."""
 
@@ -255,6 +276,7 @@ class DatabaseService:
         await self._databases.delete(row.id)
         self._owned_rows.pop((user_id, row.id), None)
         self._replication.pop(row.id, None)
+        self._derived.pop(row.id, None)
         await self._cache.delete(f"db:schema:{row.id}")
         # its shards on the nodes (files; schemas and roles): now, or retried until each confirms
         await self.shard_drops.drop(row.id, shard_nodes(row.replication))
@@ -628,19 +650,17 @@ class DatabaseService:
                 del self._owned_rows[next(iter(self._owned_rows))]
             self._owned_rows[(user_id, database_id)] = (now + OWNED_ROW_SECONDS, row)
         cached = await self._cache.get(f"db:schema:{row.id}")
-        schema_info = json.loads(cached) if cached else (row.schema_info or {"version": 0, "tables": []})
-        if not cached:
-            await self._cache.set(
-                f"db:schema:{row.id}", json.dumps(schema_info).encode(), SCHEMA_CACHE_SECONDS
-            )
-        tables = {t["name"]: [c["name"] for c in t["columns"]] for t in schema_info.get("tables", [])}
-        collations = {
-            t["name"]: {c["name"]: c["collation"] for c in t["columns"] if c.get("collation")}
-            for t in schema_info.get("tables", [])
-        }
-        sharding = json_format.ParseDict(row.sharding or {}, query_pb2.Sharding())
-        key_type = _key_type(schema_info.get("tables", []), sharding.sharding_key)
-        layout = layout_from_proto(sharding, key_type=key_type)
+        derived = self._derived.get(row.id)
+        if derived is None or derived[0] is not row or derived[1] != cached or not cached:
+            schema_info = json.loads(cached) if cached else (row.schema_info or {"version": 0, "tables": []})
+            if not cached:
+                cached = json.dumps(schema_info).encode()
+                await self._cache.set(f"db:schema:{row.id}", cached, SCHEMA_CACHE_SECONDS)
+            derived = (row, cached, *_derive(row, schema_info))
+            if len(self._derived) >= OWNED_ROWS_MAX:
+                del self._derived[next(iter(self._derived))]
+            self._derived[row.id] = derived
+        layout, tables, version, collations = derived[2:]
         replication = self._replication.get(row.id)
         if replication is None:
             stored = row.replication or {}
@@ -652,7 +672,7 @@ class DatabaseService:
                 {int(k): set(v) for k, v in stored.get("stale", {}).items()},
             )
             self._replication[row.id] = replication
-        return _Loaded(row, layout, replication, tables, int(schema_info.get("version", 0)), collations)
+        return _Loaded(row, layout, replication, tables, version, collations)
 
     async def _owned_nodes(self, user_id: str) -> list[Any]:
         nodes: list[Any] = []

@@ -423,6 +423,7 @@ class NodeShardExecutor:
                 max_rows=caps.rows,
                 max_bytes=caps.bytes,
                 read_only=read,
+                inline_ok=True,
             ),
         )
         return await open_rows(self._streams, self._results, node_id, shard, command, caps, remaining)
@@ -439,7 +440,8 @@ async def open_rows(
     sqlstates: Mapping[str, str] = SQLSTATE,
 ) -> ShardRows:
     """Send ``command`` (a statement whose rows come back on ``PushShardResult``, keyed by
-    its command id) and wait for its first rows, or its end; :class:`ShardError` (or
+    its command id, or, when few and ready at once, on the command's result itself) and
+    wait for its first rows, or its end; :class:`ShardError` (or
     ``TimeoutError``, :class:`ResourceExhausted`) if it failed."""
     slot = results.open(command.command_id, node_id)
     sent = asyncio.ensure_future(streams.send_command(node_id, command, remaining + 0.5))
@@ -474,13 +476,31 @@ async def open_rows(
             raise _failure(
                 shard, node_id, payload.get("error_kind", "invalid"), result.error_message, caps, sqlstates
             )
+        results.close(slot)
+        if payload.get("inline"):  # the whole (small) result came on the command's result
+            columns = [(str(n), str(t)) for n, t in payload.get("columns", [])]
+            return ShardRows(
+                shard=shard,
+                node_id=node_id,
+                columns=columns,
+                results=results,
+                slot=None,
+                command=None,
+                first=node_pb2.PushShardResultRequest(
+                    rows=result.inline_rows,
+                    row_count=int(payload.get("rows", 0)),
+                    done=True,
+                    rowcount=int(payload.get("rowcount", -1)),
+                ),
+                caps=caps,
+                sqlstates=sqlstates,
+            )
         if payload.get("rows", 0):  # a result sent again for a repeated command: its rows are gone
             raise ShardError(
                 shard,
                 f"node {node_id}: the statement ran, but its rows were not received",
                 retryable=False,
             )
-        results.close(slot)
         return ShardRows(
             shard=shard,
             node_id=node_id,

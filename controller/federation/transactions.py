@@ -635,6 +635,7 @@ class TransactionManager:
                 push_rows=True,
                 max_rows=caps.rows,
                 max_bytes=caps.bytes,
+                inline_ok=True,
             ),
         )
         rows = await open_rows(

@@ -265,8 +265,8 @@ async def _client(
     address: str,
     token: str,
     inflight: int,
-    start_at: float,
-    stop_at: float,
+    barrier: Any,
+    seconds: float,
     query: QueryContext | None = None,
 ) -> tuple[int, int, list[float]]:
     async with grpc.aio.insecure_channel(address) as channel:
@@ -296,7 +296,10 @@ async def _client(
                 await me.GetCurrentUser(me_request, metadata=metadata, timeout=10)
 
         await call()  # connected before the clock starts
-        await asyncio.sleep(max(0.0, start_at - time.time()))
+        # Every client connected (however slowly processes start on a loaded machine),
+        # then all start together, and the controller's CPU is read from there.
+        await asyncio.to_thread(barrier.wait, 120)
+        stop_at = time.time() + seconds
         latencies: list[float] = []
         counts = [0, 0]
 
@@ -320,11 +323,22 @@ def _client_process(
     address: str,
     token: str,
     inflight: int,
-    start_at: float,
-    stop_at: float,
+    barrier: Any,
+    seconds: float,
     query: QueryContext | None = None,
 ) -> tuple[int, int, list[float]]:
-    return asyncio.run(_client(rpc, address, token, inflight, start_at, stop_at, query))
+    return asyncio.run(_client(rpc, address, token, inflight, barrier, seconds, query))
+
+
+_MANAGER: Any = None
+
+
+def _manager() -> Any:
+    """One manager process for the clients' start barriers."""
+    global _MANAGER
+    if _MANAGER is None:
+        _MANAGER = multiprocessing.get_context("spawn").Manager()
+    return _MANAGER
 
 
 def concurrent(
@@ -338,16 +352,15 @@ def concurrent(
     seconds: float,
     query: QueryContext | None = None,
 ) -> dict[str, float | list[float]]:
-    start_at = time.time() + 1.5
-    stop_at = start_at + seconds
+    barrier = _manager().Barrier(procs + 1)
     pending = pool.starmap_async(
-        _client_process, [(rpc, address, token, inflight, start_at, stop_at, query)] * procs
+        _client_process, [(rpc, address, token, inflight, barrier, seconds, query)] * procs
     )
     agents = [psutil.Process(pid) for pid in AGENT_PIDS]
-    time.sleep(max(0.0, start_at - time.time()))
+    barrier.wait(120)
     cpu0 = controller.cpu_times()
     agents0 = [a.cpu_times() for a in agents]
-    time.sleep(max(0.0, stop_at - time.time()))
+    time.sleep(seconds)
     cpu1 = controller.cpu_times()
     agents1 = [a.cpu_times() for a in agents]
     agent_cpu = sum((b.user - a.user) + (b.system - a.system) for a, b in zip(agents0, agents1, strict=True))

@@ -13,6 +13,7 @@ import pytest
 from automator67.v1 import node_pb2
 from psycopg import sql
 
+from controller.agent import shard_results
 from controller.agent.handlers import CommandHandlers
 from controller.agent.metrics import RequestCounters
 from controller.agent.pg_shards import (
@@ -266,3 +267,81 @@ async def test_postgres_shards_are_separate_schemas(
         await store.close()
         postgres_databases.drop(created)  # type: ignore[attr-defined]
         _drop_agent_roles(postgres_admin_url, tmp_path)
+
+
+async def test_a_small_result_ready_at_once_rides_on_the_command_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "At once" is a wait of INLINE_WAIT_SECONDS; made long here so that a slow machine
+    # cannot turn the inline case into a push (which would be correct, but not this test).
+    monkeypatch.setattr(shard_results, "INLINE_WAIT_SECONDS", 60.0)
+    store = ShardStore(tmp_path)
+    pushes: list[FakePush] = []
+
+    def open_push() -> FakePush:
+        pushes.append(FakePush())
+        return pushes[-1]
+
+    def request(
+        sql: str, *, inline_ok: bool = True, read_only: bool = True
+    ) -> node_pb2.ExecuteShardStatement:
+        return node_pb2.ExecuteShardStatement(
+            database_id="d", shard_index=0, sql=sql, read_only=read_only, inline_ok=inline_ok
+        )
+
+    try:
+        await store.execute("d", 0, "CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT)", 5000)
+        write = await store.push_result(
+            "w", request("INSERT INTO t VALUES (1, 'a'), (2, 'b')", read_only=False), open_push
+        )
+        assert write.ok
+        assert not pushes
+        assert json.loads(write.payload) == {"rows": 0, "rowcount": 2, "columns": [], "inline": True}
+        point = await store.push_result("p", request("SELECT id, name FROM t WHERE id = 2"), open_push)
+        assert point.ok
+        assert not pushes
+        assert json.loads(point.payload) == {
+            "rows": 1,
+            "rowcount": -1,
+            "columns": [["id", "INTEGER"], ["name", "TEXT"]],
+            "inline": True,
+        }
+        assert decode_rows(point.inline_rows) == [(2, "b")]
+        bad = await store.push_result("b", request("SELECT nope FROM t"), open_push)
+        assert not bad.ok
+        assert not pushes
+        assert json.loads(bad.payload) == {"error_kind": "invalid"}
+
+        # Too big for the command's result: pushed, as before.
+        big = f"SELECT '{'x' * 40_000}' AS wide"
+        pushed = await store.push_result("big", request(big), open_push)
+        assert pushed.ok
+        assert len(pushes) == 1
+        assert not pushed.inline_rows
+        assert "inline" not in json.loads(pushed.payload)
+        assert decode_rows(pushes[0].messages[1].rows) == [("x" * 40_000,)]
+        # A controller that does not take inline results gets the push, whatever the size.
+        plain = await store.push_result("plain", request("SELECT 1", inline_ok=False), open_push)
+        assert plain.ok
+        assert len(pushes) == 2
+        assert not plain.inline_rows
+    finally:
+        await store.close()
+
+
+async def test_a_slow_statement_gets_its_call_and_so_its_cancellation(tmp_path: Path) -> None:
+    store = ShardStore(tmp_path)
+    push = FakePush()
+    try:
+        endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+        request = node_pb2.ExecuteShardStatement(
+            database_id="d", shard_index=0, sql=endless, timeout_ms=600_000, read_only=True, inline_ok=True
+        )
+        running = asyncio.ensure_future(store.push_result("c1", request, lambda: push))
+        await push.opened.wait()  # not ready within the inline wait: the call is opened
+        assert not running.done()
+        push.cancel()
+        result = await asyncio.wait_for(running, 10)
+        assert json.loads(result.payload) == {"error_kind": "cancelled"}
+    finally:
+        await store.close()

@@ -876,6 +876,7 @@ class ExecuteShardStatement(_message.Message):
     MAX_BYTES_FIELD_NUMBER: _builtins.int
     READ_ONLY_FIELD_NUMBER: _builtins.int
     SQL_REF_FIELD_NUMBER: _builtins.int
+    INLINE_OK_FIELD_NUMBER: _builtins.int
     database_id: _builtins.str
     shard_index: _builtins.int
     sql: _builtins.str
@@ -889,6 +890,8 @@ class ExecuteShardStatement(_message.Message):
     max_bytes: _builtins.int
     read_only: _builtins.bool
     """The statement only reads (the node may run it on a read-only connection of its own)."""
+    inline_ok: _builtins.bool
+    """The controller takes a small result ready at once on CommandResult.inline_rows."""
     @_builtins.property
     def sql_ref(self) -> Global___StatementRef:
         """Set instead of `sql` for a long statement: fetch its text with FetchStatement."""
@@ -904,10 +907,11 @@ class ExecuteShardStatement(_message.Message):
         max_bytes: _builtins.int = ...,
         read_only: _builtins.bool = ...,
         sql_ref: Global___StatementRef | None = ...,
+        inline_ok: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sql_ref", b"sql_ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_id", b"database_id", "max_bytes", b"max_bytes", "max_rows", b"max_rows", "read_only", b"read_only", "shard_index", b"shard_index", "sql", b"sql", "sql_ref", b"sql_ref", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_id", b"database_id", "inline_ok", b"inline_ok", "max_bytes", b"max_bytes", "max_rows", b"max_rows", "read_only", b"read_only", "shard_index", b"shard_index", "sql", b"sql", "sql_ref", b"sql_ref", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1027,6 +1031,7 @@ class ShardTransaction(_message.Message):
     MAX_BYTES_FIELD_NUMBER: _builtins.int
     DISTRIBUTED_FIELD_NUMBER: _builtins.int
     SQL_REF_FIELD_NUMBER: _builtins.int
+    INLINE_OK_FIELD_NUMBER: _builtins.int
     database_id: _builtins.str
     shard_index: _builtins.int
     transaction_id: _builtins.str
@@ -1054,6 +1059,8 @@ class ShardTransaction(_message.Message):
     waits for a lock are then bounded (lock_timeout), failing with a conflict: a wait that
     crosses shards can be a deadlock that no single server sees.
     """
+    inline_ok: _builtins.bool
+    """The controller takes a small result ready at once on CommandResult.inline_rows."""
     @_builtins.property
     def sql_ref(self) -> Global___StatementRef:
         """Set instead of `sql` for a long statement: fetch its text with FetchStatement."""
@@ -1075,10 +1082,11 @@ class ShardTransaction(_message.Message):
         max_bytes: _builtins.int = ...,
         distributed: _builtins.bool = ...,
         sql_ref: Global___StatementRef | None = ...,
+        inline_ok: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sql_ref", b"sql_ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "database_id", b"database_id", "distributed", b"distributed", "holds_nothing", b"holds_nothing", "idle_timeout_ms", b"idle_timeout_ms", "max_bytes", b"max_bytes", "max_rows", b"max_rows", "priority", b"priority", "push_rows", b"push_rows", "shard_index", b"shard_index", "sql", b"sql", "sql_ref", b"sql_ref", "timeout_ms", b"timeout_ms", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "database_id", b"database_id", "distributed", b"distributed", "holds_nothing", b"holds_nothing", "idle_timeout_ms", b"idle_timeout_ms", "inline_ok", b"inline_ok", "max_bytes", b"max_bytes", "max_rows", b"max_rows", "priority", b"priority", "push_rows", b"push_rows", "shard_index", b"shard_index", "sql", b"sql", "sql_ref", b"sql_ref", "timeout_ms", b"timeout_ms", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1092,11 +1100,16 @@ class CommandResult(_message.Message):
     OK_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
+    INLINE_ROWS_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     ok: _builtins.bool
     error_message: _builtins.str
     payload: _builtins.bytes
     """Command-specific payload, JSON encoded."""
+    inline_rows: _builtins.bytes
+    """A shard statement's whole result when it is small and ready at once (rows encoded as on
+    PushShardResult; the payload says "inline", the count and the columns): no push call.
+    """
     def __init__(
         self,
         *,
@@ -1104,10 +1117,11 @@ class CommandResult(_message.Message):
         ok: _builtins.bool = ...,
         error_message: _builtins.str = ...,
         payload: _builtins.bytes = ...,
+        inline_rows: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "error_message", b"error_message", "ok", b"ok", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "error_message", b"error_message", "inline_rows", b"inline_rows", "ok", b"ok", "payload", b"payload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
