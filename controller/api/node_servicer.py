@@ -108,9 +108,12 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         nodes, next_token = await self._nodes.list_for_user(
             current_principal().user_id, request.page_size, request.page_token
         )
-        return node_pb2.ListNodesResponse(
-            nodes=[await self._to_proto(node) for node in nodes], next_page_token=next_token
-        )
+        protos = [await self._to_proto(node) for node in nodes]
+        if self._credentials is not None:  # the same summary as GetNode's: never the token
+            summaries = await self._credentials.describe_many(nodes)
+            for proto in protos:
+                proto.credentials.CopyFrom(summaries[proto.id])
+        return node_pb2.ListNodesResponse(nodes=protos, next_page_token=next_token)
 
     async def GetNode(self, request: node_pb2.GetNodeRequest, context: Context) -> node_pb2.GetNodeResponse:
         node = await self._owned(request.node_id)

@@ -17,6 +17,7 @@ carries a token or the provider's free-text description, only an error code.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import re
 import warnings
@@ -75,13 +76,24 @@ def _client_modules() -> tuple[Any, type[Exception], ModuleType]:
     """Authlib's async client, its OAuth error and httpx, imported when a provider is
     configured (they add to the controller's start-up otherwise)."""
     import authlib.deprecate  # noqa: F401 - installs Authlib's "always" filter before ours below
-    import httpx
 
     with warnings.catch_warnings():
-        # Authlib 1.9 prefers the httpx2 package and warns when it falls back to httpx.
+        # Authlib 1.9 prefers the httpx2 package and warns when it falls back to httpx
+        # (the fix is to install httpx2: docs/credentials.md, "Providers").
         warnings.simplefilter("ignore", DeprecationWarning)
         from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuthError
-    return AsyncOAuth2Client, OAuthError, httpx
+    # The HTTP package the client is built on (httpx2 where installed, else httpx): its
+    # exceptions are the ones to catch, and the two packages share no exception classes.
+    http = importlib.import_module(_http_base(AsyncOAuth2Client).__module__.partition(".")[0])
+    return AsyncOAuth2Client, OAuthError, http
+
+
+def _http_base(client_class: type) -> type:
+    """The ``AsyncClient`` class of httpx or httpx2 that Authlib's client extends."""
+    for base in client_class.__mro__:
+        if base.__name__ == "AsyncClient" and base.__module__.partition(".")[0] in ("httpx", "httpx2"):
+            return base
+    raise RuntimeError(f"{client_class!r} is not built on httpx or httpx2")
 
 
 def _code(error: object) -> str:

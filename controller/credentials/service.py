@@ -99,6 +99,12 @@ class NodeCredentialsService:
     async def describe(self, node: Node) -> node_pb2.NodeCredentials:
         return describe(await self._states.get(node.id), node, self._clock())
 
+    async def describe_many(self, nodes: Sequence[Node]) -> dict[str, node_pb2.NodeCredentials]:
+        """:meth:`describe` for a page of nodes (``ListNodes``), with one read of the store."""
+        rows = await self._states.get_many([node.id for node in nodes])
+        now = self._clock()
+        return {node.id: describe(rows.get(node.id), node, now) for node in nodes}
+
     async def update(
         self, node: Node, request: node_pb2.UpdateNodeCredentialsRequest
     ) -> node_pb2.UpdateNodeCredentialsResponse:

@@ -97,6 +97,12 @@ class GatewaySettings:
     """Envoy's admin interface (stats, ``/ready``): empty disables it; otherwise a
     loopback ``HOST:PORT``, because the admin interface can stop the process."""
 
+    access_log_path: str = ""
+    """File Envoy appends one line per request to, in Envoy's default access-log format
+    (time, method, REST path, status, sizes, duration, user agent, request id: never
+    a header such as ``authorization``, never a body); ``/dev/stdout`` works too.
+    Empty: no access log."""
+
     concurrency: int = 0
     """Envoy worker threads; 0 means one per CPU."""
 
@@ -206,6 +212,8 @@ class GatewaySettings:
             )
         if self.request_timeout_seconds <= 0 or self.stream_idle_timeout_seconds <= 0:
             raise ValueError("gateway timeouts must be positive")
+        if any(c in self.access_log_path for c in '\n\r"\\'):
+            raise ValueError(f"A67_GATEWAY_ACCESS_LOG_PATH: {self.access_log_path!r} is not a usable path")
         if self.concurrency < 0:
             raise ValueError("A67_GATEWAY_CONCURRENCY must be 0 (one per CPU) or more")
         if self.log_level not in ENVOY_LOG_LEVELS:

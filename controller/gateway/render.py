@@ -85,6 +85,23 @@ def _admin(settings: GatewaySettings) -> str:
     return f"admin:\n  address:\n    socket_address: {{address: {_quote(host)}, port_value: {port}}}"
 
 
+def _access_log(settings: GatewaySettings) -> str:
+    """The connection manager's ``access_log`` (a file, Envoy's default format), or a comment."""
+    if not settings.access_log_path:
+        return "          # No access log: set access_log_path (A67_GATEWAY_ACCESS_LOG_PATH) for one."
+    path = _quote(str(Path(settings.access_log_path).absolute()))
+    return "\n".join(
+        (
+            "          # One line per request in Envoy's default format: no headers, no bodies.",
+            "          access_log:",
+            "          - name: envoy.access_loggers.file",
+            "            typed_config:",
+            '              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog',
+            f"              path: {path}",
+        )
+    )
+
+
 def _downstream_tls(settings: GatewaySettings) -> str:
     """The listener's ``transport_socket`` (HTTPS only), or a comment when TLS is off."""
     if not settings.tls:
@@ -164,6 +181,7 @@ def render(settings: GatewaySettings) -> str:
         "stream_format_option": _STREAM_FORMAT_OPTIONS[settings.stream_format],
         "request_timeout": _duration(settings.request_timeout_seconds),
         "stream_idle_timeout": _duration(settings.stream_idle_timeout_seconds),
+        "access_log": _access_log(settings),
         "downstream_tls": _downstream_tls(settings),
         "upstream_tls": _upstream_tls(settings),
     }
@@ -177,6 +195,8 @@ def write_config(settings: GatewaySettings, path: Path) -> Path:
     """Render ``settings`` into ``path`` (written atomically) and return it."""
     text = render(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if settings.access_log_path:  # Envoy opens the file but does not make its directory
+        Path(settings.access_log_path).absolute().parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".envoy-", suffix=".yaml", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         out.write(text)

@@ -168,6 +168,39 @@ async def test_update_is_validated_and_owned(controller: Controller, channel: gr
     assert (await _get(stub, owner, bare)).state == node_pb2.NODE_CREDENTIALS_STATE_NONE
 
 
+async def test_list_nodes_shows_each_nodes_credentials_as_get_node_does(
+    controller: Controller, channel: grpc.aio.Channel
+) -> None:
+    token = await user(channel, "ada@example.com")
+    stub = node_pb2_grpc.NodeServiceStub(channel)
+    expires = datetime.now(UTC).timestamp() + 3600
+    active = await CredentialNode().register(
+        channel, token, oauth_token=ACCESS, refresh_token=REFRESH, expires_at=expires
+    )
+    bare = await CredentialNode().register(channel, token, oauth_token="")
+    revoked = await CredentialNode().register(channel, token, oauth_token=ACCESS + "-2")
+    await stub.RevokeNodeCredentials(
+        node_pb2.RevokeNodeCredentialsRequest(node_id=revoked), metadata=bearer(token)
+    )
+
+    listed = await stub.ListNodes(node_pb2.ListNodesRequest(), metadata=bearer(token))
+    shown = {node.id: node.credentials for node in listed.nodes}
+    assert set(shown) == {active, bare, revoked}
+    for node_id in shown:
+        assert shown[node_id] == await _get(stub, token, node_id), node_id
+    assert shown[active].state == node_pb2.NODE_CREDENTIALS_STATE_ACTIVE
+    assert shown[active].expires_at.ToDatetime(tzinfo=UTC).timestamp() == pytest.approx(expires, abs=1)
+    assert shown[active].HasField("next_refresh_at")
+    assert shown[bare].state == node_pb2.NODE_CREDENTIALS_STATE_NONE
+    assert shown[revoked].state == node_pb2.NODE_CREDENTIALS_STATE_REVOKED
+    assert ACCESS not in str(listed)
+    assert REFRESH not in str(listed)
+    # pages carry them too
+    first = await stub.ListNodes(node_pb2.ListNodesRequest(page_size=1), metadata=bearer(token))
+    assert len(first.nodes) == 1
+    assert first.nodes[0].credentials == shown[first.nodes[0].id]
+
+
 async def test_sealed_delivery_to_its_own_node_only(
     controller: Controller, channel: grpc.aio.Channel
 ) -> None:

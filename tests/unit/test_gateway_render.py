@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,23 @@ def test_envoy_accepts_the_rendered_configuration(tmp_path: Path, stream_format:
         tmp_path / "gateway" / "envoy.yaml",
     )
     validate(config)
+
+
+def test_the_access_log_is_off_by_default_and_a_file_when_set(tmp_path: Path, default_yaml: str) -> None:
+    assert "access_log:" not in default_yaml
+    path = tmp_path / "logs" / "access.log"
+    config = write_config(settings(access_log_path=str(path)), tmp_path / "envoy.yaml")
+    text = config.read_text()
+    assert "envoy.access_loggers.file" in text
+    assert f"path: {json.dumps(str(path))}" in text
+    assert "log_format" not in text  # Envoy's default format: no headers, no bodies
+    validate(config)
+
+
+@pytest.mark.parametrize("path", ["a\nb", 'a"b'], ids=["newline", "quote"])
+def test_an_access_log_path_that_breaks_the_yaml_is_refused(path: str) -> None:
+    with pytest.raises(ValueError, match="A67_GATEWAY_ACCESS_LOG_PATH"):
+        settings(access_log_path=path)
 
 
 def test_envoy_rejects_a_broken_configuration(tmp_path: Path) -> None:
