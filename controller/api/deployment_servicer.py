@@ -78,7 +78,8 @@ class DeploymentServicer(deployment_pb2_grpc.DeploymentServiceServicer):
         row = await self._service.owned(current_principal().user_id, request.deployment_id)
         if self._logs is None:
             raise Unavailable("This controller cannot read app logs", reason="LOGS_UNAVAILABLE")
-        async for batch in self._logs.stream(row, request):
+        repo = self._service.repo
+        async for batch in self._logs.stream(row, request, placement=lambda: repo.get(row.id)):
             yield batch
 
     async def ScaleDeployment(

@@ -237,7 +237,14 @@ def register(group: click.Group) -> None:
 
     @group.group("auth")
     def auth_group() -> None:
-        """Your account's security: multi-factor sign-in and the audit log of your secrets."""
+        """Your account's security: multi-factor sign-in and the audit log of your secrets.
+
+        \b
+        Examples:
+          a67 auth mfa status
+          a67 auth mfa enroll      # then: a67 auth mfa confirm 123456
+          a67 auth audit --json
+        """
 
     @auth_group.group("mfa")
     def mfa_group() -> None:

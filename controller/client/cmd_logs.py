@@ -49,10 +49,24 @@ def line_records(batch: deployment_pb2.GetReplicaLogsResponse) -> list[dict[str,
 
 
 def print_batch(
-    out: Output, batch: deployment_pb2.GetReplicaLogsResponse, *, timestamps: bool = True
+    out: Output,
+    batch: deployment_pb2.GetReplicaLogsResponse,
+    *,
+    timestamps: bool = True,
+    nodes: dict[int, str] | None = None,
 ) -> None:
     """Write one batch: ``<time> [<replica>] <text>`` lines to stdout (as they are: no
-    markup), or JSON lines with ``--json``; a replica's error goes to stderr."""
+    markup), or JSON lines with ``--json``; a replica's error goes to stderr. ``nodes``
+    (replica → the node its last lines came from) makes a move visible: a note on stderr
+    when a replica's lines start coming from another node (a follow goes after it)."""
+    if nodes is not None and batch.lines:
+        before = nodes.get(batch.replica_index)
+        if before is not None and before != batch.node_id:
+            out.note(
+                f"a67: replica {batch.replica_index} moved from node {before} to node {batch.node_id} "
+                f"(generation {batch.generation}); following it there"
+            )
+        nodes[batch.replica_index] = batch.node_id
     if out.as_json:
         for record in line_records(batch):
             out.json_line(record)
@@ -118,7 +132,8 @@ def register(root: click.Group) -> None:
         app: str, follow: bool, replica: int | None, since: str, tail_lines: int, no_timestamps: bool
     ) -> None:
         """Show an app's output (APP is a name or id): the last lines of each replica,
-        then with -f new lines as they are written, until Ctrl-C.
+        then with -f new lines as they are written, until Ctrl-C. A followed replica that
+        moves to another node (its node failed, a drain) is followed there.
 
         Each line is printed as "<time> [<replica>] <text>" (one JSON object per line with
         --json). Credentials in the lines are masked.
@@ -139,9 +154,10 @@ def register(root: click.Group) -> None:
         if replica is not None:
             request.replica_index = replica
         stream = conn.stream(conn.deployments.GetReplicaLogs, request)
+        nodes: dict[int, str] = {}
         try:
             for batch in stream:
-                print_batch(out, batch, timestamps=not no_timestamps)
+                print_batch(out, batch, timestamps=not no_timestamps, nodes=nodes)
         except KeyboardInterrupt:
             pass  # Ctrl-C is how following ends
         finally:

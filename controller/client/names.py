@@ -24,6 +24,7 @@ CLIENT_COMMANDS: dict[str, str] = {
     "apps": "list, show, scale, update, roll back and remove apps",
     "logs": "an app's output: the last lines, -f to follow",
     "db": "create databases, apply schema, run SQL",
+    "files": "list, upload, download, show and remove your stored files",
     "metrics": "the fleet's metrics (--watch: live)",
     "alerts": "alerts (recovery freezes, failed rollouts); unfreeze recovery",
     "vault": "master keys (operators): status, rotate, retire",

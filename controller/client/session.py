@@ -14,6 +14,7 @@ the system's roots), or either with ``--ca-cert``/``A67_CA_CERT`` (TLS with that
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,10 +28,14 @@ from automator67.v1 import (
     metrics_pb2_grpc,
     node_pb2_grpc,
     query_pb2_grpc,
+    storage_pb2_grpc,
 )
 
 from controller.client.config import CredentialStore, StoredSession
 from controller.client.errors import AUTH, SIGN_IN_AGAIN, USAGE, CliError, from_rpc_error
+
+CTRL_C = threading.Event()
+"""Set by the CLI's SIGINT handler (:func:`controller.client.main.main`) on Ctrl-C."""
 
 REFRESH_MARGIN_SECONDS = 30.0
 """Refresh an access token that expires within this many seconds."""
@@ -114,8 +119,16 @@ class Connection:
     def metrics(self) -> metrics_pb2_grpc.MetricsServiceStub:
         return metrics_pb2_grpc.MetricsServiceStub(self.channel)
 
+    @functools.cached_property
+    def storage(self) -> storage_pb2_grpc.StorageServiceStub:
+        return storage_pb2_grpc.StorageServiceStub(self.channel)
+
     def close(self) -> None:
-        if "channel" in self.__dict__:
+        """Close the channel, unless Ctrl-C interrupted this process: then a call may have
+        been cut off mid-way in the main thread, and ``Channel.close`` can deadlock
+        (grpc/grpc#19973; seen with ``a67 metrics --watch``). The process is ending: the
+        kernel closes its sockets."""
+        if "channel" in self.__dict__ and not CTRL_C.is_set():
             self.channel.close()
 
     # -- the session ----------------------------------------------------------------

@@ -49,7 +49,42 @@ EXPECTED: dict[str, list[str]] = {
     ],
     "docs/deployments.md": ['"deployment_id":"', '{"endpoint":"http://', "DEPLOYMENT_STATUS_RUNNING"],
     "docs/databases.md": ['"data":[[7,9.5],[8,3]]', '"rows_returned": "1"'],
-    "docs/cli.md": ['{"message": "hi from Automator67"', "Removed hello2."],
+    "docs/cli.md": [
+        '{"message": "hi from Automator67"',
+        "Removed hello2.",
+        "Uploaded reports/q1.csv: 15 bytes, 1 copy.",
+        "\nhello\nRemoved notes/hello.txt.\n",
+    ],
+    "docs/storage.md": [
+        "HTTP/1.1 206 Partial Content",
+        "content-range: bytes 0-6/22",
+        '"replication_status":"REPLICATION_STATUS_COMPLETE"',
+        "\nreports/people.csv\n",
+        "\nhello\n",  # DownloadFile through grpcurl
+        "\nnotes/hello.txt\n",
+        "{}\n404\n",  # deleted, then missing
+    ],
+    "docs/nodes.md": [
+        '"max_uses":2',
+        "\nNODE_STATUS_DRAINING\n",
+        "\nNODE_STATUS_REMOVED\n",
+        "\nus-east\n",  # GetNode through grpcurl
+        '"field":"region"',  # RegisterNode's field violations through grpcurl
+    ],
+    "docs/security.md": [
+        "201\n401\n401\n",
+        "5 401",  # eight wrong passwords at once: five checked …
+        " 429",  # … the rest refused unchecked
+        "\n413\n",
+        '"reason":"NODE_NOT_FOUND"',  # another user's node, exactly like a missing one
+        "refused: 2",
+    ],
+    "docs/auth.md": [
+        "MVdRfo5RZD6gd6mtmqwWcw+UP2jTprKIl73eTV7ZbpY=",
+        "REFRESH_TOKEN_REUSED",
+        "SESSION_REVOKED",
+        "\nada@example.com\n",
+    ],
 }
 
 
