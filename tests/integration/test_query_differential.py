@@ -1121,6 +1121,8 @@ async def test_constraint_violation_names_the_shard(
         with pytest.raises(InvalidArgument) as caught_column:
             await env.routed("SELECT no_such_column FROM orders")
         assert "shard" in caught_column.value.message
+        # the column and the table the statement reads, on both backends (not the shard's terse text)
+        assert caught_column.value.message.endswith("column no_such_column does not exist in table orders")
     finally:
         env.close()
 

@@ -194,6 +194,12 @@ def test_scalar_mapping(doc: dict[str, Any]) -> None:
     assert prop(doc, "NodeMetrics", "cpu_percent") == {"type": "number", "format": "double"}
     assert prop(doc, "User", "mfa_enabled") == {"type": "boolean"}
     assert prop(doc, "User", "created_at")["format"] == "date-time"
+    for response in ("ExecuteQueryResponse", "StreamQueryResponse"):  # durations: JSON numbers
+        assert prop(doc, response, "execution_time_ms") == {
+            "type": "integer",
+            "format": "int32",
+            "description": prop(doc, response, "execution_time_ms")["description"],
+        }
 
 
 def test_enums_are_strings_of_their_names(doc: dict[str, Any]) -> None:

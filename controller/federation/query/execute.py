@@ -36,10 +36,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import itertools
+import re
 import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar
+
+import sqlglot
+from sqlglot import exp
 
 from controller.errors import (
     ControllerError,
@@ -230,7 +234,7 @@ def _raise_for_failures(
         if isinstance(error, ShardError) and not error.retryable:
             kind = InvalidArgument if (error.sqlstate or "")[:2] in ("22", "42") else FailedPrecondition
             raise kind(
-                f"shard {shard} rejected the statement: {error.message}{write_note}",
+                f"shard {shard} rejected the statement: {explain(plan, error.message)}{write_note}",
                 reason="SHARD_STATEMENT_FAILED",
                 metadata={"shard": str(shard), **({"sqlstate": error.sqlstate} if error.sqlstate else {})},
             )
@@ -550,11 +554,45 @@ async def _process_merge(
     await out.put(StreamPart(done=True))
 
 
+_UNKNOWN_COLUMN = (
+    re.compile(r"^no such column: (?P<column>\S+)$"),  # SQLite
+    re.compile(r'^column "?(?P<column>[^"\s]+)"? does not exist'),  # PostgreSQL
+)
+
+
+def explain(plan: Plan, message: str) -> str:
+    """A shard's own words, made plain where they are terse: an unknown column is named
+    with the tables the statement reads (the shard's text names only the column).
+
+    >>> from types import SimpleNamespace
+    >>> p = SimpleNamespace(sql="SELECT totl FROM orders o JOIN lines l ON l.o = o.id", rules=SimpleNamespace(sqlglot_dialect="sqlite"))
+    >>> explain(p, "no such column: totl")  # type: ignore[arg-type]
+    'column totl does not exist in table lines or orders'
+    >>> explain(p, 'column "totl" does not exist')  # type: ignore[arg-type]
+    'column totl does not exist in table lines or orders'
+    >>> explain(p, "UNIQUE constraint failed: orders.id")  # type: ignore[arg-type]
+    'UNIQUE constraint failed: orders.id'
+    """
+    for pattern in _UNKNOWN_COLUMN:
+        found = pattern.match(message)
+        if found is None:
+            continue
+        column = found.group("column")
+        try:
+            tree = sqlglot.parse_one(plan.sql, read=plan.rules.sqlglot_dialect)
+        except sqlglot.errors.SqlglotError:
+            return f"column {column} does not exist"
+        tables = sorted({t.name for t in tree.find_all(exp.Table) if t.name})
+        where = f" in table {' or '.join(tables)}" if tables else ""
+        return f"column {column} does not exist{where}"
+    return message
+
+
 def _stream_failure(plan: Plan, error: ShardError) -> ControllerError:
     if not error.retryable:
         kind = InvalidArgument if (error.sqlstate or "")[:2] in ("22", "42") else FailedPrecondition
         return kind(
-            f"shard {error.shard} rejected the statement: {error.message}",
+            f"shard {error.shard} rejected the statement: {explain(plan, error.message)}",
             reason="SHARD_STATEMENT_FAILED",
             metadata={"shard": str(error.shard), **({"sqlstate": error.sqlstate} if error.sqlstate else {})},
         )

@@ -580,7 +580,9 @@ class ExecuteQueryResponse(_message.Message):
     SHARD_STATUSES_FIELD_NUMBER: _builtins.int
     query: _builtins.str
     execution_time_ms: _builtins.int
+    """Milliseconds (a statement's deadline bounds it: a JSON number)."""
     rows_returned: _builtins.int
+    """Rows returned, or for a write the rows it changed (may pass 32 bits: a string in JSON)."""
     shards_queried: _builtins.int
     partial: _builtins.bool
     @_builtins.property
@@ -649,8 +651,10 @@ class StreamQueryResponse(_message.Message):
     done: _builtins.bool
     """The last message: the stream is complete."""
     rows_returned: _builtins.int
+    """Any number of rows may stream: a string in JSON."""
     shards_queried: _builtins.int
     execution_time_ms: _builtins.int
+    """Milliseconds (the stream's deadline bounds it: a JSON number)."""
     @_builtins.property
     def columns(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResultColumn]:
         """The first message: the result's columns."""
