@@ -76,7 +76,9 @@ a67() {{
       [[ " $* " == *" --watch "* && " $* " != *" --count "* ]] && stream=1 ;;
   esac
   if (( stream )); then
-    timeout --signal=INT {STREAM_SECONDS} a67 "$@" || {{ local rc=$?; [[ $rc -eq 124 ]] || return $rc; }}
+    # --foreground: a67 stays in the page's process group (timeout would make a group of its
+    # own, which the page's clean-up then missed); -k: SIGKILL if SIGINT did not end it
+    timeout --foreground -k 5 --signal=INT {STREAM_SECONDS} a67 "$@" || {{ local rc=$?; [[ $rc -eq 124 ]] || return $rc; }}
     return 0
   fi
   command a67 "$@"
@@ -185,6 +187,23 @@ def page_environment(home: Path, ports: Ports) -> dict[str, str]:
     return env
 
 
+def _session_members(session: int) -> list[int]:
+    """Every process of the session ``session`` (field 6 of /proc/PID/stat), whatever
+    process group it made for itself (``timeout``, a shell's job control)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[3]) == session:
+            members.append(int(entry.name))
+    return members
+
+
 def _stop_group(process: subprocess.Popen[bytes], grace: float) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
@@ -192,6 +211,9 @@ def _stop_group(process: subprocess.Popen[bytes], grace: float) -> None:
         process.wait(timeout=grace)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)  # whatever is left of the group
+    for pid in _session_members(process.pid):  # and of the session (groups of their own)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=10)
 
