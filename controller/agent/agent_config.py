@@ -167,7 +167,8 @@ class AgentConfig:
     controller_tls_ca: Path | None = None
     """PEM CA to verify the controller's user-facing port with; None = plaintext."""
     oauth_token: str = field(default="", repr=False)
-    """The provider OAuth token sent at enrollment (from A67_AGENT_OAUTH_TOKEN). Never logged."""
+    """The provider OAuth token sent at enrollment (from ``--oauth-token-stdin``, or
+    A67_AGENT_OAUTH_TOKEN). Kept in memory only; never logged."""
     backoff_base_s: float = DEFAULT_BASE_SECONDS
     """Ceiling of the first retry delay."""
     backoff_cap_s: float = DEFAULT_CAP_SECONDS

@@ -4,6 +4,7 @@
 
     A67_AGENT_TOKEN=… a67 agent --controller HOST:PORT [--provider P] [--region R] ...
     a67 agent --controller HOST:PORT --token-file FILE ...
+    printf '%s\n' "$OAUTH" | a67 agent --oauth-token-stdin --controller HOST:PORT --token-file FILE ...
 
 The first start enrolls the node (the token is needed only then); later starts
 resume as the same node from the data directory. SIGTERM and SIGINT close the
@@ -14,10 +15,14 @@ Secrets never travel on the command line (``/proc/<pid>/cmdline`` is readable by
 process on the machine, replicas included): the enrollment token comes from
 ``A67_AGENT_TOKEN`` or ``--token-file``, the shard PostgreSQL URL from
 ``A67_AGENT_SHARD_POSTGRES_URL`` (or ``A67_SHARD_POSTGRES_URL``) or
-``--shard-postgres-url-file``, the provider OAuth token from ``A67_AGENT_OAUTH_TOKEN``.
-``--token`` is refused, and so is a ``--shard-postgres-url`` with a password. Once read,
-they are removed from the agent's environment, and the agent makes itself non-dumpable
-(:mod:`controller.agent.hardening`). None is ever logged.
+``--shard-postgres-url-file``, the provider OAuth token from standard input
+(``--oauth-token-stdin``, one line: the recommended way, it touches neither the
+environment nor the command line) or, for compatibility, ``A67_AGENT_OAUTH_TOKEN``.
+``--token`` is refused, and so is a ``--shard-postgres-url`` with a password. Secrets in
+the environment are taken out of it first thing, for good: from ``os.environ`` and from
+the original environment block that ``/proc/<pid>/environ`` would otherwise show for the
+life of the process (:func:`~controller.agent.hardening.wipe_environment`). Then the agent
+makes itself non-dumpable (:mod:`controller.agent.hardening`). None is ever logged.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +56,16 @@ from controller.agent.handlers import CommandHandlers
 from controller.agent.hardening import (
     DEFAULT_REPLICA_UIDS,
     default_replica_root,
+    detach_stdin,
     ensure_traversable,
     make_undumpable,
     reachable_python,
     read_secret_file,
-    scrub_environment,
+    read_secret_stdin,
     secure_data_dir,
     unreachable_ancestor,
     url_has_password,
+    wipe_environment,
 )
 from controller.agent.identity import DEFAULT_DATA_DIR
 from controller.agent.metrics import NODE_TYPES
@@ -78,7 +86,7 @@ SHARD_URL_ENVS = ("A67_AGENT_SHARD_POSTGRES_URL", "A67_SHARD_POSTGRES_URL")
 REPLICA_UIDS_ENV = "A67_AGENT_REPLICA_UIDS"
 REPLICA_ROOT_ENV = "A67_AGENT_REPLICA_ROOT"
 SECRET_ENVS = (TOKEN_ENV, OAUTH_TOKEN_ENV, *SHARD_URL_ENVS)
-"""Removed from the agent's environment once read."""
+"""Taken out of the agent's environment (and its ``/proc/<pid>/environ``) at start."""
 
 
 class SecretOnCommandLine(ValueError):
@@ -154,6 +162,13 @@ def add_agent_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="FILE",
         help=f"file holding the node enrollment token, needed on the first start only (or set {TOKEN_ENV}; "
         "never on the command line)",
+    )
+    parser.add_argument(
+        "--oauth-token-stdin",
+        action="store_true",
+        help="read the node's provider OAuth token, sent when it enrolls, from one line of standard "
+        "input (asked for without echo on a terminal). Recommended: the token then never touches the "
+        f"environment or the command line ({OAUTH_TOKEN_ENV} still works, and is wiped at start)",
     )
     parser.add_argument(
         "--provider",
@@ -263,11 +278,19 @@ def _resolve_provider(flag: str | None) -> tuple[str, str]:
     return DEFAULT_PROVIDER, "the default"
 
 
-def config_from_args(args: argparse.Namespace) -> AgentConfig:
-    """The agent's configuration from parsed flags and the environment."""
+def config_from_args(
+    args: argparse.Namespace,
+    *,
+    secrets: Mapping[str, str] | None = None,
+    oauth_token: str | None = None,
+) -> AgentConfig:
+    """The agent's configuration from parsed flags and the environment. ``secrets``: the
+    values of :data:`SECRET_ENVS` (default: ``os.environ``), as taken before the
+    environment was wiped; ``oauth_token``: the one read from standard input, if any."""
+    secrets = os.environ if secrets is None else secrets
     provider, _ = _resolve_provider(args.provider)
     data_dir = args.data_dir or Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
-    token = os.environ.get(TOKEN_ENV, "")
+    token = secrets.get(TOKEN_ENV, "")
     if getattr(args, "token_file", None):
         token = read_secret_file(args.token_file)
     return AgentConfig(
@@ -281,13 +304,15 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         max_concurrent_requests=args.max_concurrent,
         node_types=tuple(args.node_types),
         controller_tls_ca=args.controller_tls_ca,
-        oauth_token=os.environ.get(OAUTH_TOKEN_ENV, ""),
+        oauth_token=secrets.get(OAUTH_TOKEN_ENV, "") if oauth_token is None else oauth_token,
     )
 
 
-def shard_postgres_url_from_args(args: argparse.Namespace) -> str:
-    """The shard PostgreSQL URL: from ``--shard-postgres-url-file``, the environment, or
-    (without a password only) ``--shard-postgres-url``. Raises :class:`SecretOnCommandLine`."""
+def shard_postgres_url_from_args(args: argparse.Namespace, secrets: Mapping[str, str] | None = None) -> str:
+    """The shard PostgreSQL URL: from ``--shard-postgres-url-file``, the environment
+    (``secrets``, default ``os.environ``), or (without a password only)
+    ``--shard-postgres-url``. Raises :class:`SecretOnCommandLine`."""
+    secrets = os.environ if secrets is None else secrets
     flag = str(getattr(args, "shard_postgres_url", "") or "")
     if flag and url_has_password(flag):
         raise SecretOnCommandLine(
@@ -297,7 +322,7 @@ def shard_postgres_url_from_args(args: argparse.Namespace) -> str:
     path = getattr(args, "shard_postgres_url_file", None)
     if path:
         return read_secret_file(path)
-    from_env = next((os.environ[name] for name in SHARD_URL_ENVS if os.environ.get(name)), "")
+    from_env = next((secrets[name] for name in SHARD_URL_ENVS if secrets.get(name)), "")
     return flag or from_env
 
 
@@ -437,6 +462,26 @@ async def run_agent(
             loop.remove_signal_handler(sig)
 
 
+def take_secret_environment() -> dict[str, str]:
+    """The values of :data:`SECRET_ENVS` that are set, taken out of the environment for good
+    (:func:`~controller.agent.hardening.wipe_environment`: ``/proc/<pid>/environ`` included)."""
+    secrets = {name: os.environ[name] for name in SECRET_ENVS if os.environ.get(name)}
+    wipe_environment(SECRET_ENVS)
+    return secrets
+
+
+def read_oauth_token_stdin() -> str:
+    """``--oauth-token-stdin``: one line of standard input (``ValueError`` if there is none);
+    standard input is then detached, so nothing the agent starts inherits the pipe."""
+    try:
+        token = read_secret_stdin(prompt="provider OAuth token: ")
+    finally:
+        detach_stdin()
+    if not token:
+        raise ValueError("standard input held no token (one line is expected)")
+    return token
+
+
 def run_agent_command(args: argparse.Namespace) -> int:
     """The ``func`` of ``a67 agent``: configure logging, run the agent, return its exit code."""
     logging.basicConfig(
@@ -444,6 +489,7 @@ def run_agent_command(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    secrets = take_secret_environment()  # first: the less time in /proc/<pid>/environ, the better
     if args.token:
         log.error(
             "--token is refused: every process on this machine (replicas included) could read it in "
@@ -451,16 +497,30 @@ def run_agent_command(args: argparse.Namespace) -> int:
             TOKEN_ENV,
         )
         return 2
+    oauth_token: str | None = None
+    if args.oauth_token_stdin:
+        if OAUTH_TOKEN_ENV in secrets:
+            log.warning("%s is ignored: --oauth-token-stdin is given", OAUTH_TOKEN_ENV)
+        try:
+            oauth_token = read_oauth_token_stdin()
+        except (OSError, ValueError) as exc:
+            log.error("--oauth-token-stdin: %s", exc)
+            return 2
+    elif OAUTH_TOKEN_ENV in secrets:
+        log.info(
+            "the provider OAuth token came from %s, now wiped from the environment; "
+            "--oauth-token-stdin keeps it out of the environment altogether",
+            OAUTH_TOKEN_ENV,
+        )
     try:
-        config = config_from_args(args)
-        shard_postgres_url = shard_postgres_url_from_args(args)
+        config = config_from_args(args, secrets=secrets, oauth_token=oauth_token)
+        shard_postgres_url = shard_postgres_url_from_args(args, secrets)
     except SecretOnCommandLine as exc:
         log.error("%s", exc.message)
         return 2
     except OSError as exc:
         log.error("cannot read a secret file: %s", exc)
         return 2
-    scrub_environment(SECRET_ENVS)
     if make_undumpable():
         log.info("the agent is not dumpable: its /proc entries are closed to its replicas")
     is_root = hasattr(os, "geteuid") and os.geteuid() == 0

@@ -1,18 +1,22 @@
 """What keeps a node's replicas away from their agent's secrets (see docs/security.md).
 
-The agent holds three secrets a deployed app must never see: its private key
-(``node.key``), its enrollment token and its shard PostgreSQL URL (with a password).
+The agent holds secrets a deployed app must never see: its private key (``node.key``),
+its enrollment token, its provider OAuth token and its shard PostgreSQL URL (with a
+password).
 This module holds the process-level measures the agent applies at start:
 
 * secrets come from the environment or from files, never from the command line
   (``/proc/<pid>/cmdline`` is readable by every process on the machine):
   :func:`read_secret_file`, :func:`url_has_password`;
-* they are removed from ``os.environ`` once read (:func:`scrub_environment`), so that
-  nothing the agent starts inherits them (replicas get a clean environment anyway);
+* the provider OAuth token can come from standard input instead (:func:`read_secret_stdin`),
+  which touches neither the environment nor the command line;
+* secrets read from the environment are removed from it for good (:func:`wipe_environment`):
+  from ``os.environ``, so that nothing the agent starts inherits them (replicas get a clean
+  environment anyway), and from the original environment block that
+  ``/proc/<pid>/environ`` shows for the life of the process, overwritten in place;
 * the agent makes itself non-dumpable (:func:`make_undumpable`): ``/proc/<agent>/environ``,
   ``mem``, ``fd/`` … become root-owned and ptrace is refused, even to processes of the
-  agent's own user — the kernel keeps the *original* environment block readable there
-  otherwise, whatever ``os.environ`` says later;
+  agent's own user;
 * when the agent runs as root, every replica runs as its own unprivileged user
   (:data:`DEFAULT_REPLICA_UIDS`, no passwd entry needed; see
   :class:`controller.agent.replicas.ReplicaSupervisor`) under a replica root that
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import getpass
 import hashlib
 import logging
 import os
@@ -32,6 +37,7 @@ import stat
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
@@ -64,6 +70,121 @@ def scrub_environment(names: Iterable[str]) -> list[str]:
     for name in removed:
         del os.environ[name]
     return removed
+
+
+ENVIRONMENT_FILLER = b"-"
+"""What a wiped entry of the original environment block is overwritten with, byte for byte:
+an entry that is no assignment, which parsers of ``/proc/<pid>/environ`` (psutil…) skip
+(NULs would end the block early for them)."""
+
+MAX_STDIN_SECRET_BYTES = 64 * 1024
+"""The longest secret line :func:`read_secret_stdin` accepts."""
+
+
+def _environment_block() -> tuple[int, int] | None:
+    """The addresses ``[start, end)`` of this process's original environment block, which
+    ``/proc/self/environ`` shows: fields 50 and 51 of ``/proc/self/stat`` (Linux 3.5 and later)."""
+    try:
+        with open("/proc/self/stat", "rb") as stat_file:
+            data = stat_file.read()
+        fields = data[data.rindex(b")") + 2 :].split()  # from field 3 (the command may hold spaces)
+        start, end = int(fields[47]), int(fields[48])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (start, end) if 0 < start < end else None
+
+
+def _block_entries(data: bytes) -> Iterable[tuple[int, int]]:
+    """``(offset, length)`` of each NUL-terminated entry of an environment block."""
+    position = 0
+    while position < len(data):
+        end = data.find(b"\0", position)
+        end = len(data) if end < 0 else end
+        yield position, end - position
+        position = end + 1
+
+
+def _shown_in_proc_environ(prefixes: tuple[bytes, ...]) -> list[str]:
+    """The names among ``prefixes`` (``NAME=``) that ``/proc/self/environ`` still shows."""
+    with open("/proc/self/environ", "rb") as environ:
+        data = environ.read()
+    return sorted(
+        {
+            data[o : o + n].split(b"=", 1)[0].decode(errors="replace")
+            for o, n in _block_entries(data)
+            if data.startswith(prefixes, o)
+        }
+    )
+
+
+def wipe_environment(names: Iterable[str]) -> list[str]:
+    """Remove ``names`` from the process's environment for good; the names that were set.
+
+    They leave ``os.environ`` and the C library's environment (:func:`scrub_environment`),
+    so nothing the agent starts inherits them. On Linux the kernel also keeps the
+    *original* environment block the process was started with, and shows it in
+    ``/proc/<pid>/environ`` for the life of the process whatever ``os.environ`` says: their
+    entries there are overwritten in place (with :data:`ENVIRONMENT_FILLER`, same length),
+    then ``/proc/self/environ`` is read back to check. Every other variable, the pid and
+    the command line stay as they were. Nothing references those bytes any more (the C
+    library's ``environ`` array dropped them on ``unsetenv``; Python holds copies).
+    """
+    wanted = list(dict.fromkeys(names))
+    removed = scrub_environment(wanted)
+    for name in wanted:
+        os.unsetenv(name)  # also when os.environ had already lost it
+    if not sys.platform.startswith("linux") or not wanted:
+        return removed
+    prefixes = tuple(name.encode() + b"=" for name in wanted)
+    block = _environment_block()
+    if block is None:
+        log.warning("cannot locate the environment block: /proc/<pid>/environ may still show %s", wanted)
+        return removed
+    start, end = block
+    data = ctypes.string_at(start, end - start)
+    found = set(removed)
+    for offset, length in _block_entries(data):
+        if data.startswith(prefixes, offset):
+            found.add(data[offset : offset + length].split(b"=", 1)[0].decode(errors="replace"))
+            ctypes.memset(start + offset, ENVIRONMENT_FILLER[0], length)
+    try:
+        left = _shown_in_proc_environ(prefixes)
+    except OSError as exc:
+        log.warning("cannot check /proc/self/environ: %s", exc)
+    else:
+        if left:
+            log.warning("/proc/<pid>/environ still shows %s: pass secrets another way", ", ".join(left))
+    return [name for name in wanted if name in found]
+
+
+def read_secret_stdin(stream: BinaryIO | None = None, prompt: str = "secret: ") -> str:
+    """One line of standard input (``stream``), stripped: how a secret reaches the agent
+    without the environment or the command line (``… | a67 agent --oauth-token-stdin``).
+    From a terminal it is asked for without echo (``prompt``). ``ValueError`` for a line
+    longer than :data:`MAX_STDIN_SECRET_BYTES` or not UTF-8; "" at end of input."""
+    if stream is None:
+        if sys.stdin is not None and sys.stdin.isatty():
+            return getpass.getpass(prompt).strip()
+        stream = sys.stdin.buffer if sys.stdin is not None else None
+    if stream is None:
+        raise ValueError("there is no standard input")
+    line = stream.readline(MAX_STDIN_SECRET_BYTES + 1)
+    if len(line.rstrip(b"\r\n")) > MAX_STDIN_SECRET_BYTES:
+        raise ValueError(f"the line is longer than {MAX_STDIN_SECRET_BYTES} bytes")
+    try:
+        return line.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError("the line is not UTF-8") from None
+
+
+def detach_stdin() -> None:
+    """Point standard input (fd 0) at ``/dev/null``: nothing the agent starts later inherits
+    the pipe its secret came through."""
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_RDONLY)
+        if null != 0:
+            os.dup2(null, 0)
+            os.close(null)
 
 
 def read_secret_file(path: Path) -> str:

@@ -213,7 +213,11 @@ async def test_fleet_deploy_and_databases(a67: A67, controller: Controller, tmp_
             listed = await a67("nodes", "--json")
             return (
                 listed.code == 0
-                and [n["status"] for n in listed.json()["nodes"]] == ["NODE_STATUS_READY"] * 2
+                and len(listed.json()["nodes"]) == 2
+                # a real agent on a loaded machine reports BUSY (CPU over 90 %): connected and schedulable
+                and all(
+                    n["status"] in ("NODE_STATUS_READY", "NODE_STATUS_BUSY") for n in listed.json()["nodes"]
+                )
             )
 
         await until(two_ready, "both agents to enroll and be ready")

@@ -189,7 +189,10 @@ class Agent:
                 node_pb2.GetNodeRequest(node_id=self.node_id), metadata=bearer(self.token)
             )
         ).node
-        return node.status == common_pb2.NODE_STATUS_READY
+        return node.status in (
+            common_pb2.NODE_STATUS_READY,
+            common_pb2.NODE_STATUS_BUSY,
+        )  # BUSY: a loaded machine
 
 
 async def _until(check: Callable[[], Awaitable[bool]], what: str, within: float = WAIT) -> None:
@@ -685,7 +688,9 @@ async def test_real_agents_run_recover_and_delete_a_real_app(tmp_path: Path) -> 
                 nodes = (
                     await nodes_stub.ListNodes(node_pb2.ListNodesRequest(), metadata=bearer(token))
                 ).nodes
-                return len(nodes) == 3 and all(n.status == common_pb2.NODE_STATUS_READY for n in nodes)
+                return len(nodes) == 3 and all(
+                    n.status in (common_pb2.NODE_STATUS_READY, common_pb2.NODE_STATUS_BUSY) for n in nodes
+                )
 
             await _until(three_ready, "three ready agents", within=60)
             nodes = (await nodes_stub.ListNodes(node_pb2.ListNodesRequest(), metadata=bearer(token))).nodes
