@@ -21,7 +21,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
-from controller.errors import AlreadyExists
+from controller.errors import AlreadyExists, Unavailable
 from controller.store.db import Store
 from controller.store.models import Deployment, DeploymentPackage, utcnow
 from controller.store.paging import DEFAULT_PAGE_SIZE, keyset_page
@@ -32,6 +32,8 @@ log = logging.getLogger("a67.deployments")
 
 UPDATE_BATCH_ROWS = 200
 """Deployment updates written in one store transaction, at most (see :meth:`DeploymentRepository.update`)."""
+CREATE_BATCH_ROWS = 100
+"""New deployments inserted in one store transaction, at most (see :meth:`DeploymentRepository.create`)."""
 
 _MUTABLE = (
     "status",
@@ -66,6 +68,16 @@ class Conflict(Exception):
     """The deployment row changed in the store since it was read (another writer), or is gone."""
 
 
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    """Answer one caller of a group commit: done, or ``error`` (a cancellation if not an Exception)."""
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error if isinstance(error, Exception) else asyncio.CancelledError())
+
+
 def _next_version(previous: datetime | None, now: datetime) -> datetime:
     """``updated_at`` for a write: now, but always later than the version it replaces."""
     if previous is not None and now <= previous:
@@ -80,19 +92,26 @@ class DeploymentRepository:
         self._store = store
         self._pending: list[tuple[Deployment, datetime | None, datetime, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._creates: list[tuple[Deployment, DeploymentPackage, asyncio.Future[None]]] = []
+        self._creator: asyncio.Task[None] | None = None
 
     async def create(self, deployment: Deployment, package: DeploymentPackage) -> None:
         """Insert the deployment and (unless already kept) its package, in one transaction.
 
         ``AlreadyExists`` (``DEPLOYMENT_NAME_TAKEN``) if the name is taken;
         :class:`RequestIdTaken` if a concurrent create with the same request id won.
+
+        Concurrent creates share one transaction (group commit, at most
+        :data:`CREATE_BATCH_ROWS`); if any of them breaks a unique constraint, the
+        shared transaction is rolled back and each create is tried in a transaction of
+        its own, so one create's failure never loses (or commits) another's rows.
         """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._creates.append((deployment, package, future))
+        if self._creator is None or self._creator.done():
+            self._creator = asyncio.ensure_future(self._create_pending())
         try:
-            # a write first, no read: an SQLite transaction that reads, then writes, fails at once
-            # ("database is locked") if another connection wrote in between
-            async with self._store.session() as session:
-                await session.execute(self._insert_package(package))
-                session.add(deployment)
+            await asyncio.shield(future)
         except IntegrityError as exc:
             if deployment.request_id and await self.get_by_request_id(
                 deployment.user_id, deployment.request_id
@@ -104,17 +123,60 @@ class DeploymentRepository:
                 metadata={"name": deployment.name},
             ) from exc
 
-    def _insert_package(self, package: DeploymentPackage) -> Any:
-        """``INSERT`` of the package row unless one with its digest is kept (either dialect)."""
-        values = {
+    async def _create_pending(self) -> None:
+        while self._creates:
+            batch = self._creates[:CREATE_BATCH_ROWS]
+            del self._creates[:CREATE_BATCH_ROWS]
+            try:
+                await self._insert(batch)
+            except IntegrityError as exc:
+                if len(batch) == 1:
+                    _settle(batch[0][2], exc)
+                    continue
+                for one in batch:  # find the creates that fail: each alone
+                    try:
+                        await self._insert([one])
+                    except BaseException as exc:
+                        _settle(one[2], exc)
+                        if not isinstance(exc, Exception):
+                            raise
+                    else:
+                        _settle(one[2], None)
+                continue
+            except BaseException as exc:
+                for _, _, future in batch:
+                    _settle(future, exc)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for _, _, future in batch:
+                _settle(future, None)
+
+    async def _insert(self, batch: list[tuple[Deployment, DeploymentPackage, asyncio.Future[None]]]) -> None:
+        """One transaction: the packages not yet kept, then the deployments (one ``executemany``
+        each). A write first, no read: an SQLite transaction that reads, then writes, fails at
+        once ("database is locked") if another connection wrote in between."""
+        packages = {package.sha256: package for _, package, _ in batch}
+        async with self._store.session() as session:
+            await session.execute(
+                self._insert_package(), [self._package_values(p) for p in packages.values()]
+            )
+            session.add_all([deployment for deployment, _, _ in batch])
+
+    @staticmethod
+    def _package_values(package: DeploymentPackage) -> dict[str, Any]:
+        return {
             "sha256": package.sha256,
             "data": package.data,
             "size": package.size,
             "created_at": package.created_at or utcnow(),
         }
+
+    def _insert_package(self) -> Any:
+        """``INSERT`` of package rows unless one with its digest is kept (either dialect)."""
         if self._store.dialect_name == "postgresql":
-            return postgresql_insert(DeploymentPackage).values(values).on_conflict_do_nothing()
-        return sqlite_insert(DeploymentPackage).values(values).on_conflict_do_nothing()
+            return postgresql_insert(DeploymentPackage).on_conflict_do_nothing()
+        return sqlite_insert(DeploymentPackage).on_conflict_do_nothing()
 
     async def get(self, deployment_id: str) -> Deployment | None:
         async with self._store.session() as session:
@@ -183,13 +245,25 @@ class DeploymentRepository:
             del self._pending[:UPDATE_BATCH_ROWS]
             try:
                 written = await self._write_batch(batch)
-            except BaseException as exc:
+            except Unavailable as exc:  # the store, not a row: every caller gets it
                 for _, _, _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
-                if not isinstance(exc, Exception):
-                    raise
+                    _settle(future, exc)
                 continue
+            except BaseException as exc:
+                if len(batch) == 1 or not isinstance(exc, Exception):
+                    for _, _, _, future in batch:
+                        _settle(future, exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                # one row's values broke the shared statement: write each alone, so only its
+                # caller gets the error and nobody else's change is lost
+                written = set()
+                for one in batch:
+                    try:
+                        written |= await self._write_batch([one])
+                    except Exception as single:
+                        _settle(one[3], single)
             for deployment, _, version, future in batch:
                 if future.done():
                     continue

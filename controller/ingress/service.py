@@ -60,6 +60,11 @@ log = logging.getLogger("a67.ingress")
 
 TICK_SECONDS = 0.1
 """How often node states are looked at when no deployment changed."""
+REBUILD_PAUSE_FACTOR = 4.0
+"""After a rebuild of the routes, the loop pauses this many times as long as the rebuild took:
+rebuilds take at most 1/(1 + this) of the event loop's time while deployments keep changing."""
+MAX_REBUILD_PAUSE_SECONDS = 1.0
+"""The longest such pause: a change is routed at most about this much later than now."""
 WEIGHT_HYSTERESIS = 10
 """A node's endpoint weight changes only when its score moved by more than this (of 100)."""
 ROUTED_STATUSES = frozenset({"pending", "deploying", "running", "failing", "failed", "scaling"})
@@ -165,14 +170,21 @@ class IngressService:
             await self._server.stop(0.5)
 
     async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), TICK_SECONDS)
+            started = loop.time()
             try:
                 await self.refresh()
             except Exception:  # never let one bad row stop routing updates
                 log.exception("could not rebuild the ingress routes")
                 await asyncio.sleep(TICK_SECONDS)
+            # a rebuild costs in proportion to the deployments routed: while they keep changing
+            # (a burst of creates), pause in proportion too, so routing keeps a bounded share of
+            # the event loop instead of rebuilding back to back
+            pause = min(MAX_REBUILD_PAUSE_SECONDS, (loop.time() - started) * REBUILD_PAUSE_FACTOR)
+            await asyncio.sleep(pause)
 
     # -- building --------------------------------------------------------------------------------
 

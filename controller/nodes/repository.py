@@ -24,14 +24,15 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, func, or_, select, update
+from sqlalchemy import CursorResult, Table, bindparam, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from controller.errors import AlreadyExists
 from controller.store.db import Store
@@ -60,6 +61,49 @@ REASON_ALREADY_REGISTERED = "NODE_ALREADY_REGISTERED"
 def _check_status(status: str) -> None:
     if status not in STATUSES:
         raise ValueError(f"unknown node status {status!r}")
+
+
+_NODES: Table = Node.__table__  # type: ignore[assignment]
+_LIVE = _NODES.c.status != STATUS_REMOVED
+_SET_STATUS = (
+    _NODES.update().where(_NODES.c.id == bindparam("b_id"), _LIVE).values(status=bindparam("b_status"))
+)
+"""A node's status, unless it was removed (``executemany``: one parameter set per node)."""
+_BEAT = bindparam("b_beat", type_=_NODES.c.last_heartbeat.type)
+_NOT_OLDER = or_(_NODES.c.last_heartbeat.is_(None), _NODES.c.last_heartbeat <= _BEAT)
+_SET_BEAT = (
+    _NODES.update()
+    .where(_NODES.c.id == bindparam("b_id"), _LIVE, _NOT_OLDER)
+    .values(last_heartbeat=bindparam("b_beat", type_=_NODES.c.last_heartbeat.type))
+)
+"""A node's last heartbeat, unless removed or already later (see :meth:`NodeRepository.record_heartbeat`)."""
+_SET_BEAT_AND_METRICS = (
+    _NODES.update()
+    .where(_NODES.c.id == bindparam("b_id"), _LIVE, _NOT_OLDER)
+    .values(
+        last_heartbeat=bindparam("b_beat", type_=_NODES.c.last_heartbeat.type),
+        last_metrics_update=bindparam("b_beat", type_=_NODES.c.last_metrics_update.type),
+        metrics_current=bindparam("b_metrics", type_=_NODES.c.metrics_current.type),
+    )
+)
+"""The same, with the metrics the heartbeat carried."""
+
+
+async def _write_heartbeats(
+    connection: AsyncConnection, rows: Sequence[tuple[str, datetime, dict[str, Any] | None]]
+) -> None:
+    """``(node_id, last_heartbeat, metrics)`` rows in their order: one ``executemany`` per run
+    of rows with (or without) metrics."""
+    for with_metrics, run in itertools.groupby(rows, key=lambda row: row[2] is not None):
+        if with_metrics:
+            params = [
+                {"b_id": node_id, "b_beat": beat, "b_metrics": metrics} for node_id, beat, metrics in run
+            ]
+            await connection.execute(_SET_BEAT_AND_METRICS, params)
+        else:
+            await connection.execute(
+                _SET_BEAT, [{"b_id": node_id, "b_beat": beat} for node_id, beat, _ in run]
+            )
 
 
 class NodeRepository:
@@ -272,58 +316,29 @@ class NodeRepository:
 
         Each row is ``(node_id, status, last_heartbeat, metrics)``, applied like
         :meth:`update_status` (not ``removed``: use :meth:`mark_removed`) followed by
-        :meth:`record_heartbeat` when ``last_heartbeat`` is given.
+        :meth:`record_heartbeat` when ``last_heartbeat`` is given. One ``executemany``
+        per statement shape, not one round trip per node: on SQLite the transaction
+        holds the store's only write gate for as long as it runs.
         """
         if not rows:
             return
+        for _, status, _, _ in rows:
+            _check_status(status)
+            if status == STATUS_REMOVED:
+                raise ValueError("record_states cannot remove a node: use mark_removed")
+        statuses = [{"b_id": node_id, "b_status": status} for node_id, status, _, _ in rows]
+        beats = [(node_id, beat, metrics) for node_id, _, beat, metrics in rows if beat is not None]
         async with self._store.session() as session:
-            for node_id, status, last_heartbeat, metrics in rows:
-                _check_status(status)
-                if status == STATUS_REMOVED:
-                    raise ValueError("record_states cannot remove a node: use mark_removed")
-                await execute_update(
-                    session,
-                    update(Node)
-                    .where(Node.id == node_id, Node.status != STATUS_REMOVED)
-                    .values(status=status),
-                )
-                if last_heartbeat is None:
-                    continue
-                values: dict[str, Any] = {"last_heartbeat": last_heartbeat}
-                if metrics is not None:
-                    values["metrics_current"] = metrics
-                    values["last_metrics_update"] = last_heartbeat
-                await execute_update(
-                    session,
-                    update(Node)
-                    .where(
-                        Node.id == node_id,
-                        Node.status != STATUS_REMOVED,
-                        or_(Node.last_heartbeat.is_(None), Node.last_heartbeat <= last_heartbeat),
-                    )
-                    .values(**values),
-                )
+            connection = await session.connection()
+            await connection.execute(_SET_STATUS, statuses)
+            await _write_heartbeats(connection, beats)
 
     async def record_heartbeats(self, rows: Sequence[tuple[str, datetime, dict[str, Any] | None]]) -> None:
         """:meth:`record_heartbeat` for many nodes in one transaction: ``(node_id, last_heartbeat, metrics)``."""
         if not rows:
             return
         async with self._store.session() as session:
-            for node_id, last_heartbeat, metrics in rows:
-                values: dict[str, Any] = {"last_heartbeat": last_heartbeat}
-                if metrics is not None:
-                    values["metrics_current"] = metrics
-                    values["last_metrics_update"] = last_heartbeat
-                await execute_update(
-                    session,
-                    update(Node)
-                    .where(
-                        Node.id == node_id,
-                        Node.status != STATUS_REMOVED,
-                        or_(Node.last_heartbeat.is_(None), Node.last_heartbeat <= last_heartbeat),
-                    )
-                    .values(**values),
-                )
+            await _write_heartbeats(await session.connection(), rows)
 
     async def set_certificate(self, node_id: str, serial: str) -> bool:
         """Record the serial (hex) of the node's current certificate; False if no such live node."""

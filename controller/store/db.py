@@ -4,8 +4,11 @@ Settings keep plain SQLAlchemy URLs (``sqlite:///path``, ``postgresql+psycopg://
 this module picks the async driver for the running controller (``aiosqlite``, or
 psycopg 3 in async mode) and the sync driver for migrations (``pysqlite``, psycopg 3).
 
-SQLite connections are set up for a server with concurrent writers: WAL journal,
-foreign keys on, and a busy timeout so that writers queue instead of failing.
+SQLite connections are set up for a server with concurrent writers: WAL journal (reads
+never wait for the writer), foreign keys on, and one writer at a time: write
+transactions queue on the event loop for the store's :class:`~controller.store.writer.WriteGate`
+instead of racing for SQLite's write lock (the busy timeout is only a fallback, for
+other processes). PostgreSQL keeps its concurrent writers.
 
 Connection failures surface as :class:`controller.errors.Unavailable` with reason
 ``STORE_UNAVAILABLE`` and never leak the URL (which may hold a password).
@@ -16,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,11 +32,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from controller.errors import Unavailable
+from controller.store.writer import WriteGate
 
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 15.0
-"""How long an SQLite writer waits for the write lock before giving up."""
+"""How long an SQLite writer waits for the write lock (its turn at the store's write gate,
+or SQLite's lock held by another process) before giving up."""
+
+SQLITE_POOL_SIZE = 10
+SQLITE_POOL_OVERFLOW = 30
+"""Connections to an SQLite file: kept open, and opened beyond those at busy times. Writers
+queued for the write gate each hold one while they wait, so there are more than
+SQLAlchemy's default 5 + 10 to leave readers some (each is a thread of aiosqlite)."""
 
 CONNECT_TIMEOUT_SECONDS = 5
 """How long a PostgreSQL connection attempt may take."""
@@ -191,6 +203,9 @@ def _engine_options(url: URL) -> dict[str, Any]:
             # One shared connection, or every connection would see its own empty database.
             options["poolclass"] = StaticPool
             options["connect_args"]["check_same_thread"] = False
+        else:
+            options["pool_size"] = SQLITE_POOL_SIZE
+            options["max_overflow"] = SQLITE_POOL_OVERFLOW
         return options
     if url.get_backend_name() == "postgresql":
         return {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_SECONDS}}
@@ -198,13 +213,29 @@ def _engine_options(url: URL) -> dict[str, Any]:
 
 
 def create_engine_for(url: str | URL) -> AsyncEngine:
-    """The async engine for the store at ``url`` (a plain sync-style URL is fine)."""
+    """The async engine for the store at ``url`` (a plain sync-style URL is fine).
+
+    An SQLite file gets a :class:`WriteGate` (see :func:`write_gate_of`): one write
+    transaction at a time. An in-memory database has one shared connection, and no gate.
+    """
     parsed = async_url(url)
     ensure_sqlite_parent(parsed)
     engine = create_async_engine(parsed, **_engine_options(parsed))
     if is_sqlite_url(parsed):
         event.listen(engine.sync_engine, "connect", _set_sqlite_pragmas)
+        if not is_memory_sqlite(parsed):
+            gate = WriteGate(SQLITE_BUSY_TIMEOUT_SECONDS)
+            gate.install(engine.sync_engine)
+            _GATES[engine.sync_engine] = gate
     return engine
+
+
+_GATES: weakref.WeakKeyDictionary[Engine, WriteGate] = weakref.WeakKeyDictionary()
+
+
+def write_gate_of(engine: AsyncEngine) -> WriteGate | None:
+    """The write gate of an engine made by :func:`create_engine_for` (None: PostgreSQL, memory)."""
+    return _GATES.get(engine.sync_engine)
 
 
 def create_sync_engine_for(url: str | URL) -> Engine:
@@ -271,6 +302,11 @@ class Store:
         return self._engine
 
     @property
+    def write_gate(self) -> WriteGate | None:
+        """The SQLite file's write gate (one write transaction at a time); None on PostgreSQL."""
+        return write_gate_of(self._engine)
+
+    @property
     def dialect_name(self) -> str:
         """``sqlite`` or ``postgresql``."""
         return self._engine.dialect.name
@@ -322,4 +358,5 @@ __all__ = [
     "store_unavailable",
     "sync_url",
     "tighten",
+    "write_gate_of",
 ]

@@ -315,6 +315,7 @@ async def _burst_client(
         for i in range(count)
     ]
     errors: collections.Counter[str] = collections.Counter()
+    first_debug: dict[str, str] = {}
     latencies: list[float] = []
     accepted: list[str] = []
     # a few client connections (distinct channel args: no shared subchannel)
@@ -337,6 +338,8 @@ async def _burst_client(
                     )
                 except Exception as err:
                     errors["create " + _code(err)] += 1
+                    if isinstance(err, grpc.aio.AioRpcError):  # the transport's own account, once per code
+                        first_debug.setdefault(err.code().name, f"{err.debug_error_string()}"[:300])
                     return
             latencies.append((time.perf_counter() - sent) * 1000)
             accepted.append(response.deployment_id)
@@ -386,6 +389,7 @@ async def _burst_client(
         "placed": placed,
         "statuses": last_counts,
         "errors": dict(errors),
+        "first_debug": first_debug,
         "polls": polls,
     }
 
@@ -519,6 +523,8 @@ def burst(args: argparse.Namespace) -> None:
           f"({100 * ctl_cpu / wall:.0f} % of one core); peak RSS {rss_peak[0] / 2**20:.0f} MiB")  # fmt: skip
     print(f"node workers CPU (whole life): {sum(r.cpu_seconds for r in results):.1f} s")
     print(f"errors (client): {out['errors'] or 'none'}")
+    for code, debug in dict(out["first_debug"]).items():  # type: ignore[call-overload]
+        print(f"  first {code} as the client's transport saw it: {debug}")
     print(f"errors (nodes): {dict(node_errors) or 'none'}")
 
 
