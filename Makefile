@@ -10,7 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: up serve test install tools gen check-generated lint bench clean
+.PHONY: up serve test install tools browser screenshots gen check-generated lint bench clean
 
 up: install
 	$(BIN)/a67 up
@@ -35,6 +35,20 @@ $(VENV)/.installed: pyproject.toml
 	@echo "==> installed (full log: $(VENV)/install.log)"
 
 tools: $(BUF)
+
+# The dashboard's browser tests (tests/browser/) need Debian's Chromium and its
+# ChromeDriver; `make up` does not. Without them the tests skip, except under CI.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then echo "==> chromium: $$(/usr/bin/chromium --version)"; \
+	else apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; fi
+
+# Regenerate the dashboard's screenshots: the browser tests write them all to
+# tests/browser/screenshots/ (ignored by git); docs/dashboard.md shows a few, copied here.
+DOC_SHOTS := signin register-field-violation signin-mfa nodes-enroll nodes-live node-detail nodes-phone
+screenshots: install browser
+	$(BIN)/pytest -q tests/browser
+	mkdir -p docs/dashboard
+	for shot in $(DOC_SHOTS); do cp tests/browser/screenshots/$$shot.png docs/dashboard/; done
 
 $(BUF):
 	npm install --silent --no-save --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0

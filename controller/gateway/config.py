@@ -30,6 +30,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_TEMPLATE = REPO_ROOT / "gateway" / "envoy.yaml.tmpl"
 DEFAULT_DESCRIPTOR = REPO_ROOT / "generated" / "automator67.binpb"
+DEFAULT_DASHBOARD = Path(__file__).resolve().parent / "dashboard"
+"""The web dashboard's files (plain HTML, CSS and JavaScript modules; no build step)."""
 
 StreamFormat = Literal["ndjson", "sse"]
 STREAM_FORMATS: tuple[str, ...] = get_args(StreamFormat)
@@ -125,6 +127,18 @@ class GatewaySettings:
     """PEM CA bundle that verifies the controller's certificate. Set, Envoy calls the
     controller over TLS (the controller then needs ``A67_TLS_CERT``/``A67_TLS_KEY``);
     empty, over plaintext HTTP/2."""
+
+    dashboard: bool = True
+    """Serve the web dashboard at the listener's root (``/``; the API stays under
+    ``/api/``). Envoy answers each file itself, read once when it starts."""
+
+    dashboard_dir: Path = DEFAULT_DASHBOARD
+    """The folder of the dashboard's files; every file in it is served at ``/<name>``
+    (``index.html`` also at ``/``)."""
+
+    agent_controller_address: str = ""
+    """The controller's address as a new node reaches it, shown in the dashboard's
+    ``a67 agent --controller …`` enroll command. Empty means ``upstream_address``."""
 
     upstream_tls_server_name: str = ""
     """With ``upstream_tls_ca``: the name sent as SNI and required in the controller's
@@ -225,6 +239,13 @@ class GatewaySettings:
         )
         if self.upstream_tls_ca and not os.access(self.upstream_tls_ca, os.R_OK):
             raise ValueError(f"A67_GATEWAY_UPSTREAM_TLS_CA: cannot read {self.upstream_tls_ca!r}")
+        if self.agent_controller_address:
+            try:
+                split_host_port(self.agent_controller_address)
+            except ValueError as exc:
+                raise ValueError(f"A67_GATEWAY_AGENT_CONTROLLER_ADDRESS: {exc}") from None
+        if self.dashboard and not self.dashboard_dir.is_dir():
+            raise ValueError(f"A67_GATEWAY_DASHBOARD_DIR: {str(self.dashboard_dir)!r} is not a folder")
         if any(c in self.upstream_tls_server_name for c in " \"'\\/"):
             raise ValueError(f"A67_GATEWAY_UPSTREAM_TLS_SERVER_NAME: {self.upstream_tls_server_name!r}")
         require_tls_off_loopback(
@@ -254,6 +275,7 @@ def parse_origins(raw: str) -> tuple[str, ...]:
 
 
 __all__ = [
+    "DEFAULT_DASHBOARD",
     "DEFAULT_DESCRIPTOR",
     "DEFAULT_TEMPLATE",
     "ENVOY_LOG_LEVELS",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterable
@@ -29,6 +30,43 @@ _STREAM_FORMAT_OPTIONS = {
     "ndjson": "stream_newline_delimited: true",
     "sse": "stream_sse_style_delimited: true",
 }
+
+
+DASHBOARD_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".json": "application/json",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".txt": "text/plain; charset=utf-8",
+}
+"""The Content-Type of each kind of dashboard file; a file of any other kind is refused."""
+
+DASHBOARD_MAX_FILE_BYTES = 1024 * 1024
+"""Largest dashboard file: Envoy holds each in memory and the route table's
+``max_direct_response_body_size_bytes`` must admit it (Envoy's own default is 4 KiB)."""
+
+DASHBOARD_CONFIG_PATH = "/config.json"
+"""What the dashboard reads at start: the settings it needs from the gateway (the enroll
+command's controller address). Rendered inline, never a file of the dashboard folder."""
+
+DASHBOARD_SECURITY_HEADERS = {
+    # Scripts and styles only from the gateway itself: no inline script, no eval, no CDN.
+    "content-security-policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "no-referrer",
+    "cross-origin-opener-policy": "same-origin",
+    "cache-control": "no-cache",
+}
+"""Headers of every dashboard response (the API's responses are left as they were)."""
+
+_DASHBOARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
 
 
 class GatewayConfigError(Exception):
@@ -154,6 +192,82 @@ def _upstream_tls(settings: GatewaySettings) -> str:
     return "\n".join(lines)
 
 
+def dashboard_files(folder: Path) -> list[tuple[str, Path, str]]:
+    """``(URL path, file, Content-Type)`` of each file the dashboard serves, sorted by path.
+
+    ``index.html`` is also served at ``/``. Hidden files are skipped; a file of an unknown
+    kind, with an odd name or over :data:`DASHBOARD_MAX_FILE_BYTES` is refused.
+    """
+    found: list[tuple[str, Path, str]] = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).as_posix()
+        if not path.is_file() or any(part.startswith(".") for part in relative.split("/")):
+            continue
+        if "/" + relative == DASHBOARD_CONFIG_PATH or not _DASHBOARD_NAME.match(relative):
+            raise GatewayConfigError(f"dashboard file {path}: the name {relative!r} cannot be served")
+        content_type = DASHBOARD_CONTENT_TYPES.get(path.suffix.lower())
+        if content_type is None:
+            raise GatewayConfigError(
+                f"dashboard file {path}: unknown kind {path.suffix!r} "
+                f"(known: {', '.join(sorted(DASHBOARD_CONTENT_TYPES))})"
+            )
+        if path.stat().st_size > DASHBOARD_MAX_FILE_BYTES:
+            raise GatewayConfigError(f"dashboard file {path} is over {DASHBOARD_MAX_FILE_BYTES} bytes")
+        found.append(("/" + relative, path.resolve(), content_type))
+        if relative == "index.html":
+            found.append(("/", path.resolve(), content_type))
+    if not any(url == "/" for url, _, _ in found):
+        raise GatewayConfigError(f"the dashboard folder {folder} has no index.html")
+    return sorted(found)
+
+
+def dashboard_config(settings: GatewaySettings) -> dict[str, str]:
+    """What the dashboard reads from :data:`DASHBOARD_CONFIG_PATH`.
+
+    >>> dashboard_config(GatewaySettings(upstream_address="10.0.0.5:50051"))
+    {'agent_controller': '10.0.0.5:50051', 'agent_controller_tls_ca': ''}
+    """
+    return {
+        "agent_controller": settings.agent_controller_address or settings.upstream_address,
+        "agent_controller_tls_ca": settings.upstream_tls_ca,
+    }
+
+
+def _dashboard_route(path: str, body: str, content_type: str) -> str:
+    headers = {**DASHBOARD_SECURITY_HEADERS, "content-type": content_type}
+    to_add = ", ".join(
+        f"{{header: {{key: {_quote(k)}, value: {_quote(v)}}}, append_action: OVERWRITE_IF_EXISTS_OR_ADD}}"
+        for k, v in headers.items()
+    )
+    return "\n".join(
+        (
+            "              - match:",
+            f"                  path: {_quote(path)}",
+            '                  headers: [{name: ":method", string_match: {safe_regex: {regex: "GET|HEAD"}}}]',
+            f"                direct_response: {{status: 200, body: {body}}}",
+            f"                response_headers_to_add: [{to_add}]",
+            "                typed_per_filter_config:",
+            "                  envoy.filters.http.grpc_json_transcoder:",
+            '                    "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig',
+            "                    disabled: true",
+        )
+    )
+
+
+def _dashboard_routes(settings: GatewaySettings) -> str:
+    """The routes that serve the dashboard's files (Envoy answers them itself), or a comment."""
+    if not settings.dashboard:
+        return "              # The dashboard is off (dashboard: false)."
+    lines = ["              # The web dashboard: each file answered by Envoy (read when it starts)."]
+    for url, path, content_type in dashboard_files(settings.dashboard_dir):
+        lines.append(_dashboard_route(url, f"{{filename: {_quote(str(path))}}}", content_type))
+    config = json.dumps(dashboard_config(settings), separators=(",", ":"))
+    lines.append(
+        _dashboard_route(DASHBOARD_CONFIG_PATH, f"{{inline_string: {_quote(config)}}}", "application/json")
+    )
+    return "\n".join(lines)
+
+
 def render(settings: GatewaySettings) -> str:
     """The Envoy configuration for ``settings``, as YAML text."""
     settings.validate()
@@ -184,6 +298,8 @@ def render(settings: GatewaySettings) -> str:
         "access_log": _access_log(settings),
         "downstream_tls": _downstream_tls(settings),
         "upstream_tls": _upstream_tls(settings),
+        "dashboard_routes": _dashboard_routes(settings),
+        "max_direct_response_body_size": str(DASHBOARD_MAX_FILE_BYTES),
     }
     try:
         return template.substitute(values)
