@@ -57,8 +57,12 @@ export function nodesPage(root) {
     try {
       const nodes = await listAll(call, "/api/v1/nodes", "nodes");
       lastError = "";
+      // busy nodes are up and schedulable too (CPU over 90 %): counted apart, not as down
       const ready = nodes.filter((n) => n.status === "NODE_STATUS_READY").length;
-      const text = nodes.length ? `${nodes.length} node${nodes.length === 1 ? "" : "s"}, ${ready} ready` : "";
+      const busy = nodes.filter((n) => n.status === "NODE_STATUS_BUSY").length;
+      const text = nodes.length
+        ? `${nodes.length} node${nodes.length === 1 ? "" : "s"}, ${ready} ready${busy ? `, ${busy} busy` : ""}`
+        : "";
       if (summary.textContent !== text) summary.textContent = text;
       refreshContent(holder, table("Your nodes", [
         { title: "Node", cell: (n) => h("a", { href: `#/nodes/${encodeURIComponent(n.id)}` }, n.id.slice(0, 8)) },
