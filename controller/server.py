@@ -41,7 +41,7 @@ from controller.api.interceptors import ControllerInterceptor
 from controller.api.metrics_servicer import MetricsServicer
 from controller.api.node_servicer import NodeServicer
 from controller.api.query_servicer import QueryServicer
-from controller.api.storage_servicer import StorageServicer
+from controller.api.storage_servicer import StorageServicer, raw_storage_messages
 from controller.auth.mfa import MfaService
 from controller.auth.passwords import PasswordHasher
 from controller.auth.service import AuthService
@@ -329,7 +329,8 @@ async def start_controller(settings: Settings) -> Controller:
             credentials=node_credentials,
             replica_logs=replica_logs.slots,
         ),
-        server,
+        # FetchChunk sends serialized messages as they are
+        raw_storage_messages(server),
     )
     deployment_pb2_grpc.add_DeploymentServiceServicer_to_server(
         DeploymentServicer(deployments, ingress, logs=replica_logs), server
@@ -356,7 +357,10 @@ async def start_controller(settings: Settings) -> Controller:
         ),
         server,
     )
-    storage_pb2_grpc.add_StorageServiceServicer_to_server(StorageServicer(storage), server)
+    # UploadFile's data reaches the service uncopied
+    storage_pb2_grpc.add_StorageServiceServicer_to_server(
+        StorageServicer(storage), raw_storage_messages(server)
+    )
 
     draining = asyncio.Event()
     metrics_pb2_grpc.add_MetricsServiceServicer_to_server(MetricsServicer(fleet, nodes, draining), server)

@@ -279,10 +279,11 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             raise PermissionDenied("This controller stores no files", reason="CHUNK_TRANSFER_UNKNOWN")
         return self._storage
 
-    async def FetchChunk(
+    async def FetchChunk(  # type: ignore[override]
         self, request: node_pb2.FetchChunkRequest, context: Context
-    ) -> AsyncIterator[node_pb2.FetchChunkResponse]:
-        """Storage: the ciphertext of a chunk this node was told to store."""
+    ) -> AsyncIterator[bytes]:
+        """Storage: the ciphertext of a chunk this node was told to store (serialized
+        ``FetchChunkResponse`` messages: storage_rpcs.raw_storage_messages)."""
         node = await self._calling_node(context, "FetchChunk")
         async for message in storage_rpcs.fetch_chunk(self._storage_service(), node.id, request):
             yield message

@@ -1,9 +1,15 @@
 """``automator67.v1.StorageService`` over :class:`~controller.federation.storage.StorageService`,
-and the storage RPCs of the node port (FetchChunk, PushChunk, ReportChunks)."""
+and the storage RPCs of the node port (FetchChunk, PushChunk, ReportChunks).
+
+Two methods move bulk bytes without protobuf copies (:func:`raw_storage_messages`):
+``StorageService.UploadFile`` takes its requests serialized (a data message is read as a
+view of the bytes gRPC received; :func:`upload_part`), and ``NodeService.FetchChunk``
+sends responses that are already serialized (made once per chunk, shared by its copies).
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, TypeAlias, cast
 
 import grpc
@@ -24,6 +30,89 @@ LENGTH_HEADER = "x-a67-content-length"
 """Set on REST downloads: the gateway's Lua filter turns it into Content-Length."""
 
 
+UPLOAD_FILE_METHOD = "/automator67.v1.StorageService/UploadFile"
+FETCH_CHUNK_METHOD = "/automator67.v1.NodeService/FetchChunk"
+_DATA_TAG = 0x12  # UploadFileRequest.data: field 2, length-delimited
+
+
+def upload_part(raw: bytes | storage_pb2.UploadFileRequest) -> storage_pb2.UploadFileRequest | memoryview:
+    """A serialized ``UploadFileRequest``: the bytes of its ``data`` as a view of ``raw``
+    when the message is just that field (no copy), else the parsed message.
+
+    >>> bytes(upload_part(storage_pb2.UploadFileRequest(data=b"x" * 300).SerializeToString()))[:3]
+    b'xxx'
+    >>> upload_part(storage_pb2.UploadFileRequest(metadata={"path": "a"}).SerializeToString()).metadata.path
+    'a'
+    """
+    if not isinstance(raw, bytes):
+        return raw  # already parsed (a caller that is not the gRPC server)
+    if raw[:1] == bytes((_DATA_TAG,)):
+        length = shift = 0
+        for at in range(1, min(len(raw), 11)):
+            byte = raw[at]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                if at + 1 + length == len(raw):
+                    return memoryview(raw)[at + 1 :]
+                break
+    return storage_pb2.UploadFileRequest.FromString(raw)
+
+
+def _raw(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The same method handler, made again with gRPC's public constructors, without the
+    (de)serializer of its bulk bytes (None: gRPC hands over / sends the bytes as they are)."""
+    if method == UPLOAD_FILE_METHOD:
+        return grpc.stream_unary_rpc_method_handler(
+            handler.stream_unary,
+            request_deserializer=None,
+            response_serializer=handler.response_serializer,
+        )
+    if method == FETCH_CHUNK_METHOD:
+        return grpc.unary_stream_rpc_method_handler(
+            handler.unary_stream,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=None,
+        )
+    return handler
+
+
+class _RawGeneric:
+    """A generic handler (gRPC calls its ``service``) that registers raw methods."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._inner.service(handler_call_details)
+        return None if handler is None else _raw(handler_call_details.method, handler)
+
+
+class _RawStorageMessages:
+    """What the generated ``add_*Servicer_to_server`` functions call on a server."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers([_RawGeneric(h) for h in handlers])
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: _raw(f"/{service}/{name}", h) for name, h in handlers.items()}
+        )
+
+
+def raw_storage_messages(server: grpc.aio.Server) -> grpc.aio.Server:
+    """``server`` for ``add_StorageServiceServicer_to_server`` and
+    ``add_NodeServiceServicer_to_server``: their bulk-byte methods are registered without
+    protobuf (de)serialization of the bytes (see the module docstring); every other
+    method as generated."""
+    return cast(grpc.aio.Server, _RawStorageMessages(server))
+
+
 def _header(context: Context, name: str) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == name:
@@ -36,14 +125,19 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         self._service = service
 
     async def UploadFile(
-        self, request_iterator: AsyncIterator[storage_pb2.UploadFileRequest], context: Context
+        self,
+        request_iterator: AsyncIterator[bytes | storage_pb2.UploadFileRequest],
+        context: Context,
     ) -> storage_pb2.UploadFileResponse:
+        """The requests come serialized (:func:`raw_storage_messages`; parsed ones are
+        taken too): the data messages' bytes reach the service as views, uncopied."""
         user_id = current_principal().user_id
         iterator = aiter(request_iterator)
         try:
-            first = await anext(iterator)
+            part = upload_part(await anext(iterator))
         except StopAsyncIteration:
-            first = storage_pb2.UploadFileRequest()
+            part = storage_pb2.UploadFileRequest()
+        first = part if isinstance(part, storage_pb2.UploadFileRequest) else storage_pb2.UploadFileRequest()
         if first.WhichOneof("part") != "metadata":
             raise InvalidArgument(
                 "An upload must start with its metadata",
@@ -51,8 +145,12 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
                 field_violations=[FieldViolation("metadata", "the first message must carry the metadata")],
             )
 
-        async def data() -> AsyncIterator[bytes]:
-            async for message in iterator:
+        async def data() -> AsyncIterator[bytes | memoryview]:
+            async for raw in iterator:
+                message = upload_part(raw)
+                if isinstance(message, memoryview):
+                    yield message
+                    continue
                 if message.WhichOneof("part") != "data":
                     raise InvalidArgument(
                         "Only the first message of an upload carries metadata",
@@ -176,10 +274,11 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
 
 async def fetch_chunk(
     service: StorageService, node_id: str, request: node_pb2.FetchChunkRequest
-) -> AsyncIterator[node_pb2.FetchChunkResponse]:
-    # The messages are made once per chunk and shared by its copies (StorageService).
+) -> AsyncIterator[bytes]:
+    """Serialized ``FetchChunkResponse`` messages, made once per chunk and shared by its
+    copies (StorageService); sent as they are (:func:`raw_storage_messages`)."""
     for message in service.transfers.serve(node_id, request.transfer_id):
-        yield cast(node_pb2.FetchChunkResponse, message)
+        yield cast(bytes, message)
 
 
 async def push_chunk(

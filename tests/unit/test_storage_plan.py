@@ -177,7 +177,7 @@ def test_a_sealed_chunk_opens_only_as_its_own_chunk_and_index() -> None:
 def test_a_payload_is_cut_into_shared_messages_and_outlives_its_buffer() -> None:
     buffer = bytearray(os.urandom(2 * transfers.PIECE_BYTES + 5))
     original = bytes(buffer)
-    payload = transfers.Payload(memoryview(buffer), lambda piece: piece)
+    payload = transfers.Payload(memoryview(buffer), bytes)
     buffer[:] = b"\0" * len(buffer)  # the upload reuses its buffer at once
     assert payload.size == len(original)
     assert [len(m) for m in payload.messages] == [transfers.PIECE_BYTES, transfers.PIECE_BYTES, 5]
@@ -187,7 +187,7 @@ def test_a_payload_is_cut_into_shared_messages_and_outlives_its_buffer() -> None
     assert moves.serve("n1", first) is moves.serve("n2", second)  # made once, served to both
     with pytest.raises(PermissionDenied):
         moves.serve("n2", first)  # bound to its node
-    assert transfers.Payload(b"", lambda piece: piece).messages == [b""]
+    assert transfers.Payload(b"", bytes).messages == [b""]
 
 
 def test_a_whole_fetch_message_fits_the_agents_storage_channel() -> None:

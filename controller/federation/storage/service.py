@@ -19,10 +19,10 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from automator67.v1 import node_pb2, storage_pb2
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from controller.deployments.snapshot import node_view, user_nodes
@@ -73,12 +73,28 @@ STATUS = {
 }
 
 
-def _fetch_message(piece: bytes) -> node_pb2.FetchChunkResponse:
-    return node_pb2.FetchChunkResponse(data=piece)
+def fetch_message(piece: bytes | memoryview) -> bytes:
+    """The serialized ``FetchChunkResponse(data=piece)``, made with one copy of ``piece``
+    (field 1, length-delimited: its tag, its length as a varint, the bytes).
+
+    >>> fetch_message(b"x" * 300) == node_pb2.FetchChunkResponse(data=b"x" * 300).SerializeToString()
+    True
+    >>> fetch_message(b"") == node_pb2.FetchChunkResponse().SerializeToString()
+    True
+    """
+    length = len(piece)
+    if not length:
+        return b""
+    head = bytearray(b"\x0a")
+    while length > 0x7F:
+        head.append(0x80 | (length & 0x7F))
+        length >>= 7
+    head.append(length)
+    return b"".join((head, piece))
 
 
-def _payload(sealed: bytes | memoryview) -> Payload[node_pb2.FetchChunkResponse]:
-    return Payload(sealed, _fetch_message)
+def _payload(sealed: bytes | memoryview) -> Payload[bytes]:
+    return Payload(sealed, fetch_message)
 
 
 def _seal(
@@ -89,6 +105,10 @@ def _seal(
     digest.update(plaintext)
     sealer.seal_into(chunk_id, index, plaintext, out)
     return hashlib.sha256(out).hexdigest()
+
+
+_INSERT_CHUNK = insert(cast(Table, StorageChunk.__table__))
+_INSERT_COPY = insert(cast(Table, StorageChunkCopy.__table__))
 
 
 def transfer_seconds(size: int) -> float:
@@ -248,9 +268,7 @@ class StorageService:
 
     # -- node commands --------------------------------------------------------------------
 
-    async def _store_copy(
-        self, node_id: str, chunk_id: str, sealed: Payload[node_pb2.FetchChunkResponse], checksum: str
-    ) -> None:
+    async def _store_copy(self, node_id: str, chunk_id: str, sealed: Payload[bytes], checksum: str) -> None:
         """Send one copy to ``node_id`` and wait until it is durable and verified there."""
         transfer_id = self.transfers.offer(node_id, sealed)
         size = sealed.size
@@ -352,7 +370,7 @@ class StorageService:
         )
 
     async def upload(
-        self, user_id: str, metadata: storage_pb2.UploadFileMetadata, data: AsyncIterator[bytes]
+        self, user_id: str, metadata: storage_pb2.UploadFileMetadata, data: AsyncIterator[bytes | memoryview]
     ) -> storage_pb2.StorageFile:
         violations = plan.metadata_violations(
             metadata.path, metadata.mime_type, metadata.replicas, metadata.size, metadata.sha256
@@ -491,7 +509,7 @@ class StorageService:
         index: int,
         chunk_id: str,
         size: int,
-        sealed: Payload[node_pb2.FetchChunkResponse],
+        sealed: Payload[bytes],
         checksum: str,
         entries: dict[int, dict[str, Any]],
     ) -> None:
@@ -517,7 +535,7 @@ class StorageService:
         user_id: str,
         nodes: Sequence[Node],
         chunk_id: str,
-        sealed: Payload[node_pb2.FetchChunkResponse],
+        sealed: Payload[bytes],
         checksum: str,
         wanted: int,
         holders: set[str],
@@ -553,16 +571,17 @@ class StorageService:
             )
             async with self.store.session() as session:
                 if chunk is not None:  # plain inserts (no unit of work): the rows are new
+                    # Core inserts of the tables with the rows as parameters: compiled once
+                    # (cached), not per chunk as an ORM insert of literal values would be.
                     if attempts == 1:
-                        await session.execute(insert(StorageChunk).values(**chunk))
+                        await session.execute(_INSERT_CHUNK, [chunk])
                     now = self.clock()
                     await session.execute(
-                        insert(StorageChunkCopy).values(
-                            [
-                                {"chunk_id": chunk_id, "node_id": n, "state": "writing", "created_at": now}
-                                for n in targets
-                            ]
-                        )
+                        _INSERT_COPY,
+                        [
+                            {"chunk_id": chunk_id, "node_id": n, "state": "writing", "created_at": now}
+                            for n in targets
+                        ],
                     )
                 else:
                     for node_id in targets:

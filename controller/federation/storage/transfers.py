@@ -8,7 +8,10 @@ transfer and sends ``ReadChunk``; the node pushes the bytes with
 another node presenting it gets ``PERMISSION_DENIED``, as for an unknown id.
 
 The copies of one chunk share one :class:`Payload`: the sealed bytes and the messages
-made of them are built once and served to every target (gRPC serializes each send).
+made of them are built once and served to every target. They are already serialized
+``FetchChunkResponse`` messages: the node port's FetchChunk sends them as they are
+(``controller.api.storage_servicer.raw_storage_messages``), so a copy costs no protobuf
+build or serialization of its bytes.
 """
 
 from __future__ import annotations
@@ -32,16 +35,18 @@ M = TypeVar("M")
 class Payload(Generic[M]):
     """The sealed bytes of one chunk, offered to one or more nodes: the messages that
     carry them are made at once (from a buffer the caller may reuse right after) and
-    shared by every transfer."""
+    shared by every transfer.
 
-    def __init__(self, sealed: bytes | memoryview, make: Callable[[bytes], M]) -> None:
+    ``make`` gets a view of each piece (at most :data:`PIECE_BYTES`) of ``sealed`` and
+    must return a message that owns its bytes (the buffer is reused as soon as the
+    payload is made): the storage service makes serialized ``FetchChunkResponse`` bytes
+    with one copy (see ``fetch_message`` there)."""
+
+    def __init__(self, sealed: bytes | memoryview, make: Callable[[memoryview], M]) -> None:
         self.size = len(sealed)
-        if isinstance(sealed, bytes) and len(sealed) <= PIECE_BYTES:
-            pieces = [sealed]
-        else:
-            view = memoryview(sealed)
-            pieces = [bytes(view[p : p + PIECE_BYTES]) for p in range(0, len(view), PIECE_BYTES)]
-        self.messages: list[M] = [make(piece) for piece in pieces or [b""]]
+        view = memoryview(sealed)
+        pieces = [view[p : p + PIECE_BYTES] for p in range(0, len(view), PIECE_BYTES)]
+        self.messages: list[M] = [make(piece) for piece in pieces or [view]]
 
 
 @dataclass
