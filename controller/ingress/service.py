@@ -38,8 +38,8 @@ from controller.ingress.snapshot import (
     AppRoute,
     Endpoint,
     IngressOptions,
+    SnapshotBuilder,
     app_urls,
-    build_snapshot,
     split_endpoint,
     user_handle,
     weight_of_score,
@@ -105,6 +105,10 @@ class IngressService:
         self._handles: dict[str, str] = {}
         self._weights: dict[str, int] = {}
         self._routes: tuple[AppRoute, ...] | None = None
+        self._route_of: dict[str, AppRoute] = {}
+        """The last route built per deployment: reused while it is equal, so unchanged
+        deployments compare (and are looked up by the snapshot builder) by identity."""
+        self._builder = SnapshotBuilder(options)
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._server: grpc.aio.Server | None = None
@@ -227,6 +231,9 @@ class IngressService:
         self._dirty.clear()
         routes: list[AppRoute] = []
         replicas: dict[str, Replica] = {}
+        handles = self._handles
+        previous = self._route_of
+        current: dict[str, AppRoute] = {}
         for deployment_id, row in list(self._rows.items()):
             endpoints: list[Endpoint] = []
             for index, node_id, status, endpoint in row.assignments:
@@ -237,18 +244,29 @@ class IngressService:
                     continue
                 endpoints.append(Endpoint(address[0], address[1], self._node_weight(node_id), node_id, index))
                 replicas[f"{address[0]}:{address[1]}"] = Replica(deployment_id, index, node_id)
-            handle = await self.handle(row.user_id)
-            routes.append(AppRoute(deployment_id, row.name, handle, tuple(endpoints)))
+            handle = handles.get(row.user_id)
+            if handle is None:  # the store is asked once per user, not once per deployment
+                handle = await self.handle(row.user_id)
+            route = AppRoute(deployment_id, row.name, handle, tuple(endpoints))
+            before = previous.get(deployment_id)
+            if before is not None and before == route:
+                route = before
+            current[deployment_id] = route
+            routes.append(route)
+        self._route_of = current
         self.traffic.set_replicas(replicas)
-        return tuple(sorted(routes, key=lambda r: r.deployment_id))
+        return tuple(sorted(routes, key=_deployment_id))
 
     async def refresh(self) -> bool:
-        """Rebuild the routes; publish them if they changed. True if a new version went out."""
+        """Rebuild the routes; publish them if they changed. True if a new version went out.
+
+        Only the deployments whose routes changed are rebuilt (:class:`SnapshotBuilder`).
+        """
         routes = await self.current_routes()
         if routes == self._routes:
             return False
         self._routes = routes
-        published = self.xds.publish(build_snapshot(routes, self.options))
+        published = self.xds.publish(self._builder.build(routes))
         if published:
             log.debug("published version %d (%d deployments)", self.xds.version, len(routes))
         return published
@@ -277,6 +295,10 @@ class IngressService:
     def node_traffic(self, node_id: str) -> tuple[float, float] | None:
         """The node's app-traffic error rate (%) and average response time (ms), if it served enough."""
         return self.traffic.node_health(node_id)
+
+
+def _deployment_id(route: AppRoute) -> str:
+    return route.deployment_id
 
 
 def describe_clients(service: IngressService) -> list[dict[str, Any]]:

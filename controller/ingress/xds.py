@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import logging
 import time
@@ -38,7 +37,6 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, struct_pb2
-from google.protobuf.message import Message
 
 from controller.config import split_host_port
 from controller.ingress.envoy_types import ads_pb2_grpc, discovery_pb2
@@ -49,8 +47,11 @@ from controller.ingress.snapshot import (
     LISTENER_NAME,
     ROUTE,
     TYPE_ORDER,
+    Encoded,
     IngressOptions,
     Snapshot,
+    content_digest,
+    encode,
     listener,
 )
 
@@ -97,16 +98,6 @@ class _TypeState:
     """Digest of content Envoy NACKed: not sent again."""
 
 
-def _digest(resources: Mapping[str, Message]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(resources):
-        h.update(name.encode())
-        h.update(b"\0")
-        h.update(resources[name].SerializeToString(deterministic=True))
-        h.update(b"\0")
-    return h.hexdigest()
-
-
 def _metadata_string(metadata: struct_pb2.Struct, key: str) -> str:
     value = metadata.fields.get(key)
     return value.string_value if value is not None else ""
@@ -139,7 +130,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
 
     def publish(self, snapshot: Snapshot) -> bool:
         """Make ``snapshot`` current; streams whose content changes are pushed. False if nothing changed."""
-        digests = {t: _digest(snapshot.of(t)) for t in SHARED_TYPES}
+        digests = {t: snapshot.digest(t) for t in SHARED_TYPES}
         changed = [t for t in SHARED_TYPES if digests[t] != self._type_digests.get(t)]
         if not changed:
             return False
@@ -156,14 +147,19 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         return True
 
     def _resources(
-        self, type_url: str, names: frozenset[str], own_listener: Message | None
-    ) -> dict[str, Message]:
+        self, type_url: str, names: frozenset[str], own_listener: Encoded | None
+    ) -> tuple[Mapping[str, Encoded], str]:
+        """What a stream subscribing to ``names`` gets of ``type_url``, and its digest."""
         if type_url == LISTENER:
-            return {LISTENER_NAME: own_listener} if own_listener is not None else {}
-        everything = self._snapshot.of(type_url)
+            mine = {LISTENER_NAME: own_listener} if own_listener is not None else {}
+            return mine, content_digest(mine.values())
+        everything = self._snapshot.encoded(type_url)
         if type_url in WILDCARD_TYPES or not names:
-            return dict(everything)
-        return {n: everything[n] for n in sorted(names) if n in everything}
+            return everything, self._snapshot.digest(type_url)
+        chosen = {n: everything[n] for n in sorted(names) if n in everything}
+        if len(chosen) == len(everything):  # every resource, in name order: the type's digest
+            return chosen, self._snapshot.digest(type_url)
+        return chosen, content_digest(chosen.values())
 
     # -- the stream ------------------------------------------------------------------------------
 
@@ -185,7 +181,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         reader = asyncio.create_task(read())
         states: dict[str, _TypeState] = {}
         info: ClientInfo | None = None
-        own_listener: Message | None = None
+        own_listener: Encoded | None = None
         try:
             while True:
                 batch: list[discovery_pb2.DiscoveryRequest | None] = []
@@ -227,13 +223,13 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
 
     def _hello(
         self, stream_id: int, request: discovery_pb2.DiscoveryRequest
-    ) -> tuple[ClientInfo, Message | None]:
+    ) -> tuple[ClientInfo, Encoded | None]:
         node = request.node
         address = _metadata_string(node.metadata, "listen_address")
-        own: Message | None = None
+        own: Encoded | None = None
         try:
             host, port = split_host_port(address)
-            own = listener(LISTENER_NAME, host, port, self._options)
+            own = encode(LISTENER_NAME, listener(LISTENER_NAME, host, port, self._options))
         except ValueError:
             log.error(
                 "ingress %s connected without a valid listen_address in its node metadata (%r): "
@@ -279,10 +275,9 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         state.names = frozenset(request.resource_names) - {"*"}
 
     def _maybe_response(
-        self, info: ClientInfo, type_url: str, state: _TypeState, own_listener: Message | None
+        self, info: ClientInfo, type_url: str, state: _TypeState, own_listener: Encoded | None
     ) -> discovery_pb2.DiscoveryResponse | None:
-        resources = self._resources(type_url, state.names or frozenset(), own_listener)
-        digest = _digest(resources)
+        resources, digest = self._resources(type_url, state.names or frozenset(), own_listener)
         if digest == state.digest or digest == state.rejected:
             return None
         state.digest = digest
@@ -290,11 +285,9 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         version = str(self._type_versions.get(type_url, self._version) if type_url != LISTENER else 1)
         info.sent[type_url] = version
         self.responses_sent += 1
-        packed = []
-        for resource in resources.values():
-            wrapped = any_pb2.Any()
-            wrapped.Pack(resource)
-            packed.append(wrapped)
+        # the kept bytes, as ``Any.Pack`` would serialize the message (every type here is
+        # ``type.googleapis.com/<full name>``)
+        packed = [any_pb2.Any(type_url=type_url, value=r.data) for r in resources.values()]
         return discovery_pb2.DiscoveryResponse(
             version_info=version, resources=packed, type_url=type_url, nonce=state.nonce
         )
