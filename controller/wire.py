@@ -147,3 +147,27 @@ def encode_stream_batch(rows: Sequence[tuple[Any, ...]], size: int) -> tuple[Any
     encoded = message.ByteSize()
     per_row = max(1, encoded // max(1, len(rows)))
     return message, max(1, min(2 * size, STREAM_MESSAGE_BYTES // per_row))
+
+
+def only_bytes_field(raw: bytes, tag: int) -> memoryview | None:
+    """The value of a serialized message that is exactly one length-delimited field
+    (``tag``: its key byte, ``field_number << 3 | 2``), as a view of ``raw`` (no copy);
+    None when the message is anything else (the caller parses it then).
+
+    >>> bytes(only_bytes_field(bytes([0x12, 3]) + b"abc", 0x12))
+    b'abc'
+    >>> only_bytes_field(bytes([0x12, 3]) + b"abcd", 0x12) is None  # more than the field
+    True
+    >>> only_bytes_field(bytes([0x0A, 1]) + b"a", 0x12) is None  # another field
+    True
+    """
+    if raw[:1] != bytes((tag,)):
+        return None
+    length = shift = 0
+    for at in range(1, min(len(raw), 11)):  # a varint of at most 10 bytes
+        byte = raw[at]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return memoryview(raw)[at + 1 :] if at + 1 + length == len(raw) else None
+    return None

@@ -38,6 +38,7 @@ import grpc
 from automator67.v1 import node_pb2, node_pb2_grpc
 
 from controller.agent.handlers import CommandHandlers, error_result, ok_result
+from controller.wire import only_bytes_field
 
 log = logging.getLogger("controller.agent.chunks")
 
@@ -65,17 +66,8 @@ def fetch_chunk_data(raw: bytes) -> bytes | memoryview:
     >>> fetch_chunk_data(b"")
     b''
     """
-    if raw[:1] == b"\x0a":
-        length = shift = 0
-        for at in range(1, min(len(raw), 11)):
-            byte = raw[at]
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                if at + 1 + length == len(raw):
-                    return memoryview(raw)[at + 1 :]
-                break
-    return node_pb2.FetchChunkResponse.FromString(raw).data
+    data = only_bytes_field(raw, 0x0A)  # FetchChunkResponse.data: field 1, length-delimited
+    return data if data is not None else node_pb2.FetchChunkResponse.FromString(raw).data
 
 
 def storage_message_options() -> list[tuple[str, int]]:

@@ -21,6 +21,7 @@ from controller.api.http import set_http_status
 from controller.errors import FieldViolation, InvalidArgument
 from controller.federation.storage import StorageService
 from controller.federation.storage.plan import ReportedCopy, parse_range
+from controller.wire import only_bytes_field
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -46,17 +47,8 @@ def upload_part(raw: bytes | storage_pb2.UploadFileRequest) -> storage_pb2.Uploa
     """
     if not isinstance(raw, bytes):
         return raw  # already parsed (a caller that is not the gRPC server)
-    if raw[:1] == bytes((_DATA_TAG,)):
-        length = shift = 0
-        for at in range(1, min(len(raw), 11)):
-            byte = raw[at]
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                if at + 1 + length == len(raw):
-                    return memoryview(raw)[at + 1 :]
-                break
-    return storage_pb2.UploadFileRequest.FromString(raw)
+    data = only_bytes_field(raw, _DATA_TAG)
+    return data if data is not None else storage_pb2.UploadFileRequest.FromString(raw)
 
 
 def _raw(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
