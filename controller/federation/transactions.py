@@ -166,6 +166,21 @@ class TransactionLog:
                 update(DatabaseTransaction).where(DatabaseTransaction.id == transaction_id).values(**values)
             )
 
+    async def presume_abort(self, transaction_id: str, was: str) -> bool:
+        """Mark a transaction left in state ``was`` aborted, only if it is still in that
+        state and unresolved (its controller may have decided it since it was read);
+        whether it was."""
+        now = utcnow()
+        async with self._store.session() as session:
+            done = await session.execute(
+                update(DatabaseTransaction)
+                .where(DatabaseTransaction.id == transaction_id)
+                .where(DatabaseTransaction.state == was)
+                .where(DatabaseTransaction.resolved_at.is_(None))
+                .values(state=ABORTED, decided_at=now, updated_at=now)
+            )
+            return bool(getattr(done, "rowcount", 0) == 1)
+
     async def get(self, transaction_id: str) -> DatabaseTransaction | None:
         async with self._store.session() as session:
             return await session.get(DatabaseTransaction, transaction_id)
@@ -499,8 +514,11 @@ class TransactionManager:
                     continue  # still running here
                 state = row.state
                 if state in (ACTIVE, PREPARING):  # presumed abort
+                    # only if still so: a transaction committed (and ended here) between the
+                    # read above and now is not left behind, and its decision stands
+                    if not await self._log.presume_abort(row.id, row.state):
+                        continue
                     state = ABORTED
-                    await self._log.set(row.id, state=ABORTED, decided_at=utcnow())
                     log.info("transaction %s (%s when it was left) aborted by recovery", row.id, row.state)
                 participants = {int(p["shard"]): str(p["node"]) for p in row.participants or []}
                 action = (

@@ -71,3 +71,46 @@ async def test_resolved_rows_past_retention_are_pruned_unresolved_ones_stay(stor
         assert await log.get(ids["old-unresolved"]) is not None
     finally:
         await store.close()
+
+
+async def test_recovery_leaves_a_transaction_decided_after_it_was_read_as_decided(store_url: str) -> None:
+    """The race the fresh-clone CI found: recovery read a transaction still active, its
+    controller then committed it (and forgot it), and recovery marked it aborted anyway."""
+    await asyncio.to_thread(upgrade, store_url)
+    store = await Store.open(store_url)
+    try:
+        now = utcnow()
+        txid = str(uuid.uuid4())
+        async with store.session() as session:
+            session.add(User(id="u", email="race@example.com", password_hash="x"))
+        async with store.session() as session:
+            session.add(
+                DatabaseTransaction(
+                    id=txid,
+                    user_id="u",
+                    database_id="d",
+                    distributed=False,
+                    state="active",
+                    participants=[],
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        log = TransactionLog(store)
+        stale = await log.unresolved()  # what recovery read: the transaction still active
+        assert [row.state for row in stale] == ["active"]
+        await log.set(txid, state="committed", decided_at=now, resolved_at=now)  # then it committed
+
+        async def read_before_the_commit() -> list[DatabaseTransaction]:
+            return stale
+
+        log.unresolved = read_before_the_commit  # type: ignore[method-assign]
+        manager = TransactionManager(log_store=log, streams=StreamRegistry(), results=ShardResults())
+        assert await manager.recover() == 0
+        row = await TransactionLog(store).get(txid)
+        assert row is not None
+        assert row.state == "committed"
+        # a transaction really left active is still presumed aborted
+        assert await log.presume_abort(txid, "committed") is False  # resolved: never touched
+    finally:
+        await store.close()
