@@ -15,13 +15,13 @@ from typing import Any
 import click
 from automator67.v1 import deployment_pb2
 from rich.live import Live
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.progress import Progress
 from rich.table import Table
 
 from controller.client.app import command, common_options, state
 from controller.client.appdir import PackedSource, app_type_value, load_manifest, pack, parse_env_flags
 from controller.client.errors import FAILED, NOT_FOUND, UNREACHABLE, CliError
-from controller.client.render import Output, enum_label, message_dict, when
+from controller.client.render import Output, enum_label, message_dict, transfer_progress, when
 from controller.client.session import Connection, Stream
 from controller.limits import CHUNK_BYTES
 
@@ -97,15 +97,7 @@ def _chunks(
 
 def upload(conn: Connection, packed: PackedSource, out: Output) -> str:
     """Upload the packed source with ``UploadSource`` (a progress bar on a terminal); its SHA-256."""
-    progress = Progress(
-        TextColumn("uploading"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        console=out.err,
-        transient=False,
-        disable=not out.err.is_terminal,
-    )
+    progress = transfer_progress(out, "uploading")
     with progress:
         task = progress.add_task("upload", total=packed.size)
         reply = conn.call(conn.deployments.UploadSource, _chunks(packed, progress, task), timeout=None)

@@ -16,11 +16,11 @@ from typing import IO, Any
 
 import click
 from automator67.v1 import storage_pb2
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.progress import Progress
 
 from controller.client.app import command, common_options, state
 from controller.client.errors import NOT_FOUND, USAGE, CliError
-from controller.client.render import Output, message_dict, when
+from controller.client.render import message_dict, transfer_progress, when
 from controller.client.session import Connection
 
 UPLOAD_PIECE_BYTES = 1024 * 1024
@@ -34,18 +34,6 @@ STATUS = {
     storage_pb2.REPLICATION_STATUS_REPLICATING: "replicating",
     storage_pb2.REPLICATION_STATUS_DEGRADED: "degraded",
 }
-
-
-def _progress(out: Output, what: str) -> Progress:
-    return Progress(
-        TextColumn(what),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        console=out.err,
-        transient=False,
-        disable=not out.err.is_terminal,
-    )
 
 
 def listed(conn: Connection, prefix: str) -> Iterator[storage_pb2.StorageFile]:
@@ -159,7 +147,7 @@ def register(root: click.Group) -> None:
             size = os.stat(local).st_size
             metadata.size = size
         conn = st.connection()
-        progress = _progress(out, "uploading")
+        progress = transfer_progress(out, "uploading")
         with progress, sys.stdin.buffer if stdin else open(local, "rb") as source:
             task = progress.add_task("upload", total=size)
             reply: storage_pb2.UploadFileResponse = conn.call(
@@ -189,7 +177,7 @@ def register(root: click.Group) -> None:
         st = state()
         conn = st.connection()
         found = find_file(conn, ref)
-        progress = _progress(st.output, "downloading")
+        progress = transfer_progress(st.output, "downloading")
         target = Path(output)
         partial = target.with_name(target.name + ".part")
         with progress:

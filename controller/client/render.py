@@ -14,6 +14,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
 from controller.client.errors import CliError
@@ -130,3 +131,16 @@ def cell_text(value: Any) -> str:
     if isinstance(value, dict | list):
         return json.dumps(value, ensure_ascii=False)
     return str(value)
+
+
+def transfer_progress(out: Output, what: str) -> Progress:
+    """A byte-transfer progress bar labelled ``what`` on standard error (shown only on a terminal)."""
+    return Progress(
+        TextColumn(what),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=out.err,
+        transient=False,
+        disable=not out.err.is_terminal,
+    )
