@@ -11,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -105,6 +107,12 @@ class Settings:
 
     data_dir: Path = field(default_factory=_default_data_dir)
     """Directory for the embedded SQLite store and the development keys."""
+
+    controller_id: str = ""
+    """This controller's name in the store's leases (which controller works on a deployment,
+    refreshes a token). Empty: generated once and kept in ``data_dir/controller-id``, so a
+    restarted controller takes its own leases back at once. Every controller sharing a
+    store needs its own (its own data directory, or this set)."""
 
     store_url: str = ""
     """SQLAlchemy URL of the store; empty means ``sqlite:///<data_dir>/controller.db``.
@@ -292,6 +300,21 @@ class Settings:
     def effective_store_url(self) -> str:
         """The store URL with the embedded default filled in."""
         return self.store_url or f"sqlite:///{self.data_dir / 'controller.db'}"
+
+    def resolved_controller_id(self) -> str:
+        """:attr:`controller_id`, or the one kept in ``data_dir/controller-id`` (made once)."""
+        if self.controller_id:
+            return self.controller_id
+        path = self.data_dir / "controller-id"
+        try:
+            kept = path.read_text().strip()
+        except FileNotFoundError:
+            kept = ""
+        if not kept:
+            kept = f"{socket.gethostname()[:32]}-{uuid.uuid4().hex[:12]}"
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(kept + "\n")
+        return kept
 
     @property
     def keys_dir(self) -> Path:

@@ -209,12 +209,14 @@ async def start_controller(settings: Settings) -> Controller:
         keyring_source=file_source(keyfile) if keyfile is not None else None,
         poll_seconds=settings.vault_keyring_poll_seconds,
     )
+    controller_id = settings.resolved_controller_id()
     deployments = DeploymentService(
         store=store,
         fleet=fleet,
         vault=vault,
         reconcile_interval_seconds=settings.heartbeat_interval_seconds,
         packages=PackageStore(settings.data_dir / "packages", max_bytes=settings.max_package_bytes),
+        controller_id=controller_id,
     )
     storage = StorageService(
         store=store,
@@ -269,6 +271,7 @@ async def start_controller(settings: Settings) -> Controller:
         backoff_seconds=settings.credential_refresh_backoff_seconds,
         on_changed=delivery.changed,
         alert=deployments.alerts.add,
+        owner=controller_id,
     )
     node_credentials = NodeCredentialsService(
         states=credential_states, vault=vault, delivery=delivery, refresher=refresher

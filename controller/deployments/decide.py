@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from controller.deployments.alerts import ROLLOUT_FAILED
 from controller.deployments.plans import Plan, Stop
 from controller.deployments.records import (
     ACTIVE,
+    DRAINING,
     ENDED,
     SERVING,
     DeploymentStatus,
@@ -31,6 +32,7 @@ from controller.deployments.records import (
     ordered,
     put,
     running,
+    without_draining,
 )
 from controller.nodes.health import NodeState
 
@@ -178,7 +180,14 @@ def mark_running(
     current = view.replica(index)
     if current is None or not current.is_(node_id, generation):
         return None
-    up = current.with_(status=R.RUNNING, endpoint=endpoint, error_message="", started_at=now.isoformat())
+    up = current.with_(
+        status=R.RUNNING,
+        endpoint=endpoint,
+        error_message="",
+        started_at=now.isoformat(),
+        retry_at=None,
+        retry_delay=0.0,
+    )
     status = None
     deployed_at = None
     if view.status in (D.RUNNING, D.FAILING):
@@ -220,19 +229,16 @@ def set_health(
     )
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """When a replica that failed every attempt of a rollout may be retried, and the delay used."""
-
-    at: float
-    delay: float
-
-
-def next_backoff(previous: Backoff | None, now: float) -> Backoff:
-    """The retry after another failure: the delay doubles, from 1 s up to 60 s."""
-    delay = previous.delay if previous is not None else RETRY_BACKOFF_MIN_SECONDS / 2
-    delay = min(RETRY_BACKOFF_MAX_SECONDS, delay * 2)
-    return Backoff(now + delay, delay)
+def backoff(view: DeploymentView, index: int, now: datetime) -> Plan | None:
+    """Replica ``index`` failed every attempt of a rollout: the reconciler tries it again after
+    a backoff that doubles per failure, from 1 s up to 60 s. Stored in the replica's record,
+    so every controller sharing the store waits it out (None: the replica is gone)."""
+    current = view.replica(index)
+    if current is None:
+        return None
+    delay = min(RETRY_BACKOFF_MAX_SECONDS, (current.retry_delay or RETRY_BACKOFF_MIN_SECONDS / 2) * 2)
+    later = current.with_(retry_at=(now + timedelta(seconds=delay)).isoformat(), retry_delay=delay)
+    return Plan(replicas=put(view.replicas, later))
 
 
 def settle(view: DeploymentView, *, rolling: bool) -> Plan | None:
@@ -280,6 +286,13 @@ def scale(view: DeploymentView, replicas: int, placed: Sequence[str], now: datet
         drains=tuple(r for r in removed if r.status in ACTIVE),
         rollout=tuple(added),
     )
+
+
+def drained(view: DeploymentView, keys: Collection[tuple[str, int, int]], now: datetime) -> Plan | None:
+    """Replicas (node, index, generation) were stopped after their drain time: no longer draining."""
+    if DRAINING not in view.meta:
+        return None
+    return Plan(meta=without_draining(view.meta, keys, now))
 
 
 # -- recovery ------------------------------------------------------------------------------------
@@ -361,13 +374,13 @@ class Reconcile:
 def reconcile(
     view: DeploymentView,
     *,
-    now: float,
+    now: datetime,
     inflight: Collection[int],
-    retry_at: Mapping[int, float],
     nodes: Mapping[str, NodeFact],
 ) -> Reconcile:
     """Compare desired and current state: resume an interrupted rollout, retry what is missing
-    (after its backoff), and find failed nodes whose replicas still count as serving."""
+    (after its stored backoff, ``Replica.retry_at``), and find failed nodes whose replicas
+    still count as serving."""
     if view.status in ENDED:
         return Reconcile()
     unknown = NodeFact()
@@ -388,7 +401,7 @@ def reconcile(
             continue
         if r.status in (R.PENDING, R.STARTING) and fact.waiting:
             continue
-        if retry_at.get(r.replica_index, 0.0) > now:
+        if r.retry_at is not None and datetime.fromisoformat(r.retry_at) > now:
             continue
         retry.append(r.replica_index)
     return Reconcile(retry=tuple(retry), failed_nodes=frozenset(failed))

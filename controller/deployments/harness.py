@@ -23,9 +23,9 @@ import logging
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from automator67.v1 import deployment_pb2, node_pb2
@@ -33,20 +33,26 @@ from automator67.v1 import deployment_pb2, node_pb2
 from controller.deployments.alerts import Alerts
 from controller.deployments.blobs import PackageStore, Stored, is_sha256
 from controller.deployments.commands import NodeCommands
-from controller.deployments.decide import Backoff
+from controller.deployments.decide import drained
 from controller.deployments.fencing import SentKey
+from controller.deployments.leases import LEASE_SECONDS, LeaseLost, Leases, default_controller_id
 from controller.deployments.package import PackageLimits, build_package_file
 from controller.deployments.plan import plan as place_replicas
 from controller.deployments.plans import Plan, Stop
 from controller.deployments.records import (
     ACTIVE,
+    DRAINING,
     STATUS_ENUM,
+    SURGING,
     DeploymentStatus,
     DeploymentView,
     Replica,
+    draining_of,
     endpoints,
     ordered,
     resources_of,
+    surging_of,
+    with_draining,
 )
 from controller.deployments.repository import Conflict, DeploymentRepository
 from controller.deployments.snapshot import LiveFleetView
@@ -82,6 +88,10 @@ class Known:
     name: str = ""
     packages: frozenset[str] = frozenset()
     """The package digests of every version (what its nodes may fetch)."""
+    surging: frozenset[int] = frozenset()
+    """Indexes with a surge replica recorded (``meta["surging"]``)."""
+    draining: frozenset[tuple[str, int, int]] = frozenset()
+    """(node, index, generation) of replicas recorded draining (``meta["draining"]``)."""
 
 
 def view_of(row: Deployment) -> DeploymentView:
@@ -159,6 +169,8 @@ class Harness:
         wall: Callable[[], datetime] = utcnow,
         packages: PackageStore | None = None,
         deploy_margin_seconds: float = DEPLOY_MARGIN_SECONDS,
+        controller_id: str | None = None,
+        lease_seconds: float = LEASE_SECONDS,
     ) -> None:
         self.store = store
         self.repo = DeploymentRepository(store)
@@ -189,14 +201,21 @@ class Harness:
         for a taken name without a store read (the store's unique constraint decides)."""
         self.rows: dict[str, Deployment] = {}
         """The row of each deployment as this controller last read or wrote it (see :meth:`row`)."""
-        self.granted: set[tuple[str, str]] = set()
+        self.leases = Leases(self, controller_id or default_controller_id(), lease_seconds)
+        """Which deployments this controller works on (rollouts, updates, retries, recoveries):
+        leases in their rows, so that every controller sharing the store sees them."""
+        # Work in progress, as stored in the rows' metadata (kept with the index, from the
+        # rows this controller read or wrote; every controller's fence leaves them running):
+        self.surging: dict[tuple[str, int], tuple[str, int]] = {}
+        """(deployment, index) -> (node, generation) of a rolling update's surge replica."""
+        self.draining: dict[SentKey, datetime] = {}
+        """(node, deployment, index, generation) -> until: replicas out of the ingress, waiting
+        out the drain time before their StopReplica."""
+        # This controller's own tasks (another controller sees the lease instead):
         self.inflight: set[tuple[str, int]] = set()
         self.rolling: set[str] = set()
-        self.surging: dict[tuple[str, int], tuple[str, int]] = {}
-        # replicas taken out of the ingress and waiting out the drain time before their
-        # StopReplica: (node, deployment, index, generation); the fence leaves them running
-        self.draining: set[SentKey] = set()
-        self.retry: dict[tuple[str, int], Backoff] = {}
+        # Per node stream (what this controller sent on the streams it holds):
+        self.granted: set[tuple[str, str]] = set()
         self.stop_sent: dict[SentKey, float] = {}
         self.recovery_next: dict[str, float] = {}
         self.watchers: defaultdict[str, Watchers] = defaultdict(set)
@@ -223,8 +242,12 @@ class Harness:
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("deployment task failed", exc_info=task.exception())
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        if isinstance(error, LeaseLost):
+            log.info("%s: this controller's task ends", error)
+        else:
+            log.error("deployment task failed", exc_info=error)
 
     # -- index ----------------------------------------------------------------------------------
 
@@ -239,6 +262,7 @@ class Harness:
         )
         old = self.index.get(row.id)
         self._reservations(row.id, old, known)
+        self._work_in_progress(row.id, old, known, view.meta)
         self.index[row.id] = known
         self.names[(row.user_id, row.name)] = row.id
         routed = _routed(row)
@@ -250,11 +274,34 @@ class Harness:
     def forget(self, deployment_id: str) -> None:
         old = self.index.pop(deployment_id, None)
         self._reservations(deployment_id, old, None)
+        self._work_in_progress(deployment_id, old, None, None)
         if old is not None and self.names.get((old.user_id, old.name)) == deployment_id:
             del self.names[(old.user_id, old.name)]
         self._routed.pop(deployment_id, None)
         if self.on_change is not None:
             self.on_change(deployment_id, None)
+
+    def _work_in_progress(
+        self, deployment_id: str, old: Known | None, known: Known | None, meta: Mapping[str, Any] | None
+    ) -> None:
+        """Keep :attr:`surging` and :attr:`draining` equal to what the row's metadata records."""
+        if old is not None and (old.surging or old.draining):
+            for index in old.surging:
+                self.surging.pop((deployment_id, index), None)
+            for node_id, index, generation in old.draining:
+                self.draining.pop((node_id, deployment_id, index, generation), None)
+        if known is not None and meta is not None and (SURGING in meta or DRAINING in meta):
+            surging, draining = surging_of(meta), draining_of(meta)
+            for index, target in surging.items():
+                self.surging[(deployment_id, index)] = target
+            for (node_id, index, generation), until in draining.items():
+                self.draining[(node_id, deployment_id, index, generation)] = until
+            known.surging, known.draining = frozenset(surging), frozenset(draining)
+
+    def draining_now(self) -> set[SentKey]:
+        """The replicas still within their drain time (the fence leaves them running)."""
+        now = self.wall()
+        return {key for key, until in self.draining.items() if until > now}
 
     def _reservations(self, deployment_id: str, old: Known | None, new: Known | None) -> None:
         """Tell the live view which nodes the deployment's active replicas hold resources on."""
@@ -372,8 +419,14 @@ class Harness:
         self.rows[row.id] = row
 
     async def commit(self, row: Deployment, plan: Plan) -> None:
-        """Apply ``plan`` to ``row`` and save it (the caller holds the deployment's lock)."""
+        """Apply ``plan`` to ``row`` and save it (the caller holds the deployment's lock). A task
+        working under the deployment's lease renews it, or ends with :class:`LeaseLost`."""
+        self.leases.stamp(row)
         apply_plan(row, plan)
+        if plan.drains and self.drain_seconds > 0:
+            now = self.wall()
+            until = now + timedelta(seconds=self.drain_seconds)
+            row.manifest = with_draining(row.manifest, plan.drains, until, now)
         await self.save(row)
         self.remember(row)
 
@@ -420,14 +473,13 @@ class Harness:
     async def drain_then_stop(self, deployment_id: str, replicas: Collection[Replica]) -> None:
         """Stop replicas that no longer get traffic, after the drain time (their endpoints
         left the ingress when the deployment was stored without them)."""
-        keys = {(r.node_id, deployment_id, r.replica_index, r.generation) for r in replicas}
         if replicas and self.drain_seconds > 0:
-            self.draining |= keys
-            try:
-                await asyncio.sleep(self.drain_seconds)
-            finally:
-                self.draining -= keys
+            await asyncio.sleep(self.drain_seconds)
         await self.stop_all(Stop.of(deployment_id, r) for r in replicas)
+        if replicas and self.drain_seconds > 0:
+            keys = [(r.node_id, r.replica_index, r.generation) for r in replicas]
+            now = self.wall()
+            await self.mutate(deployment_id, lambda v: drained(v, keys, now))
 
     async def deploy_command(
         self, deployment_id: str, index: int, generation: int, node_id: str, record: dict[str, Any]

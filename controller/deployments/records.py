@@ -91,6 +91,11 @@ class Replica:
     """ISO 8601 time the replica last became running (as stored)."""
     version: int | None = None
     """The deployment version it was deployed at (None: not recorded, i.e. version 1)."""
+    retry_at: str | None = None
+    """ISO 8601 time before which the reconciler does not try it again (after a rollout's
+    every attempt failed), as stored, so that every controller sharing the store waits."""
+    retry_delay: float = 0.0
+    """The backoff that set ``retry_at`` (it doubles per failure: see ``decide.backoff``)."""
 
     @classmethod
     def from_dict(cls, a: Mapping[str, Any]) -> Replica:
@@ -104,6 +109,8 @@ class Replica:
             error_message=str(a.get("error_message") or ""),
             started_at=str(a["started_at"]) if a.get("started_at") else None,
             version=int(version) if version is not None else None,
+            retry_at=str(a["retry_at"]) if a.get("retry_at") else None,
+            retry_delay=float(a.get("retry_delay") or 0.0),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,6 +125,9 @@ class Replica:
         }
         if self.version is not None:
             out["version"] = self.version
+        if self.retry_at is not None:
+            out["retry_at"] = self.retry_at
+            out["retry_delay"] = self.retry_delay
         return out
 
     @property
@@ -219,3 +229,72 @@ class DeploymentView:
             {str(self.meta.get("package_sha256", ""))}
             | {str(v.get("package_sha256", "")) for v in dict(self.meta.get("versions") or {}).values()}
         )
+
+
+# -- work in progress kept in the row's metadata (every controller sharing the store sees it) --
+
+SURGING = "surging"
+"""``meta["surging"]``: ``{"<index>": [node, generation]}``, the surge replicas of a rolling
+update started beside the replica they will replace (the fence leaves them running)."""
+DRAINING = "draining"
+"""``meta["draining"]``: ``[[node, index, generation, until], ...]``, replicas taken out of the
+ingress and waiting out the drain time (ISO 8601 ``until``) before their StopReplica."""
+
+
+def surging_of(meta: Mapping[str, Any]) -> dict[int, tuple[str, int]]:
+    """The surge replicas recorded in ``meta``: index -> (node, generation)."""
+    return {int(i): (str(v[0]), int(v[1])) for i, v in dict(meta.get(SURGING) or {}).items()}
+
+
+def with_surge(meta: Mapping[str, Any], index: int, node_id: str, generation: int) -> dict[str, Any]:
+    out = dict(meta)
+    out[SURGING] = dict(meta.get(SURGING) or {}) | {str(index): [node_id, generation]}
+    return out
+
+
+def without_surge(meta: Mapping[str, Any], index: int) -> dict[str, Any]:
+    out = dict(meta)
+    left = {i: v for i, v in dict(meta.get(SURGING) or {}).items() if i != str(index)}
+    if left:
+        out[SURGING] = left
+    else:
+        out.pop(SURGING, None)
+    return out
+
+
+def draining_of(meta: Mapping[str, Any]) -> dict[tuple[str, int, int], datetime]:
+    """The draining replicas recorded in ``meta``: (node, index, generation) -> until."""
+    return {
+        (str(n), int(i), int(g)): datetime.fromisoformat(str(until))
+        for n, i, g, until in list(meta.get(DRAINING) or [])
+    }
+
+
+def with_draining(
+    meta: Mapping[str, Any], replicas: Iterable[Replica], until: datetime, now: datetime
+) -> dict[str, Any]:
+    """``meta`` with ``replicas`` draining until ``until`` (entries past ``now`` dropped)."""
+    kept = {k: u for k, u in draining_of(meta).items() if u > now}
+    for r in replicas:
+        kept[(r.node_id, r.replica_index, r.generation)] = until
+    return _put_draining(meta, kept)
+
+
+def without_draining(
+    meta: Mapping[str, Any], keys: Iterable[tuple[str, int, int]], now: datetime
+) -> dict[str, Any]:
+    """``meta`` without the draining entries ``keys`` (nor any past ``now``)."""
+    gone = set(keys)
+    kept = {k: u for k, u in draining_of(meta).items() if u > now and k not in gone}
+    return _put_draining(meta, kept)
+
+
+def _put_draining(
+    meta: Mapping[str, Any], entries: Mapping[tuple[str, int, int], datetime]
+) -> dict[str, Any]:
+    out = dict(meta)
+    if entries:
+        out[DRAINING] = [[n, i, g, until.isoformat()] for (n, i, g), until in sorted(entries.items())]
+    else:
+        out.pop(DRAINING, None)
+    return out

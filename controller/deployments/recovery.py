@@ -78,10 +78,13 @@ class Recovery:
     async def _recover(self, user_id: str, deployment_id: str, index: int, failed_node: str) -> None:
         try:
             await self.recovery_slot(user_id)
-            await self.rollouts.deploy_replica(deployment_id, index, exclude={failed_node}, reuse=False)
+            async with self.h.leases.working_on(deployment_id) as leased:
+                if not leased:
+                    return  # another controller works on it: its reconciler re-places the replica
+                await self.rollouts.deploy_replica(deployment_id, index, exclude={failed_node}, reuse=False)
+                await self.rollouts.settle(deployment_id)
         finally:
             self.h.inflight.discard((deployment_id, index))
-        await self.rollouts.settle(deployment_id)
 
     # -- reconcile ------------------------------------------------------------------------------
 
@@ -102,29 +105,27 @@ class Recovery:
         h = self.h
         if h.closing:
             return
-        now = h.clock()
-        h.stop_sent = fencing.prune_sent(h.stop_sent, now)
+        h.stop_sent = fencing.prune_sent(h.stop_sent, h.clock())
         for listed in await h.repo.list_all():
-            if listed.status in ENDED or listed.id in h.rolling:
+            if listed.status in ENDED or listed.id in h.rolling or h.leases.elsewhere(listed):
                 continue
             # Decide on a fresh row under the deployment's lock: a rollout ends (status
             # written) under this lock before it leaves ``rolling``, so neither can be stale.
             async with h.locks[listed.id]:
                 row = await h.row(listed.id, listed)
-                if row is None or row.status in ENDED or row.id in h.rolling:
+                if row is None or row.status in ENDED or row.id in h.rolling or h.leases.elsewhere(row):
                     continue
                 h.remember(row)
                 view = view_of(row)
                 action = decide.reconcile(
                     view,
-                    now=now,
+                    now=h.wall(),
                     inflight={i for d, i in h.inflight if d == row.id},
-                    retry_at={i: b.at for (d, i), b in h.retry.items() if d == row.id},
                     nodes=self._facts({r.node_id for r in view.replicas}),
                 )
                 if action.resume is not None:
                     log.info("deployment %s was %s: resuming its rollout", row.id, row.status)
-                    self.rollouts.start(row.id, list(action.resume), initial=action.initial)
+                    self.rollouts.start(row.id, list(action.resume), initial=action.initial, wait=False)
                     continue
                 for index in action.retry:
                     h.inflight.add((row.id, index))
@@ -154,7 +155,7 @@ class Recovery:
             complete=complete,
             assignments={d: known.assignments for d, known in h.index.items()},
             surging=h.surging,
-            draining=h.draining,
+            draining=h.draining_now(),
             sent=h.stop_sent,
             now=h.clock(),
         )

@@ -44,8 +44,12 @@ _MUTABLE = (
     "endpoints",
     "deployed_at",
     "last_scaled_at",
+    "lease_owner",
+    "lease_until",
 )
 """The columns a deployment's changes write (name, owner and request id never change)."""
+_CHECKED = ("status", "node_assignments", "desired_replicas", "lease_owner")
+"""What tells a write of ours from another writer's at the same ``updated_at`` (see ``_write_batch``)."""
 
 
 _TABLE: Table = Deployment.__table__  # type: ignore[assignment]
@@ -293,12 +297,31 @@ class DeploymentRepository:
             result = await connection.execute(_UPDATE, params)
             if getattr(result, "rowcount", -1) == len(batch):
                 return {deployment.id for deployment, _, _, _ in batch}
-            # some rows had changed: the ones now at the version this batch wrote are ours
+            # some rows had changed: the ones now at the version and values this batch wrote are
+            # ours (another controller may have written the same microsecond: the values differ,
+            # its lease owner at least)
             rows = await connection.execute(
-                select(_TABLE.c.id, _TABLE.c.updated_at).where(_TABLE.c.id.in_([p["b_id"] for p in params]))
+                select(_TABLE.c.id, _TABLE.c.updated_at, *(_TABLE.c[name] for name in _CHECKED)).where(
+                    _TABLE.c.id.in_([p["b_id"] for p in params])
+                )
             )
-            now = {row.id: row.updated_at for row in rows}
-            return {deployment.id for deployment, _, version, _ in batch if now.get(deployment.id) == version}
+            now = {row.id: tuple(row)[1:] for row in rows}
+            return {
+                p["b_id"]
+                for p in params
+                if now.get(p["b_id"]) == (p["b_version"], *(p[f"b_{name}"] for name in _CHECKED))
+            }
+
+    async def release_leases(self, owner: str) -> int:
+        """Clear every deployment lease ``owner`` holds (a new version of each row: a copy read
+        before is not written back over it); how many."""
+        async with self._store.session() as session:
+            result = await session.execute(
+                _TABLE.update()
+                .where(_TABLE.c.lease_owner == owner)
+                .values(lease_owner=None, lease_until=None, updated_at=utcnow())
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
 
     async def delete(self, deployment_id: str) -> bool:
         async with self._store.session() as session:

@@ -39,37 +39,46 @@ class Rollouts:
         self.h = harness
         self._deadline = rollout_deadline_seconds
 
-    def start(self, deployment_id: str, indexes: list[int], *, initial: bool) -> None:
+    def start(self, deployment_id: str, indexes: list[int], *, initial: bool, wait: bool = True) -> None:
+        """Roll out ``indexes`` under the deployment's lease (waiting for it if ``wait``: a
+        user's call; the reconciler leaves a deployment another controller works on)."""
         self.h.rolling.add(deployment_id)
-        self.h.spawn(self._rollout(deployment_id, indexes, initial=initial))
+        self.h.spawn(self._leased_rollout(deployment_id, indexes, initial=initial, wait=wait))
+
+    async def _leased_rollout(
+        self, deployment_id: str, indexes: list[int], *, initial: bool, wait: bool
+    ) -> None:
+        try:
+            async with self.h.leases.working_on(deployment_id, wait=wait) as leased:
+                if leased:
+                    await self._rollout(deployment_id, indexes, initial=initial)
+                else:
+                    log.info("deployment %s: another controller works on it", deployment_id)
+        finally:
+            self.h.rolling.discard(deployment_id)
 
     async def _rollout(self, deployment_id: str, indexes: list[int], *, initial: bool) -> None:
         """Deploy ``indexes`` in parallel; then running, or failed and rolled back."""
+        row, _ = await self.h.mutate(deployment_id, lambda v: decide.start_rollout(v, initial=initial))
+        if row is None or row.status in ENDED:
+            return
+        self.h.publish(row, f"deploying {len(indexes)} replica(s)")
+        tasks = [asyncio.create_task(self.deploy_replica(deployment_id, i, exclude=set())) for i in indexes]
+        timed_out: list[int] = []
         try:
-            row, _ = await self.h.mutate(deployment_id, lambda v: decide.start_rollout(v, initial=initial))
-            if row is None or row.status in ENDED:
-                return
-            self.h.publish(row, f"deploying {len(indexes)} replica(s)")
-            tasks = [
-                asyncio.create_task(self.deploy_replica(deployment_id, i, exclude=set())) for i in indexes
-            ]
-            timed_out: list[int] = []
-            try:
-                _, pending = await asyncio.wait(tasks, timeout=self._deadline) if tasks else (set(), set())
-            except asyncio.CancelledError:
-                for task in tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self._deadline) if tasks else (set(), set())
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        if tasks:
+            for index, task in zip(indexes, tasks, strict=True):
+                if task in pending:
                     task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
-            if tasks:
-                for index, task in zip(indexes, tasks, strict=True):
-                    if task in pending:
-                        task.cancel()
-                        timed_out.append(index)
-                await asyncio.gather(*tasks, return_exceptions=True)
-            await self._finish(deployment_id, indexes, timed_out, initial=initial)
-        finally:
-            self.h.rolling.discard(deployment_id)
+                    timed_out.append(index)
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._finish(deployment_id, indexes, timed_out, initial=initial)
 
     async def _finish(
         self, deployment_id: str, indexes: list[int], timed_out: list[int], *, initial: bool
@@ -107,7 +116,6 @@ class Rollouts:
                 endpoint, error = await self.h.nodes.deploy(node_id, command, deadline)
                 if not error:
                     if await self.mark_running(deployment_id, index, node_id, generation, endpoint):
-                        self.h.retry.pop(key, None)
                         return True
                     # Moved or deleted meanwhile: the replica just started must not run.
                     self.h.stop_later(node_id, deployment_id, index, generation)
@@ -115,7 +123,8 @@ class Rollouts:
                 await self.mark_failed(deployment_id, index, node_id, generation, f"node {node_id}: {error}")
                 self.h.stop_later(node_id, deployment_id, index, generation)
                 exclude.add(node_id)
-            self.h.retry[key] = decide.next_backoff(self.h.retry.get(key), self.h.clock())
+            now = self.h.wall()
+            await self.h.mutate(deployment_id, lambda v: decide.backoff(v, index, now))
             return False
         finally:
             self.h.inflight.discard(key)
@@ -220,7 +229,10 @@ class Rollouts:
 
     async def retry_replica(self, deployment_id: str, index: int) -> None:
         try:
-            await self.deploy_replica(deployment_id, index, exclude=set())
+            async with self.h.leases.working_on(deployment_id) as leased:
+                if not leased:
+                    return  # another controller works on it: its reconciler retries
+                await self.deploy_replica(deployment_id, index, exclude=set())
+                await self.settle(deployment_id)
         finally:
             self.h.inflight.discard((deployment_id, index))
-        await self.settle(deployment_id)

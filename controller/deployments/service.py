@@ -22,7 +22,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from automator67.v1 import deployment_pb2, node_pb2
@@ -91,6 +91,7 @@ class DeploymentService:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], datetime] = utcnow,
         packages: PackageStore | None = None,
+        controller_id: str | None = None,
     ) -> None:
         self._h = Harness(
             store=store,
@@ -100,6 +101,7 @@ class DeploymentService:
             wall=wall,
             packages=packages,
             deploy_margin_seconds=deploy_margin_seconds,
+            controller_id=controller_id,
         )
         self._rollouts = Rollouts(self._h, rollout_deadline_seconds=rollout_deadline_seconds)
         self._recovery = Recovery(self._h, self._rollouts, recovery_per_second=recovery_per_second)
@@ -159,6 +161,7 @@ class DeploymentService:
             task.cancel()
         if h.tasks:
             await asyncio.gather(*h.tasks, return_exceptions=True)
+        await h.leases.give_back_all()
         for queues in h.watchers.values():
             for queue in queues:
                 h.offer(queue, None)
@@ -265,6 +268,9 @@ class DeploymentService:
             request_id=request.request_id or None,
             created_at=now,
             updated_at=now,
+            # the initial rollout's lease, taken with the insert
+            lease_owner=h.leases.me,
+            lease_until=now + timedelta(seconds=h.leases.seconds),
         )
         set_replicas(
             row,
@@ -491,8 +497,6 @@ class DeploymentService:
                 )
                 placed = list(placement.node_ids)
             plan = decide.scale(view, replicas, placed, h.wall())
-            for index in range(replicas, view.desired_replicas):
-                h.retry.pop((fresh.id, index), None)
             await h.commit(fresh, plan)
         log.info("deployment %s: %s", fresh.id, plan.reason)
         h.carry_out(fresh, plan)

@@ -223,30 +223,42 @@ class Updates:
         (whose own previous version was ``earlier``)."""
         h = self.h
         try:
-            row = await h.row(deployment_id)
-            if row is None:
-                return
-            done: list[int] = []
-            for index in sorted(int(a["replica_index"]) for a in row.node_assignments):
-                error = await self._replace_replica(deployment_id, index, goal)
-                if error is None:
-                    done.append(index)
-                    continue
-                message = f"version {goal}: replica {index} was not healthy ({error}); reverted to version {previous}"
-                await h.mutate(deployment_id, lambda v: versions.switch_version(v, previous, earlier))
-                for undo in done:
-                    await self._replace_replica(deployment_id, undo, previous)
-                await self._end(deployment_id, message)
-                await h.alerts.add(
-                    row.user_id,
-                    UPDATE_REVERTED,
-                    f"deployment {row.name}: {message}",
-                    deployment_id=deployment_id,
-                )
-                return
-            await self._end(deployment_id, f"now at version {goal}")
+            async with h.leases.working_on(deployment_id, wait=True) as leased:
+                if not leased:
+                    log.warning(
+                        "deployment %s: another controller works on it; its update waits", deployment_id
+                    )
+                    return
+                await self._update_replicas(deployment_id, goal, previous, earlier)
         finally:
             h.rolling.discard(deployment_id)
+
+    async def _update_replicas(self, deployment_id: str, goal: int, previous: int, earlier: int) -> None:
+        h = self.h
+        row = await h.row(deployment_id)
+        if row is None:
+            return
+        done: list[int] = []
+        for index in sorted(int(a["replica_index"]) for a in row.node_assignments):
+            error = await self._replace_replica(deployment_id, index, goal)
+            if error is None:
+                done.append(index)
+                continue
+            message = (
+                f"version {goal}: replica {index} was not healthy ({error}); reverted to version {previous}"
+            )
+            await h.mutate(deployment_id, lambda v: versions.switch_version(v, previous, earlier))
+            for undo in done:
+                await self._replace_replica(deployment_id, undo, previous)
+            await self._end(deployment_id, message)
+            await h.alerts.add(
+                row.user_id,
+                UPDATE_REVERTED,
+                f"deployment {row.name}: {message}",
+                deployment_id=deployment_id,
+            )
+            return
+        await self._end(deployment_id, f"now at version {goal}")
 
     async def _end(self, deployment_id: str, message: str) -> None:
         row, plan = await self.h.mutate(deployment_id, lambda v: versions.end(v, message))
@@ -280,18 +292,17 @@ class Updates:
                 ).node_ids[0]
             except ControllerError:
                 node_id = old.node_id  # no room beside it: replace in place
-            plan, generation = versions.reserve_generation(view)
-            await h.commit(row, plan)
-            h.surging[(deployment_id, index)] = (node_id, generation)
+            plan, generation = versions.reserve_generation(view, index, node_id)
+            await h.commit(row, plan)  # the surge is recorded: every controller's fence sees it
             made = await h.deploy_command(deployment_id, index, generation, node_id, dict(record))
         if made is None:
-            h.surging.pop((deployment_id, index), None)
+            await h.mutate(deployment_id, lambda v: versions.drop_surge(v, index))
             return f"package {record['package_sha256']} is missing"
         h.publish(row, f"replica {index}: starting version {version} on node {node_id}")
         command, deadline = made
         endpoint, error = await h.nodes.deploy(node_id, command, deadline)
         if error:
-            h.surging.pop((deployment_id, index), None)
+            await h.mutate(deployment_id, lambda v: versions.drop_surge(v, index))
             h.stop_later(node_id, deployment_id, index, generation)
             if old.node_id == node_id:
                 # In place, the agent stopped the old replica before starting the new one:
@@ -306,8 +317,8 @@ class Updates:
             return versions.switch_replica(view, index, node_id, generation, endpoint, version, now)
 
         updated, switched = await h.mutate(deployment_id, switch)
-        h.surging.pop((deployment_id, index), None)
         if switched is None:
+            await h.mutate(deployment_id, lambda v: versions.drop_surge(v, index))
             h.stop_later(node_id, deployment_id, index, generation)
             return None
         if updated is not None:

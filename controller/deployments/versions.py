@@ -24,6 +24,9 @@ from controller.deployments.records import (
     Replica,
     ReplicaStatus,
     put,
+    surging_of,
+    with_surge,
+    without_surge,
 )
 from controller.errors import FailedPrecondition
 
@@ -111,12 +114,21 @@ def version_record(view: DeploymentView, version: int) -> Mapping[str, Any]:
     return dict(view.meta["versions"][str(version)])
 
 
-def reserve_generation(view: DeploymentView) -> tuple[Plan, int]:
-    """The generation of a surge replica (the deployment's next one), recorded."""
-    meta = dict(view.meta)
-    generation = int(meta["generation"]) + 1
+def reserve_generation(view: DeploymentView, index: int, node_id: str) -> tuple[Plan, int]:
+    """The generation of a surge replica of ``index`` on ``node_id`` (the deployment's next
+    one), recorded with the surge itself (``meta["surging"]``): every controller's fence
+    leaves it running while it starts beside the replica it will replace."""
+    generation = int(view.meta["generation"]) + 1
+    meta = with_surge(view.meta, index, node_id, generation)
     meta["generation"] = generation
     return Plan(meta=meta), generation
+
+
+def drop_surge(view: DeploymentView, index: int) -> Plan | None:
+    """The surge replica of ``index`` did not become it (failed, or the replica is gone)."""
+    if index not in surging_of(view.meta):
+        return None
+    return Plan(meta=without_surge(view.meta, index))
 
 
 def switch_replica(
@@ -147,5 +159,6 @@ def switch_replica(
     return Plan(
         reason=f"replica {index} at version {version} on node {node_id}",
         replicas=put(view.replicas, new),
+        meta=without_surge(view.meta, index),
         drains=drains,
     )

@@ -184,6 +184,10 @@ class Deployment(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     deployed_at: Mapped[datetime | None] = mapped_column(default=None)
     last_scaled_at: Mapped[datetime | None] = mapped_column(default=None)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), default=None)
+    """The controller working on the deployment (a rollout, an update, a retry, a recovery),
+    until ``lease_until`` (see ``controller/deployments/leases.py``); None: nobody."""
+    lease_until: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Alert(Base):

@@ -7,7 +7,8 @@ commands, the reason. Nothing here sleeps, reads a store or opens a stream.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -21,6 +22,10 @@ from controller.deployments.records import (
     DeploymentView,
     Replica,
     ReplicaStatus,
+    draining_of,
+    surging_of,
+    with_draining,
+    without_draining,
 )
 from controller.errors import FailedPrecondition
 from controller.nodes.health import NodeState
@@ -294,15 +299,35 @@ def test_set_health(before: R, reported: R, endpoint: str, kept: str) -> None:
     assert plan.reason == f"replica 0 is {reported.value}"
 
 
-def test_retry_backoff_doubles_from_one_second_to_a_minute() -> None:
-    now = 1000.0
-    backoff = None
+def test_retry_backoff_doubles_from_one_second_to_a_minute_and_is_stored() -> None:
+    v = view(D.RUNNING, rep(0, R.FAILED, "a"), rep(1, R.RUNNING, "b"))
     delays = []
     for _ in range(9):
-        backoff = decide.next_backoff(backoff, now)
-        delays.append(backoff.delay)
-        assert backoff.at == now + backoff.delay
+        plan = decide.backoff(v, 0, NOW)
+        assert plan is not None
+        assert plan.replicas is not None
+        v = replace(v, replicas=plan.replicas)
+        failed = v.replica(0)
+        assert failed is not None
+        delays.append(failed.retry_delay)
+        assert failed.retry_at == (NOW + timedelta(seconds=failed.retry_delay)).isoformat()
+        # in the record every controller reads
+        assert Replica.from_dict(failed.to_dict()) == failed
     assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    assert v.replica(1) == rep(1, R.RUNNING, "b")
+    assert decide.backoff(v, 7, NOW) is None
+
+
+def test_running_clears_the_backoff() -> None:
+    v = view(D.RUNNING, rep(0, R.STARTING, "a", 5))
+    failed = decide.backoff(v, 0, NOW)
+    assert failed is not None
+    assert failed.replicas is not None
+    plan = decide.mark_running(replace(v, replicas=failed.replicas), 0, "a", 5, "http://x", NOW)
+    assert plan is not None
+    assert plan.replicas is not None
+    assert (plan.replicas[0].retry_at, plan.replicas[0].retry_delay) == (None, 0.0)
+    assert "retry_at" not in plan.replicas[0].to_dict()
 
 
 # -- settle ------------------------------------------------------------------------------------
@@ -468,15 +493,15 @@ REMOVED = decide.NodeFact(NodeState.REMOVED)
 def test_reconcile(
     status: D, replicas: list[Replica], nodes: dict[str, decide.NodeFact], expected: decide.Reconcile
 ) -> None:
-    assert (
-        decide.reconcile(view(status, *replicas), now=10.0, inflight=(), retry_at={}, nodes=nodes) == expected
-    )
+    assert decide.reconcile(view(status, *replicas), now=NOW, inflight=(), nodes=nodes) == expected
 
 
-@pytest.mark.parametrize(("now", "retried"), [(9.9, ()), (10.0, (0,)), (11.0, (0,))])
-def test_reconcile_waits_out_the_retry_backoff(now: float, retried: tuple[int, ...]) -> None:
-    v = view(D.RUNNING, rep(0, R.FAILED, "a"), rep(1, R.FAILED, "a"))
-    got = decide.reconcile(v, now=now, inflight={1}, retry_at={0: 10.0}, nodes={"a": UP})
+@pytest.mark.parametrize(("after", "retried"), [(-0.1, ()), (0.0, (0,)), (1.0, (0,))])
+def test_reconcile_waits_out_the_stored_retry_backoff(after: float, retried: tuple[int, ...]) -> None:
+    due = NOW + timedelta(seconds=10)
+    failed = replace(rep(0, R.FAILED, "a"), retry_at=due.isoformat(), retry_delay=8.0)
+    v = view(D.RUNNING, failed, rep(1, R.FAILED, "a"))
+    got = decide.reconcile(v, now=due + timedelta(seconds=after), inflight={1}, nodes={"a": UP})
     assert got.retry == retried  # and 1 is in flight already
 
 
@@ -669,16 +694,40 @@ def test_which_replicas_a_rolling_update_replaces(replica: Replica, version: int
 )
 def test_switch_to_a_healthy_surge_replica(old: Replica, node: str, drained: bool) -> None:
     v = view(D.DEPLOYING, old)
-    reserve, generation = versions.reserve_generation(v)
+    reserve, generation = versions.reserve_generation(v, 0, node)
     assert generation == 11
     assert reserve.meta is not None
     assert reserve.meta["generation"] == 11
+    assert surging_of(reserve.meta) == {0: (node, 11)}  # stored: every controller's fence sees it
+    v = replace(v, meta=reserve.meta)
     plan = versions.switch_replica(v, 0, node, generation, "http://new", 2, NOW)
     assert plan is not None
     assert plan.replicas is not None
+    assert plan.meta is not None
+    assert surging_of(plan.meta) == {}
     assert plan.replicas[0] == Replica(0, node, 11, R.RUNNING, "http://new", "", NOW.isoformat(), 2)
     assert plan.drains == ((old,) if drained else ())
     assert versions.switch_replica(v, 3, node, generation, "e", 2, NOW) is None  # scaled away
+    dropped = versions.drop_surge(v, 0)
+    assert dropped is not None
+    assert dropped.meta is not None
+    assert surging_of(dropped.meta) == {}
+    assert versions.drop_surge(v, 3) is None
+
+
+def test_draining_entries_are_kept_until_their_time_in_the_metadata() -> None:
+    a, b = rep(0, R.RUNNING, "a", 5), rep(1, R.RUNNING, "b", 6)
+    meta = with_draining({"generation": 6}, [a], NOW + timedelta(seconds=30), NOW)
+    meta = with_draining(meta, [b], NOW + timedelta(seconds=60), NOW + timedelta(seconds=10))
+    assert draining_of(meta) == {
+        ("a", 0, 5): NOW + timedelta(seconds=30),
+        ("b", 1, 6): NOW + timedelta(seconds=60),
+    }
+    # an entry past its time is dropped at the next change; a stopped one is removed
+    later = without_draining(meta, [("b", 1, 6)], NOW + timedelta(seconds=31))
+    assert draining_of(later) == {}
+    assert "draining" not in later
+    assert meta["generation"] == 6
 
 
 def test_revert_switches_back_and_end_settles() -> None:
