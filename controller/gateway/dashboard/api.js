@@ -101,6 +101,102 @@ export async function call(method, path, body) {
   }
 }
 
+// A raw body (a file) sent as it is, not as JSON: the gateway passes it to the controller as a
+// google.api.HttpBody. `headers` adds e.g. x-a67-path. The answer is JSON.
+export async function upload(path, blob, headers = {}) {
+  const attempt = async () => {
+    let response;
+    try {
+      response = await fetch(path, {
+        method: "POST", body: blob, cache: "no-store",
+        headers: { "content-type": blob.type || "application/octet-stream", ...headers, authorization: `Bearer ${session.access}` },
+      });
+    } catch {
+      throw new ApiError(0, { message: "The gateway could not be reached." });
+    }
+    return readJson(response);
+  };
+  return withSession(attempt);
+}
+
+// A raw response body (a download) as a Blob, with its file name and type.
+export async function download(path) {
+  return withSession(async () => {
+    let response;
+    try {
+      response = await fetch(path, { headers: { authorization: `Bearer ${session.access}` }, cache: "no-store" });
+    } catch {
+      throw new ApiError(0, { message: "The gateway could not be reached." });
+    }
+    if (!response.ok) return readJson(response);
+    return response.blob();
+  });
+}
+
+// A server stream (NDJSON: one JSON object per line), each message passed to onMessage as it
+// arrives. Resolves when the stream ends; rejects with ApiError when it is refused (before the
+// first message) or cannot be reached. `signal` (an AbortSignal) cancels it.
+export async function stream(path, onMessage, signal) {
+  const response = await withSession(async () => {
+    let res;
+    try {
+      res = await fetch(path, { headers: { authorization: `Bearer ${session.access}` }, cache: "no-store", signal });
+    } catch (error) {
+      if (signal && signal.aborted) throw error;
+      throw new ApiError(0, { message: "The gateway could not be reached." });
+    }
+    if (!res.ok) await readJson(res);
+    return res;
+  });
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value;
+      let i;
+      while ((i = buffer.indexOf("\n")) >= 0) {
+        const line = buffer.slice(0, i).trim();
+        buffer = buffer.slice(i + 1);
+        if (line) onMessage(JSON.parse(line));
+      }
+    }
+  } catch (error) {
+    if (signal && signal.aborted) return;
+    throw error;
+  }
+  if (buffer.trim()) onMessage(JSON.parse(buffer));
+}
+
+async function readJson(response) {
+  const text = await response.text();
+  let data = {};
+  if (text) {
+    try {
+      data = JSON.parse(text);
+    } catch {
+      data = { message: text.trim() };
+    }
+  }
+  if (!response.ok) throw new ApiError(response.status, data);
+  return data;
+}
+
+// Runs attempt() with the session's token; an expired token is refreshed and it runs once more.
+async function withSession(attempt) {
+  try {
+    return await attempt();
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 401 && error.reason === "TOKEN_EXPIRED" && session.refresh) {
+      await refresh();
+      return attempt();
+    }
+    if (error instanceof ApiError && error.status === 401 && SESSION_OVER.has(error.reason)) end();
+    throw error;
+  }
+}
+
 function start(email, tokens) {
   session.access = tokens.access_token;
   session.refresh = tokens.refresh_token;

@@ -6,7 +6,9 @@ import { h, replace } from "./dom.js";
 import { errorBox, field, onSubmit } from "./forms.js";
 import { alertsPage } from "./alerts.js";
 import { databasePage, databasesPage } from "./databases.js";
-import { deploymentPage, deploymentsPage } from "./deployments.js";
+import { deploymentLogsPage, deploymentPage, deploymentsPage, newDeploymentPage } from "./deployments.js";
+import { filesPage } from "./files.js";
+import { metricsPage } from "./metrics.js";
 import { nodePage, nodesPage } from "./nodes.js";
 
 const MIN_PASSWORD_CHARS = 8; // as a67 register (controller/client/kdf.py)
@@ -17,12 +19,17 @@ const ROUTES = [
   [/^#\/nodes$/, nodesPage, true],
   [/^#\/nodes\/([^/]+)$/, nodePage, true],
   [/^#\/deployments$/, deploymentsPage, true],
+  [/^#\/deployments\/new$/, newDeploymentPage, true],
   [/^#\/deployments\/([^/]+)$/, deploymentPage, true],
+  [/^#\/deployments\/([^/]+)\/logs$/, deploymentLogsPage, true],
   [/^#\/databases$/, databasesPage, true],
   [/^#\/databases\/([^/]+)$/, databasePage, true],
+  [/^#\/metrics$/, metricsPage, true],
+  [/^#\/files$/, filesPage, true],
   [/^#\/alerts$/, alertsPage, true],
 ];
-const NAV = [["#/nodes", "Nodes"], ["#/deployments", "Deployments"], ["#/databases", "Databases"], ["#/alerts", "Alerts"]];
+const NAV = [["#/nodes", "Nodes"], ["#/deployments", "Deployments"], ["#/databases", "Databases"],
+  ["#/metrics", "Metrics"], ["#/files", "Files"], ["#/alerts", "Alerts"]];
 
 const main = document.getElementById("main");
 const nav = document.getElementById("nav");

@@ -27,7 +27,11 @@ export function showError(form, error, fields = {}) {
   const apiError = error instanceof ApiError ? error : new ApiError(0, { message: String(error && error.message || error) });
   const unplaced = [];
   for (const violation of apiError.violations) {
-    const control = form.elements.namedItem(fields[violation.field] || violation.field);
+    // manifest.env["NAME"] is shown under the control of manifest.env
+    const base = violation.field.replace(/\[.*\]$/, "");
+    // else the longest mapped prefix: shards[0].primary_node_id → the control of "shards"
+    const prefix = Object.keys(fields).filter((k) => violation.field.startsWith(k)).sort((a, b) => b.length - a.length)[0];
+    const control = form.elements.namedItem(fields[violation.field] || fields[base] || fields[prefix] || violation.field);
     if (!control || !control.insertAdjacentElement) {
       unplaced.push(violation);
       continue;
@@ -87,4 +91,31 @@ export function field(labelText, attrs, help) {
     h("label", { for: id }, labelText),
     control,
     help ? h("p", { class: "help" }, help) : null);
+}
+
+// A labelled <select>: options [[value, text], …].
+export function selectField(labelText, attrs, options, help) {
+  const id = attrs.id || `f-${attrs.name}-${++nextId}`;
+  return h("div", { class: "field" },
+    h("label", { for: id }, labelText),
+    h("select", { ...attrs, value: undefined, id }, options.map(([value, text]) =>
+      h("option", { value, selected: value === attrs.value ? true : undefined }, text))),
+    help ? h("p", { class: "help" }, help) : null);
+}
+
+// A labelled checkbox, the label after the box.
+export function checkField(labelText, attrs, help) {
+  const id = attrs.id || `f-${attrs.name}-${++nextId}`;
+  return h("div", { class: "field check" },
+    h("span", {}, h("input", { ...attrs, type: "checkbox", id }), " ", h("label", { for: id }, labelText)),
+    help ? h("p", { class: "help" }, help) : null);
+}
+
+// A check made in the page, shown like the API's own field violations.
+export function fieldViolations(message, violations) {
+  return new ApiError(400, {
+    message,
+    details: [{ "@type": "type.googleapis.com/google.rpc.BadRequest",
+      field_violations: violations.map(([field, description]) => ({ field, description })) }],
+  });
 }

@@ -5,6 +5,7 @@ import { call } from "./api.js";
 import { h, label, percent, refreshContent, replace, status, table, when } from "./dom.js";
 import { errorBox, errorPanel, field, onSubmit } from "./forms.js";
 import { every, listAll, REFRESH_MS } from "./live.js";
+import { lineChart } from "./chart.js";
 
 const AGENT_DATA_DIR = "~/.local/share/automator67-agent";
 let config = null;
@@ -170,26 +171,10 @@ export function nodePage(root, [id]) {
         ["Replicas", String(node.deployments || 0)], ["Last heartbeat", when(node.last_heartbeat)],
         ["Created", when(node.created_at)],
       ].map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])));
-      replace(chart, h("h2", { id: "chart-title" }, "CPU and memory"), lineChart(metrics.history || []));
+      replace(chart, h("h2", { id: "chart-title" }, "CPU and memory"), lineChart(metrics.history || [], [["cpu_percent", "CPU", "cpu"], ["memory_percent", "Memory", "memory"]]));
     } catch (error) {
       replace(details, errorPanel(error));
     }
   };
   return every(REFRESH_MS, load);
-}
-
-// An SVG line chart of CPU and memory percent over the samples (0-100 %), with a text summary.
-function lineChart(history) {
-  if (history.length < 2) return h("p", { class: "empty" }, "Not enough samples yet.");
-  const W = 600, H = 160;
-  const x = (i) => (i / (history.length - 1)) * W;
-  const y = (v) => H - (Math.max(0, Math.min(100, v || 0)) / 100) * H;
-  const line = (key) => history.map((s, i) => `${i ? "L" : "M"}${x(i).toFixed(1)},${y((s.metrics || {})[key]).toFixed(1)}`).join(" ");
-  const last = history[history.length - 1].metrics || {};
-  return h("figure", {},
-    h("svg:svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img", "aria-label": `CPU ${percent(last.cpu_percent)}, memory ${percent(last.memory_percent)} in the last sample` },
-      h("svg:path", { d: line("cpu_percent"), class: "cpu" }),
-      h("svg:path", { d: line("memory_percent"), class: "memory" })),
-    h("figcaption", {}, h("span", { class: "key cpu" }, "CPU"), " ", h("span", { class: "key memory" }, "Memory"),
-      ` — ${history.length} samples, ${when(history[0].time)} to ${when(history[history.length - 1].time)}`));
 }
