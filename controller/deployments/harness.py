@@ -31,12 +31,11 @@ from typing import Any
 from automator67.v1 import deployment_pb2, node_pb2
 
 from controller.deployments.alerts import Alerts
-from controller.deployments.blobs import PackageStore, Stored, is_sha256
+from controller.deployments.blobs import PackageStore
 from controller.deployments.commands import NodeCommands
 from controller.deployments.decide import drained
 from controller.deployments.fencing import SentKey
 from controller.deployments.leases import LEASE_SECONDS, LeaseLost, Leases, default_controller_id
-from controller.deployments.package import PackageLimits, build_package_file
 from controller.deployments.plan import plan as place_replicas
 from controller.deployments.plans import Plan, Stop
 from controller.deployments.records import (
@@ -56,7 +55,7 @@ from controller.deployments.records import (
 )
 from controller.deployments.repository import Conflict, DeploymentRepository
 from controller.deployments.snapshot import LiveFleetView
-from controller.errors import FieldViolation, InvalidArgument, NotFound
+from controller.deployments.sources import Sources
 from controller.nodes.fleet import Fleet
 from controller.nodes.monitor import StateChange
 from controller.scheduling import NodeHistory, Placement, ReplicaRequest, Resources
@@ -181,7 +180,8 @@ class Harness:
         self.wall = wall
         """UTC wall-clock time: what is stored (started_at, deployed_at, last_scaled_at)."""
         self.packages = packages or PackageStore(tempfile.mkdtemp(prefix="a67-packages-"))
-        self.package_limits = PackageLimits(max_compressed_bytes=self.packages.max_bytes)
+        self.sources = Sources(self.packages, self.repo)
+        """Builds packages from users' sources and finds them on disk."""
         self.deploy_margin = deploy_margin_seconds
         self.nodes = NodeCommands(lambda: fleet.streams)
         self.history = NodeHistory()
@@ -486,7 +486,7 @@ class Harness:
     ) -> tuple[node_pb2.NodeCommand, float] | None:
         """The DeployReplica of replica ``index`` at version ``record`` and its deadline (None if
         the package is missing); ``node_id`` may fetch the package from now on."""
-        package = await self.package_file(str(record["package_sha256"]))
+        package = await self.sources.package_file(str(record["package_sha256"]))
         if package is None:
             return None
         self.granted.add((node_id, package.sha256))
@@ -506,55 +506,3 @@ class Harness:
         )
         deadline = float(record.get("startup_seconds", 30)) + self.deploy_margin
         return command, deadline + package.size / PACKAGE_BYTES_PER_SECOND
-
-    # -- packages -------------------------------------------------------------------------------
-
-    async def build_with_source(
-        self, user_id: str, valid: Any, inline: bytes, source_sha256: str
-    ) -> tuple[Stored, str]:
-        """The package of ``valid`` from the inline source or the user's uploaded one, built in a
-        worker thread straight to disk (by digest; the inline source is kept as an upload
-        too), and the digest of the source it was built from."""
-        if inline and source_sha256:
-            raise InvalidArgument(
-                "Give the source either inline or by digest, not both",
-                field_violations=[
-                    FieldViolation("source_sha256", "must be empty when source_tar_gz is given")
-                ],
-            )
-        if inline:
-            source = await self.packages.receive_bytes(user_id, inline)
-        else:
-            digest = source_sha256.strip().lower()
-            if not is_sha256(digest):
-                raise InvalidArgument(
-                    "Invalid source digest",
-                    field_violations=[FieldViolation("source_sha256", "must be 64 hexadecimal characters")],
-                )
-            found = self.packages.source(user_id, digest)
-            if found is None:
-                raise NotFound(
-                    f"Source {digest} was not found: upload it first (UploadSource)",
-                    reason="SOURCE_NOT_FOUND",
-                )
-            source = found
-        sha256, size, path = await asyncio.to_thread(
-            build_package_file,
-            valid,
-            source.path,
-            self.packages.new_sink(),
-            self.packages.packages_dir,
-            limits=self.package_limits,
-        )
-        return Stored(sha256, size, path), source.sha256
-
-    async def package_file(self, sha256: str) -> Stored | None:
-        """The package ``sha256`` on disk (written out from the store if an older version kept
-        its bytes in the row); None if it is unknown."""
-        found = self.packages.package(sha256)
-        if found is not None:
-            return found
-        row = await self.repo.get_package(sha256)
-        if row is None or not row.data:
-            return None
-        return await self.packages.put_package_bytes(sha256, bytes(row.data))

@@ -233,7 +233,7 @@ class DeploymentService:
                 reason=NAME_TAKEN,
                 metadata={"name": valid.name},
             )
-        package, source_sha256 = await h.build_with_source(
+        package, source_sha256 = await h.sources.build_with_source(
             user_id, valid, request.source_tar_gz, request.source_sha256
         )
         deployment_id = new_id()

@@ -179,7 +179,9 @@ class Updates:
             package: Stored | None = None
             source_digest = ""
         else:
-            package, source_digest = await self.h.build_with_source(row.user_id, valid, inline, source_sha256)
+            package, source_digest = await self.h.sources.build_with_source(
+                row.user_id, valid, inline, source_sha256
+            )
             package_sha256 = package.sha256
         spec = deployment_pb2.DeploymentManifest()
         spec.CopyFrom(manifest)
