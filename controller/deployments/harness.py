@@ -199,6 +199,7 @@ class Harness:
         self.names: dict[tuple[str, str], str] = {}
         """(user, name) -> deployment id of every known deployment: CreateDeployment's check
         for a taken name without a store read (the store's unique constraint decides)."""
+        self._views: dict[str, tuple[datetime, DeploymentView]] = {}
         self.rows: dict[str, Deployment] = {}
         """The row of each deployment as this controller last read or wrote it (see :meth:`row`)."""
         self.leases = Leases(self, controller_id or default_controller_id(), lease_seconds)
@@ -405,9 +406,19 @@ class Harness:
             self.rows[deployment_id] = row
         return row
 
+    def view(self, row: Deployment) -> DeploymentView:
+        """``view_of(row)``, kept per row version (the reconciler reads every row each pass)."""
+        kept = self._views.get(row.id)
+        if kept is not None and kept[0] == row.updated_at:
+            return kept[1]
+        view = view_of(row)
+        self._views[row.id] = (row.updated_at, view)
+        return view
+
     def drop_row(self, deployment_id: str) -> None:
         """Forget the cached row (deleted, or its write failed): read it from the store next time."""
         self.rows.pop(deployment_id, None)
+        self._views.pop(deployment_id, None)
 
     async def save(self, row: Deployment) -> None:
         """Write ``row``'s changes (the caller holds the deployment's lock; see :meth:`row`)."""

@@ -22,7 +22,8 @@ from functools import partial
 from automator67.v1 import node_pb2
 
 from controller.deployments import decide, fencing
-from controller.deployments.harness import Harness, view_of
+from controller.deployments.harness import Harness
+from controller.deployments.leases import held_elsewhere
 from controller.deployments.records import ENDED, SERVING
 from controller.deployments.rollout import Rollouts
 from controller.nodes.health import NodeState
@@ -106,17 +107,34 @@ class Recovery:
         if h.closing:
             return
         h.stop_sent = fencing.prune_sent(h.stop_sent, h.clock())
-        for listed in await h.repo.list_all():
-            if listed.status in ENDED or listed.id in h.rolling or h.leases.elsewhere(listed):
+        # One narrow read of every row's version; whole rows only of those that changed since
+        # this controller last read or wrote them (others' writes, new deployments).
+        listed = await h.repo.list_versions()
+        now = h.wall()
+        changed = [
+            v.id
+            for v in listed
+            if v.status not in ENDED
+            and not held_elsewhere(v.lease_owner, v.lease_until, h.leases.me, now)
+            and ((cached := h.rows.get(v.id)) is None or cached.updated_at != v.updated_at)
+        ]
+        fresh = {row.id: row for row in await h.repo.get_many(changed)} if changed else {}
+        for version in listed:
+            if (
+                version.status in ENDED
+                or version.id in h.rolling
+                or held_elsewhere(version.lease_owner, version.lease_until, h.leases.me, now)
+            ):
                 continue
             # Decide on a fresh row under the deployment's lock: a rollout ends (status
             # written) under this lock before it leaves ``rolling``, so neither can be stale.
-            async with h.locks[listed.id]:
-                row = await h.row(listed.id, listed)
+            async with h.locks[version.id]:
+                row = await h.row(version.id, fresh.get(version.id))
                 if row is None or row.status in ENDED or row.id in h.rolling or h.leases.elsewhere(row):
                     continue
-                h.remember(row)
-                view = view_of(row)
+                if row.id in fresh:
+                    h.remember(row)
+                view = h.view(row)
                 action = decide.reconcile(
                     view,
                     now=h.wall(),

@@ -214,6 +214,32 @@ class DeploymentRepository:
         statement = select(Deployment).where(Deployment.user_id == user_id)
         return await keyset_page(self._store, statement, Deployment, page_size, page_token)
 
+    async def list_versions(self) -> list[Any]:
+        """Every deployment's id, version (``updated_at``), status and lease, oldest first: what
+        the reconciler reads each pass (whole rows only of those that changed, :meth:`get_many`)."""
+        async with self._store.session() as session:
+            result = await session.execute(
+                select(
+                    _TABLE.c.id,
+                    _TABLE.c.updated_at,
+                    _TABLE.c.status,
+                    _TABLE.c.lease_owner,
+                    _TABLE.c.lease_until,
+                ).order_by(_TABLE.c.created_at, _TABLE.c.id)
+            )
+            return list(result.all())
+
+    async def get_many(self, deployment_ids: list[str]) -> list[Deployment]:
+        """The rows of ``deployment_ids`` that exist (any order)."""
+        rows: list[Deployment] = []
+        async with self._store.session() as session:
+            for start in range(0, len(deployment_ids), 500):
+                result = await session.execute(
+                    select(Deployment).where(Deployment.id.in_(deployment_ids[start : start + 500]))
+                )
+                rows.extend(result.scalars())
+        return rows
+
     async def list_all(self) -> list[Deployment]:
         """Every deployment (for the reconciler and the in-memory assignment index)."""
         async with self._store.session() as session:
