@@ -74,6 +74,8 @@ from controller.nodes.fleet import Fleet
 from controller.nodes.health import HealthConfig
 from controller.nodes.registration import NodeRegistrar
 from controller.nodes.repository import NodeRepository
+from controller.nodes.watch import NodeWatch
+from controller.registry import ControllerRegistry
 from controller.store.db import Store, ensure_data_dir, redact
 from controller.store.migrate import ensure_schema
 from controller.store.repositories import AuthFailureRepository, RefreshTokenRepository, UserRepository
@@ -132,6 +134,8 @@ class Controller:
     credentials: NodeCredentialsService | None = None
     refresher: Refresher | None = None
     replica_logs: ReplicaLogs | None = None
+    node_watch: NodeWatch | None = None
+    registry: ControllerRegistry | None = None
 
     @property
     def address(self) -> str:
@@ -164,6 +168,8 @@ class Controller:
         if self.merge_workers is not None:
             self.merge_workers.close()
         await self.cache.close()
+        if self.registry is not None:
+            await self.registry.release()
         await self.store.close()
         log.info("stopped")
 
@@ -175,6 +181,13 @@ async def start_controller(settings: Settings) -> Controller:
     user_credentials = user_port_credentials(settings) if settings.tls else None
     await ensure_schema(settings)
     store = await Store.open(settings.effective_store_url)
+    controller_id = settings.resolved_controller_id()
+    registry = ControllerRegistry(store, controller_id)
+    try:
+        await registry.claim()  # one controller per store: refuses if another serves it
+    except BaseException:
+        await store.close()
+        raise
     cache = open_cache(settings.cache_url)
     tokens = TokenService(
         signing_key=keys.jwt_signing_key,
@@ -209,7 +222,6 @@ async def start_controller(settings: Settings) -> Controller:
         keyring_source=file_source(keyfile) if keyfile is not None else None,
         poll_seconds=settings.vault_keyring_poll_seconds,
     )
-    controller_id = settings.resolved_controller_id()
     deployments = DeploymentService(
         store=store,
         fleet=fleet,
@@ -316,6 +328,8 @@ async def start_controller(settings: Settings) -> Controller:
     shard_results = ShardResults(settings.shard_result_queue_batches)
     replica_logs = ReplicaLogs(fleet.streams)  # app logs (GetReplicaLogs; NodeService.PushReplicaLogs)
     merge_workers = MergeWorkers(settings.query_merge_processes)  # StreamQuery merges, off the GIL
+    draining = asyncio.Event()
+    node_watch = NodeWatch(fleet, stop=draining)  # WatchNodes: ends when the controller drains
     node_pb2_grpc.add_NodeServiceServicer_to_server(
         NodeServicer(
             fleet=fleet,
@@ -331,6 +345,7 @@ async def start_controller(settings: Settings) -> Controller:
             shard_results=shard_results,
             credentials=node_credentials,
             replica_logs=replica_logs.slots,
+            watch=node_watch,
         ),
         # FetchChunk sends serialized messages as they are
         raw_storage_messages(server),
@@ -365,7 +380,6 @@ async def start_controller(settings: Settings) -> Controller:
         StorageServicer(storage), raw_storage_messages(server)
     )
 
-    draining = asyncio.Event()
     metrics_pb2_grpc.add_MetricsServiceServicer_to_server(MetricsServicer(fleet, nodes, draining), server)
     health_servicer = health.aio.HealthServicer()
     # grpc's servicer starts with the server ("") SERVING: not until everything below runs
@@ -394,6 +408,7 @@ async def start_controller(settings: Settings) -> Controller:
                 registrar.controller_endpoint = node_address
     except (RuntimeError, OSError) as exc:
         await cache.close()
+        await registry.release()
         await store.close()
         raise Unavailable(f"Cannot listen: {exc}", reason="BIND_FAILED") from exc
     await server.start()
@@ -403,6 +418,7 @@ async def start_controller(settings: Settings) -> Controller:
         except (RuntimeError, OSError) as exc:
             await server.stop(0)
             await cache.close()
+            await registry.release()
             await store.close()
             raise Unavailable(f"Cannot listen for xDS: {exc}", reason="BIND_FAILED") from exc
     secret_audit.start()
@@ -438,6 +454,8 @@ async def start_controller(settings: Settings) -> Controller:
         credentials=node_credentials,
         refresher=refresher,
         replica_logs=replica_logs,
+        node_watch=node_watch,
+        registry=registry,
     )
     transactions.start()
     log.info(
@@ -478,6 +496,8 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     controller = await start_controller(settings)
+    if controller.registry is not None:
+        controller.registry.on_lost = stop.set  # another controller took the store: drain, exit
     await stop.wait()
     log.info("received a stop signal")
     await controller.stop()

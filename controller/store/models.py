@@ -392,6 +392,7 @@ __all__ = [
     "NAMING_CONVENTION",
     "AuthFailure",
     "Base",
+    "ControllerProcess",
     "DatabaseInstance",
     "Deployment",
     "JSONType",
@@ -524,3 +525,18 @@ class NodeCredentialState(Base):
     last_error: Mapped[str | None] = mapped_column(String(255), default=None)
     refreshed_at: Mapped[datetime | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ControllerProcess(Base):
+    """A controller serving this store (``controller/registry.py``): which process, since when,
+    last seen when. One controller per store until scale-out lands: a second one refuses to
+    start while the first is alive."""
+
+    __tablename__ = "controllers"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    instance: Mapped[str] = mapped_column(String(32))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow)
