@@ -167,7 +167,19 @@ class PushedSlots(Generic[S, M]):
                 pump.cancel()
             with contextlib.suppress(BaseException):
                 await pump
+            if pump.cancelled() and not slot.gone.done():
+                # The call was cancelled under it (gRPC cancels the handler when the node goes
+                # away mid-call, before or instead of its request iterator raising): the
+                # reader, which waits for this call's items with no deadline, must hear of it.
+                self._broke(slot, "CancelledError")
         return pump.done() and not pump.cancelled() and pump.result()
+
+    def _broke(self, slot: S, kind: str) -> None:
+        failure = self._failure(self.BROKE.format(kind=kind))
+        try:
+            slot.queue.put_nowait(failure)
+        except asyncio.QueueFull:  # the reader is behind: it gets what is queued, then the end
+            slot.close()
 
     async def _pump(self, slot: S, iterator: AsyncIterator[M]) -> bool:
         try:

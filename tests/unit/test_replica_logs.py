@@ -3,6 +3,7 @@ scrubbing, ``since`` parsing, and the controller's pairing of pushes with reads.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -130,3 +131,31 @@ async def test_a_push_is_paired_with_its_read_from_its_own_node_only() -> None:
     slots.close(slot)
     assert len(slots) == 0
     assert await slot.get() is None
+
+
+async def test_a_push_call_cancelled_under_its_reader_ends_the_read() -> None:
+    """gRPC cancels the push handler when the node goes away mid-call: the read that waits
+    for the call's lines (with no deadline) gets the failure instead of waiting for ever."""
+    slots = ReplicaLogSlots()
+    slot = slots.open("c1", "node-a")
+    line = node_pb2.PushReplicaLogsRequest(replica_index=0, lines=[node_pb2.ReplicaLogLine(text="hello")])
+    arrived = asyncio.Event()
+
+    async def follow() -> AsyncIterator[node_pb2.PushReplicaLogsRequest]:
+        yield node_pb2.PushReplicaLogsRequest(command_id="c1")
+        yield line
+        arrived.set()
+        await asyncio.Event().wait()  # the node follows its log: the call stays open
+        yield line  # never reached
+
+    call = asyncio.ensure_future(slots.receive("node-a", follow()))
+    await arrived.wait()
+    call.cancel()  # the node was killed
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert slot.queue.qsize() == 2  # the line, then the end
+    assert (await slot.get()) == line
+    ended = await slot.get()
+    assert ended is not None
+    assert ended.done
+    assert ended.error_message == "the node's log stream broke (CancelledError)"
