@@ -84,6 +84,11 @@ class ControllerRegistry:
         self.on_lost: Callable[[], None] | None = None
         """Called then (``a67 serve``: drain and exit)."""
 
+    def _row(self, now: datetime) -> ControllerProcess:
+        return ControllerProcess(
+            id=self.id, instance=self.instance, host=self.host, pid=self.pid, started_at=now, seen_at=now
+        )
+
     def _alive(self, row: ControllerProcess, now: datetime) -> bool | None:
         """True: alive; False: gone; None: on another host and seen lately (wait and see)."""
         if row.host == self.host:
@@ -130,16 +135,7 @@ class ControllerRegistry:
                 log.info("removing the rows of stopped controllers: %s", ", ".join(gone))
                 await session.execute(delete(ControllerProcess).where(ControllerProcess.id.in_(gone)))
             await session.execute(delete(ControllerProcess).where(ControllerProcess.id == self.id))
-            session.add(
-                ControllerProcess(
-                    id=self.id,
-                    instance=self.instance,
-                    host=self.host,
-                    pid=self.pid,
-                    started_at=now,
-                    seen_at=now,
-                )
-            )
+            session.add(self._row(now))
         _RUNNING.add(self.instance)
         self._task = asyncio.create_task(self._refresh_forever())
 
@@ -186,16 +182,7 @@ class ControllerRegistry:
             log.warning(
                 "this controller's row was removed (paused past %.0f s?): adding it again", self.stale_seconds
             )
-            session.add(
-                ControllerProcess(
-                    id=self.id,
-                    instance=self.instance,
-                    host=self.host,
-                    pid=self.pid,
-                    started_at=now,
-                    seen_at=now,
-                )
-            )
+            session.add(self._row(now))
 
     async def release(self) -> None:
         """Graceful stop: remove this controller's row (another may start at once)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,6 +11,8 @@ from automator67.v1 import auth_pb2, auth_pb2_grpc
 
 from controller.config import Settings
 from controller.server import Controller, start_controller
+from controller.store import Store
+from controller.store.migrate import upgrade
 
 PASSWORD = "c2FsdGVkLWNsaWVudC1oYXNoLW9mLWEtcGFzc3dvcmQ="
 
@@ -34,6 +37,17 @@ async def running_controller(settings: Settings) -> AsyncIterator[Controller]:
         yield controller
     finally:
         await controller.stop(grace=0.5)
+
+
+@contextlib.asynccontextmanager
+async def migrated_store(url: str) -> AsyncIterator[Store]:
+    """The store at ``url`` (``store_url``'s fresh one), migrated to the head and open."""
+    await asyncio.to_thread(upgrade, url)
+    store = await Store.open(url)
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:

@@ -29,9 +29,9 @@ from controller.nodes import HealthConfig
 from controller.nodes.fleet import Fleet
 from controller.nodes.repository import NodeRepository
 from controller.store import Store, UserRepository
-from controller.store.migrate import upgrade
 from controller.store.models import Deployment
 from controller.vault import Keyring, Vault
+from tests.support import migrated_store
 
 T0 = datetime(2027, 2, 1, 12, 0, tzinfo=UTC)
 LEASE = 15.0
@@ -53,14 +53,8 @@ class Wall:
 @pytest.fixture
 async def store_pair(store_url: str) -> AsyncIterator[tuple[Store, Store]]:
     """Two connection pools on one store: what two controller processes have."""
-    await asyncio.to_thread(upgrade, store_url)
-    a = await Store.open(store_url)
-    b = await Store.open(store_url)
-    try:
+    async with migrated_store(store_url) as a, migrated_store(store_url) as b:
         yield a, b
-    finally:
-        await a.close()
-        await b.close()
 
 
 def _harness(store: Store, name: str, wall: Wall) -> Harness:

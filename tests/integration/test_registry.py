@@ -22,7 +22,7 @@ from controller.server import start_controller
 from controller.store import Store
 from controller.store.migrate import upgrade
 from controller.store.models import ControllerProcess
-from tests.support import controller_settings, running_controller
+from tests.support import controller_settings, migrated_store, running_controller
 
 T0 = datetime(2027, 2, 2, 12, 0, tzinfo=UTC)
 
@@ -54,12 +54,8 @@ async def _insert(store: Store, **fields: object) -> None:
 
 @pytest.fixture
 async def store(store_url: str) -> AsyncIterator[Store]:
-    await asyncio.to_thread(upgrade, store_url)
-    opened = await Store.open(store_url)
-    try:
+    async with migrated_store(store_url) as opened:
         yield opened
-    finally:
-        await opened.close()
 
 
 async def test_a_second_controller_on_the_store_refuses_until_the_first_stops(
