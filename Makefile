@@ -45,8 +45,8 @@ browser:
 # Regenerate the dashboard's screenshots: the browser tests write them all to
 # tests/browser/screenshots/ (ignored by git); docs/dashboard.md shows a few, copied here.
 DOC_SHOTS := signin register-field-violation signin-mfa nodes-enroll nodes-live node-detail nodes-phone \
-  deployment-new-violations deployment-running deployment-rollout deployment-logs database-schema-query \
-  metrics files
+  nodes-failed alerts-mass-failure deployment-new-violations deployment-running deployment-running-phone \
+  deployment-rollout deployment-logs database-schema-query metrics files
 screenshots: install browser
 	$(BIN)/pytest -q tests/browser
 	mkdir -p docs/dashboard

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeAlias
 
 import grpc
@@ -17,7 +17,14 @@ from controller.api.http import set_http_status
 from controller.credentials.service import NodeCredentialsService
 from controller.deployments.alerts import MASS_FAILURE, Alerts
 from controller.deployments.logs import ReplicaLogSlots
-from controller.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from controller.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 from controller.federation.results import ShardResults
 from controller.federation.storage import StorageService
 from controller.nodes.ca import CertificateAuthority
@@ -28,6 +35,7 @@ from controller.nodes.registration import NodeRegistrar
 from controller.nodes.repository import NodeRepository
 from controller.nodes.sessions import NodeSession
 from controller.nodes.validation import hello_violations
+from controller.nodes.watch import SNAPSHOT_PAGE, NodeWatch
 from controller.store.models import Node
 from controller.timestamps import timestamp
 
@@ -46,6 +54,9 @@ MAX_HELLO_VIOLATIONS = 20
 NODE_CHECK_SECONDS = 5.0
 # Node rows remembered for that, at most (the oldest is forgotten first).
 NODE_CHECK_MAX = 32_768
+# WatchNodes: a node's metrics updates at most this often (default, and the least allowed).
+WATCH_METRICS_INTERVAL_MS = 5000
+MIN_WATCH_METRICS_INTERVAL_MS = 1000
 
 PROVIDER_NAMES = {
     value: name.removeprefix("PROVIDER_").lower() for name, value in common_pb2.Provider.items()
@@ -70,6 +81,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         alerts: Alerts | None = None,
         credentials: NodeCredentialsService | None = None,
         replica_logs: ReplicaLogSlots | None = None,
+        watch: NodeWatch | None = None,
     ) -> None:
         self._fleet = fleet
         self._nodes = nodes
@@ -84,6 +96,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self._replica_logs = replica_logs  # replicas' log lines (controller/deployments/logs.py)
         self._alerts = alerts
         self._credentials = credentials  # provider tokens (controller/credentials/)
+        self._watch = watch or NodeWatch(fleet)  # WatchNodes (controller/nodes/watch.py)
         self.clock: Callable[[], float] = time.monotonic
         """Times the node row checks (:data:`NODE_CHECK_SECONDS`)."""
         # node id -> (certificate serial, when checked, the row): see _calling_node
@@ -108,12 +121,60 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         nodes, next_token = await self._nodes.list_for_user(
             current_principal().user_id, request.page_size, request.page_token
         )
+        return node_pb2.ListNodesResponse(nodes=await self._render(nodes), next_page_token=next_token)
+
+    async def _render(self, nodes: Sequence[Node]) -> list[node_pb2.Node]:
+        """The nodes as ListNodes and WatchNodes return them."""
         protos = [await self._to_proto(node) for node in nodes]
         if self._credentials is not None:  # the same summary as GetNode's: never the token
             summaries = await self._credentials.describe_many(nodes)
             for proto in protos:
                 proto.credentials.CopyFrom(summaries[proto.id])
-        return node_pb2.ListNodesResponse(nodes=protos, next_page_token=next_token)
+        return protos
+
+    async def WatchNodes(
+        self, request: node_pb2.WatchNodesRequest, context: Context
+    ) -> AsyncIterator[node_pb2.WatchNodesResponse]:
+        """The caller's nodes, then their changes (controller/nodes/watch.py)."""
+        interval_ms = request.min_metrics_interval_ms or WATCH_METRICS_INTERVAL_MS
+        if interval_ms < MIN_WATCH_METRICS_INTERVAL_MS:
+            raise InvalidArgument(
+                f"min_metrics_interval_ms must be at least {MIN_WATCH_METRICS_INTERVAL_MS}",
+                field_violations=[
+                    FieldViolation(
+                        "min_metrics_interval_ms", f"must be 0 or at least {MIN_WATCH_METRICS_INTERVAL_MS}"
+                    )
+                ],
+            )
+        user_id = current_principal().user_id
+        only = (await self._owned(request.node_id)).id if request.node_id else ""
+
+        async def snapshot() -> AsyncIterator[Sequence[Node]]:
+            if only:
+                node = await self._nodes.get_for_user(user_id, only)
+                if node is not None:
+                    yield [node]
+                return
+            token = ""
+            while True:
+                page, token = await self._nodes.list_for_user(user_id, SNAPSHOT_PAGE, token)
+                yield page
+                if not token:
+                    return
+
+        async def load(node_id: str) -> Node | None:
+            return await self._nodes.get_for_user(user_id, node_id)
+
+        async for response in self._watch.watch(
+            user_id,
+            node_id=only,
+            min_interval=interval_ms / 1000,
+            snapshot=snapshot,
+            load=load,
+            render=self._render,
+            render_live=self._to_proto,
+        ):
+            yield response
 
     async def GetNode(self, request: node_pb2.GetNodeRequest, context: Context) -> node_pb2.GetNodeResponse:
         node = await self._owned(request.node_id)
@@ -226,6 +287,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         node = await self._nodes.get(response.node_id)
         if node is not None:
             self._fleet.track(node.id, node.user_id)
+            self._watch.registered(node.id, node.user_id)
         await set_http_status(context, 201)
         return response
 

@@ -1,14 +1,16 @@
 """A real ``a67 up`` and a real headless Chromium for the dashboard's browser tests.
 
 * ``stack`` runs ``a67 up`` on free ports (controller, REST gateway with the dashboard,
-  ingress), with its data and ``$HOME`` in a temporary folder, 1 s heartbeats and 20 s access
-  tokens (so a signed-in page refreshes its token during the tests);
+  ingress), with its data and ``$HOME`` in a temporary folder, 1 s heartbeats (a module may
+  override the ``heartbeat_seconds`` fixture) and 20 s access tokens (so a signed-in page
+  refreshes its token during the tests);
 * ``browser`` drives Debian's Chromium through Selenium and Debian's ChromeDriver, with the
   flags this machine needs (docs/dashboard.md, "Tests"). Without ``/usr/bin/chromium`` the
   tests skip, saying so, except under CI (``CI`` set), where they fail: ``.ci/run``
   installs Chromium.
 
-Screenshots go to ``tests/browser/screenshots/`` (ignored by git).
+Screenshots go to ``tests/browser/screenshots/`` (ignored by git): ``<name>.png`` at a
+desktop's width and, with ``phone=True``, ``<name>-phone.png`` at a phone's.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -86,14 +88,22 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(browser_available: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def heartbeat_seconds() -> float:
+    """The stack's heartbeat interval (a module overrides this fixture to change it)."""
+    return 1.0
+
+
+@pytest.fixture(scope="module")
+def stack(
+    browser_available: None, tmp_path_factory: pytest.TempPathFactory, heartbeat_seconds: float
+) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("stack")
     home = workdir / "home"
     home.mkdir()
     http_port, grpc_port, node_port = free_port(), free_port(), free_port()
     env = clean_env(
         HOME=str(home),
-        A67_HEARTBEAT_INTERVAL_SECONDS="1",
+        A67_HEARTBEAT_INTERVAL_SECONDS=f"{heartbeat_seconds:g}",
         A67_ACCESS_TOKEN_TTL_SECONDS=str(ACCESS_TOKEN_TTL),
     )
     up = Up(workdir, *up_args(workdir, http_port, grpc_port, node_port), env=env)
@@ -130,14 +140,23 @@ def browser(browser_available: None, tmp_path_factory: pytest.TempPathFactory) -
         driver.quit()
 
 
-@pytest.fixture
-def screenshot(browser: Any) -> Callable[[str], Path]:
-    """Save the page as ``screenshots/<name>.png`` (at the window's current size)."""
+class Screenshot(Protocol):
+    def __call__(self, name: str, *, phone: bool = False) -> Path: ...
 
-    def take(name: str) -> Path:
+
+@pytest.fixture
+def screenshot(browser: Any) -> Screenshot:
+    """Save the page as ``screenshots/<name>.png`` (at the window's current size) and, with
+    ``phone``, as ``screenshots/<name>-phone.png`` at a phone's width (then back to desktop)."""
+
+    def take(name: str, *, phone: bool = False) -> Path:
         SCREENSHOTS.mkdir(exist_ok=True)
         path = SCREENSHOTS / f"{name}.png"
         browser.save_screenshot(str(path))
+        if phone:
+            browser.set_window_size(*PHONE)
+            browser.save_screenshot(str(SCREENSHOTS / f"{name}-phone.png"))
+            browser.set_window_size(*DESKTOP)
         return path
 
     return take

@@ -22,7 +22,7 @@ import pyotp
 import pytest
 
 from controller.client.kdf import derive_password_hash
-from tests.browser.conftest import DESKTOP, PHONE, Processes, Stack, shell_env
+from tests.browser.conftest import DESKTOP, PHONE, Processes, Screenshot, Stack, shell_env
 
 PASSWORD = "correct horse battery staple"
 READY = ("ready", "busy")  # a real agent on a loaded machine may report BUSY (CPU over 90 %)
@@ -123,6 +123,15 @@ def node_statuses(driver: Any) -> list[str]:
     return [str(cell.text) for cell in driver.find_elements(*by_css("main tbody td[data-label=Status]"))]
 
 
+def text_of(driver: Any, css: str) -> str:
+    """The text of the first match, read in one script (a live page re-renders)."""
+    return str(
+        driver.execute_script(
+            "const e = document.querySelector(arguments[0]); return e ? e.innerText : ''", css
+        )
+    )
+
+
 def csp_violations(driver: Any) -> list[str]:
     return [e["message"] for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]
 
@@ -177,11 +186,11 @@ def test_the_password_derivation_in_the_browser_matches_the_documented_vectors(
 
 
 def test_an_account_registered_in_the_browser_signs_in_with_the_cli(
-    browser: Any, stack: Stack, tmp_path: Path, screenshot: Callable[[str], Path]
+    browser: Any, stack: Stack, tmp_path: Path, screenshot: Screenshot
 ) -> None:
     email = new_email("browser")
     open_fresh(browser, stack, "/register")
-    screenshot("register")
+    screenshot("register", phone=True)
     fill(browser, "main form", email=email, password=PASSWORD)
     submit(browser)
     wait_heading(browser, "Nodes")
@@ -193,7 +202,7 @@ def test_an_account_registered_in_the_browser_signs_in_with_the_cli(
 
 
 def test_an_account_registered_with_the_cli_signs_in_in_the_browser(
-    browser: Any, stack: Stack, tmp_path: Path, screenshot: Callable[[str], Path]
+    browser: Any, stack: Stack, tmp_path: Path, screenshot: Screenshot
 ) -> None:
     local = f"straße-{uuid.uuid4().hex[:8]}"
     made = a67(
@@ -203,7 +212,7 @@ def test_an_account_registered_with_the_cli_signs_in_in_the_browser(
     assert made.returncode == 0, made.stderr
     # Another spelling of the same address, and the password typed with a decomposed ä.
     open_fresh(browser, stack, "/signin")
-    screenshot("signin")
+    screenshot("signin", phone=True)
     fill(browser, "main form", email=f"  {local.upper()}@Bücher.EXAMPLE ", password="pa\u0308sswort-ünïcode")
     submit(browser)
     wait_heading(browser, "Nodes")
@@ -219,7 +228,7 @@ def test_a_wrong_password_says_what_happened_and_what_to_do(browser: Any, stack:
 
 
 def test_a_field_violation_is_shown_next_to_its_field(
-    browser: Any, stack: Stack, screenshot: Callable[[str], Path]
+    browser: Any, stack: Stack, screenshot: Screenshot
 ) -> None:
     open_fresh(browser, stack, "/register")
     fill(browser, "main form", email="ada@@example", password=PASSWORD)
@@ -237,9 +246,7 @@ def test_a_field_violation_is_shown_next_to_its_field(
     screenshot("register-field-violation")
 
 
-def test_an_account_with_mfa_is_asked_for_a_code(
-    browser: Any, stack: Stack, screenshot: Callable[[str], Path]
-) -> None:
+def test_an_account_with_mfa_is_asked_for_a_code(browser: Any, stack: Stack, screenshot: Screenshot) -> None:
     email = new_email("mfa")
     made = stack.rest.post(
         "/api/v1/auth/register", {"email": email, "password_hash": derive_password_hash(email, PASSWORD)}
@@ -288,7 +295,7 @@ def test_tokens_stay_in_memory_and_are_refreshed_before_they_expire(browser: Any
     wait(browser, lambda d: "No alerts." in d.find_element(*by_css("main")).text, "the alerts list")
 
 
-def test_signing_out_ends_the_session(browser: Any, stack: Stack, screenshot: Callable[[str], Path]) -> None:
+def test_signing_out_ends_the_session(browser: Any, stack: Stack, screenshot: Screenshot) -> None:
     register_in_browser(browser, stack, new_email("signout"))
     browser.find_element(*by_css("#account button")).click()
     wait_heading(browser, "Sign in")
@@ -307,11 +314,12 @@ def test_an_enrolled_agent_appears_live_and_can_be_drained_and_removed(
     stack: Stack,
     background: Processes,
     tmp_path: Path,
-    screenshot: Callable[[str], Path],
+    screenshot: Screenshot,
 ) -> None:
     email = new_email("nodes")
     register_in_browser(browser, stack, email)
     wait(browser, lambda d: "No nodes yet" in d.find_element(*by_css("main")).text, "the empty table")
+    wait(browser, lambda d: "Live" in text_of(d, "#nodes-state"), "the nodes watch to be live")
     screenshot("nodes-empty")
 
     browser.find_element(*by_css("main .page-head button")).click()
@@ -332,9 +340,12 @@ def test_an_enrolled_agent_appears_live_and_can_be_drained_and_removed(
     cli_line = json.loads(printed.stdout)["command"]
     assert re.sub(r"a67e_\S+", "TOKEN", command) == re.sub(r"a67e_\S+", "TOKEN", cli_line)
 
-    # Run it as shown, in a shell whose a67 is this checkout's; the page shows the node live.
+    # Run it as shown, in a shell whose a67 is this checkout's; the page shows the node live,
+    # pushed by the nodes watch (no reload: a mark left in the page survives).
+    browser.execute_script("window.stillThisPage = true")
     background.shell(command, "agent", shell_env(stack))
     wait(browser, lambda d: node_statuses(d) and node_statuses(d)[0] in READY, "the agent's node to be ready")
+    assert browser.execute_script("return window.stillThisPage === true")
     assert "eu-test" in browser.find_element(*by_css("main tbody td[data-label=Region]")).text
     toggle = browser.find_element(*by_css("main .page-head button"))
     toggle.click()  # fold the enroll panel away
@@ -347,7 +358,10 @@ def test_an_enrolled_agent_appears_live_and_can_be_drained_and_removed(
     browser.find_element(*by_css("main tbody td[data-label=Node] a")).click()
     wait(browser, lambda d: heading(d).startswith("Node "), "the node's page")
     wait(browser, lambda d: d.find_elements(*by_css("main .actions button")), "the node's actions")
-    screenshot("node-detail")
+    # the chart: the stored samples (one a minute), then one per message the watch pushes
+    wait(browser, lambda d: d.find_elements(*by_css("main svg.chart")), "the node's chart")
+    wait(browser, lambda d: "Live" in text_of(d, "#node-state"), "the node's watch to be live")
+    screenshot("node-detail", phone=True)
     browser.find_element(*by_css("main .actions button:not(.danger)")).click()  # Drain
     wait(browser, lambda d: "draining" in d.find_element(*by_css("main dl")).text, "the node to drain")
     wait(
@@ -379,10 +393,10 @@ def test_an_enroll_form_error_is_shown_next_to_its_field(browser: Any, stack: St
 
 @pytest.mark.parametrize("route", ["/deployments", "/databases", "/alerts"])
 def test_the_other_pages_list_an_empty_account(
-    browser: Any, stack: Stack, route: str, screenshot: Callable[[str], Path]
+    browser: Any, stack: Stack, route: str, screenshot: Screenshot
 ) -> None:
     register_in_browser(browser, stack, new_email("pages"))
     browser.find_element(*by_css(f"#nav a[href='#{route}']")).click()
     wait(browser, lambda d: d.find_elements(*by_css("main .empty")), f"the empty {route} list")
     assert browser.find_element(*by_css(f"#nav a[href='#{route}']")).get_attribute("aria-current") == "page"
-    screenshot(route.strip("/"))
+    screenshot(route.strip("/"), phone=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import urllib.request
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 
 from controller.client.kdf import derive_password_hash
-from tests.browser.conftest import DESKTOP, PHONE, Processes, Stack, shell_env
+from tests.browser.conftest import Processes, Screenshot, Stack, shell_env
 from tests.browser.test_dashboard import (
     PASSWORD,
     by_css,
@@ -32,6 +31,7 @@ from tests.browser.test_dashboard import (
     new_email,
     sign_in_in_browser,
     submit,
+    text_of,
     wait,
     wait_heading,
 )
@@ -122,15 +122,6 @@ def app_archive(tmp_path: Path, version: str) -> Path:
     return path
 
 
-def text_of(driver: Any, css: str) -> str:
-    """The text of the first match, read in one script (a live page re-renders)."""
-    return str(
-        driver.execute_script(
-            "const e = document.querySelector(arguments[0]); return e ? e.innerText : ''", css
-        )
-    )
-
-
 def app_answer(fleet: Fleet, deployment_id: str) -> str | None:
     """What the running replica answers (None while none is running)."""
     d = fleet.get(f"/api/v1/deployments/{deployment_id}")["deployment"]
@@ -170,7 +161,7 @@ def invalid_message(driver: Any, name: str) -> str:
 
 
 def test_a_deployment_from_an_archive_runs_updates_rolls_back_and_shows_its_logs(
-    browser: Any, stack: Stack, fleet: Fleet, tmp_path: Path, screenshot: Callable[[str], Path]
+    browser: Any, stack: Stack, fleet: Fleet, tmp_path: Path, screenshot: Screenshot
 ) -> None:
     sign_in_in_browser(browser, stack, fleet.email)
     browser.find_element(*by_css("#nav a[href='#/deployments']")).click()
@@ -186,7 +177,7 @@ def test_a_deployment_from_an_archive_runs_updates_rolls_back_and_shows_its_logs
     assert "size" in invalid_message(browser, "memory")
     assert invalid_message(browser, "entrypoint") == ""
     assert browser.switch_to.active_element.get_attribute("aria-invalid") == "true"
-    screenshot("deployment-new-violations")
+    screenshot("deployment-new-violations", phone=True)
 
     browser.find_element(*by_css("main input[name=archive]")).send_keys(str(app_archive(tmp_path, "v1")))
     fill(browser, "main form", name="hello", memory="64MB", cpu="0.1", env="GREETING=hi from the form")
@@ -211,7 +202,7 @@ def test_a_deployment_from_an_archive_runs_updates_rolls_back_and_shows_its_logs
     )
     wait(browser, lambda d: "Live" in text_of(d, "#rollout-state"), "the watch stream to be live")
     assert app_answer(fleet, deployment_id) == "v1"
-    screenshot("deployment-running")
+    screenshot("deployment-running", phone=True)
 
     # Update to a new archive alone (update mask source_sha256): version 2 rolls out live.
     events_before = int(
@@ -282,10 +273,13 @@ def test_a_deployment_from_an_archive_runs_updates_rolls_back_and_shows_its_logs
     with urllib.request.urlopen(f"{endpoint}/say/{marker}", timeout=10) as response:  # noqa: S310
         assert response.status == 200
     wait(browser, lambda d: f"said {marker}" in text_of(d, "#log-lines"), "the new line, followed")
-    screenshot("deployment-logs")
-    browser.set_window_size(*PHONE)
-    screenshot("deployment-logs-phone")
-    browser.set_window_size(*DESKTOP)
+    screenshot("deployment-logs", phone=True)
+
+    # The list, with the deployment in it.
+    browser.find_element(*by_css("#nav a[href='#/deployments']")).click()
+    wait_heading(browser, "Deployments")
+    wait(browser, lambda d: "hello" in text_of(d, "main table"), "the deployment in the list")
+    screenshot("deployments-list", phone=True)
     assert csp_violations(browser) == []
 
 
@@ -293,7 +287,7 @@ def test_a_deployment_from_an_archive_runs_updates_rolls_back_and_shows_its_logs
 
 
 def test_a_database_created_in_the_browser_takes_a_schema_and_answers_a_query(
-    browser: Any, stack: Stack, fleet: Fleet, screenshot: Callable[[str], Path]
+    browser: Any, stack: Stack, fleet: Fleet, screenshot: Screenshot
 ) -> None:
     sign_in_in_browser(browser, stack, fleet.email)
     browser.find_element(*by_css("#nav a[href='#/databases']")).click()
@@ -343,14 +337,14 @@ def test_a_database_created_in_the_browser_takes_a_schema_and_answers_a_query(
 
     wait(browser, lambda d: rows(d) == [["7", "10"], ["8", "3"]], "the query's rows")
     assert "ok" in text_of(browser, "section[aria-labelledby=results-title] td[data-label=Status]")
-    screenshot("database-schema-query")
+    screenshot("database-schema-query", phone=True)
 
 
 # -- metrics --------------------------------------------------------------------------------
 
 
 def test_the_metrics_page_shows_the_fleet_and_a_live_chart(
-    browser: Any, stack: Stack, fleet: Fleet, screenshot: Callable[[str], Path]
+    browser: Any, stack: Stack, fleet: Fleet, screenshot: Screenshot
 ) -> None:
     sign_in_in_browser(browser, stack, fleet.email)
     browser.find_element(*by_css("#nav a[href='#/metrics']")).click()
@@ -372,14 +366,14 @@ def test_the_metrics_page_shows_the_fleet_and_a_live_chart(
     assert len(paths) == 2
     assert all(p.count("L") >= 2 for p in paths)
     assert "samples" in text_of(browser, "main figcaption")
-    screenshot("metrics")
+    screenshot("metrics", phone=True)
 
 
 # -- files ----------------------------------------------------------------------------------
 
 
 def test_files_are_uploaded_listed_downloaded_and_deleted(
-    browser: Any, stack: Stack, fleet: Fleet, tmp_path: Path, screenshot: Callable[[str], Path]
+    browser: Any, stack: Stack, fleet: Fleet, tmp_path: Path, screenshot: Screenshot
 ) -> None:
     downloads = tmp_path / "downloads"
     downloads.mkdir()
@@ -408,7 +402,7 @@ def test_files_are_uploaded_listed_downloaded_and_deleted(
     wait(browser, lambda d: "docs/hello.bin" in text_of(d, "#files"), "the file in the list")
     assert text_of(browser, "#files td[data-label=Copies]") == "1"
     assert "complete" in text_of(browser, "#files td[data-label=Replication]")
-    screenshot("files")
+    screenshot("files", phone=True)
 
     # A second file, then the list a page of one at a time.
     second = tmp_path / "second.txt"

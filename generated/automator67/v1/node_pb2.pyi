@@ -67,6 +67,44 @@ SHARD_TRANSACTION_ACTION_LIST_PREPARED: ShardTransactionAction.ValueType  # 6
 """List the prepared transactions of the shard (payload {"prepared": [ids]})."""
 Global___ShardTransactionAction: _TypeAlias = ShardTransactionAction  # noqa: Y015
 
+class _NodeChangeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NodeChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeChangeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    NODE_CHANGE_KIND_UNSPECIFIED: _NodeChangeKind.ValueType  # 0
+    NODE_CHANGE_KIND_EXISTING: _NodeChangeKind.ValueType  # 1
+    """A node the caller had when the watch started (the snapshot)."""
+    NODE_CHANGE_KIND_SNAPSHOT_END: _NodeChangeKind.ValueType  # 2
+    """The snapshot is complete (no node): every later message is a change."""
+    NODE_CHANGE_KIND_REGISTERED: _NodeChangeKind.ValueType  # 3
+    """A node registered (or, through another controller, first seen) since the watch started."""
+    NODE_CHANGE_KIND_STATUS_CHANGED: _NodeChangeKind.ValueType  # 4
+    """The node's status changed (previous_status and reason say from what and why)."""
+    NODE_CHANGE_KIND_UPDATED: _NodeChangeKind.ValueType  # 5
+    """New metrics or heartbeat, a (re)connected or broken stream, new capabilities."""
+    NODE_CHANGE_KIND_REMOVED: _NodeChangeKind.ValueType  # 6
+    """The node was deregistered: ListNodes no longer lists it."""
+
+class NodeChangeKind(_NodeChangeKind, metaclass=_NodeChangeKindEnumTypeWrapper):
+    """What happened to the node of a WatchNodesResponse."""
+
+NODE_CHANGE_KIND_UNSPECIFIED: NodeChangeKind.ValueType  # 0
+NODE_CHANGE_KIND_EXISTING: NodeChangeKind.ValueType  # 1
+"""A node the caller had when the watch started (the snapshot)."""
+NODE_CHANGE_KIND_SNAPSHOT_END: NodeChangeKind.ValueType  # 2
+"""The snapshot is complete (no node): every later message is a change."""
+NODE_CHANGE_KIND_REGISTERED: NodeChangeKind.ValueType  # 3
+"""A node registered (or, through another controller, first seen) since the watch started."""
+NODE_CHANGE_KIND_STATUS_CHANGED: NodeChangeKind.ValueType  # 4
+"""The node's status changed (previous_status and reason say from what and why)."""
+NODE_CHANGE_KIND_UPDATED: NodeChangeKind.ValueType  # 5
+"""New metrics or heartbeat, a (re)connected or broken stream, new capabilities."""
+NODE_CHANGE_KIND_REMOVED: NodeChangeKind.ValueType  # 6
+"""The node was deregistered: ListNodes no longer lists it."""
+Global___NodeChangeKind: _TypeAlias = NodeChangeKind  # noqa: Y015
+
 class _NodeCredentialsState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -1171,6 +1209,74 @@ class ListNodesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListNodesResponse: _TypeAlias = ListNodesResponse  # noqa: Y015
+
+@_typing.final
+class WatchNodesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_METRICS_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    min_metrics_interval_ms: _builtins.int
+    """Minimum time between two metrics updates of one node, in milliseconds (default
+    5000, at least 1000). State changes, registrations and removals are never held back.
+    """
+    node_id: _builtins.str
+    """Only this node (empty: every node of the caller's). Another user's node, or a missing
+    one, is NOT_FOUND.
+    """
+    def __init__(
+        self,
+        *,
+        min_metrics_interval_ms: _builtins.int = ...,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_metrics_interval_ms", b"min_metrics_interval_ms", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchNodesRequest: _TypeAlias = WatchNodesRequest  # noqa: Y015
+
+@_typing.final
+class WatchNodesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    PREVIOUS_STATUS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    kind: Global___NodeChangeKind.ValueType
+    previous_status: _common_pb2.NodeStatus.ValueType
+    """STATUS_CHANGED: the status before the change, and why it changed (for several changes
+    merged into one message: the status before the first and the reason of the last).
+    """
+    reason: _builtins.str
+    @_builtins.property
+    def node(self) -> Global___Node:
+        """The node now (unset for SNAPSHOT_END)."""
+
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the message was sent."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___NodeChangeKind.ValueType = ...,
+        node: Global___Node | None = ...,
+        previous_status: _common_pb2.NodeStatus.ValueType = ...,
+        reason: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "node", b"node", "previous_status", b"previous_status", "reason", b"reason", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchNodesResponse: _TypeAlias = WatchNodesResponse  # noqa: Y015
 
 @_typing.final
 class GetNodeRequest(_message.Message):

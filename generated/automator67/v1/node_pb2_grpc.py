@@ -85,6 +85,11 @@ class NodeServiceStub:
                 request_serializer=automator67_dot_v1_dot_node__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=automator67_dot_v1_dot_node__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
+        self.WatchNodes = channel.unary_stream(
+                '/automator67.v1.NodeService/WatchNodes',
+                request_serializer=automator67_dot_v1_dot_node__pb2.WatchNodesRequest.SerializeToString,
+                response_deserializer=automator67_dot_v1_dot_node__pb2.WatchNodesResponse.FromString,
+                _registered_method=True)
         self.GetNode = channel.unary_unary(
                 '/automator67.v1.NodeService/GetNode',
                 request_serializer=automator67_dot_v1_dot_node__pb2.GetNodeRequest.SerializeToString,
@@ -218,6 +223,18 @@ class NodeServiceServicer:
 
     def ListNodes(self, request, context):
         """Lists the caller's nodes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchNodes(self, request, context):
+        """Pushes the caller's nodes as they change: first every node the caller has (kind
+        EXISTING, then one SNAPSHOT_END message without a node), then registrations, state
+        changes, metrics updates (at most every min_metrics_interval_ms per node) and
+        removals. Each node is as ListNodes returns it (credentials: the state, never the
+        token). A slow reader gets the latest of each node, never a backlog: updates of one
+        node not yet sent are merged into one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -357,6 +374,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=automator67_dot_v1_dot_node__pb2.ListNodesRequest.FromString,
                     response_serializer=automator67_dot_v1_dot_node__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'WatchNodes': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchNodes,
+                    request_deserializer=automator67_dot_v1_dot_node__pb2.WatchNodesRequest.FromString,
+                    response_serializer=automator67_dot_v1_dot_node__pb2.WatchNodesResponse.SerializeToString,
             ),
             'GetNode': grpc.unary_unary_rpc_method_handler(
                     servicer.GetNode,
@@ -680,6 +702,33 @@ class NodeService:
             '/automator67.v1.NodeService/ListNodes',
             automator67_dot_v1_dot_node__pb2.ListNodesRequest.SerializeToString,
             automator67_dot_v1_dot_node__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/automator67.v1.NodeService/WatchNodes',
+            automator67_dot_v1_dot_node__pb2.WatchNodesRequest.SerializeToString,
+            automator67_dot_v1_dot_node__pb2.WatchNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,6 +73,14 @@ class NodeServiceStub:
     """
     ListNodes: _grpc.UnaryUnaryMultiCallable[_node_pb2.ListNodesRequest, _node_pb2.ListNodesResponse]
     """Lists the caller's nodes."""
+    WatchNodes: _grpc.UnaryStreamMultiCallable[_node_pb2.WatchNodesRequest, _node_pb2.WatchNodesResponse]
+    """Pushes the caller's nodes as they change: first every node the caller has (kind
+    EXISTING, then one SNAPSHOT_END message without a node), then registrations, state
+    changes, metrics updates (at most every min_metrics_interval_ms per node) and
+    removals. Each node is as ListNodes returns it (credentials: the state, never the
+    token). A slow reader gets the latest of each node, never a backlog: updates of one
+    node not yet sent are merged into one.
+    """
     GetNode: _grpc.UnaryUnaryMultiCallable[_node_pb2.GetNodeRequest, _node_pb2.GetNodeResponse]
     """Returns one of the caller's nodes."""
     DrainNode: _grpc.UnaryUnaryMultiCallable[_node_pb2.DrainNodeRequest, _node_pb2.DrainNodeResponse]
@@ -158,6 +166,14 @@ class NodeServiceAsyncStub(NodeServiceStub):
     """
     ListNodes: _aio.UnaryUnaryMultiCallable[_node_pb2.ListNodesRequest, _node_pb2.ListNodesResponse]  # type: ignore[assignment]
     """Lists the caller's nodes."""
+    WatchNodes: _aio.UnaryStreamMultiCallable[_node_pb2.WatchNodesRequest, _node_pb2.WatchNodesResponse]  # type: ignore[assignment]
+    """Pushes the caller's nodes as they change: first every node the caller has (kind
+    EXISTING, then one SNAPSHOT_END message without a node), then registrations, state
+    changes, metrics updates (at most every min_metrics_interval_ms per node) and
+    removals. Each node is as ListNodes returns it (credentials: the state, never the
+    token). A slow reader gets the latest of each node, never a backlog: updates of one
+    node not yet sent are merged into one.
+    """
     GetNode: _aio.UnaryUnaryMultiCallable[_node_pb2.GetNodeRequest, _node_pb2.GetNodeResponse]  # type: ignore[assignment]
     """Returns one of the caller's nodes."""
     DrainNode: _aio.UnaryUnaryMultiCallable[_node_pb2.DrainNodeRequest, _node_pb2.DrainNodeResponse]  # type: ignore[assignment]
@@ -300,6 +316,20 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.ListNodesResponse, _abc.Awaitable[_node_pb2.ListNodesResponse]]:
         """Lists the caller's nodes."""
+
+    @_abc_1.abstractmethod
+    def WatchNodes(
+        self,
+        request: _node_pb2.WatchNodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_node_pb2.WatchNodesResponse], _abc.AsyncIterator[_node_pb2.WatchNodesResponse]]:
+        """Pushes the caller's nodes as they change: first every node the caller has (kind
+        EXISTING, then one SNAPSHOT_END message without a node), then registrations, state
+        changes, metrics updates (at most every min_metrics_interval_ms per node) and
+        removals. Each node is as ListNodes returns it (credentials: the state, never the
+        token). A slow reader gets the latest of each node, never a backlog: updates of one
+        node not yet sent are merged into one.
+        """
 
     @_abc_1.abstractmethod
     def GetNode(
