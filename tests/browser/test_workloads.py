@@ -92,7 +92,13 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(stack: Stack, background: Processes) -> Fleet:
-    email = new_email("workloads")
+    return start_fleet(stack, background, "workloads")
+
+
+def start_fleet(stack: Stack, background: Processes, prefix: str, port_base: int = 47000) -> Fleet:
+    """A new user with one agent (compute, storage and database), once its node is ready; its
+    replicas listen on 20 ports from ``port_base`` (shifted by the process id)."""
+    email = new_email(prefix)
     made = stack.rest.post(
         "/api/v1/auth/register", {"email": email, "password_hash": derive_password_hash(email, PASSWORD)}
     )
@@ -100,7 +106,7 @@ def fleet(stack: Stack, background: Processes) -> Fleet:
     fleet = Fleet(email, stack)
     enrolled = stack.rest.post("/api/v1/nodes/enrollment-tokens", {"max_uses": 1}, token=fleet.token())
     assert enrolled.status == 201, enrolled.body
-    base = 47000 + (os.getpid() % 50) * 20
+    base = port_base + (os.getpid() % 50) * 20
     command = (
         f"A67_AGENT_TOKEN={enrolled.json['token']} a67 agent --controller {stack.grpc_address}"
         f" --data-dir {stack.workdir / 'agent'} --region eu-test --node-types {NODE_TYPES}"

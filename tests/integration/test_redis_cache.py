@@ -36,9 +36,14 @@ async def test_set_get_delete(redis_cache: RedisCache) -> None:
 async def test_entries_expire(redis_cache: RedisCache) -> None:
     await redis_cache.set("short", b"s", ttl_seconds=0.1)
     await redis_cache.set("long", b"l", ttl_seconds=60)
-    assert await redis_cache.get("short") == b"s"
-    await asyncio.sleep(0.25)
-    assert await redis_cache.get("short") is None
+    # Redis holds each entry with its TTL in milliseconds (-2: already gone, on a slow machine)
+    raw = redis_cache._client
+    assert 0 < await raw.pttl(redis_cache._k("long")) <= 60_000
+    assert await raw.pttl(redis_cache._k("short")) in (-2, *range(1, 101))
+    deadline = asyncio.get_running_loop().time() + 10
+    while await redis_cache.get("short") is not None:  # gone once its TTL passed
+        assert asyncio.get_running_loop().time() < deadline, "the 0.1 s entry did not expire"
+        await asyncio.sleep(0.05)
     assert await redis_cache.get("long") == b"l"
 
 
