@@ -10,7 +10,15 @@ import pytest
 from automator67.v1 import auth_pb2_grpc
 
 from controller.server import Controller
-from tests.support import controller_settings, running_controller
+from controller.store import Store
+from tests.support import controller_settings, migrated_store, running_controller
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    """A fresh store (an SQLite file, and a new PostgreSQL database), migrated and open."""
+    async with migrated_store(store_url) as opened:
+        yield opened
 
 
 @pytest.fixture

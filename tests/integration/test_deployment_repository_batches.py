@@ -5,26 +5,12 @@ On SQLite and on PostgreSQL alike."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
-
-import pytest
 
 from controller.deployments.repository import Conflict, DeploymentRepository
 from controller.errors import AlreadyExists
 from controller.store import Store, UserRepository
-from controller.store.migrate import upgrade
 from controller.store.models import Deployment, DeploymentPackage, utcnow
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    await asyncio.to_thread(upgrade, store_url)
-    opened = await Store.open(store_url)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 def deployment(user_id: str, name: str) -> Deployment:

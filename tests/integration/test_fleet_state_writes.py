@@ -5,7 +5,6 @@ returns. Real store (SQLite and PostgreSQL), injected clock."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,7 +16,6 @@ from controller.nodes import HealthConfig, HealthMonitor, Metrics, MonitorConfig
 from controller.nodes.fleet import Fleet
 from controller.nodes.repository import NodeRepository
 from controller.store import Store, UserRepository
-from controller.store.migrate import upgrade
 from controller.store.models import User
 
 T0 = 1_780_000_000.0
@@ -44,16 +42,6 @@ class CountingNodes(NodeRepository):
     async def record_states(self, rows: Any) -> None:
         self.batches.append(len(rows))
         await super().record_states(rows)
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    await asyncio.to_thread(upgrade, store_url)
-    opened = await Store.open(store_url)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 @pytest.fixture

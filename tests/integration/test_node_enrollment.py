@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -19,7 +18,6 @@ from controller.nodes.enrollment import (
     EnrollmentTokens,
 )
 from controller.store import Store, UserRepository
-from controller.store.migrate import upgrade
 from controller.store.models import NodeEnrollmentToken, User
 
 
@@ -32,16 +30,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    await asyncio.to_thread(upgrade, store_url)
-    opened = await Store.open(store_url)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,7 +32,6 @@ from controller.nodes.registration import (
 )
 from controller.nodes.repository import NodeRepository
 from controller.store import Store, UserRepository
-from controller.store.migrate import upgrade
 from controller.store.models import Node, NodeEnrollmentToken, User
 from controller.vault import Keyring, Vault
 
@@ -82,16 +81,6 @@ def request(token: str, **changes: Any) -> node_pb2.RegisterNodeRequest:
     }
     values.update(changes)
     return node_pb2.RegisterNodeRequest(**{k: v for k, v in values.items() if v is not None})
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    await asyncio.to_thread(upgrade, store_url)
-    opened = await Store.open(store_url)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 @pytest.fixture

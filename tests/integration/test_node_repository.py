@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,22 +14,11 @@ from controller.errors import AlreadyExists, InvalidArgument
 from controller.nodes import repository as repository_module
 from controller.nodes.repository import NodeRepository
 from controller.store import Store, UserRepository, paging
-from controller.store.migrate import upgrade
 from controller.store.models import Node, User
 from controller.store.paging import decode_page_token, encode_page_token
 
 T0 = datetime(2025, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
 CAPS: dict[str, Any] = {"cpu_cores": 2.0, "memory_gb": 4.0, "node_types": ["compute"]}
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    await asyncio.to_thread(upgrade, store_url)
-    opened = await Store.open(store_url)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 @pytest.fixture

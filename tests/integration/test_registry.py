@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from controller.server import start_controller
 from controller.store import Store
 from controller.store.migrate import upgrade
 from controller.store.models import ControllerProcess
-from tests.support import controller_settings, migrated_store, running_controller
+from tests.support import controller_settings, running_controller
 
 T0 = datetime(2027, 2, 2, 12, 0, tzinfo=UTC)
 
@@ -50,12 +49,6 @@ async def _insert(store: Store, **fields: object) -> None:
     } | fields
     async with store.session() as session:
         session.add(ControllerProcess(**values))
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    async with migrated_store(store_url) as opened:
-        yield opened
 
 
 async def test_a_second_controller_on_the_store_refuses_until_the_first_stops(

@@ -7,7 +7,7 @@ import os
 import socket
 import sqlite3
 import stat
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -26,7 +26,6 @@ from controller.store import (
     UserRepository,
 )
 from controller.store.db import ensure_data_dir
-from controller.store.migrate import upgrade
 from controller.store.models import (
     Base,
     DatabaseInstance,
@@ -53,16 +52,6 @@ def assert_utc(value: datetime | None) -> None:
     assert value is not None
     assert value.tzinfo is not None
     assert value.utcoffset() == timedelta(0)
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    await asyncio.to_thread(upgrade, store_url)
-    opened = await Store.open(store_url)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from sqlalchemy import select, text, update
 
 from controller.server import Controller
 from controller.store.db import Store
-from controller.store.migrate import upgrade
 from controller.store.models import (
     DatabaseInstance,
     Deployment,
@@ -209,16 +208,6 @@ async def test_retire_is_refused_while_a_secret_uses_the_key(tmp_path: Path) -> 
 
         await until(done, "the rewrap after a restart")
     assert (await asyncio.to_thread(_a67, data, "vault", "retire", "k1")).returncode == 0
-
-
-@pytest.fixture
-async def store(store_url: str) -> Any:
-    await asyncio.to_thread(upgrade, store_url)
-    opened = await Store.open(store_url)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 async def test_an_interrupted_rewrap_resumes_and_never_overwrites_a_changed_row(

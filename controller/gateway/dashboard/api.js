@@ -74,17 +74,7 @@ async function send(method, path, body, token) {
   } catch {
     throw new ApiError(0, { message: "The gateway could not be reached." });
   }
-  const text = await response.text();
-  let data = {};
-  if (text) {
-    try {
-      data = JSON.parse(text);
-    } catch {
-      data = { message: text.trim() };
-    }
-  }
-  if (!response.ok) throw new ApiError(response.status, data);
-  return data;
+  return readJson(response);
 }
 
 // A call with the session's access token; an expired token is refreshed and the call made once more.
