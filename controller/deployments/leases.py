@@ -176,9 +176,11 @@ class Leases:
         controller holds it — after waiting up to two lease times for it if ``wait``."""
         got = await self.acquire(deployment_id)
         if not got and wait:
-            deadline = self.h.clock() + 2 * self.seconds
-            while not got and not self.h.closing and self.h.clock() < deadline:
-                await asyncio.sleep(min(1.0, self.seconds / 3))
+            step = min(1.0, self.seconds / 3)
+            for _ in range(int(2 * self.seconds / step) + 1):
+                if got or self.h.closing:
+                    break
+                await asyncio.sleep(step)
                 got = await self.acquire(deployment_id)
         if not got:
             yield False

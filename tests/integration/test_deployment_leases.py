@@ -318,3 +318,33 @@ async def _other_deployment(store: Store, name: str) -> str:
     async with store.session() as session:
         session.add(row)
     return row.id
+
+
+async def test_a_users_call_waits_for_the_lease_another_controller_gives_back(
+    world: tuple[Harness, Harness, Wall],
+) -> None:
+    a, b, _ = world
+    d = await _deployment(a.store, DeploymentStatus.RUNNING, [Replica(0, "n1", 10, ReplicaStatus.RUNNING)])
+    a_holds, b_got = asyncio.Event(), asyncio.Event()
+    release = asyncio.Event()
+
+    async def a_works() -> None:
+        async with a.leases.working_on(d) as leased:
+            assert leased
+            a_holds.set()
+            await release.wait()
+
+    async def b_waits() -> bool:
+        async with b.leases.working_on(d, wait=True) as leased:
+            b_got.set()
+            return leased
+
+    a_task = asyncio.create_task(a_works())
+    await a_holds.wait()
+    b_task = asyncio.create_task(b_waits())
+    assert not b_got.is_set()
+    release.set()  # A's work ends: the lease is given back, B's next try takes it
+    await a_task
+    assert await b_task
+    await _settled(b)
+    assert (await _stored(a, d)).lease_owner is None  # B gave it back in turn
