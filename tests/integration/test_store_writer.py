@@ -9,6 +9,7 @@ test sleeps; each waits for a state of the gate it can observe.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import doctest
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -165,6 +166,28 @@ async def test_a_writer_cancelled_inside_its_transaction_gives_the_gate_back(sto
     await after
     assert await rows(store) == ["b-1", "b-2"]
     assert not gate.held
+
+
+@pytest.mark.parametrize("ticks", range(0, 40, 2))
+async def test_a_writer_cancelled_again_while_its_transaction_ends_gives_the_gate_back(
+    store: Store, ticks: int
+) -> None:
+    """gRPC may cancel a handler's task more than once (the call cancelled, then the server
+    ending it): a second cancellation landing while the session rolls back or commits must
+    still end the transaction and give its connection — and the gate — back, at once."""
+    gate = gate_of(store)
+    hold = asyncio.Event()
+    writer = asyncio.create_task(write(store, "x", hold=hold))
+    await until(lambda: gate.held)
+    writer.cancel()  # the session rolls back...
+    for _ in range(ticks):
+        await asyncio.sleep(0)
+    writer.cancel()  # ...and is cancelled again somewhere in there
+    with contextlib.suppress(asyncio.CancelledError):
+        await writer
+    await until(lambda: not gate.held)  # not after a garbage collection of the connection
+    await write(store, "b")
+    assert await rows(store) == ["b-1", "b-2"]
 
 
 async def test_reads_run_beside_an_open_write_transaction(store: Store) -> None:
