@@ -81,6 +81,14 @@ class Leases:
         """Whether another controller holds ``row``'s lease now."""
         return held_elsewhere(row.lease_owner, row.lease_until, self.me, self.h.wall())
 
+    def _fresh(self, row: Deployment, now: datetime) -> bool:
+        """Whether ``row`` holds this controller's lease, renewed within the last third of it."""
+        return (
+            row.lease_owner == self.me
+            and row.lease_until is not None
+            and row.lease_until - now > timedelta(seconds=self.seconds * 2 / 3)
+        )
+
     def stamp(self, row: Deployment) -> None:
         """Before a write of a task working under the lease (``WORKING_ON``): renew it, or
         :class:`LeaseLost` if another controller holds it now."""
@@ -110,11 +118,7 @@ class Leases:
                         h.drop_row(deployment_id)  # the copy may be old: read the store's
                         continue
                     return False
-                if (
-                    row.lease_owner == self.me
-                    and row.lease_until is not None
-                    and row.lease_until - now > timedelta(seconds=self.seconds * 2 / 3)
-                ):
+                if self._fresh(row, now):
                     break  # taken when the row was written (a create): nothing to write
                 row.lease_owner = self.me
                 row.lease_until = now + timedelta(seconds=self.seconds)
@@ -219,11 +223,7 @@ class Leases:
                     row.lease_owner,
                 )
                 return
-            if (
-                row.lease_owner == self.me
-                and row.lease_until is not None
-                and row.lease_until - now > timedelta(seconds=self.seconds * 2 / 3)
-            ):
+            if self._fresh(row, now):
                 return
             row.lease_owner = self.me
             row.lease_until = now + timedelta(seconds=self.seconds)
