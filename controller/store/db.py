@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import stat
 import weakref
 from collections.abc import AsyncIterator
@@ -196,9 +197,34 @@ def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+class RollbackFirstConnection(sqlite3.Connection):
+    """An SQLite connection that rolls back what it has open before it closes.
+
+    Python's ``sqlite3`` closes with ``sqlite3_close_v2``: while a statement of the connection
+    has not been reset (a cursor stepped into a ``SELECT`` and still referenced), the
+    connection only becomes a "zombie", and its transaction, with SQLite's write lock, stays
+    open until that cursor is freed. SQLAlchemy closes a connection that way when it is
+    invalidated, which is what a task cancelled in the middle of a statement does (a client
+    that breaks an upload); the cursor may then live in an exception's traceback, and once
+    the controller's collector freezes it (``nodes/collector.py``), for good: every later
+    write waited out the busy timeout and failed. A rollback first ends the transaction at
+    once (SQLite aborts the pending statements), so a closed connection holds no lock.
+    """
+
+    def close(self) -> None:
+        try:
+            if self.in_transaction:
+                self.rollback()
+        except sqlite3.Error as exc:  # already closed, or the file is gone: close says the rest
+            log.debug("rollback before closing an SQLite connection failed: %s", exc)
+        super().close()
+
+
 def _engine_options(url: URL) -> dict[str, Any]:
     if is_sqlite_url(url):
-        options: dict[str, Any] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}}
+        options: dict[str, Any] = {
+            "connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "factory": RollbackFirstConnection}
+        }
         if is_memory_sqlite(url):
             # One shared connection, or every connection would see its own empty database.
             options["poolclass"] = StaticPool

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import doctest
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import pytest
 from sqlalchemy import event, text
 
 from controller.store import writer
-from controller.store.db import Store, create_engine_for, write_gate_of
+from controller.store.db import RollbackFirstConnection, Store, create_engine_for, write_gate_of
 from controller.store.writer import WriteGate
 
 GUARD_SECONDS = 30.0
@@ -262,3 +263,54 @@ async def test_a_lost_connection_frees_the_gate(store: Store, how: str) -> None:
     async with asyncio.timeout(GUARD_SECONDS):
         await write(store, "after")  # the next writer is admitted at once
     assert await rows(store) == ["after-1", "after-2"]
+
+
+async def test_a_lost_connection_with_a_statement_still_stepping_keeps_no_lock(store: Store) -> None:
+    """A task cancelled in the middle of a statement gets its connection invalidated, and
+    Python's ``sqlite3`` closes a connection whose statement is not reset only as a "zombie"
+    that keeps its transaction, and SQLite's write lock, while the statement's cursor lives
+    (here the test keeps it; in the controller a traceback that the collector froze did).
+    The store's connections roll back before they close, so the next writer goes at once:
+    this fixture's busy timeout of 0 ms would fail it with ``database is locked``."""
+    gate = gate_of(store)
+    async with store.session() as session:
+        await session.execute(text("INSERT INTO log (who) VALUES ('lost-1'), ('lost-2')"))
+        connection = await session.connection()
+        raw = await connection.get_raw_connection()
+        driver = raw.driver_connection
+        assert driver is not None
+        stepping = await driver.execute("SELECT who FROM log ORDER BY seq")
+        assert await stepping.fetchone() == ("lost-1",)  # and the second row is stepped to: not reset
+        await connection.invalidate()
+        await session.rollback()
+    assert not gate.held
+    async with asyncio.timeout(GUARD_SECONDS):
+        await write(store, "after")
+    assert await rows(store) == ["after-1", "after-2"]
+    del stepping
+
+
+def test_a_closed_connection_releases_the_write_lock_of_a_pending_statement(tmp_path: Path) -> None:
+    """The connection class on its own, against a plain sqlite3 connection that shows the zombie."""
+    path = tmp_path / "zombie.db"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as setup:
+        setup.execute("PRAGMA journal_mode=WAL")
+        setup.execute("CREATE TABLE t (x INTEGER)")
+        setup.execute("INSERT INTO t VALUES (1), (2)")
+
+    def holds_the_lock_after_close(factory: type[sqlite3.Connection]) -> bool:
+        first = sqlite3.connect(path, timeout=0, factory=factory)
+        first.execute("UPDATE t SET x = x + 1")
+        pending = first.execute("SELECT x FROM t")  # alive until this function returns
+        assert pending.fetchone() is not None
+        first.close()
+        with contextlib.closing(sqlite3.connect(path, timeout=0, isolation_level=None)) as other:
+            try:
+                other.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                return "locked" in str(exc)
+            other.execute("ROLLBACK")
+            return False
+
+    assert holds_the_lock_after_close(sqlite3.Connection)  # what Python's sqlite3 does
+    assert not holds_the_lock_after_close(RollbackFirstConnection)
