@@ -1,9 +1,11 @@
 """Pure storage decisions (paths, replication status, repair order, inventory, GC grace, rate
 limit, ranges) and the data path's building blocks (sealing, shared transfer messages, the
-agent's streamed chunk writes and shared directory fsyncs)."""
+agent's streamed chunk writes — around the page cache — and shared directory fsyncs)."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 import stat
@@ -281,3 +283,66 @@ def test_concurrent_copies_share_directory_fsyncs(tmp_path: Path, monkeypatch: p
         thread.join(10)
     assert sorted(finished) == sorted(ids)
     assert len(directory_syncs) == 2
+
+
+@pytest.mark.parametrize(
+    "size",
+    [
+        0,
+        1,
+        chunks.ALIGN - chunks.HEADER_BYTES,  # the file exactly one block
+        chunks.ALIGN,
+        chunks.STAGING_BYTES - chunks.HEADER_BYTES,  # exactly one staging buffer
+        chunks.STAGING_BYTES,
+        2 * chunks.STAGING_BYTES + 12345,
+    ],
+)
+def test_a_copy_written_around_the_page_cache_has_the_usual_layout(tmp_path: Path, size: int) -> None:
+    """Whatever its length (the last block padded, then cut), a copy's file is the header
+    and the bytes, as read, inventoried and scrubbed; staging buffers are reused."""
+    store = chunks.ChunkStore(tmp_path / "chunks")
+    for _ in range(2):
+        data = os.urandom(size)
+        sha = hashlib.sha256(data).hexdigest()
+        chunk_id = str(uuid.uuid4())
+        writer = store.writer(chunk_id, size, sha)
+        try:
+            third = size // 3
+            writer.add_all([data[:third], memoryview(data)[third : 2 * third]])
+            writer.finish([data[2 * third :]])
+        finally:
+            writer.close()
+        raw = (tmp_path / "chunks" / chunk_id).read_bytes()
+        assert raw == chunks.MAGIC + sha.encode() + b"\n" + data
+        assert store.read(chunk_id, sha) == data
+        assert store.scrub_one(chunk_id) is None
+    assert len(store._buffers) == 1  # the second copy reused the first one's buffer
+    assert sorted(p.name for p in (tmp_path / "chunks").iterdir() if p.name.startswith(".tmp")) == []
+
+
+def test_a_file_system_that_refuses_direct_writes_gets_them_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = chunks.ChunkStore(tmp_path / "chunks")
+    real_write = os.write
+    refused: list[int] = []
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        if os.O_DIRECT & fcntl.fcntl(fd, fcntl.F_GETFL):
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(chunks.os, "write", write)
+    data = os.urandom(chunks.STAGING_BYTES + 100)
+    sha = hashlib.sha256(data).hexdigest()
+    for _ in range(2):
+        chunk_id = str(uuid.uuid4())
+        writer = store.writer(chunk_id, len(data), sha)
+        try:
+            writer.finish([data])
+        finally:
+            writer.close()
+        assert store.read(chunk_id, sha) == data
+    assert len(refused) == 1  # refused once: the store writes through the page cache since
+    assert not store.direct

@@ -8,6 +8,7 @@ and the fleet, applies plans (one transaction each) and moves bytes through
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -63,6 +64,8 @@ copies on lost nodes (by the copies' node index) and the chunks known to lack a 
 STORE_ATTEMPTS = 3
 """Targets tried per missing copy before an upload gives up on a chunk."""
 DOWNLOAD_PIECE = 1024 * 1024
+READ_AHEAD = 2
+"""Chunks of a download being read beyond the one being sent."""
 INVENTORY_MARGIN_SECONDS = 60.0
 """A copy row must have been verified this long before a complete inventory that lacks
 it counts it as lost (the node listed its disk a moment before it reported)."""
@@ -953,22 +956,27 @@ class StorageService:
             sealed = await self._read_any(view)
             return await asyncio.to_thread(crypto.open_chunk, key, view.chunk_id, int(entry["index"]), sealed)
 
-        next_task: asyncio.Task[bytes] | None = asyncio.create_task(fetch(wanted[0][0]))
+        # The next READ_AHEAD chunks are read while one is sent (a node reads a copy from
+        # its disk: copies are written around the page cache).
+        ahead: collections.deque[asyncio.Task[bytes]] = collections.deque()
+        queued = 0
         try:
-            for i, (_entry, chunk_start) in enumerate(wanted):
-                assert next_task is not None
-                plaintext = await next_task
-                next_task = asyncio.create_task(fetch(wanted[i + 1][0])) if i + 1 < len(wanted) else None
+            for _entry, chunk_start in wanted:
+                while queued < len(wanted) and len(ahead) <= READ_AHEAD:
+                    ahead.append(asyncio.create_task(fetch(wanted[queued][0])))
+                    queued += 1
+                plaintext = await ahead.popleft()
                 lo = max(start - chunk_start, 0)
                 hi = min(end - chunk_start, len(plaintext))
                 view = memoryview(plaintext)[lo:hi]
                 for p in range(0, len(view), DOWNLOAD_PIECE):
                     yield bytes(view[p : p + DOWNLOAD_PIECE])
         finally:
-            if next_task is not None and not next_task.done():
-                next_task.cancel()
+            for task in ahead:
+                task.cancel()
+            for task in ahead:
                 with contextlib.suppress(BaseException):
-                    await next_task
+                    await task
 
     def _read_order(self, view: ChunkView) -> list[str]:
         """Nodes to read a chunk from: up nodes with a verified copy, quickest stream first."""
