@@ -205,12 +205,31 @@ class PackageStore:
             raise
 
     async def receive_bytes(self, user_id: str, data: bytes) -> Stored:
-        """Store an inline source as if it had been uploaded."""
+        """Store an inline source as if it had been uploaded: one worker-thread step (hash,
+        and unless the user already has that source, write, fsync and rename)."""
+        if not data:
+            raise InvalidArgument(
+                "The source is empty", field_violations=[FieldViolation("chunk", "no bytes were sent")]
+            )
+        if len(data) > self.max_bytes:
+            raise too_large(self.max_bytes, len(data))
+        user_dir = self._user_dir(user_id)
 
-        async def one() -> AsyncIterator[bytes]:
-            yield data
+        def store() -> Stored:
+            digest = hashlib.sha256(data).hexdigest()
+            target = user_dir / digest
+            if target.is_file() and target.stat().st_size == len(data):
+                return Stored(digest, len(data), target)  # content-addressed: already whole
+            sink = _Sink(self.tmp_dir)
+            try:
+                sink.write(data)
+                sink.commit(target)
+            except BaseException:
+                sink.discard()
+                raise
+            return Stored(digest, len(data), target)
 
-        return await self.receive(user_id, one())
+        return await asyncio.to_thread(store)
 
     # -- packages -------------------------------------------------------------------------
 
@@ -231,7 +250,8 @@ class PackageStore:
         return Stored(sha256, size, path)
 
     def new_sink(self) -> _Sink:
-        """A temporary file to build a package into (blocking: call in a worker thread)."""
+        """A temporary file to build a package into (blocking: call it in the worker thread
+        that builds, never on the event loop)."""
         return _Sink(self.tmp_dir)
 
     async def put_package_bytes(self, sha256: str, data: bytes) -> Stored:

@@ -9,6 +9,7 @@ written out from its row on first use.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from controller.deployments.blobs import PackageStore, Stored, is_sha256
@@ -54,14 +55,17 @@ class Sources:
                     reason="SOURCE_NOT_FOUND",
                 )
             source = found
-        sha256, size, path = await asyncio.to_thread(
-            build_package_file,
-            valid,
-            source.path,
-            self.packages.new_sink(),
-            self.packages.packages_dir,
-            limits=self.package_limits,
-        )
+
+        def build() -> tuple[str, int, Path]:
+            return build_package_file(
+                valid,
+                source.path,
+                self.packages.new_sink(),
+                self.packages.packages_dir,
+                limits=self.package_limits,
+            )
+
+        sha256, size, path = await asyncio.to_thread(build)  # one hop: the sink is a file too
         return Stored(sha256, size, path), source.sha256
 
     async def package_file(self, sha256: str) -> Stored | None:
