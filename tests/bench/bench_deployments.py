@@ -455,7 +455,8 @@ def burst(args: argparse.Namespace) -> None:
             if args.pyspy:  # sample the controller for the whole burst (stopped with SIGINT)
                 spy = subprocess.Popen(
                     [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(ctl.proc.pid), "-r",
-                     str(args.pyspy_rate), "--nonblocking", "-f", "raw", "-o", args.pyspy],
+                     str(args.pyspy_rate), "--nonblocking", "-f", "raw", "-o", args.pyspy,
+                     *(["--gil"] if args.pyspy_gil else [])],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )  # fmt: skip
             wall0 = time.monotonic()
@@ -740,6 +741,9 @@ def main() -> None:
     )
     b.add_argument("--pyspy", default=None, help="py-spy raw profile of the controller during the burst")
     b.add_argument("--pyspy-rate", type=int, default=100, help="py-spy samples per second")
+    b.add_argument(
+        "--pyspy-gil", action="store_true", help="sample only the thread holding the GIL (Python's CPU)"
+    )
     b.add_argument("--settle", type=float, default=3.0)
     b.add_argument("--timeout", type=float, default=180.0)
     r = sub.choices["recovery"]
