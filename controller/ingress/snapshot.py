@@ -36,7 +36,7 @@ import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -503,6 +503,86 @@ def _field_number(type_url: str, field_name: str) -> int:
     return number
 
 
+_TEMPLATE_APP = AppRoute("template", "template", "template", (Endpoint("127.0.0.1", 1, 1, "node", 1),))
+
+
+class _Templates:
+    """A deployment's messages without ``json_format.ParseDict`` per deployment.
+
+    Parsing the JSON form (the functions above, which :func:`build_snapshot` uses) is most
+    of what building a deployment's resources costs in Python; apart from its id, name,
+    handle and endpoints, every deployment's cluster, routes and virtual host are the same.
+    So one of each is parsed per builder, and each deployment's is a copy (upb's C copy)
+    with those fields set — the same messages, so the same bytes (the builder's test
+    compares them with :func:`build_snapshot`'s)."""
+
+    def __init__(self, options: IngressOptions) -> None:
+        self.options = options
+        app = _TEMPLATE_APP
+        self.cluster = cluster(app, options)
+        self.path_routes = [_parse(ROUTE_ENTRY, r) for r in _path_routes(app, options)]
+        self.virtual_host = _parse(VIRTUAL_HOST, _virtual_host(app, options))
+        assignment = load_assignment(app)
+        self.assignment = _message_class(ENDPOINT)()
+        self.assignment.CopyFrom(assignment)
+        del self.assignment.endpoints[:]
+        self.lb_endpoint = assignment.endpoints[0].lb_endpoints[0]  # type: ignore[attr-defined]
+        if (len(self.path_routes), len(self.virtual_host.routes)) != (4, 2):  # type: ignore[attr-defined]
+            raise AssertionError("the route templates do not have the shape _Templates expects")
+
+    @staticmethod
+    def _copy(template: Message) -> Any:
+        message = type(template)()
+        message.CopyFrom(template)
+        return message
+
+    def cluster_for(self, deployment_id: str) -> Message:
+        message = self._copy(self.cluster)
+        message.name = deployment_id
+        return cast(Message, message)
+
+    def path_routes_for(self, deployment_id: str) -> list[Message]:
+        """The default virtual host's routes to one deployment (see :func:`_path_routes`)."""
+        prefix = f"{PATH_PREFIX}{deployment_id}"
+        routes = [self._copy(r) for r in self.path_routes]
+        for route, name in zip(routes, ("path_", "path_", "bare_", "bare_"), strict=True):
+            route.route.cluster = deployment_id
+            base = f"{name}{deployment_id}"
+            route.name = f"{base}_idempotent" if route.match.headers else base
+        routes[0].match.prefix = routes[1].match.prefix = prefix + "/"
+        routes[2].match.path = routes[3].match.path = prefix
+        return routes
+
+    def virtual_host_for(self, app: AppRoute) -> Message:
+        """One deployment's virtual host (see :func:`_virtual_host`)."""
+        host = self._copy(self.virtual_host)
+        host.name = f"app_{app.deployment_id}"
+        host.domains[0] = app_host(app.name, app.handle, self.options.apps_domain)
+        for route in host.routes:
+            route.route.cluster = app.deployment_id
+            base = f"host_{app.deployment_id}"
+            route.name = f"{base}_idempotent" if route.match.headers else base
+        return cast(Message, host)
+
+    def load_assignment_for(self, app: AppRoute) -> Message:
+        """One deployment's endpoints (see :func:`load_assignment`)."""
+        message = self._copy(self.assignment)
+        message.cluster_name = app.deployment_id
+        if app.endpoints:
+            locality = message.endpoints.add()
+            for e in sorted(app.endpoints, key=lambda e: (e.replica_index, e.host, e.port)):
+                lb = locality.lb_endpoints.add()
+                lb.CopyFrom(self.lb_endpoint)
+                socket = lb.endpoint.address.socket_address
+                socket.address = e.host
+                socket.port_value = e.port
+                lb.load_balancing_weight.value = e.weight
+                fields = lb.metadata.filter_metadata["a67"].fields
+                fields["node_id"].string_value = e.node_id
+                fields["replica_index"].number_value = e.replica_index
+        return cast(Message, message)
+
+
 @dataclass(frozen=True, slots=True)
 class _Built:
     """One deployment's resources, serialized: reused as long as its :class:`AppRoute` is equal."""
@@ -540,18 +620,18 @@ class SnapshotBuilder:
         )
         self._default_tail = _field(vh_routes, _serialize(_parse(ROUTE_ENTRY, _json_404())))
         self._path_field = vh_routes
+        self._templates = _Templates(options)
 
     def _entry(self, app: AppRoute, old: _Built | None) -> _Built:
-        options = self.options
+        t = self._templates
         if old is None:
             return _Built(
                 app,
-                encode(app.deployment_id, cluster(app, options)),
-                encode(app.deployment_id, load_assignment(app)),
+                encode(app.deployment_id, t.cluster_for(app.deployment_id)),
+                encode(app.deployment_id, t.load_assignment_for(app)),
                 self._virtual_host_bytes(app),
                 b"".join(
-                    _field(self._path_field, _serialize(_parse(ROUTE_ENTRY, r)))
-                    for r in _path_routes(app, options)
+                    _field(self._path_field, _serialize(r)) for r in t.path_routes_for(app.deployment_id)
                 ),
             )
         # the cluster and the path routes depend on the deployment id (and the options) only
@@ -561,7 +641,7 @@ class SnapshotBuilder:
             old.cluster,
             old.load_assignment
             if was.endpoints == app.endpoints
-            else encode(app.deployment_id, load_assignment(app)),
+            else encode(app.deployment_id, t.load_assignment_for(app)),
             old.virtual_host
             if (was.name, was.handle) == (app.name, app.handle)
             else self._virtual_host_bytes(app),
@@ -569,7 +649,7 @@ class SnapshotBuilder:
         )
 
     def _virtual_host_bytes(self, app: AppRoute) -> bytes:
-        return _field(self._vh_field, _serialize(_parse(VIRTUAL_HOST, _virtual_host(app, self.options))))
+        return _field(self._vh_field, _serialize(self._templates.virtual_host_for(app)))
 
     def build(self, apps: Iterable[AppRoute]) -> Snapshot:
         """The snapshot of ``apps`` (clusters, endpoints, routes), reusing what did not change."""

@@ -37,8 +37,8 @@ def _endpoints(rng: random.Random) -> tuple[Endpoint, ...]:
         Endpoint(
             rng.choice(["127.0.0.1", "10.0.0.7", "::1"]),
             rng.randrange(20000, 20010),
-            rng.choice([1, 5, 50, 100]),
-            f"node-{rng.randrange(4)}",
+            rng.choice([0, 1, 5, 50, 100]),
+            rng.choice(["", "node-1", "node-2", "node-3"]),
             index,
         )
         for index in range(rng.randrange(4))
