@@ -122,7 +122,9 @@ def iter_rejections(
     need_memory = request.memory_mb - RESOURCE_EPSILON
     need_disk = request.disk_mb - RESOURCE_EPSILON
     node_type = request.node_type
-    for node in snapshot.nodes:
+    narrowed = getattr(snapshot, "maybe_infeasible", None)  # a live snapshot knows the few
+    candidates = narrowed(request, exclude) if narrowed is not None else None
+    for node in snapshot.nodes if candidates is None else candidates:
         if node.state in SCHEDULABLE and node_type in node.node_types and node.node_id not in exclude:
             row = node.placement_row
             if row[3] >= need_cpu and row[4] >= need_memory and row[5] >= need_disk:

@@ -21,25 +21,57 @@ Pure: no I/O, no clock. Feeding it is the caller's job (``controller/deployments
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left, insort
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
-from controller.scheduling.snapshot import SCHEDULABLE, SENTINEL, NodeView, PlacementRow, build_regions
+from controller.scheduling.feasible import RESOURCE_EPSILON
+from controller.scheduling.snapshot import (
+    SCHEDULABLE,
+    SENTINEL,
+    NodeView,
+    PlacementRow,
+    ReplicaRequest,
+    build_regions,
+)
 
 
 class _LiveTypeIndex:
-    """The rows of one node type by region, kept sorted as views change."""
+    """The rows of one node type by region, kept sorted as views change; and what tells,
+    without walking every node, which nodes can be infeasible for a request of the type:
+    the nodes outside the order (not schedulable, or not of the type), and the least free
+    CPU, memory and disk among those in it."""
 
-    __slots__ = ("node_type", "regions")
+    __slots__ = ("_least", "node_type", "outside", "regions")
 
     def __init__(self, nodes: Iterable[NodeView], node_type: str) -> None:
         self.node_type = node_type
+        nodes = tuple(nodes)
         self.regions = build_regions(nodes, node_type, by_node_id=True)
+        self.outside = {view.node_id for view in nodes if not self._member(view)}
+        self._least: tuple[float, float, float] | None = None  # None: to be computed
 
     def _member(self, view: NodeView | None) -> bool:
         return view is not None and view.state in SCHEDULABLE and self.node_type in view.node_types
 
+    def least_free(self) -> tuple[float, float, float]:
+        """The least free CPU cores, memory MB and disk MB among the nodes in the order
+        (each on its own; infinite when the order is empty)."""
+        if self._least is None:
+            least = [math.inf, math.inf, math.inf]
+            for rows in self.regions.values():
+                for row in rows[:-1]:  # not the sentinel
+                    least[0] = min(least[0], row[3])
+                    least[1] = min(least[1], row[4])
+                    least[2] = min(least[2], row[5])
+            self._least = (least[0], least[1], least[2])
+        return self._least
+
     def replace(self, old: NodeView | None, new: NodeView | None) -> None:
+        if old is not None and not self._member(old):
+            self.outside.discard(old.node_id)
+        if new is not None and not self._member(new):
+            self.outside.add(new.node_id)
         if self._member(old):
             assert old is not None
             row = old.placement_row
@@ -51,6 +83,9 @@ class _LiveTypeIndex:
                 rows.remove(row)
             if len(rows) == 1:  # only the sentinel is left
                 del self.regions[row[2]]
+            least = self._least
+            if least is not None and (row[3] <= least[0] or row[4] <= least[1] or row[5] <= least[2]):
+                self._least = None  # it may have been the least: computed again when asked
         if self._member(new):
             assert new is not None
             row = new.placement_row
@@ -59,6 +94,9 @@ class _LiveTypeIndex:
                 self.regions[row[2]] = [row, SENTINEL]
             else:
                 insort(found, row, 0, len(found) - 1)
+            least = self._least
+            if least is not None:
+                self._least = (min(least[0], row[3]), min(least[1], row[4]), min(least[2], row[5]))
 
 
 class LiveSnapshot:
@@ -126,7 +164,28 @@ class LiveSnapshot:
     def regions(self, node_type: str) -> dict[str, list[PlacementRow]]:
         """The schedulable nodes of ``node_type`` by region, best first, each list ended by
         :data:`SENTINEL` (built on the first request for the type, then maintained)."""
+        return self._index(node_type).regions
+
+    def _index(self, node_type: str) -> _LiveTypeIndex:
         index = self._indexes.get(node_type)
         if index is None:
             index = self._indexes[node_type] = _LiveTypeIndex(self._views.values(), node_type)
-        return index.regions
+        return index
+
+    def maybe_infeasible(self, request: ReplicaRequest, exclude: Collection[str]) -> list[NodeView] | None:
+        """The nodes that can be infeasible for ``request`` with ``exclude``, in :attr:`nodes`
+        order — those outside the type's order and the excluded ones — when every node in the
+        order has room for it; else None (any node may be: walk them all). Rejections are
+        reported with every placement, and in a large fleet with room to spare this is a
+        handful of nodes instead of all of them."""
+        index = self._index(request.node_type)
+        cpu, memory, disk = index.least_free()
+        if (
+            cpu < request.cpu_cores - RESOURCE_EPSILON
+            or memory < request.memory_mb - RESOURCE_EPSILON
+            or disk < request.disk_mb - RESOURCE_EPSILON
+        ):
+            return None
+        views = self._views
+        candidates = index.outside.union(node_id for node_id in exclude if node_id in views)
+        return [views[node_id] for node_id in sorted(candidates)]

@@ -129,3 +129,34 @@ def test_iter_rejections_agrees_with_rejections() -> None:
         assert dict(iter_rejections(placement.snapshot, request, exclude)) == rejections(
             placement.snapshot, request, exclude
         )
+
+
+def test_a_live_snapshot_finds_the_same_rejections_without_walking_every_node() -> None:
+    """Over a live snapshot, rejections come from the few nodes that can be infeasible (those
+    outside the type's order, the excluded ones) whenever every node in the order has room;
+    they are exactly what a walk over every node of a fresh snapshot finds."""
+    rng = random.Random(5)
+    ids = [f"n{i:02d}" for i in range(40)]
+    live = LiveSnapshot("u1")
+    for node_id in ids[:30]:
+        live.put(random_view(rng, node_id))  # type: ignore[arg-type]
+    small = ReplicaRequest(cpu_cores=0.01, memory_mb=1, disk_mb=1)
+    narrowed = walked = 0
+    for step in range(300):
+        node_id = rng.choice(ids)
+        if rng.random() < 0.1:
+            live.remove(node_id)
+        else:
+            live.put(random_view(rng, node_id))  # type: ignore[arg-type]
+        fresh = Snapshot(live.nodes, user_id="u1")
+        for request in (*REQUESTS, small, replace(small, node_type="storage")):
+            exclude = frozenset(rng.sample(ids, rng.choice((0, 2))))
+            candidates = live.maybe_infeasible(request, exclude)
+            if candidates is None:
+                walked += 1
+            else:
+                narrowed += 1
+                assert len(candidates) < len(live.nodes) or not live.regions(request.node_type)
+            got = list(iter_rejections(live, request, exclude))
+            assert got == list(iter_rejections(fresh, request, exclude)), (step, request)
+    assert narrowed > 100 and walked > 100  # both paths were taken
