@@ -159,4 +159,5 @@ def test_a_live_snapshot_finds_the_same_rejections_without_walking_every_node() 
                 assert len(candidates) < len(live.nodes) or not live.regions(request.node_type)
             got = list(iter_rejections(live, request, exclude))
             assert got == list(iter_rejections(fresh, request, exclude)), (step, request)
-    assert narrowed > 100 and walked > 100  # both paths were taken
+    assert narrowed > 100  # both paths were taken
+    assert walked > 100
