@@ -17,6 +17,7 @@ batches of :data:`WRITE_BATCH_BYTES`, so the event loop stays free.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -58,6 +59,12 @@ def too_large(limit: int, size: int | None = None) -> ResourceExhausted:
         f"The source is larger than the limit of {limit} bytes{got}; nothing was stored",
         reason="SOURCE_TOO_LARGE",
         metadata={"limit_bytes": str(limit)},
+    )
+
+
+def _empty_source() -> InvalidArgument:
+    return InvalidArgument(
+        "The source is empty", field_violations=[FieldViolation("chunk", "no bytes were sent")]
     )
 
 
@@ -180,9 +187,7 @@ class PackageStore:
             if batch:
                 await asyncio.to_thread(_write_all, sink, batch)
             if total == 0:
-                raise InvalidArgument(
-                    "The source is empty", field_violations=[FieldViolation("chunk", "no bytes were sent")]
-                )
+                raise _empty_source()
             if expected_size and total != expected_size:
                 raise InvalidArgument(
                     f"The upload announced {expected_size} bytes but sent {total}; nothing was stored",
@@ -208,9 +213,7 @@ class PackageStore:
         """Store an inline source as if it had been uploaded: one worker-thread step (hash,
         and unless the user already has that source, write, fsync and rename)."""
         if not data:
-            raise InvalidArgument(
-                "The source is empty", field_violations=[FieldViolation("chunk", "no bytes were sent")]
-            )
+            raise _empty_source()
         if len(data) > self.max_bytes:
             raise too_large(self.max_bytes, len(data))
         user_dir = self._user_dir(user_id)
@@ -218,8 +221,9 @@ class PackageStore:
         def store() -> Stored:
             digest = hashlib.sha256(data).hexdigest()
             target = user_dir / digest
-            if target.is_file() and target.stat().st_size == len(data):
-                return Stored(digest, len(data), target)  # content-addressed: already whole
+            with contextlib.suppress(FileNotFoundError):
+                if target.stat().st_size == len(data):
+                    return Stored(digest, len(data), target)  # content-addressed: already whole
             sink = _Sink(self.tmp_dir)
             try:
                 sink.write(data)

@@ -522,11 +522,7 @@ class _Templates:
         self.cluster = cluster(app, options)
         self.path_routes = [_parse(ROUTE_ENTRY, r) for r in _path_routes(app, options)]
         self.virtual_host = _parse(VIRTUAL_HOST, _virtual_host(app, options))
-        assignment = load_assignment(app)
-        self.assignment = _message_class(ENDPOINT)()
-        self.assignment.CopyFrom(assignment)
-        del self.assignment.endpoints[:]
-        self.lb_endpoint = assignment.endpoints[0].lb_endpoints[0]  # type: ignore[attr-defined]
+        self.lb_endpoint = load_assignment(app).endpoints[0].lb_endpoints[0]  # type: ignore[attr-defined]
         if (len(self.path_routes), len(self.virtual_host.routes)) != (4, 2):  # type: ignore[attr-defined]
             raise AssertionError("the route templates do not have the shape _Templates expects")
 
@@ -566,8 +562,7 @@ class _Templates:
 
     def load_assignment_for(self, app: AppRoute) -> Message:
         """One deployment's endpoints (see :func:`load_assignment`)."""
-        message = self._copy(self.assignment)
-        message.cluster_name = app.deployment_id
+        message: Any = _message_class(ENDPOINT)(cluster_name=app.deployment_id)
         if app.endpoints:
             locality = message.endpoints.add()
             for e in sorted(app.endpoints, key=lambda e: (e.replica_index, e.host, e.port)):

@@ -122,8 +122,7 @@ def iter_rejections(
     need_memory = request.memory_mb - RESOURCE_EPSILON
     need_disk = request.disk_mb - RESOURCE_EPSILON
     node_type = request.node_type
-    narrowed = getattr(snapshot, "maybe_infeasible", None)  # a live snapshot knows the few
-    candidates = narrowed(request, exclude) if narrowed is not None else None
+    candidates = snapshot.maybe_infeasible(request, exclude)  # a live snapshot knows the few
     for node in snapshot.nodes if candidates is None else candidates:
         if node.state in SCHEDULABLE and node_type in node.node_types and node.node_id not in exclude:
             row = node.placement_row

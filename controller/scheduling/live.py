@@ -68,11 +68,12 @@ class _LiveTypeIndex:
         return self._least
 
     def replace(self, old: NodeView | None, new: NodeView | None) -> None:
-        if old is not None and not self._member(old):
+        was_in, is_in = self._member(old), self._member(new)
+        if old is not None and not was_in:
             self.outside.discard(old.node_id)
-        if new is not None and not self._member(new):
+        if new is not None and not is_in:
             self.outside.add(new.node_id)
-        if self._member(old):
+        if was_in:
             assert old is not None
             row = old.placement_row
             rows = self.regions[row[2]]
@@ -86,7 +87,7 @@ class _LiveTypeIndex:
             least = self._least
             if least is not None and (row[3] <= least[0] or row[4] <= least[1] or row[5] <= least[2]):
                 self._least = None  # it may have been the least: computed again when asked
-        if self._member(new):
+        if is_in:
             assert new is not None
             row = new.placement_row
             found = self.regions.get(row[2])

@@ -28,7 +28,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from operator import itemgetter
@@ -292,6 +292,12 @@ class Snapshot:
         :func:`build_regions`), computed once per snapshot and node type."""
         return self.memo(f"regions:{node_type}", lambda s: build_regions(s.nodes, node_type))
 
+    def maybe_infeasible(self, request: ReplicaRequest, exclude: Collection[str]) -> list[NodeView] | None:
+        """The nodes that can be infeasible for ``request``, when fewer than all of them can
+        be told cheaply; a snapshot keeps no index for it: None, check every node (the live
+        view narrows it: :meth:`~controller.scheduling.live.LiveSnapshot.maybe_infeasible`)."""
+        return None
+
     def memo(self, key: str, build: Callable[[Snapshot], _T]) -> _T:
         """``build(self)``, computed once per snapshot and key (a snapshot never changes).
 
@@ -321,6 +327,10 @@ class NodeSet(Protocol):
 
     def regions(self, node_type: str) -> dict[str, list[PlacementRow]]:
         """See :meth:`Snapshot.regions`."""
+        ...
+
+    def maybe_infeasible(self, request: ReplicaRequest, exclude: Collection[str]) -> list[NodeView] | None:
+        """See :meth:`Snapshot.maybe_infeasible`."""
         ...
 
 
