@@ -45,7 +45,7 @@ from controller.agent.replica_logs import LINE_CHARS, MAX_TAIL_LINES
 from controller.deployments.harness import view_of
 from controller.deployments.records import SERVING, Replica
 from controller.errors import ControllerError, FieldViolation, InvalidArgument, NotFound
-from controller.federation.results import PushedSlots
+from controller.federation.results import PushedSlots, QueuedSlot
 from controller.nodes.sessions import StreamRegistry
 from controller.redact import redact
 from controller.store.models import Deployment
@@ -147,36 +147,11 @@ def reads_to_start(
     return {node: sorted(indexes) for node, indexes in sorted(wanted.items())}
 
 
-class LogSlot:
+class LogSlot(QueuedSlot[node_pb2.PushReplicaLogsRequest]):
     """Where the lines pushed for one ``read_replica_logs`` command arrive."""
 
     def __init__(self, command_id: str, node_id: str, queue_batches: int = QUEUE_BATCHES) -> None:
-        self.command_id = command_id
-        self.node_id = node_id
-        self.queue: asyncio.Queue[node_pb2.PushReplicaLogsRequest] = asyncio.Queue(queue_batches)
-        self.attached = False
-        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    async def get(self) -> node_pb2.PushReplicaLogsRequest | None:
-        """The next message; None once the slot is closed and drained."""
-        if not self.queue.empty():
-            return self.queue.get_nowait()
-        if self.gone.done():
-            return None
-        getter = asyncio.ensure_future(self.queue.get())
-        try:
-            waiters: set[asyncio.Future[Any]] = {getter, self.gone}
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not getter.done():
-                getter.cancel()
-        if getter.done() and not getter.cancelled():
-            return getter.result()
-        return self.queue.get_nowait() if not self.queue.empty() else None
-
-    def close(self) -> None:
-        if not self.gone.done():
-            self.gone.set_result(None)
+        super().__init__(command_id, node_id, queue_batches)
 
 
 class ReplicaLogSlots(PushedSlots[LogSlot, node_pb2.PushReplicaLogsRequest]):
@@ -351,7 +326,7 @@ class ReplicaLogs:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.command_seconds
             while True:
-                getter = asyncio.ensure_future(slot.get())
+                getter = asyncio.ensure_future(slot.next())
                 waiting: set[asyncio.Future[Any]] = {getter}
                 if not sent.done():
                     waiting.add(sent)

@@ -45,15 +45,73 @@ _CLOSED = node_pb2.PushShardResultRequest(
 )
 
 
-class ResultSlot:
+class QueuedSlot(Generic[M]):
+    """Where the messages pushed for one command arrive: a bounded queue, and ``gone`` once
+    the slot is closed. Shared by shard results and replicas' logs."""
+
+    def __init__(self, command_id: str, node_id: str, queue_batches: int) -> None:
+        self.command_id = command_id
+        self.node_id = node_id
+        self.queue: asyncio.Queue[M] = asyncio.Queue(queue_batches)
+        self.attached = False
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._held: list[M] = []
+        """A message taken off the queue by a :meth:`next` that was cancelled before it
+        returned it: the next call returns it."""
+        self._last: M | None = None
+        """The message that ends a slot closed by :meth:`end` (returned after the queue)."""
+
+    async def next(self) -> M | None:
+        """The next message; None once the slot is closed and drained (after the final
+        message given to :meth:`end`, if it was ended that way).
+
+        A caller may cancel a pending call (to wait on something else) and call again
+        without losing a message: one that arrived just as the call was cancelled is kept
+        for the next. (Losing it would lose the failure that ends a read, and a reader
+        waiting with no deadline would wait for ever.)
+        """
+        if self._held:
+            return self._held.pop()
+        if not self.queue.empty():
+            return self.queue.get_nowait()
+        if self.gone.done():
+            return self._take_last()
+        getter = asyncio.ensure_future(self.queue.get())
+        try:
+            waiters: set[asyncio.Future[Any]] = {getter, self.gone}
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            if getter.done() and not getter.cancelled():
+                self._held.append(getter.result())
+            raise
+        finally:
+            if not getter.done():
+                getter.cancel()  # a Queue.get cancelled before it returns leaves the item queued
+        if getter.done() and not getter.cancelled():
+            return getter.result()
+        return self.queue.get_nowait() if not self.queue.empty() else self._take_last()
+
+    def _take_last(self) -> M | None:
+        last, self._last = self._last, None
+        return last
+
+    def close(self) -> None:
+        if not self.gone.done():
+            self.gone.set_result(None)
+
+    def end(self, last: M) -> None:
+        """Close the slot with ``last`` as its final message, after what is queued (for a
+        call that broke while the queue was full)."""
+        if not self.gone.done():
+            self._last = last
+        self.close()
+
+
+class ResultSlot(QueuedSlot[node_pb2.PushShardResultRequest]):
     """Where the rows of one shard statement arrive."""
 
     def __init__(self, command_id: str, node_id: str, queue_batches: int = QUEUE_BATCHES) -> None:
-        self.command_id = command_id
-        self.node_id = node_id
-        self.queue: asyncio.Queue[node_pb2.PushShardResultRequest] = asyncio.Queue(queue_batches)
-        self.attached = False
-        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        super().__init__(command_id, node_id, queue_batches)
 
     async def get(self) -> node_pb2.PushShardResultRequest:
         """The next batch; once the slot is closed and drained, an ``unavailable`` end.
@@ -61,24 +119,8 @@ class ResultSlot:
         Never waits for ever: a slot closed while nothing is queued (the statement was
         cancelled, its transaction rolled back, its node's stream ended) answers at once.
         """
-        if not self.queue.empty() or self.gone.done():
-            if not self.queue.empty():
-                return self.queue.get_nowait()
-            return _CLOSED
-        getter = asyncio.ensure_future(self.queue.get())
-        try:
-            waiters: set[asyncio.Future[Any]] = {getter, self.gone}
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not getter.done():
-                getter.cancel()
-        if getter.done() and not getter.cancelled():
-            return getter.result()
-        return self.queue.get_nowait() if not self.queue.empty() else _CLOSED
-
-    def close(self) -> None:
-        if not self.gone.done():
-            self.gone.set_result(None)
+        message = await self.next()
+        return _CLOSED if message is None else message
 
 
 class PushedSlot(Protocol[M]):
@@ -91,6 +133,8 @@ class PushedSlot(Protocol[M]):
     gone: asyncio.Future[None]
 
     def close(self) -> None: ...
+
+    def end(self, last: M) -> None: ...
 
 
 S = TypeVar("S", bound=PushedSlot[Any])
@@ -179,7 +223,7 @@ class PushedSlots(Generic[S, M]):
         try:
             slot.queue.put_nowait(failure)
         except asyncio.QueueFull:  # the reader is behind: it gets what is queued, then the end
-            slot.close()
+            slot.end(failure)
 
     async def _pump(self, slot: S, iterator: AsyncIterator[M]) -> bool:
         try:

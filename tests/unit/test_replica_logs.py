@@ -126,11 +126,11 @@ async def test_a_push_is_paired_with_its_read_from_its_own_node_only() -> None:
     assert await slots.receive(
         "node-a", _messages(node_pb2.PushReplicaLogsRequest(command_id="c1"), line, done)
     )
-    assert (await slot.get()) == line
-    assert (await slot.get()) == done
+    assert (await slot.next()) == line
+    assert (await slot.next()) == done
     slots.close(slot)
     assert len(slots) == 0
-    assert await slot.get() is None
+    assert await slot.next() is None
 
 
 async def test_a_push_call_cancelled_under_its_reader_ends_the_read() -> None:
@@ -154,8 +154,70 @@ async def test_a_push_call_cancelled_under_its_reader_ends_the_read() -> None:
     with pytest.raises(asyncio.CancelledError):
         await call
     assert slot.queue.qsize() == 2  # the line, then the end
-    assert (await slot.get()) == line
-    ended = await slot.get()
+    assert (await slot.next()) == line
+    ended = await slot.next()
     assert ended is not None
     assert ended.done
     assert ended.error_message == "the node's log stream broke (CancelledError)"
+
+
+async def test_a_reader_cancelled_as_the_end_arrives_loses_nothing() -> None:
+    """A reader waits on a slot and on its command at once, and cancels its wait on the slot
+    when the command ends first. When the agent dies both end in the same turn of the loop:
+    the failure taken off the queue by the cancelled wait must reach the next one (it was
+    lost, and the followed log's read on the dead node never ended)."""
+    slots = ReplicaLogSlots()
+    slot = slots.open("c1", "node-a")
+    waiting = asyncio.ensure_future(slot.next())
+    await asyncio.sleep(0)  # it waits on the queue
+    end = node_pb2.PushReplicaLogsRequest(
+        done=True, error_message="the node's log stream broke (AioRpcError)"
+    )
+    slot.queue.put_nowait(end)
+    for _ in range(10):  # until the slot's own queue read has taken it, not yet the reader
+        if slot.queue.empty():
+            break
+        await asyncio.sleep(0)
+    assert slot.queue.empty()
+    assert not waiting.done()
+    waiting.cancel()  # the command ended first: the reader cancels its wait on the slot
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    slots.close(slot)  # so that a lost message reads as the end instead of a wait for ever
+    assert (await slot.next()) == end
+    assert await slot.next() is None
+
+
+async def test_a_call_that_breaks_while_its_reader_is_behind_ends_after_the_queue() -> None:
+    """The queue is full when gRPC cancels the push call: the reader gets every queued
+    batch, then the failure (not a silent end that reads as a finished read)."""
+    slots = ReplicaLogSlots(queue_batches=2)
+    slot = slots.open("c1", "node-a")
+    line = node_pb2.PushReplicaLogsRequest(replica_index=0, lines=[node_pb2.ReplicaLogLine(text="hello")])
+    full = asyncio.Event()
+
+    async def follow() -> AsyncIterator[node_pb2.PushReplicaLogsRequest]:
+        yield node_pb2.PushReplicaLogsRequest(command_id="c1")
+        yield line
+        yield line
+        full.set()
+        yield line  # waits for room in the queue: the reader is behind
+        await asyncio.Event().wait()
+
+    call = asyncio.ensure_future(slots.receive("node-a", follow()))
+    await full.wait()
+    for _ in range(10):
+        if slot.queue.full():
+            break
+        await asyncio.sleep(0)
+    assert slot.queue.full()
+    call.cancel()  # the node was killed
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert (await slot.next()) == line
+    assert (await slot.next()) == line
+    ended = await slot.next()
+    assert ended is not None
+    assert ended.done
+    assert ended.error_message == "the node's log stream broke (CancelledError)"
+    assert await slot.next() is None
