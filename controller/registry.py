@@ -54,6 +54,23 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+async def live_controllers(
+    store: Store, *, wall: Callable[[], datetime] = utcnow, stale_seconds: float = STALE_SECONDS
+) -> set[str]:
+    """The ids of the controllers serving ``store`` now: a row seen within ``stale_seconds``
+    whose process, when it is on this host, still exists. Work a controller left behind
+    (a transaction, an upload) may be taken over once its id is not in this set."""
+    now = wall()
+    host = socket.gethostname()[:255]
+    async with store.session() as session:
+        rows = list((await session.execute(select(ControllerProcess))).scalars())
+    return {
+        r.id
+        for r in rows
+        if r.seen_at > now - timedelta(seconds=stale_seconds) and (r.host != host or process_alive(r.pid))
+    }
+
+
 _RUNNING: set[str] = set()
 """The instances of the controllers running in this process."""
 

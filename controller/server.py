@@ -68,14 +68,17 @@ from controller.federation.transactions import TransactionLog, TransactionManage
 from controller.ingress.service import IngressService
 from controller.ingress.snapshot import IngressOptions
 from controller.keys import KeyMaterial, load_key_material
+from controller.leases import LoopLeases
 from controller.nodes.ca import CertificateAuthority
 from controller.nodes.enrollment import EnrollmentTokens
 from controller.nodes.fleet import Fleet
 from controller.nodes.health import HealthConfig
 from controller.nodes.registration import NodeRegistrar
+from controller.nodes.relay import CommandRelay
 from controller.nodes.repository import NodeRepository
 from controller.nodes.watch import NodeWatch
-from controller.registry import ControllerRegistry
+from controller.nodes.watchers import NodeWatchers
+from controller.registry import ControllerRegistry, live_controllers
 from controller.store.db import Store, ensure_data_dir, redact
 from controller.store.migrate import ensure_schema
 from controller.store.repositories import AuthFailureRepository, RefreshTokenRepository, UserRepository
@@ -136,6 +139,9 @@ class Controller:
     replica_logs: ReplicaLogs | None = None
     node_watch: NodeWatch | None = None
     registry: ControllerRegistry | None = None
+    loop_leases: LoopLeases | None = None
+    relay: CommandRelay | None = None
+    watchers: NodeWatchers | None = None
 
     @property
     def address(self) -> str:
@@ -159,7 +165,11 @@ class Controller:
             await self.ingress.stop()
         if self.transactions is not None:
             await self.transactions.stop()
+        if self.watchers is not None:
+            await self.watchers.stop()
         await self.fleet.stop()
+        if self.relay is not None:
+            await self.relay.close()
         grace = self.settings.drain_grace_seconds if grace is None else grace
         log.info("draining: health is NOT_SERVING; in-flight calls have %.1f s to finish", grace)
         await self.server.stop(grace)
@@ -168,6 +178,8 @@ class Controller:
         if self.merge_workers is not None:
             self.merge_workers.close()
         await self.cache.close()
+        if self.loop_leases is not None:
+            await self.loop_leases.release()
         if self.registry is not None:
             await self.registry.release()
         await self.store.close()
@@ -212,6 +224,12 @@ async def start_controller(settings: Settings) -> Controller:
             ),
         ),
     )
+    fleet.holder_id = controller_id  # the store says which controller watches each node
+
+    async def peers() -> set[str]:
+        return await live_controllers(store)
+
+    fleet.peers = peers
     vault = Vault(keys.keyring)
     secret_audit = SecretAuditLog(store)  # issue 16: every decryption, append-only
     vault.set_auditor(secret_audit.record)
@@ -230,8 +248,13 @@ async def start_controller(settings: Settings) -> Controller:
         packages=PackageStore(settings.data_dir / "packages", max_bytes=settings.max_package_bytes),
         controller_id=controller_id,
     )
+    # The fleet-wide loops run where their leases are (one controller of those sharing the store).
+    loop_leases = LoopLeases(store, controller_id)
+    rewrapper.loop_leases = loop_leases
+    deployments.loop_leases = loop_leases
     storage = StorageService(
         store=store,
+        controller_id=controller_id,
         fleet=fleet,
         vault=vault,
         limits=StorageLimits(
@@ -249,6 +272,7 @@ async def start_controller(settings: Settings) -> Controller:
         await storage.on_node_failed(node_id, user_id)  # only wakes the repairer: never slow
         await deployments.on_node_failed(node_id, user_id)
 
+    storage.loop_leases = loop_leases
     fleet.recovery_handler = on_node_failed
     fleet.replica_report_handler = deployments.on_replicas_reported
     ingress: IngressService | None = None
@@ -354,7 +378,7 @@ async def start_controller(settings: Settings) -> Controller:
         DeploymentServicer(deployments, ingress, logs=replica_logs), server
     )
     transactions = TransactionManager(
-        log_store=TransactionLog(store), streams=fleet.streams, results=shard_results
+        log_store=TransactionLog(store, controller_id), streams=fleet.streams, results=shard_results
     )
     query_pb2_grpc.add_QueryServiceServicer_to_server(
         QueryServicer(
@@ -421,10 +445,18 @@ async def start_controller(settings: Settings) -> Controller:
             await registry.release()
             await store.close()
             raise Unavailable(f"Cannot listen for xDS: {exc}", reason="BIND_FAILED") from exc
+    relay: CommandRelay | None = None
+    if settings.cache_url.startswith(("redis://", "rediss://", "unix://")):
+        # Several controllers share Redis: commands for nodes held by another go through it.
+        relay = CommandRelay(settings.cache_url, controller_id, fleet.streams.send_local, nodes.stream_holder)
+        relay.start()
+        fleet.streams.relay = relay
     secret_audit.start()
     rewrapper.start()
     refresher.start()
     await fleet.start()
+    watchers = NodeWatchers(fleet, peers, loop_leases, settings.heartbeat_interval_seconds)
+    watchers.start()
     await deployments.start()
     await storage.start()
     for name in ("", *SERVICE_NAMES):
@@ -456,6 +488,9 @@ async def start_controller(settings: Settings) -> Controller:
         replica_logs=replica_logs,
         node_watch=node_watch,
         registry=registry,
+        loop_leases=loop_leases,
+        relay=relay,
+        watchers=watchers,
     )
     transactions.start()
     log.info(

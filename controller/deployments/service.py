@@ -54,6 +54,7 @@ from controller.deployments.repository import NAME_TAKEN, RequestIdTaken
 from controller.deployments.rollout import ROLLOUT_DEADLINE_SECONDS, Rollouts
 from controller.deployments.updates import Updates, version_record
 from controller.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound, PermissionDenied
+from controller.leases import LoopLeases, my_turn
 from controller.nodes.fleet import Fleet
 from controller.nodes.health import is_routable
 from controller.scheduling import ReplicaTarget, pick_endpoint
@@ -63,6 +64,9 @@ from controller.timestamps import timestamp
 from controller.vault import Vault
 
 log = logging.getLogger("a67.deployments")
+
+RECONCILE_LEASE = "deployments-reconciler"
+"""The reconciler's loop lease: one controller sharing the store reconciles at a time."""
 
 MAX_STORED_REJECTED = 50
 """Rejected nodes kept in a deployment's placement explanations."""
@@ -108,6 +112,8 @@ class DeploymentService:
         self._updates = Updates(self._h, self._rollouts)
         self._interval = reconcile_interval_seconds
         self._loop_task: asyncio.Task[None] | None = None
+        self.loop_leases: LoopLeases | None = None
+        """Set by the server: the reconciler runs where its lease is (controller/leases.py)."""
         self._rng = random.Random()  # noqa: S311 (load spreading, not security)
         self.repo = self._h.repo
         self.packages = self._h.packages
@@ -147,7 +153,8 @@ class DeploymentService:
             self._h.remember(row)
         self._h.loaded = True
         log.info("deployments: %d known", len(self._h.index))
-        await self.reconcile()
+        if await my_turn(self.loop_leases, RECONCILE_LEASE, self._interval):
+            await self.reconcile()
         self._loop_task = asyncio.create_task(self._reconcile_loop())
 
     async def stop(self) -> None:
@@ -170,7 +177,8 @@ class DeploymentService:
         while True:
             await asyncio.sleep(self._interval)
             try:
-                await self.reconcile()
+                if await my_turn(self.loop_leases, RECONCILE_LEASE, self._interval):
+                    await self.reconcile()
             except asyncio.CancelledError:
                 raise
             except Exception:

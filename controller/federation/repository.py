@@ -20,6 +20,11 @@ class DatabaseRepository:
     def __init__(self, store: Store) -> None:
         self._store = store
 
+    @property
+    def store(self) -> Store:
+        """The store the rows live in (the shards' write log lives there too)."""
+        return self._store
+
     async def create(
         self,
         *,

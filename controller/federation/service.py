@@ -57,10 +57,19 @@ from controller.federation.query.merge import GroupedMerge, RowsMerge
 from controller.federation.query.workers import MergeWorkers
 from controller.federation.repository import DatabaseRepository
 from controller.federation.results import ShardResults
-from controller.federation.shards import NodeShardExecutor, ReplicationState, ResultCaps, ShardNodes
+from controller.federation.shards import (
+    MemoryWriteLog,
+    NodeShardExecutor,
+    ReplicationState,
+    ResultCaps,
+    StoreWriteLog,
+    WriteLog,
+    log_write,
+)
 from controller.federation.transactions import Transaction, TransactionManager
 from controller.nodes.repository import NodeRepository
 from controller.nodes.sessions import StreamRegistry
+from controller.store.db import Store
 from controller.store.models import DatabaseInstance
 from controller.timestamps import timestamp
 from controller.vault import Vault
@@ -155,8 +164,11 @@ class DatabaseService:
         max_result_rows: int = MAX_RESULT_ROWS,
         collect_shard_bytes: int = COLLECT_SHARD_BYTES,
         merge_workers: MergeWorkers | None = None,
+        write_log: WriteLog | None = None,
     ) -> None:
         self._databases = databases
+        self.write_log: WriteLog = write_log if write_log is not None else _write_log_of(databases)
+        """The shards' write logs replayed to stale replicas: in the store, beside the databases."""
         self.shard_results = shard_results if shard_results is not None else ShardResults()
         """Where shard statements' rows arrive (fed by ``NodeService.PushShardResult``)."""
         self._max_query_bytes = max_query_bytes
@@ -277,6 +289,10 @@ class DatabaseService:
         self._owned_rows.pop((user_id, row.id), None)
         self._replication.pop(row.id, None)
         self._derived.pop(row.id, None)
+        try:
+            await self.write_log.drop(row.id)
+        except Exception:  # the database is gone; its log rows only take room
+            log.exception("the write log of deleted database %s was not deleted", row.id)
         await self._cache.delete(f"db:schema:{row.id}")
         # its shards on the nodes (files; schemas and roles): now, or retried until each confirms
         await self.shard_drops.drop(row.id, shard_nodes(row.replication))
@@ -482,18 +498,22 @@ class DatabaseService:
             return await manager.commit(txn)
         state = loaded.replication
         async with state.lock:  # the replicas' log must follow the primaries' commit order
-            await self._mark_stale(loaded, with_replicas)
+            marked = await self._mark_stale(loaded, with_replicas)
             await manager.commit(txn)
             executor = self._replica_executor(loaded)
+            unlogged = False
             for shard in with_replicas:
-                shard_log = state.log(shard)
-                shard_log.sequence += 1
-                shard_log.writes.append((shard_log.sequence, tuple(written[shard])))
+                sequence = await log_write(self.write_log, state, loaded.row.id, shard, written[shard], True)
+                unlogged = unlogged or sequence is None  # the stale replicas' positions are gone
+                # the commit is in the log (or the positions are forgotten): the positions may be kept
+                state.pending.difference_update({(shard, r) for r in state.shards[shard].replicas})
         for shard in with_replicas:
             for replica in state.shards[shard].replicas:
                 await executor.catch_up(
                     shard, replica, asyncio.get_running_loop().time() + DEFAULT_TIMEOUT_MS / 1000
                 )
+        if unlogged or any(r in state.stale.get(s, set()) for s, r in marked):
+            await self._persist_stale(loaded, state)  # the positions of those still behind
         return txn
 
     async def rollback_transaction(self, user_id: str, database_id: str, transaction_id: str) -> Transaction:
@@ -502,22 +522,30 @@ class DatabaseService:
         txn = await manager.get(user_id, row.id, _required_id(transaction_id))
         return await manager.rollback(txn, "rolled back by the caller")
 
-    async def _mark_stale(self, loaded: _Loaded, shards: list[int]) -> None:
-        """Before a commit: the replicas of the written shards are stale until they replay it."""
+    async def _mark_stale(self, loaded: _Loaded, shards: list[int]) -> list[tuple[int, str]]:
+        """Before a commit: the replicas of the written shards are stale until they replay it.
+        Their positions (the shard's newest logged write) are kept in memory only until the
+        commit is in the log: stopped in between, the controller finds them stale with no
+        position (they cannot catch up) rather than at a position that hides the commit.
+        The replicas it marked."""
         state = loaded.replication
-        changed = False
+        marked: list[tuple[int, str]] = []
         for shard in shards:
             for replica in state.shards[shard].replicas:
                 if replica not in state.stale.get(shard, set()):
-                    state.stale.setdefault(shard, set()).add(replica)
-                    state.log(shard).applied.setdefault(replica, state.log(shard).sequence)
-                    changed = True
-        if changed:
+                    state.mark_stale(shard, replica, await self.write_log.newest(loaded.row.id, shard))
+                    state.pending.add((shard, replica))
+                    marked.append((shard, replica))
+        if marked:
             await self._persist_stale(loaded, state)
+        return marked
 
     async def _persist_stale(self, loaded: _Loaded, state: ReplicationState) -> None:
+        """Keep the stale replicas and their positions in the database's ``replication`` JSON:
+        ``"stale": {"<shard>": [node, …]}, "applied": {"<shard>": {"<node>": sequence}}``."""
         replication = dict(loaded.row.replication or {})
         replication["stale"] = state.stale_map()
+        replication["applied"] = state.applied_map()
         loaded.row.replication = replication
         await self._databases.set_replication(loaded.row.id, replication)
 
@@ -532,6 +560,7 @@ class DatabaseService:
             is_write=True,
             on_stale_changed=persist,
             results=self.shard_results,
+            write_log=self.write_log,
         )
 
     def _collect_caps(self, plan: Plan) -> ResultCaps:
@@ -548,6 +577,7 @@ class DatabaseService:
             is_write=plan.is_write,
             on_stale_changed=persist,
             results=self.shard_results,
+            write_log=self.write_log,
             caps=caps,
         )
 
@@ -610,6 +640,7 @@ class DatabaseService:
             is_write=False,
             on_stale_changed=_nothing,
             results=self.shard_results,
+            write_log=self.write_log,
         )
         result = await executor.run(0, _SCHEMA_SQL[dialect], asyncio.get_running_loop().time() + 30)
         tables: dict[str, list[dict[str, Any]]] = {}
@@ -663,14 +694,8 @@ class DatabaseService:
         layout, tables, version, collations = derived[2:]
         replication = self._replication.get(row.id)
         if replication is None:
-            stored = row.replication or {}
-            replication = ReplicationState(
-                [
-                    ShardNodes(s["shard_index"], s["primary_node_id"], tuple(s.get("replica_node_ids", ())))
-                    for s in stored.get("shards", [])
-                ],
-                {int(k): set(v) for k, v in stored.get("stale", {}).items()},
-            )
+            # the stale replicas and their positions in the write log (none in older rows)
+            replication = ReplicationState.from_json(row.replication or {})
             self._replication[row.id] = replication
         return _Loaded(row, layout, replication, tables, version, collations)
 
@@ -686,6 +711,12 @@ class DatabaseService:
 
 async def _nothing(_: ReplicationState) -> None:
     return None
+
+
+def _write_log_of(databases: DatabaseRepository) -> WriteLog:
+    """The write log in the databases' store (a repository without one, as in tests: in memory)."""
+    store = getattr(databases, "store", None)
+    return StoreWriteLog(store) if isinstance(store, Store) else MemoryWriteLog()
 
 
 @dataclass

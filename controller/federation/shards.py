@@ -8,18 +8,51 @@ Reads
     The primary is tried first, with 2 retries (spec §9 decision 4) for errors
     that may pass (node not connected, shard unreachable), then each *in-sync*
     replica once. A statement's own error (syntax, constraint) is not retried.
+    A read never touches the store unless it falls back to a stale replica.
 
 Writes (INSERT/UPDATE/DELETE/DDL)
     Go to the primary (same retries; the agent answers a repeated command id
     from its cache, so a retry never applies a statement twice), then to every
     replica. A replica that misses a write becomes **stale** and is never read
-    from until it has caught up: the controller keeps each shard's recent writes
-    in order (:data:`WRITE_LOG_SIZE` of them, in memory) and replays the missed
-    ones to a stale replica before its next use. A replica whose missed writes
-    are no longer in the log (after a controller restart, or a very long outage)
-    stays stale — reads never use it — until it is re-seeded; the stale set is
-    kept in the store so a restart does not forget it. Writes do not fail over:
-    if the primary cannot take a write, the write fails.
+    from until it has caught up. Writes do not fail over: if the primary cannot
+    take a write, the write fails.
+
+The write log
+    Each write a primary took on a shard that has replicas (one statement, or the
+    write statements of a committed transaction) is appended to the shard's
+    :class:`WriteLog` with the shard's next sequence number, before it goes to the
+    replicas: one store write per write statement. In the controller the log is
+    :class:`StoreWriteLog`, the ``shard_writes`` table, so it survives a controller
+    restart and any controller sharing the store can replay it; the newest
+    :data:`WRITE_LOG_SIZE` writes of each shard are kept (older ones are deleted
+    every :data:`WRITE_LOG_TRIM_EVERY` writes of the shard). A shard's current
+    sequence after a restart is the newest one in the store.
+
+    The stale replicas, and the last sequence each of them has (its position), are
+    kept in the database's ``replication`` JSON (``DatabaseInstance.replication``)::
+
+        {"shards": [...], "stale": {"1": ["node-a"]}, "applied": {"1": {"node-a": 41}}}
+
+    In-sync replicas have every write, so only stale replicas have a position.
+    Before a stale replica's next use (a read falling back to it, or after a
+    commit) the writes after its position are read from the log in order and
+    replayed: a statement with the command id ``replay-{database}-{shard}-{sequence}-{replica}``
+    (unique across databases: agents answer a repeated command id from their cache),
+    a transaction as one transaction on the replica. A replica stays stale — reads
+    never use it — until it is re-seeded when its position is unknown (rows written
+    before positions were kept, or a write the log could not record) or when the
+    writes it missed are no longer in the log (a very long outage).
+
+Concurrency
+    One write at a time per database in this process (``ReplicationState.lock``):
+    it allocates the sequences and keeps the log in the primaries' order; a
+    catch-up holds it too, so no write slips in between the replay and the
+    replica rejoining. Several controllers writing the same database would need a
+    cross-process lock (a lease, or a row lock on the database) held across the
+    primary's write and the log's append; it is not built. Without it the store's
+    primary key still keeps two controllers from taking the same sequence (the
+    loser re-reads the newest and retries), but not the log in the primaries'
+    order, and each controller's stale set and positions are its own copy.
 """
 
 from __future__ import annotations
@@ -32,15 +65,19 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from automator67.v1 import node_pb2
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
 
 from controller.errors import ControllerError, ResourceExhausted
 from controller.federation.query import ShardError, ShardResult
 from controller.federation.results import ResultSlot, ShardResults
 from controller.nodes.sessions import StreamRegistry
+from controller.store.db import Store
+from controller.store.models import ShardWrite
 from controller.wire import decode_rows
 
 log = logging.getLogger("a67.federation")
@@ -51,6 +88,12 @@ PRIMARY_RETRIES = 2
 RETRY_PAUSE_SECONDS = 0.05
 # Writes kept per shard for replaying to a replica that missed them.
 WRITE_LOG_SIZE = 10_000
+# Older writes of a shard are deleted from the store every this many writes of the shard.
+WRITE_LOG_TRIM_EVERY = 100
+# Writes read from the log at a time while a replica catches up.
+REPLAY_BATCH = 500
+# Attempts at appending to the store's log when another controller took the sequence.
+APPEND_ATTEMPTS = 3
 # SQLSTATE-like classes the router maps: 23 → FailedPrecondition, 42 → InvalidArgument.
 SQLSTATE = {"constraint": "23000", "invalid": "42000"}
 # Batches bigger than this are decoded in a worker thread, off the event loop.
@@ -176,34 +219,271 @@ class ShardNodes:
     replicas: tuple[str, ...]
 
 
-@dataclass
-class _ShardLog:
-    # a write: one statement, or the write statements of one committed transaction
-    writes: deque[tuple[int, str | tuple[str, ...]]] = field(
-        default_factory=lambda: deque(maxlen=WRITE_LOG_SIZE)
-    )
-    sequence: int = 0
-    applied: dict[str, int] = field(default_factory=dict)  # replica node → last applied sequence
+@dataclass(frozen=True)
+class LoggedWrite:
+    """One write of a shard's log: a statement, or a committed transaction's write statements."""
+
+    sequence: int
+    statements: tuple[str, ...]
+    transaction: bool = False
+
+
+class WriteLog(Protocol):
+    """Each shard's writes in the order its primary took them, numbered 1, 2, 3… per shard
+    (see the module's docstring). Callers append under the database's lock."""
+
+    async def append(self, database_id: str, shard: int, statements: Sequence[str], transaction: bool) -> int:
+        """Record a write after the shard's newest one; its sequence."""
+        ...
+
+    async def since(
+        self, database_id: str, shard: int, after: int, limit: int = REPLAY_BATCH
+    ) -> list[LoggedWrite]:
+        """The kept writes of the shard with a sequence above ``after``, oldest first, at most ``limit``."""
+        ...
+
+    async def newest(self, database_id: str, shard: int) -> int:
+        """The shard's newest sequence (0 before its first write)."""
+        ...
+
+    async def drop(self, database_id: str) -> None:
+        """Forget a (deleted) database's writes."""
+        ...
+
+
+class MemoryWriteLog:
+    """A :class:`WriteLog` in this process's memory (tests, and a service without a store):
+    lost when the process ends."""
+
+    def __init__(self, size: int = WRITE_LOG_SIZE) -> None:
+        self._size = size
+        self._writes: dict[tuple[str, int], deque[LoggedWrite]] = {}
+        self._newest: dict[tuple[str, int], int] = {}
+
+    async def append(self, database_id: str, shard: int, statements: Sequence[str], transaction: bool) -> int:
+        key = (database_id, shard)
+        sequence = self._newest.get(key, 0) + 1
+        self._newest[key] = sequence
+        writes = self._writes.setdefault(key, deque(maxlen=self._size))
+        writes.append(LoggedWrite(sequence, tuple(statements), transaction))
+        return sequence
+
+    async def since(
+        self, database_id: str, shard: int, after: int, limit: int = REPLAY_BATCH
+    ) -> list[LoggedWrite]:
+        writes = self._writes.get((database_id, shard), deque())
+        return [w for w in writes if w.sequence > after][:limit]
+
+    async def newest(self, database_id: str, shard: int) -> int:
+        return self._newest.get((database_id, shard), 0)
+
+    async def drop(self, database_id: str) -> None:
+        for key in [k for k in self._newest if k[0] == database_id]:
+            self._newest.pop(key, None)
+            self._writes.pop(key, None)
+
+
+class StoreWriteLog:
+    """The :class:`WriteLog` in the store (table ``shard_writes``): what a restarted
+    controller, or another one sharing the store, replays from.
+
+    The newest sequence of each shard is read from the store once (the largest kept),
+    then counted here: an append is one INSERT, with a DELETE of the writes older than
+    the newest ``size`` every ``trim_every`` appends of the shard (in the same
+    transaction). If another controller took the sequence (the primary key refuses
+    it), the newest is read again and the append retried.
+    """
+
+    def __init__(
+        self, store: Store, *, size: int = WRITE_LOG_SIZE, trim_every: int = WRITE_LOG_TRIM_EVERY
+    ) -> None:
+        self._store = store
+        self._size = size
+        self._trim_every = max(1, trim_every)
+        self._newest: dict[tuple[str, int], int] = {}
+
+    async def append(self, database_id: str, shard: int, statements: Sequence[str], transaction: bool) -> int:
+        key = (database_id, shard)
+        for attempt in range(APPEND_ATTEMPTS):
+            sequence = await self.newest(database_id, shard) + 1
+            try:
+                async with self._store.session() as session:
+                    session.add(
+                        ShardWrite(
+                            database_id=database_id,
+                            shard_index=shard,
+                            sequence=sequence,
+                            transaction=transaction,
+                            statements=list(statements),
+                        )
+                    )
+                    if sequence % self._trim_every == 0 and sequence > self._size:
+                        await session.execute(
+                            delete(ShardWrite).where(
+                                ShardWrite.database_id == database_id,
+                                ShardWrite.shard_index == shard,
+                                ShardWrite.sequence <= sequence - self._size,
+                            )
+                        )
+            except IntegrityError:
+                self._newest.pop(key, None)  # another controller wrote the shard: read it again
+                if attempt + 1 == APPEND_ATTEMPTS:
+                    raise
+                continue
+            self._newest[key] = sequence
+            return sequence
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def since(
+        self, database_id: str, shard: int, after: int, limit: int = REPLAY_BATCH
+    ) -> list[LoggedWrite]:
+        async with self._store.session() as session:
+            rows = await session.execute(
+                select(ShardWrite.sequence, ShardWrite.statements, ShardWrite.transaction)
+                .where(
+                    ShardWrite.database_id == database_id,
+                    ShardWrite.shard_index == shard,
+                    ShardWrite.sequence > after,
+                )
+                .order_by(ShardWrite.sequence)
+                .limit(limit)
+            )
+            return [
+                LoggedWrite(int(sequence), tuple(str(s) for s in statements), bool(transaction))
+                for sequence, statements, transaction in rows
+            ]
+
+    async def newest(self, database_id: str, shard: int) -> int:
+        key = (database_id, shard)
+        cached = self._newest.get(key)
+        if cached is not None:
+            return cached
+        async with self._store.session() as session:
+            newest = await session.scalar(
+                select(func.max(ShardWrite.sequence)).where(
+                    ShardWrite.database_id == database_id, ShardWrite.shard_index == shard
+                )
+            )
+        # an append that finished meanwhile counted further: keep the larger
+        value = max(int(newest or 0), self._newest.get(key, 0))
+        self._newest[key] = value
+        return value
+
+    async def drop(self, database_id: str) -> None:
+        for key in [k for k in self._newest if k[0] == database_id]:
+            self._newest.pop(key, None)
+        async with self._store.session() as session:
+            await session.execute(delete(ShardWrite).where(ShardWrite.database_id == database_id))
 
 
 class ReplicationState:
-    """Which replicas of a database are in step, and the writes to replay to the others."""
+    """Which replicas of a database are in step, and where each stale one is.
 
-    def __init__(self, shards: list[ShardNodes], stale: dict[int, set[str]]) -> None:
+    ``applied[shard][replica]`` is the last sequence of the shard's :class:`WriteLog` a
+    stale replica has (no entry: unknown, it cannot catch up). ``pending`` holds the
+    positions not to keep in the store yet: set just before a commit whose write is
+    not in the log yet (a controller stopping in between must not find the replica
+    at a position past which the log shows nothing missed).
+    """
+
+    def __init__(
+        self,
+        shards: list[ShardNodes],
+        stale: dict[int, set[str]],
+        applied: Mapping[int, Mapping[str, int]] | None = None,
+    ) -> None:
         self.shards = {s.shard_index: s for s in shards}
         self.stale = {index: set(nodes) for index, nodes in stale.items()}
-        self._logs: dict[int, _ShardLog] = {}
+        self.applied: dict[int, dict[str, int]] = {
+            index: {
+                node: int(sequence) for node, sequence in nodes.items() if node in self.stale.get(index, ())
+            }
+            for index, nodes in (applied or {}).items()
+        }
+        self.pending: set[tuple[int, str]] = set()
         self.lock = asyncio.Lock()
 
-    def log(self, shard: int) -> _ShardLog:
-        return self._logs.setdefault(shard, _ShardLog())
+    @classmethod
+    def from_json(cls, stored: Mapping[str, Any]) -> ReplicationState:
+        """From ``DatabaseInstance.replication`` (``"applied"`` may be missing: older rows)."""
+        return cls(
+            [
+                ShardNodes(s["shard_index"], s["primary_node_id"], tuple(s.get("replica_node_ids", ())))
+                for s in stored.get("shards", [])
+            ],
+            {int(k): set(v) for k, v in (stored.get("stale") or {}).items()},
+            {
+                int(k): {str(node): int(seq) for node, seq in v.items()}
+                for k, v in (stored.get("applied") or {}).items()
+            },
+        )
 
     def in_sync(self, shard: int) -> list[str]:
         nodes = self.shards[shard]
         return [r for r in nodes.replicas if r not in self.stale.get(shard, set())]
 
+    def position(self, shard: int, replica: str) -> int | None:
+        """The last sequence a stale replica has, if known."""
+        return self.applied.get(shard, {}).get(replica)
+
+    def mark_stale(self, shard: int, replica: str, position: int | None) -> None:
+        """``replica`` missed the writes after ``position`` (None: after an unknown one)."""
+        self.stale.setdefault(shard, set()).add(replica)
+        if position is None:
+            self.applied.get(shard, {}).pop(replica, None)
+        else:
+            self.applied.setdefault(shard, {})[replica] = position
+
+    def caught_up(self, shard: int, replica: str) -> None:
+        self.stale.get(shard, set()).discard(replica)
+        self.applied.get(shard, {}).pop(replica, None)
+        self.pending.discard((shard, replica))
+
+    def forget_positions(self, shard: int) -> None:
+        """A write of the shard is not in the log: its stale replicas cannot catch up from it."""
+        for replica in self.stale.get(shard, set()):
+            self.applied.get(shard, {}).pop(replica, None)
+            self.pending.discard((shard, replica))
+
     def stale_map(self) -> dict[str, list[str]]:
         return {str(k): sorted(v) for k, v in self.stale.items() if v}
+
+    def applied_map(self) -> dict[str, dict[str, int]]:
+        """The known positions of the stale replicas, for the ``replication`` JSON."""
+        out: dict[str, dict[str, int]] = {}
+        for shard, replicas in sorted(self.stale.items()):
+            positions = {
+                r: self.applied[shard][r]
+                for r in sorted(replicas)
+                if r in self.applied.get(shard, {}) and (shard, r) not in self.pending
+            }
+            if positions:
+                out[str(shard)] = positions
+        return out
+
+
+async def log_write(
+    write_log: WriteLog,
+    state: ReplicationState,
+    database_id: str,
+    shard: int,
+    statements: Sequence[str],
+    transaction: bool,
+) -> int | None:
+    """Append a write the shard's primary took to the log (under ``state.lock``); its
+    sequence, or None if the log could not record it: then the shard's stale replicas
+    lose their positions (a replay past it would skip it) and stay stale until re-seeded."""
+    try:
+        return await write_log.append(database_id, shard, statements, transaction)
+    except Exception:
+        log.exception(
+            "the write log of shard %d of database %s cannot record a write: its stale replicas "
+            "can no longer catch up",
+            shard,
+            database_id,
+        )
+        state.forget_positions(shard)
+        return None
 
 
 StaleChanged = Callable[[ReplicationState], Awaitable[None]]
@@ -221,11 +501,13 @@ class NodeShardExecutor:
         is_write: bool,
         on_stale_changed: StaleChanged,
         results: ShardResults,
+        write_log: WriteLog,
         caps: ResultCaps | None = None,
     ) -> None:
         self._database_id = database_id
         self._streams = streams
         self._replication = replication
+        self._write_log = write_log
         self._is_write = is_write
         self._on_stale_changed = on_stale_changed
         self._results = results
@@ -293,25 +575,25 @@ class NodeShardExecutor:
                     f"the primary {nodes.primary} cannot take the write: {last_error}",
                     retryable=True,
                 )
-            shard_log = state.log(nodes.shard_index)
-            shard_log.sequence += 1
-            shard_log.writes.append((shard_log.sequence, sql))
-            changed = False
+            shard = nodes.shard_index
+            if not nodes.replicas:
+                return result  # nothing to replay to: no log
+            sequence = await log_write(self._write_log, state, self._database_id, shard, (sql,), False)
+            changed = sequence is None  # the stale replicas' positions are gone
             for replica in nodes.replicas:
-                if replica in state.stale.get(nodes.shard_index, set()):
+                if replica in state.stale.get(shard, set()):
                     continue  # caught up lazily before its next use
                 try:
-                    await self._send(replica, nodes.shard_index, sql, deadline, str(uuid.uuid4()))
-                    shard_log.applied[replica] = shard_log.sequence
+                    await self._send(replica, shard, sql, deadline, str(uuid.uuid4()))
                 except ShardError as exc:
                     log.warning(
                         "replica %s of shard %d missed a write (%s): stale until it catches up",
                         replica,
-                        nodes.shard_index,
+                        shard,
                         exc,
                     )
-                    state.stale.setdefault(nodes.shard_index, set()).add(replica)
-                    shard_log.applied.setdefault(replica, shard_log.sequence - 1)
+                    # it was in step: it has every write before this one
+                    state.mark_stale(shard, replica, None if sequence is None else sequence - 1)
                     changed = True
             if changed:
                 await self._on_stale_changed(state)
@@ -322,31 +604,70 @@ class NodeShardExecutor:
         return await self._catch_up(shard, replica, deadline)
 
     async def _catch_up(self, shard: int, replica: str, deadline: float) -> bool:
-        """Make a stale replica current by replaying missed writes; whether it is usable."""
+        """Make a stale replica current by replaying, from the write log, the writes after
+        its position; whether it is usable. Holds the database's write lock meanwhile, so
+        no write goes by the replica between the replay and its rejoining."""
         state = self._replication
         if replica not in state.stale.get(shard, set()):
             return True
-        shard_log = state.log(shard)
-        applied = shard_log.applied.get(replica)
-        oldest = shard_log.writes[0][0] if shard_log.writes else shard_log.sequence + 1
-        if applied is None or applied + 1 < oldest:
-            return False  # missed writes are no longer in the log
-        try:
-            for sequence, sql in list(shard_log.writes):
-                if sequence > applied:
-                    if isinstance(sql, tuple):
-                        await self._replay_transaction(replica, shard, sql, deadline, sequence)
-                    else:
-                        await self._send(
-                            replica, shard, sql, deadline, f"replay-{shard}-{sequence}-{replica}"
-                        )
-                    shard_log.applied[replica] = sequence
-        except ShardError:
-            return False
-        state.stale[shard].discard(replica)
-        log.info("replica %s of shard %d caught up", replica, shard)
-        await self._on_stale_changed(state)
-        return True
+        if state.position(shard, replica) is None:
+            return False  # where it stopped is unknown: only a re-seed helps
+        async with state.lock:
+            if replica not in state.stale.get(shard, set()):
+                return True  # caught up meanwhile
+            start = state.position(shard, replica)
+            if start is None:
+                return False
+            try:
+                done = await self._replay_missed(shard, replica, start, deadline)
+            except ShardError as exc:
+                log.info("replica %s of shard %d cannot catch up yet: %s", replica, shard, exc)
+                done = False
+            except BaseException:
+                if state.position(shard, replica) != start:  # keep what it replayed
+                    with contextlib.suppress(Exception):
+                        await self._on_stale_changed(state)
+                raise
+            if done:
+                state.caught_up(shard, replica)
+                log.info("replica %s of shard %d caught up", replica, shard)
+            if done or state.position(shard, replica) != start:
+                await self._on_stale_changed(state)
+            return done
+
+    async def _replay_missed(self, shard: int, replica: str, applied: int, deadline: float) -> bool:
+        """Replay the logged writes after ``applied`` to ``replica`` in order, moving its
+        position along; False if one it needs is no longer in the log."""
+        state = self._replication
+        while True:
+            try:
+                writes = await self._write_log.since(self._database_id, shard, applied, REPLAY_BATCH)
+            except Exception as exc:
+                raise ShardError(shard, f"the write log cannot be read: {exc}", retryable=True) from exc
+            for write in writes:
+                if write.sequence != applied + 1:
+                    log.warning(
+                        "replica %s of shard %d missed write %d, which is no longer in the log: "
+                        "stale until it is re-seeded",
+                        replica,
+                        shard,
+                        applied + 1,
+                    )
+                    return False
+                if write.transaction or len(write.statements) != 1:
+                    await self._replay_transaction(replica, shard, write.statements, deadline, write.sequence)
+                else:
+                    await self._send(
+                        replica,
+                        shard,
+                        write.statements[0],
+                        deadline,
+                        f"replay-{self._database_id}-{shard}-{write.sequence}-{replica}",
+                    )
+                applied = write.sequence
+                state.applied.setdefault(shard, {})[replica] = applied
+            if len(writes) < REPLAY_BATCH:
+                return True
 
     async def _replay_transaction(
         self, replica: str, shard: int, statements: tuple[str, ...], deadline: float, sequence: int

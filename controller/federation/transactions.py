@@ -22,15 +22,27 @@ Commit
 Recovery (presumed abort)
     :meth:`TransactionManager.recover` reads every unresolved row — at start and every
     :data:`RECOVERY_INTERVAL_SECONDS` — except the transactions this controller is
-    still running: ``active``/``preparing`` rows of a previous controller become
-    ``aborted``; then the outcome (``COMMIT`` for ``committed``, ``ROLLBACK`` for
-    ``aborted``) is sent to every participant until each has acknowledged it. Agents
+    still running. An ``active``/``preparing`` row becomes ``aborted`` when the
+    controller that ran it (the row's ``controller_id``) is gone: this controller
+    before a restart (a controller keeps its id), a row from before migration 0013
+    (no ``controller_id``), or a controller no longer serving the store
+    (:func:`controller.registry.live_controllers`, read at most once per pass and only
+    when a row of another controller is in question); another live controller's
+    transactions are left to it. The abort is conditional (the row must still be in
+    the state read), and so are this controller's own steps of a commit (``preparing``
+    only from ``active``, ``committed`` only from ``preparing``): a controller taken
+    for gone (paused past the stale time) that resumes finds its transaction aborted
+    and rolls it back instead of committing it. Then the outcome (``COMMIT`` for
+    ``committed``, ``ROLLBACK`` for ``aborted``) is sent to every participant until
+    each has acknowledged it, whichever controller decided it. Agents
     treat the outcome of a transaction they do not know as already applied, and a
     restarted agent brings back its prepared SQLite transactions from their redo logs
     before it runs anything else on the shard, so every crash point — before prepare,
     after some prepares, after the decision, after some commits, of the controller or
     of an agent — ends with every participant committed or every one rolled back.
     Resolved rows are deleted :data:`DECISION_LOG_RETENTION` (7 days) after resolution.
+    A :class:`TransactionLog` without a controller id (tests, tools) is the only
+    controller on its store: every unresolved row not running here is its own.
 
 Timeouts
     A transaction idle for ``idle_timeout_ms`` (default 60 s), or not committed
@@ -77,6 +89,7 @@ from controller.federation.query import ShardError, ShardResult
 from controller.federation.results import ShardResults
 from controller.federation.shards import ResultCaps, collect, open_rows
 from controller.nodes.sessions import StreamRegistry
+from controller.registry import STALE_SECONDS, live_controllers
 from controller.store.db import Store
 from controller.store.models import DatabaseTransaction, utcnow
 from controller.wire import decode_result
@@ -139,10 +152,22 @@ class Transaction:
 
 
 class TransactionLog:
-    """The ``database_transactions`` table."""
+    """The ``database_transactions`` table, written by the controller ``controller_id``
+    (``controllers.id``; None: the only controller on the store, see the module's
+    docstring). ``wall`` and ``stale_seconds`` say which controllers are live."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(
+        self,
+        store: Store,
+        controller_id: str | None = None,
+        *,
+        wall: Callable[[], datetime] = utcnow,
+        stale_seconds: float = STALE_SECONDS,
+    ) -> None:
         self._store = store
+        self.controller_id = controller_id
+        self._wall = wall
+        self._stale_seconds = stale_seconds
 
     async def create(self, txn: Transaction) -> None:
         async with self._store.session() as session:
@@ -156,6 +181,7 @@ class TransactionLog:
                     participants=[],
                     created_at=txn.created_at,
                     updated_at=txn.created_at,
+                    controller_id=self.controller_id,
                 )
             )
 
@@ -166,20 +192,34 @@ class TransactionLog:
                 update(DatabaseTransaction).where(DatabaseTransaction.id == transaction_id).values(**values)
             )
 
-    async def presume_abort(self, transaction_id: str, was: str) -> bool:
-        """Mark a transaction left in state ``was`` aborted, only if it is still in that
-        state and unresolved (its controller may have decided it since it was read);
-        whether it was."""
+    async def advance(self, transaction_id: str, was: str, state: str, *, decided: bool = True) -> bool:
+        """Move a transaction from state ``was`` to ``state`` (``decided``: and stamp
+        ``decided_at``), only if it is still in ``was`` and unresolved; whether it was."""
         now = utcnow()
+        values: dict[str, Any] = {"state": state, "updated_at": now}
+        if decided:
+            values["decided_at"] = now
         async with self._store.session() as session:
             done = await session.execute(
                 update(DatabaseTransaction)
                 .where(DatabaseTransaction.id == transaction_id)
                 .where(DatabaseTransaction.state == was)
                 .where(DatabaseTransaction.resolved_at.is_(None))
-                .values(state=ABORTED, decided_at=now, updated_at=now)
+                .values(**values)
             )
             return bool(getattr(done, "rowcount", 0) == 1)
+
+    async def presume_abort(self, transaction_id: str, was: str) -> bool:
+        """Mark a transaction left in state ``was`` aborted, only if it is still in that
+        state and unresolved (its controller may have decided it since it was read);
+        whether it was."""
+        return await self.advance(transaction_id, was, ABORTED)
+
+    async def live_controllers(self) -> frozenset[str]:
+        """The ids of the controllers serving the store now (one query)."""
+        return frozenset(
+            await live_controllers(self._store, wall=self._wall, stale_seconds=self._stale_seconds)
+        )
 
     async def get(self, transaction_id: str) -> DatabaseTransaction | None:
         async with self._store.session() as session:
@@ -431,8 +471,9 @@ class TransactionManager:
 
     async def _commit_two_phase(self, txn: Transaction, shards: list[int]) -> None:
         hook = self.step_hook
+        if not await self._log.advance(txn.id, ACTIVE, PREPARING, decided=False):
+            await self._taken_over(txn)
         txn.state = PREPARING
-        await self._log.set(txn.id, state=PREPARING)
         failure: ShardError | None = None
 
         async def prepare(shard: int) -> None:
@@ -462,7 +503,8 @@ class TransactionManager:
                 reason="TRANSACTION_ABORTED",
                 metadata={"shard": str(failure.shard)},
             )
-        await self._log.set(txn.id, state=COMMITTED, decided_at=utcnow())  # the commit point
+        if not await self._log.advance(txn.id, PREPARING, COMMITTED):  # the commit point
+            await self._taken_over(txn)
         txn.state = COMMITTED
         if hook is not None:
             await hook("decided")
@@ -480,6 +522,17 @@ class TransactionManager:
                 await hook(f"committed:{shard}")
         if done:
             await self._log.set(txn.id, resolved_at=utcnow())
+
+    async def _taken_over(self, txn: Transaction) -> None:
+        """Another controller's recovery presumed ``txn`` aborted (this one was taken for
+        gone, e.g. paused past the stale time): roll it back here too, and raise."""
+        txn.state = ABORTED
+        txn.ended_because = "presumed aborted by another controller's recovery"
+        log.warning("transaction %s was presumed aborted by another controller: rolled back", txn.id)
+        if await self._send_all(txn.id, txn.database_id, txn.participants,
+                                ACTIONS.SHARD_TRANSACTION_ACTION_ROLLBACK):  # fmt: skip
+            await self._log.set(txn.id, resolved_at=utcnow())
+        raise Aborted(f"the transaction was rolled back: {txn.ended_because}", reason="TRANSACTION_ABORTED")
 
     def _end(self, txn: Transaction) -> None:
         if self._live.pop(txn.id, None) is not None:
@@ -506,13 +559,30 @@ class TransactionManager:
         return len(expired)
 
     async def recover(self) -> int:
-        """One pass over the decision log; how many transactions were resolved."""
+        """One pass over the decision log; how many transactions were resolved.
+
+        An undecided (``active``/``preparing``) row is presumed aborted only when its
+        controller is gone (see the module's docstring); the live controllers are read
+        once, and only if a row of another controller is in question. A decided row
+        (``committed``/``aborted``) is finished whoever decided it, even while its own
+        controller may still be sending the outcome: the decision is durable, agents
+        apply a COMMIT or ROLLBACK they no longer know as already applied, and setting
+        ``resolved_at`` twice is harmless, so resolving it twice costs a few commands
+        and skipping it would leave it to a controller that may be about to die."""
         async with self._recovering:
             resolved = 0
+            me = self._log.controller_id
+            live: frozenset[str] | None = None  # read when first needed
             for row in await self._log.unresolved():
                 if row.id in self._live:
                     continue  # still running here
                 state = row.state
+                owner = row.controller_id
+                if state in (ACTIVE, PREPARING) and me is not None and owner is not None and owner != me:
+                    if live is None:
+                        live = await self._log.live_controllers()
+                    if owner in live:
+                        continue  # another live controller's transaction: its own to finish
                 if state in (ACTIVE, PREPARING):  # presumed abort
                     # only if still so: a transaction committed (and ended here) between the
                     # read above and now is not left behind, and its decision stands

@@ -155,6 +155,14 @@ class Fleet:
     heartbeat_problems: dict[str, str] = field(default_factory=dict)
     """Why a node's latest heartbeat was invalid, for nodes whose latest one was."""
     events: deque[FleetEvent] = field(default_factory=lambda: deque(maxlen=EVENT_LOG_SIZE))
+    holder_id: str | None = None
+    """This controller's id: the store records which controller watches each node
+    (``nodes.stream_holder``: the last to hold its stream; :mod:`controller.nodes.watchers`),
+    where other controllers sharing the store relay their commands
+    (:mod:`controller.nodes.relay`). None: not recorded (tests of the fleet alone)."""
+    peers: Callable[[], Awaitable[set[str]]] | None = None
+    """The controllers serving the store now (ids, this one's included): nodes another of
+    them watches are not watched here. None: this controller is alone."""
     view_listeners: list[Callable[[str], None]] = field(default_factory=list)
     """Called with a node id when what placement sees of it may have changed (a heartbeat,
     a hello, its stream, its removal): the deployments' live scheduler view."""
@@ -182,6 +190,11 @@ class Fleet:
         # writer task, STORE_BATCH_ROWS nodes per transaction, never a task per node.
         self._metrics_unsaved: dict[str, tuple[float, common_pb2.NodeMetrics]] = {}
         self._cache_unsaved: set[str] = set()
+        self._holders_unsaved: set[str] = set()
+        """Nodes whose streams opened here since the last write of watchers."""
+        self._holders_writing = asyncio.Lock()
+        """Held while watchers are written: a state write waits for one in flight."""
+        self._stopped = False
         self._history_unsaved: dict[str, tuple[float, common_pb2.NodeMetrics]] = {}
         self._metrics_due = asyncio.Event()
         self._metrics_writer: asyncio.Task[None] | None = None
@@ -199,19 +212,12 @@ class Fleet:
 
     async def start(self) -> None:
         """Load every known node with a fresh grace period and start sweeping."""
+        others = (await self.peers()) - {self.holder_id} if self.peers is not None else set()
         now = self.clock()
         for node in await self.nodes.list_active():
-            state = (
-                NodeState(node.status) if node.status in NodeState.__members__.values() else NodeState.SUSPECT
-            )
-            self.monitor.load(
-                node.id,
-                node.user_id,
-                state,
-                self.health_time(node.last_heartbeat.timestamp()) if node.last_heartbeat else None,
-                now,
-                draining=state == NodeState.DRAINING,
-            )
+            if node.stream_holder in others:
+                continue  # watched by another controller (it holds the node's stream)
+            self.adopt(node.id, node.user_id, node.status, node.last_heartbeat, now)
         log.info("monitoring %d nodes (each with a fresh grace period)", len(self.monitor))
         # Streams and fleet state are millions of long-lived objects at 20,000 nodes: full
         # collections scan only what came since the last one (controller/nodes/collector.py).
@@ -222,6 +228,7 @@ class Fleet:
         self._metrics_writer = asyncio.create_task(self._write_metrics_forever())
 
     async def stop(self) -> None:
+        self._stopped = True  # draining: no stream is recorded as watched here from now on
         if self._collector is not None:
             self._collector = None
             if self._collecting is not None:
@@ -345,9 +352,35 @@ class Fleet:
             live.capabilities = capabilities
         self._view_changed(node_id)
 
+    def adopt(
+        self, node_id: str, user_id: str, status: str, last_heartbeat: datetime | None, now: float
+    ) -> None:
+        """Watch a node loaded from the store, with a fresh grace period (at start, or when
+        its controller is gone: :mod:`controller.nodes.watchers`)."""
+        state = NodeState(status) if status in NodeState.__members__.values() else NodeState.SUSPECT
+        self.monitor.load(
+            node_id,
+            user_id,
+            state,
+            self.health_time(last_heartbeat.timestamp()) if last_heartbeat else None,
+            now,
+            draining=state == NodeState.DRAINING,
+        )
+        self._view_changed(node_id)
+
+    def hand_over(self, node_id: str) -> bool:
+        """Stop watching a node another controller watches now; whether it was watched here."""
+        if not self.monitor.hand_over(node_id, self.clock()):
+            return False
+        self._view_changed(node_id)
+        return True
+
     def stream_connected(self, node_id: str) -> None:
         self.monitor.stream_connected(node_id, self.clock())
         self._view_changed(node_id)
+        if self.holder_id is not None and not self._stopped:  # this controller watches it now
+            self._holders_unsaved.add(node_id)
+            self._wake_writer()
 
     def stream_broken(self, node_id: str) -> None:
         if node_id in self.monitor:
@@ -421,6 +454,7 @@ class Fleet:
         """Write the pending state changes: one store transaction, then the cache entries."""
         if not self._unsaved:
             return
+        await self._write_holders()  # a node that moved here: its state is this controller's to write
         batch, self._unsaved = self._unsaved, {}
         rows = []
         for node_id, change in batch.items():
@@ -435,19 +469,37 @@ class Fleet:
                 )
             )
         try:
-            await self.nodes.record_states(rows)
+            await self.nodes.record_states(rows, holder=self.holder_id)
         except Exception:
             log.warning("could not write %d node state changes", len(rows), exc_info=True)
         for node_id in batch:
             await self._write_cache(node_id)
 
     async def _on_failure(self, node_id: str, user_id: str) -> None:
+        if await self._watched_elsewhere(node_id):
+            return
         self.events.append(
             FleetEvent(self.clock(), "recovery", node_id, user_id, "node failed: recovery triggered")
         )
         log.warning("node %s failed: recovery triggered", node_id)
         if self.recovery_handler is not None:
             await self.recovery_handler(node_id, user_id)
+
+    async def _watched_elsewhere(self, node_id: str) -> bool:
+        """With other controllers: whether another live one watches the node now (its stream
+        moved there before this controller noticed). It is handed over, not recovered."""
+        if self.peers is None or self.holder_id is None:
+            return False
+        try:
+            holder = await self.nodes.stream_holder(node_id)
+            elsewhere = holder is not None and holder != self.holder_id and holder in await self.peers()
+        except Exception:  # the store is away: recover (replicas are fenced by generation)
+            log.warning("could not read who watches node %s", node_id, exc_info=True)
+            return False
+        if elsewhere:
+            log.info("node %s is watched by controller %s now: not recovered here", node_id, holder)
+            self.hand_over(node_id)
+        return elsewhere
 
     async def _on_alert(self, user_id: str, message: str) -> None:
         self.events.append(FleetEvent(self.clock(), "alert", "", user_id, message))
@@ -504,6 +556,7 @@ class Fleet:
         """Everything heartbeats left for the cache and the store, by one task: the cache
         entries and history samples due, then the metrics due (in batches)."""
         self._metrics_due.clear()
+        await self._write_holders()
         written = 0
         while self._cache_unsaved:
             await self._write_cache(self._cache_unsaved.pop())
@@ -520,6 +573,21 @@ class Fleet:
             if written % WRITER_YIELD_EVERY == 0:
                 await asyncio.sleep(0)
         await self._write_metrics()
+
+    async def _write_holders(self) -> None:
+        """Record that this controller watches the nodes whose streams opened here (one
+        transaction); before any of their state changes is written (see :meth:`_save_changes`)."""
+        if self.holder_id is None:
+            return
+        async with self._holders_writing:
+            if not self._holders_unsaved:
+                return
+            batch, self._holders_unsaved = sorted(self._holders_unsaved), set()
+            try:
+                await self.nodes.record_stream_holders(self.holder_id, batch)
+            except Exception:  # the store is away: written again with the next change
+                log.warning("could not record the streams of %d nodes", len(batch), exc_info=True)
+                self._holders_unsaved.update(batch)
 
     async def _write_metrics(self) -> None:
         """Write the metrics due, STORE_BATCH_ROWS nodes per transaction (a store outage

@@ -322,6 +322,14 @@ class HealthMonitor:
             self._count_failed(user_id, +1)
         return health
 
+    def hand_over(self, node_id: str, at: float) -> bool:
+        """Stop watching a node that another controller watches now (it holds the node's
+        stream): no transition, nothing delivered; whether it was watched here."""
+        if node_id not in self._nodes:
+            return False
+        self._forget(node_id, at)
+        return True
+
     def _forget(self, node_id: str, at: float) -> None:
         entry = self._nodes.pop(node_id, None)
         self._awaiting_recovery.pop(node_id, None)

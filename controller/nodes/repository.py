@@ -69,6 +69,16 @@ _SET_STATUS = (
     _NODES.update().where(_NODES.c.id == bindparam("b_id"), _LIVE).values(status=bindparam("b_status"))
 )
 """A node's status, unless it was removed (``executemany``: one parameter set per node)."""
+_SET_STATUS_WATCHED = (
+    _NODES.update()
+    .where(
+        _NODES.c.id == bindparam("b_id"),
+        _LIVE,
+        or_(_NODES.c.stream_holder.is_(None), _NODES.c.stream_holder == bindparam("b_holder")),
+    )
+    .values(status=bindparam("b_status"))
+)
+"""The same, only by the controller watching the node (its ``stream_holder``) or when none does."""
 _BEAT = bindparam("b_beat", type_=_NODES.c.last_heartbeat.type)
 _NOT_OLDER = or_(_NODES.c.last_heartbeat.is_(None), _NODES.c.last_heartbeat <= _BEAT)
 _SET_BEAT = (
@@ -310,7 +320,9 @@ class NodeRepository:
         return changed == 1
 
     async def record_states(
-        self, rows: Sequence[tuple[str, str, datetime | None, dict[str, Any] | None]]
+        self,
+        rows: Sequence[tuple[str, str, datetime | None, dict[str, Any] | None]],
+        holder: str | None = None,
     ) -> None:
         """Many nodes' state changes in one transaction (one commit): what the fleet writes.
 
@@ -318,7 +330,9 @@ class NodeRepository:
         :meth:`update_status` (not ``removed``: use :meth:`mark_removed`) followed by
         :meth:`record_heartbeat` when ``last_heartbeat`` is given. One ``executemany``
         per statement shape, not one round trip per node: on SQLite the transaction
-        holds the store's only write gate for as long as it runs.
+        holds the store's only write gate for as long as it runs. With ``holder`` (a
+        controller's id), a status is written only where that controller watches the node
+        (or none does): a controller that lost a node to another cannot overwrite its state.
         """
         if not rows:
             return
@@ -327,10 +341,13 @@ class NodeRepository:
             if status == STATUS_REMOVED:
                 raise ValueError("record_states cannot remove a node: use mark_removed")
         statuses = [{"b_id": node_id, "b_status": status} for node_id, status, _, _ in rows]
+        if holder is not None:
+            for values in statuses:
+                values["b_holder"] = holder
         beats = [(node_id, beat, metrics) for node_id, _, beat, metrics in rows if beat is not None]
         async with self._store.session() as session:
             connection = await session.connection()
-            await connection.execute(_SET_STATUS, statuses)
+            await connection.execute(_SET_STATUS if holder is None else _SET_STATUS_WATCHED, statuses)
             await _write_heartbeats(connection, beats)
 
     async def record_heartbeats(self, rows: Sequence[tuple[str, datetime, dict[str, Any] | None]]) -> None:
@@ -371,6 +388,51 @@ class NodeRepository:
             log.info("node %s removed at %s", node_id, (now or utcnow()).isoformat())
         return changed == 1
 
+    async def record_stream_holders(self, holder: str, held: Sequence[str]) -> None:
+        """Controller ``holder`` holds the streams of ``held`` now: it watches those nodes
+        (``stream_holder``; :mod:`controller.nodes.watchers`). One transaction."""
+        async with self._store.session() as session:
+            for start in range(0, len(held), HOLDER_BATCH):
+                await session.execute(
+                    update(Node)
+                    .where(Node.id.in_(held[start : start + HOLDER_BATCH]))
+                    .values(stream_holder=holder)
+                )
+
+    async def watch_rows(self) -> list[tuple[str, str, str, datetime | None, str | None]]:
+        """``(id, user_id, status, last_heartbeat, stream_holder)`` of every node not removed."""
+        async with self._store.session() as session:
+            rows = await session.execute(
+                select(Node.id, Node.user_id, Node.status, Node.last_heartbeat, Node.stream_holder).where(
+                    Node.status != STATUS_REMOVED
+                )
+            )
+            return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    async def claim_watch(self, node_id: str, holder: str, was: str) -> bool:
+        """Make ``holder`` the node's watcher if its watcher is still ``was`` (a controller
+        that is gone); whether it did."""
+        async with self._store.session() as session:
+            changed = await execute_update(
+                session,
+                update(Node)
+                .where(Node.id == node_id, Node.status != STATUS_REMOVED, Node.stream_holder == was)
+                .values(stream_holder=holder),
+            )
+        return changed == 1
+
+    async def stream_holder(self, node_id: str) -> str | None:
+        """The controller watching the node (the last to hold its stream), None if none
+        ever did (one small read)."""
+        async with self._store.session() as session:
+            holder: str | None = (
+                await session.execute(select(Node.stream_holder).where(Node.id == node_id))
+            ).scalar_one_or_none()
+        return holder
+
+
+HOLDER_BATCH = 500
+"""Node ids per ``IN`` list when stream holders are written."""
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",

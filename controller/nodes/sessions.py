@@ -8,7 +8,9 @@ the generation of the session it arrived on, so a late heartbeat from a
 replaced stream is recognised and ignored.
 
 Commands are sent with :meth:`StreamRegistry.send_command`, which waits for the
-node's ``CommandResult`` (matched by ``command_id``) or times out.
+node's ``CommandResult`` (matched by ``command_id``) or times out. A command for a node
+whose stream another controller holds goes through :attr:`StreamRegistry.relay`
+(:mod:`controller.nodes.relay`), when there is one.
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ import asyncio
 import itertools
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from automator67.v1 import node_pb2
 
 from controller.errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from controller.limits import MessageTooLarge, check_control_message
 from controller.nodes.statements import StatementTexts
+
+if TYPE_CHECKING:
+    from controller.nodes.relay import CommandRelay
 
 # Outbound messages a slow node may have queued before it is considered stuck.
 MAX_OUTBOUND_QUEUE = 1000
@@ -126,6 +132,8 @@ class StreamRegistry:
         self._generations = itertools.count(1)
         self.statements = StatementTexts()
         """Long SQL texts of commands in flight (``NodeService.FetchStatement``)."""
+        self.relay: CommandRelay | None = None
+        """Where commands for nodes held by other controllers go (several controllers)."""
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -170,7 +178,18 @@ class StreamRegistry:
     async def send_command(
         self, node_id: str, command: node_pb2.NodeCommand, wait_seconds: float
     ) -> node_pb2.CommandResult:
-        """Send ``command`` to the node and wait for its result."""
+        """Send ``command`` to the node and wait for its result: on its stream, if this
+        controller holds it, else through the controller that does (:attr:`relay`)."""
+        if node_id not in self._sessions and self.relay is not None:
+            if not command.command_id:
+                command.command_id = str(uuid.uuid4())
+            return await self.relay.send(node_id, command, wait_seconds)
+        return await self.send_local(node_id, command, wait_seconds)
+
+    async def send_local(
+        self, node_id: str, command: node_pb2.NodeCommand, wait_seconds: float
+    ) -> node_pb2.CommandResult:
+        """Send ``command`` on the node's stream held here and wait for its result."""
         session = self._sessions.get(node_id)
         if session is None:
             raise Unavailable(f"Node {node_id} is not connected", reason="NODE_NOT_CONNECTED")

@@ -156,6 +156,9 @@ class Node(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_heartbeat: Mapped[datetime | None] = mapped_column(default=None)
     last_metrics_update: Mapped[datetime | None] = mapped_column(default=None)
+    stream_holder: Mapped[str | None] = mapped_column(String(64), default=None)
+    """The controller (``controllers.id``) holding the node's stream, None when no stream is
+    held: where its commands are relayed and who watches its health (migration 0013)."""
 
 
 class Deployment(Base):
@@ -259,6 +262,9 @@ class DatabaseTransaction(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     decided_at: Mapped[datetime | None] = mapped_column(default=None)
     resolved_at: Mapped[datetime | None] = mapped_column(default=None)
+    controller_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    """The controller running the transaction (``controllers.id``; migration 0013): recovery
+    leaves a live controller's transactions alone."""
 
 
 class StorageFile(Base):
@@ -318,6 +324,9 @@ class StorageChunk(Base):
     state: Mapped[str] = mapped_column(String(20), default="pending", server_default="pending")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     garbage_at: Mapped[datetime | None] = mapped_column(default=None)
+    uploader: Mapped[str | None] = mapped_column(String(64), default=None)
+    """The controller running the chunk's upload while it is ``pending`` (``controllers.id``;
+    migration 0013): a broken upload is collected only once that controller is gone."""
 
 
 class StorageChunkCopy(Base):
@@ -540,3 +549,36 @@ class ControllerProcess(Base):
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ShardWrite(Base):
+    """One write to a federated database's shard, in the order the shard's primary applied
+    it: the log a stale replica is caught up from (``controller/federation/shards.py``).
+    Kept in the store so that a controller restart, or another controller serving the
+    next query, can still replay it. ``statements`` is one statement, or a committed
+    transaction's statements in order (``transaction`` true); the newest
+    ``WRITE_LOG_SIZE`` of each shard are kept."""
+
+    __tablename__ = "shard_writes"
+
+    database_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    shard_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sequence: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    transaction: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    statements: Mapped[list[Any]] = mapped_column()
+    written_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LoopLease(Base):
+    """Who runs a fleet-wide loop (the reconciler, garbage collection, key rewrap, token
+    refresh) among the controllers sharing this store, until when, and its fencing token
+    (``controller/leases.py``). The token grows by one at every change of holder: work done
+    under a lease is written only while the row still holds the writer's token."""
+
+    __tablename__ = "loop_leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(64))
+    token: Mapped[int] = mapped_column(BigInteger)
+    acquired_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -41,6 +41,7 @@ from typing import Any
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import InstrumentedAttribute
 
+from controller.leases import LoopLeases, my_turn
 from controller.store.db import Store
 from controller.store.models import DatabaseInstance, Deployment, Node, StorageFile, UserMfa
 from controller.vault.audit import audit_context
@@ -48,6 +49,9 @@ from controller.vault.envelope import FORMAT_VERSION, Vault, VaultError
 from controller.vault.keyring import Keyring
 
 log = logging.getLogger(__name__)
+
+REWRAP_LEASE = "vault-rewrap"
+"""The rewrap's loop lease: one controller sharing the store rewraps at a time."""
 
 BATCH_ROWS = 200
 """Rows read and written per transaction."""
@@ -253,6 +257,9 @@ class Rewrapper:
         self._pause = batch_pause_seconds
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
+        self.loop_leases: LoopLeases | None = None
+        """Set by the server: one controller sharing the store rewraps at a time
+        (controller/leases.py)."""
         self._done_for: str | None = None
         self.progress = RewrapProgress()
 
@@ -286,7 +293,9 @@ class Rewrapper:
         while True:
             try:
                 self.reload_keyring()
-                if self._done_for != self._vault.keyring.primary_id:
+                if self._done_for != self._vault.keyring.primary_id and await my_turn(
+                    self.loop_leases, REWRAP_LEASE, self._poll
+                ):
                     await self.run_pass()
             except asyncio.CancelledError:
                 raise

@@ -37,7 +37,9 @@ class RecordingNodes:
         self.states: list[tuple[str, str, datetime | None, Any]] = []
         self.heartbeats: list[tuple[str, datetime, Any]] = []
 
-    async def record_states(self, rows: list[tuple[str, str, datetime | None, Any]]) -> None:
+    async def record_states(
+        self, rows: list[tuple[str, str, datetime | None, Any]], holder: str | None = None
+    ) -> None:
         self.states.extend(rows)
 
     async def record_heartbeats(self, rows: list[tuple[str, datetime, Any]]) -> None:

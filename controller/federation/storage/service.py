@@ -3,6 +3,19 @@
 Decisions come from :mod:`.plan` (pure) and the scheduler; this module reads the store
 and the fleet, applies plans (one transaction each) and moves bytes through
 :class:`.transfers.Transfers` and the node stream. See docs/storage.md.
+
+Uploads of several controllers
+    The chunks of an upload are ``pending`` until it commits, and name the controller
+    running it (``uploader``: this service's ``controller_id``). An upload does not
+    survive its controller: at start a controller marks garbage its own pending chunks
+    (from before its restart) and those of no controller (rows from before migration
+    0013); garbage collection also takes the pending chunks of uploads this process is
+    not running whose controller is this one, none, or no longer serving the store
+    (:func:`controller.registry.live_controllers`, read at most once per pass and only
+    when such chunks of another controller exist). Another live controller's uploads
+    are left to it. A service without a ``controller_id`` (tests, tools) is the only
+    controller on its store: every pending chunk not of its running uploads is
+    abandoned.
 """
 
 from __future__ import annotations
@@ -23,7 +36,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from automator67.v1 import node_pb2, storage_pb2
-from sqlalchemy import Table, delete, func, insert, select, update
+from sqlalchemy import Table, delete, func, insert, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 
 from controller.deployments.snapshot import node_view, user_nodes
@@ -39,8 +52,10 @@ from controller.errors import (
 from controller.federation.storage import crypto, plan
 from controller.federation.storage.plan import ChunkView, NodeCondition, Replication
 from controller.federation.storage.transfers import ChunkMissing, Payload, Transfers
+from controller.leases import Fence, LoopLeases, my_turn
 from controller.nodes.fleet import Fleet
 from controller.nodes.health import NodeState
+from controller.registry import live_controllers
 from controller.scheduling import ReplicaRequest, Resources, Snapshot, place
 from controller.store.db import Store
 from controller.store.models import Node, StorageChunk, StorageChunkCopy, StorageFile, User
@@ -49,6 +64,9 @@ from controller.timestamps import timestamp
 from controller.vault import Vault
 
 log = logging.getLogger("a67.storage")
+
+GC_LEASE = "storage-gc"
+"""Garbage collection's loop lease: one controller sharing the store collects at a time."""
 
 STORAGE_NODE_TYPE = "storage"
 CHUNK_DIR = "chunks"
@@ -156,8 +174,12 @@ class StorageService:
         limits: StorageLimits | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         monotonic: Callable[[], float] = time.monotonic,
+        controller_id: str | None = None,
     ) -> None:
         self.store = store
+        self.controller_id = controller_id
+        """This controller's id (``controllers.id``), written on its uploads' chunks; None:
+        the only controller on the store (see the module's docstring)."""
         self.fleet = fleet
         self.vault = vault
         self.limits = limits or StorageLimits()
@@ -179,23 +201,55 @@ class StorageService:
         self.chunks_examined = 0
         """Chunks the latest repair pass read (for tests and operators)."""
         self._tasks: list[asyncio.Task[None]] = []
+        self.loop_leases: LoopLeases | None = None
+        """Set by the server: garbage collection runs where its lease is (controller/leases.py)."""
         self.copies_repaired = 0
         self.copies_collected = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Uploads do not survive a restart: their chunks become garbage now."""
+        """Uploads do not survive a restart: this controller's pending chunks (and those of
+        no controller) become garbage now; another controller's are left to GC."""
         async with self.store.session() as session:
             await session.execute(
                 update(StorageChunk)
-                .where(StorageChunk.state == "pending")
+                .where(StorageChunk.state == "pending", self._mine())
                 .values(state="garbage", garbage_at=self.clock())
             )
         self._tasks = [
             asyncio.create_task(self._repair_loop(), name="storage-repair"),
             asyncio.create_task(self._gc_loop(), name="storage-gc"),
         ]
+
+    def _mine(self) -> Any:
+        """The condition on a chunk's ``uploader``: this controller's or no controller's
+        (all chunks, without a ``controller_id``)."""
+        if self.controller_id is None:
+            return true()
+        return or_(StorageChunk.uploader.is_(None), StorageChunk.uploader == self.controller_id)
+
+    async def _orphaned(self) -> list[str]:
+        """The pending chunks of other controllers' uploads whose controller is gone (one
+        read of the live controllers, only when other controllers' pending chunks exist).
+        The chunks are read before the controllers, so an upload of a controller that
+        (re)starts after the read is never among them."""
+        if self.controller_id is None:
+            return []
+        async with self.store.session() as session:
+            rows = (
+                await session.execute(
+                    select(StorageChunk.id, StorageChunk.uploader).where(
+                        StorageChunk.state == "pending",
+                        StorageChunk.uploader.is_not(None),
+                        StorageChunk.uploader != self.controller_id,
+                    )
+                )
+            ).all()
+        if not rows:
+            return []
+        live = await live_controllers(self.store, wall=self.clock)
+        return [chunk_id for chunk_id, uploader in rows if uploader not in live]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -527,6 +581,7 @@ class StorageService:
             "replicas": upload.replicas,
             "state": "pending",
             "created_at": self.clock(),
+            "uploader": self.controller_id,
         }
         await self._replicate(
             upload.user_id, upload.nodes, chunk_id, sealed, checksum, upload.replicas, set(), chunk=row
@@ -736,9 +791,19 @@ class StorageService:
                 "A copy of the upload was lost before it completed; nothing was stored",
                 reason="CHUNK_NOT_STORED",
             )
-        await session.execute(
-            update(StorageChunk).where(StorageChunk.version_id == upload.version_id).values(state="live")
+        sealed = await session.execute(
+            update(StorageChunk)
+            .where(StorageChunk.version_id == upload.version_id, StorageChunk.state == "pending")
+            .values(state="live")
         )
+        if getattr(sealed, "rowcount", chunks) != chunks:
+            # collected meanwhile: this controller was taken for gone (paused past the stale
+            # time) and another one's garbage collection abandoned the upload
+            raise Unavailable(
+                "The upload was abandoned before it completed (its controller was taken for gone); "
+                "nothing was stored",
+                reason="UPLOAD_ABANDONED",
+            )
 
     async def _abandon(self, version_id: str) -> None:
         async with self.store.session() as session:
@@ -1266,26 +1331,42 @@ class StorageService:
         while True:
             await asyncio.sleep(self.limits.gc_interval_seconds)
             try:
-                await self.collect_garbage()
+                turn = await my_turn(self.loop_leases, GC_LEASE, self.limits.gc_interval_seconds)
+                if turn:
+                    await self.collect_garbage(turn if isinstance(turn, Fence) else None)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.warning("storage garbage collection failed", exc_info=True)
 
-    async def collect_garbage(self) -> int:
-        """Remove the copies of garbage chunks past the grace period; copies removed."""
+    async def collect_garbage(self, fence: Fence | None = None) -> int:
+        """Remove the copies of garbage chunks past the grace period; copies removed. With
+        ``fence`` (the loop's lease), its store writes happen only while the lease holds."""
         now = self.clock()
         grace = timedelta(seconds=self.limits.gc_grace_seconds)
+        orphaned = await self._orphaned()
         async with self.store.session() as session:
-            # Uploads this process is not running (a controller killed mid-upload).
+            if fence is not None:
+                await fence.guard(session)
+            # Uploads no controller runs: this one's it is not running (a controller killed
+            # mid-upload, then restarted), none's, and those of controllers that are gone.
             await session.execute(
                 update(StorageChunk)
                 .where(
                     StorageChunk.state == "pending",
                     StorageChunk.version_id.not_in(list(self._active_versions) or [""]),
+                    self._mine(),
                 )
                 .values(state="garbage", garbage_at=now)
             )
+            for start in range(0, len(orphaned), 500):
+                await session.execute(
+                    update(StorageChunk)
+                    .where(
+                        StorageChunk.id.in_(orphaned[start : start + 500]), StorageChunk.state == "pending"
+                    )
+                    .values(state="garbage", garbage_at=now)
+                )
             garbage = list(
                 (await session.execute(select(StorageChunk).where(StorageChunk.state == "garbage"))).scalars()
             )
@@ -1307,6 +1388,8 @@ class StorageService:
             # Copies on nodes that are away are found by their next inventory (no row: deleted).
         if due:
             async with self.store.session() as session:
+                if fence is not None:
+                    await fence.guard(session)
                 for start in range(0, len(due), 500):
                     await session.execute(
                         delete(StorageChunkCopy).where(
