@@ -18,13 +18,14 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 from automator67.v1 import node_pb2
 
 from controller.deployments import decide, fencing
 from controller.deployments.harness import Harness
 from controller.deployments.leases import held_elsewhere
-from controller.deployments.records import ENDED, SERVING
+from controller.deployments.records import ENDED, SERVING, DeploymentStatus
 from controller.deployments.rollout import Rollouts
 from controller.nodes.health import NodeState
 
@@ -43,6 +44,8 @@ class Recovery:
         self.h = harness
         self.rollouts = rollouts
         self.rate = recovery_per_second
+        self._listed: set[str] = set()
+        """The deployments the last :meth:`sync` listed (a row gone since was deleted)."""
 
     # -- recovery -------------------------------------------------------------------------------
 
@@ -101,24 +104,54 @@ class Recovery:
             )
         return facts
 
+    async def sync(self) -> list[Any]:
+        """Bring the index up to date with the store — deployments created, changed or
+        deleted by another controller sharing it — and return every row's version. Every
+        controller does this each pass, whoever runs the reconciler: the index is what
+        placement reserves, what the fence recognises on this controller's nodes and what
+        its ingress routes. One narrow read of every row's version; whole rows only of
+        those that changed since this controller last read or wrote them."""
+        h = self.h
+        listed = await h.repo.list_versions()
+        changed = [
+            v.id
+            for v in listed
+            if v.status not in ENDED
+            and ((cached := h.rows.get(v.id)) is None or cached.updated_at != v.updated_at)
+        ]
+        fresh = {row.id: row for row in await h.repo.get_many(changed)} if changed else {}
+        for version in listed:
+            if (
+                version.status == DeploymentStatus.STOPPED
+                and version.id in h.index
+                and version.id not in h.rolling
+            ):
+                h.forget(version.id)  # being deleted (by another controller: this one forgot it already)
+            elif version.id in fresh and version.id not in h.rolling:
+                async with h.locks[version.id]:  # the cached row is replaced only by a newer one
+                    row = await h.row(version.id, fresh[version.id])
+                    if row is not None and row.status not in ENDED:
+                        h.remember(row)
+        present = {v.id for v in listed}
+        # deleted by another controller: listed last time, gone now (one created here may be
+        # indexed before its row is listed: it was not listed last time either)
+        for deployment_id in self._listed - present:
+            if deployment_id in h.rolling:
+                continue
+            if deployment_id in h.index:
+                h.forget(deployment_id)
+            h.drop_row(deployment_id)
+        self._listed = present
+        return listed
+
     async def reconcile(self) -> None:
         """Compare desired and current state; resume rollouts, deploy missing replicas."""
         h = self.h
         if h.closing:
             return
         h.stop_sent = fencing.prune_sent(h.stop_sent, h.clock())
-        # One narrow read of every row's version; whole rows only of those that changed since
-        # this controller last read or wrote them (others' writes, new deployments).
-        listed = await h.repo.list_versions()
+        listed = await self.sync()
         now = h.wall()
-        changed = [
-            v.id
-            for v in listed
-            if v.status not in ENDED
-            and not held_elsewhere(v.lease_owner, v.lease_until, h.leases.me, now)
-            and ((cached := h.rows.get(v.id)) is None or cached.updated_at != v.updated_at)
-        ]
-        fresh = {row.id: row for row in await h.repo.get_many(changed)} if changed else {}
         for version in listed:
             if (
                 version.status in ENDED
@@ -129,11 +162,9 @@ class Recovery:
             # Decide on a fresh row under the deployment's lock: a rollout ends (status
             # written) under this lock before it leaves ``rolling``, so neither can be stale.
             async with h.locks[version.id]:
-                row = await h.row(version.id, fresh.get(version.id))
+                row = await h.row(version.id)
                 if row is None or row.status in ENDED or row.id in h.rolling or h.leases.elsewhere(row):
                     continue
-                if row.id in fresh:
-                    h.remember(row)
                 view = h.view(row)
                 action = decide.reconcile(
                     view,

@@ -153,8 +153,7 @@ class DeploymentService:
             self._h.remember(row)
         self._h.loaded = True
         log.info("deployments: %d known", len(self._h.index))
-        if await my_turn(self.loop_leases, RECONCILE_LEASE, self._interval):
-            await self.reconcile()
+        await self._pass()
         self._loop_task = asyncio.create_task(self._reconcile_loop())
 
     async def stop(self) -> None:
@@ -177,12 +176,18 @@ class DeploymentService:
         while True:
             await asyncio.sleep(self._interval)
             try:
-                if await my_turn(self.loop_leases, RECONCILE_LEASE, self._interval):
-                    await self.reconcile()
+                await self._pass()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.warning("reconcile pass failed", exc_info=True)
+
+    async def _pass(self) -> None:
+        """The reconciler where its lease is; elsewhere, the index follows the store."""
+        if await my_turn(self.loop_leases, RECONCILE_LEASE, self._interval):
+            await self.reconcile()
+        else:
+            await self._recovery.sync()
 
     # -- the fleet's hooks and the reconciler -------------------------------------------------
 

@@ -1,0 +1,103 @@
+"""Two controllers on one store (SQLite and PostgreSQL): each one's index of deployments
+follows what the other creates, changes and deletes (``Recovery.sync``, run every pass by
+every controller, whoever holds the reconciler's lease). The index is what placement
+reserves, what the fence recognises on a controller's nodes and what its ingress routes:
+without it, a node held by one controller would have another's new deployment removed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+
+from controller.deployments.harness import Harness, set_replicas
+from controller.deployments.records import DeploymentStatus, Replica, ReplicaStatus
+from controller.deployments.recovery import Recovery
+from controller.deployments.rollout import Rollouts
+from controller.store.models import Deployment
+from tests.integration.test_deployment_leases import T0, Wall, _deployment, _harness, _settled
+from tests.support import migrated_store
+
+
+@pytest.fixture
+async def pair(store_url: str) -> AsyncIterator[tuple[Harness, Harness, Wall]]:
+    async with migrated_store(store_url) as sa, migrated_store(store_url) as sb:
+        wall = Wall()
+        a, b = _harness(sa, "A", wall), _harness(sb, "B", wall)
+        try:
+            yield a, b, wall
+        finally:
+            for h in (a, b):
+                h.closing = True
+                await _settled(h)
+                h.fleet.monitor.stop()
+
+
+async def test_the_index_follows_another_controllers_deployments(pair: tuple[Harness, Harness, Wall]) -> None:
+    a, b, wall = pair
+    sync_b = Recovery(b, Rollouts(b)).sync
+    d = await _deployment(a.store, DeploymentStatus.RUNNING, [Replica(0, "n1", 10, ReplicaStatus.RUNNING)])
+    await sync_b()
+    assert b.index[d].assignments[0].node_id == "n1"
+    assert b.names[(b.index[d].user_id, "web")] == d
+    # A moves the replica: B's index follows
+    wall.now = T0 + timedelta(seconds=1)
+    row = await a.repo.get(d)
+    assert row is not None
+    set_replicas(row, [Replica(0, "n2", 11, ReplicaStatus.RUNNING)])
+    await a.save(row)
+    await sync_b()
+    assert b.index[d].assignments[0].node_id == "n2"
+    assert b.index[d].assignments[0].generation == 11
+    # A deletes it: first stopping (status STOPPED), then the row goes
+    row = await a.repo.get(d)
+    assert row is not None
+    row.status = DeploymentStatus.STOPPED.value
+    await a.save(row)
+    await sync_b()
+    assert d not in b.index
+    await a.repo.delete(d)
+    await sync_b()
+    assert d not in b.index
+    assert d not in b.rows
+
+
+async def test_a_row_deleted_elsewhere_is_forgotten(pair: tuple[Harness, Harness, Wall]) -> None:
+    a, b, _ = pair
+    sync_b = Recovery(b, Rollouts(b)).sync
+    d = await _deployment(a.store, DeploymentStatus.RUNNING, [Replica(0, "n1", 10, ReplicaStatus.RUNNING)])
+    await sync_b()
+    assert d in b.index
+    await a.repo.delete(d)  # straight away (as a controller killed between the two steps would not)
+    await sync_b()
+    assert d not in b.index
+
+
+async def test_a_deployment_indexed_here_before_its_row_is_listed_is_kept(
+    pair: tuple[Harness, Harness, Wall],
+) -> None:
+    """A create indexes the deployment before its (batched) insert commits: a sync that
+    lists the store in between must not take it for deleted."""
+    _, b, _ = pair
+    sync_b = Recovery(b, Rollouts(b)).sync
+    await sync_b()
+    row = Deployment(
+        id="d-new",
+        user_id="u1",
+        name="new",
+        app_type="backend",
+        status=DeploymentStatus.DEPLOYING.value,
+        manifest={
+            "generation": 1,
+            "version": 1,
+            "resources": {"cpu_cores": 0.1, "memory_mb": 64, "disk_mb": 10},
+        },
+        desired_replicas=1,
+        created_at=T0,
+        updated_at=T0,
+    )
+    set_replicas(row, [Replica(0, "", 0, ReplicaStatus.PENDING)])
+    b.remember(row)
+    await sync_b()
+    assert "d-new" in b.index
