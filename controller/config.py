@@ -121,6 +121,11 @@ class Settings:
     cache_url: str = "memory://"
     """``memory://`` for the in-process TTL cache, or ``redis://host:6379/0``."""
 
+    scale_out: bool = False
+    """Let several controllers serve one store (experimental: what they share and what
+    not yet is in docs/operations.md). Needs PostgreSQL and Redis. Off: a second
+    controller on the store refuses to start."""
+
     environment: Environment = "development"
     """``production`` refuses to start without explicit key material and never
     generates development keys."""
@@ -419,6 +424,15 @@ class Settings:
             self.cache_url.startswith("memory://") or self.cache_url.startswith(("redis://", "rediss://"))
         ):
             raise ValueError(f"A67_CACHE_URL must be memory:// or redis://…, not {self.cache_url!r}")
+        if self.scale_out and not (
+            self.effective_store_url.startswith("postgresql")
+            and self.cache_url.startswith(("redis://", "rediss://"))
+        ):
+            raise ValueError(
+                "A67_SCALE_OUT: several controllers share one PostgreSQL store and one Redis; set "
+                "A67_STORE_URL=postgresql+psycopg://… and A67_CACHE_URL=redis://… (the embedded "
+                "SQLite store and in-process cache serve one controller)"
+            )
 
 
 def values_from_env(

@@ -86,6 +86,7 @@ class ControllerRegistry:
         wall: Callable[[], datetime] = utcnow,
         refresh_seconds: float = REFRESH_SECONDS,
         stale_seconds: float = STALE_SECONDS,
+        allow_peers: bool = False,
     ) -> None:
         self.store = store
         self.id = controller_id
@@ -95,6 +96,8 @@ class ControllerRegistry:
         self.wall = wall
         self.refresh_seconds = refresh_seconds
         self.stale_seconds = stale_seconds
+        self.allow_peers = allow_peers
+        """Scale-out (``A67_SCALE_OUT``): other live controllers may serve the store too."""
         self._task: asyncio.Task[None] | None = None
         self.lost = False
         """Another controller took the store while this one was away (see :meth:`refresh`)."""
@@ -125,13 +128,23 @@ class ControllerRegistry:
             verdicts = {r.id: self._alive(r, now) for r in others}
             alive = [r for r in others if verdicts[r.id]]
             unsure = [r for r in others if verdicts[r.id] is None]
+            if self.allow_peers:
+                others = [r for r in others if verdicts[r.id] is False]  # only gone ones are removed
+                if alive or unsure:
+                    log.info(
+                        "serving the store beside controllers %s (scale-out)",
+                        ", ".join(sorted(r.id for r in [*alive, *unsure])),
+                    )
+                break
             if alive or (unsure and waited):
                 other = (alive or unsure)[0]
                 seen = (now - other.seen_at).total_seconds()
                 raise FailedPrecondition(
                     f"Another controller serves this store: {other.id} (process {other.pid} on "
                     f"{other.host}, seen {seen:.0f} s ago). One controller per store: stop it first "
-                    f"(SIGTERM); if it was killed, its row goes stale within {self.stale_seconds:.0f} s",
+                    f"(SIGTERM); if it was killed, its row goes stale within {self.stale_seconds:.0f} s. "
+                    "Several controllers need A67_SCALE_OUT=1 with PostgreSQL and Redis "
+                    "(experimental: docs/operations.md)",
                     reason="STORE_IN_USE",
                 )
             if unsure:

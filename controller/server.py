@@ -194,7 +194,7 @@ async def start_controller(settings: Settings) -> Controller:
     await ensure_schema(settings)
     store = await Store.open(settings.effective_store_url)
     controller_id = settings.resolved_controller_id()
-    registry = ControllerRegistry(store, controller_id)
+    registry = ControllerRegistry(store, controller_id, allow_peers=settings.scale_out)
     try:
         await registry.claim()  # one controller per store: refuses if another serves it
     except BaseException:
@@ -448,7 +448,13 @@ async def start_controller(settings: Settings) -> Controller:
     relay: CommandRelay | None = None
     if settings.cache_url.startswith(("redis://", "rediss://", "unix://")):
         # Several controllers share Redis: commands for nodes held by another go through it.
-        relay = CommandRelay(settings.cache_url, controller_id, fleet.streams.send_local, nodes.stream_holder)
+        relay = CommandRelay(
+            settings.cache_url,
+            controller_id,
+            fleet.streams.send_local,
+            nodes.stream_holder,
+            reply_to=registrar.controller_endpoint,  # this node port, as nodes dial it
+        )
         relay.start()
         fleet.streams.relay = relay
     secret_audit.start()

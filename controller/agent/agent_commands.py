@@ -11,6 +11,7 @@ import logging
 from automator67.v1 import node_pb2
 
 from controller.agent.agent_config import _AgentState
+from controller.agent.agent_node_port import REPLY_TO
 
 log = logging.getLogger("controller.agent")
 
@@ -38,6 +39,7 @@ class _Commands(_AgentState):
         task.add_done_callback(lambda _: self._running.pop(key, None))
 
     async def _run_command(self, command: node_pb2.NodeCommand) -> None:
+        REPLY_TO.set(command.reply_to)  # this task's (and its children's) calls go there
         result = await self.handlers.dispatch(command, self.metrics.counters)
         if command.command_id:
             self._recent[command.command_id] = result

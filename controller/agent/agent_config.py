@@ -256,6 +256,7 @@ class _AgentState:
     _bulk: grpc.aio.Channel | None
     _storage: grpc.aio.Channel | None
     _data: grpc.aio.Channel | None
+    _elsewhere: dict[tuple[str, str], grpc.aio.Channel]
 
     def _capabilities_now(self) -> common_pb2.NodeCapabilities:
         if self._capabilities is None:

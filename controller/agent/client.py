@@ -145,6 +145,8 @@ class Agent(_Session, _Enrollment):
         self._bulk: grpc.aio.Channel | None = None
         self._storage: grpc.aio.Channel | None = None
         self._data: grpc.aio.Channel | None = None
+        self._elsewhere: dict[tuple[str, str], grpc.aio.Channel] = {}
+        """Channels to other controllers' node ports (relayed commands' ``reply_to``)."""
         self.on_connected: list[Callable[[], None]] = []
         """Called, in order, after each accepted hello (storage reports its inventory then;
         shards roll back the transactions an earlier stream left open)."""
@@ -235,6 +237,9 @@ class Agent(_Session, _Enrollment):
             if self._data is not None:
                 await self._data.close()
                 self._data = None
+            for channel in self._elsewhere.values():
+                await channel.close()
+            self._elsewhere.clear()
         log.info("agent stopped (node %s)", enrollment.node_id)
         return EXIT_OK
 

@@ -28,11 +28,13 @@ elsewhere, queries fail over to a replica).
 Errors keep their gRPC code, reason and message across the relay. A node that no
 controller holds is ``UNAVAILABLE`` (``NODE_NOT_CONNECTED``).
 
-What is relayed is the command and its result. Commands whose answer comes on a call
-of the node's own (shard rows on ``PushShardResult``, log lines on ``PushReplicaLogs``,
-chunks on ``FetchChunk``/``PushChunk``) reach the node through the relay, but the node
-opens that call to the controller holding its stream, which did not ask: the asker
-gets no rows (the holder refuses the call, ``NOT_FOUND``) and fails over or fails.
+What is relayed is the command and its result. The calls a command makes on the node
+port — its rows (``PushShardResult``), log lines (``PushReplicaLogs``), chunks
+(``FetchChunk``/``PushChunk``), a long statement's text (``FetchStatement``, held by the
+asker), its package (``FetchPackage``) — go to the asker directly: a relayed command
+carries the asker's node port in ``reply_to``, and the node opens those calls there
+(controller/agent/agent_node_port.py). Every controller's node port must therefore be
+reachable by the nodes, as the stream's is.
 """
 
 from __future__ import annotations
@@ -112,8 +114,11 @@ class CommandRelay:
         *,
         key_prefix: str = "",
         margin_seconds: float = RELAY_MARGIN_SECONDS,
+        reply_to: str = "",
     ) -> None:
         self.controller_id = controller_id
+        self.reply_to = reply_to
+        """This controller's node port as nodes dial it: where relayed commands' calls come."""
         self._url = url
         self._local = local
         self._holder_of = holder_of
@@ -184,6 +189,8 @@ class CommandRelay:
             raise Unavailable(
                 f"Node {node_id} is not connected to any controller", reason="NODE_NOT_CONNECTED"
             )
+        if self.reply_to:
+            command.reply_to = self.reply_to
         request_id = uuid.uuid4().hex
         future: asyncio.Future[node_pb2.CommandResult] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future

@@ -183,7 +183,8 @@ class StreamRegistry:
         if node_id not in self._sessions and self.relay is not None:
             if not command.command_id:
                 command.command_id = str(uuid.uuid4())
-            return await self.relay.send(node_id, command, wait_seconds)
+            with self.statements.offload(node_id, command):  # fetched from here (``reply_to``)
+                return await self.relay.send(node_id, command, wait_seconds)
         return await self.send_local(node_id, command, wait_seconds)
 
     async def send_local(

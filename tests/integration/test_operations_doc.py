@@ -20,7 +20,6 @@ def _statements() -> list[str]:
 async def test_the_operations_docs_queries_run(store_url: str) -> None:
     statements = _statements()
     assert len(statements) == 4
-    async with migrated_store(store_url) as store:
-        async with store.session() as session:
-            for statement in statements:
-                await session.execute(text(statement))
+    async with migrated_store(store_url) as store, store.session() as session:
+        for statement in statements:
+            await session.execute(text(statement))

@@ -579,7 +579,14 @@ class NodeCommand(_message.Message):
     DROP_DATABASE_SHARDS_FIELD_NUMBER: _builtins.int
     CREDENTIALS_CHANGED_FIELD_NUMBER: _builtins.int
     READ_REPLICA_LOGS_FIELD_NUMBER: _builtins.int
+    REPLY_TO_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
+    reply_to: _builtins.str
+    """Set on a command relayed from another controller sharing the store: that
+    controller's node port (host:port). The calls the command makes (PushShardResult,
+    PushReplicaLogs, FetchChunk, PushChunk, FetchStatement, FetchPackage) go there
+    instead of to the controller holding the node's stream. Empty: to the latter.
+    """
     @_builtins.property
     def deploy_replica(self) -> Global___DeployReplica: ...
     @_builtins.property
@@ -635,10 +642,11 @@ class NodeCommand(_message.Message):
         drop_database_shards: Global___DropDatabaseShards | None = ...,
         credentials_changed: Global___CredentialsChanged | None = ...,
         read_replica_logs: Global___ReadReplicaLogs | None = ...,
+        reply_to: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["credentials_changed", b"credentials_changed", "delete_chunks", b"delete_chunks", "deploy_replica", b"deploy_replica", "drop_database_shards", b"drop_database_shards", "execute_shard_statement", b"execute_shard_statement", "kind", b"kind", "read_chunk", b"read_chunk", "read_replica_logs", b"read_replica_logs", "remove_deployment", b"remove_deployment", "shard_transaction", b"shard_transaction", "stop_replica", b"stop_replica", "store_chunk", b"store_chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "credentials_changed", b"credentials_changed", "delete_chunks", b"delete_chunks", "deploy_replica", b"deploy_replica", "drop_database_shards", b"drop_database_shards", "execute_shard_statement", b"execute_shard_statement", "kind", b"kind", "read_chunk", b"read_chunk", "read_replica_logs", b"read_replica_logs", "remove_deployment", b"remove_deployment", "shard_transaction", b"shard_transaction", "stop_replica", b"stop_replica", "store_chunk", b"store_chunk"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "credentials_changed", b"credentials_changed", "delete_chunks", b"delete_chunks", "deploy_replica", b"deploy_replica", "drop_database_shards", b"drop_database_shards", "execute_shard_statement", b"execute_shard_statement", "kind", b"kind", "read_chunk", b"read_chunk", "read_replica_logs", b"read_replica_logs", "remove_deployment", b"remove_deployment", "reply_to", b"reply_to", "shard_transaction", b"shard_transaction", "stop_replica", b"stop_replica", "store_chunk", b"store_chunk"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["deploy_replica", "stop_replica", "execute_shard_statement", "shard_transaction", "store_chunk", "read_chunk", "delete_chunks", "remove_deployment", "drop_database_shards", "credentials_changed", "read_replica_logs"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015

@@ -1,0 +1,130 @@
+"""Two real controllers on one PostgreSQL store and one Redis (``A67_SCALE_OUT=1``), a
+real agent connected to the first: the second commands the node through the first, and
+the command's own calls — its rows, a long statement's text — come to the second
+directly (``reply_to``). Without scale-out a second controller is refused; with the
+embedded store or cache, scale-out is refused at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+from automator67.v1 import node_pb2
+from sqlalchemy import select
+
+from controller.config import Settings
+from controller.errors import FailedPrecondition
+from controller.federation.shards import ResultCaps, collect, open_rows
+from controller.limits import SQL_INLINE_MAX_BYTES
+from controller.server import Controller
+from controller.store.migrate import upgrade
+from controller.store.models import Node
+from tests.conftest import PostgresDatabases
+from tests.integration.test_deployments_real import HEARTBEAT, Client, _user, processes
+from tests.support import controller_settings, running_controller
+
+pytestmark = pytest.mark.postgres
+
+
+async def _statement(
+    controller: Controller, node_id: str, sql: str, *, read: bool
+) -> list[tuple[object, ...]]:
+    """Run ``sql`` on shard 0 of database ``db1`` on ``node_id`` from ``controller``, its
+    rows pushed back on the data path (never inline)."""
+    command = node_pb2.NodeCommand(
+        command_id=str(uuid.uuid4()),
+        execute_shard_statement=node_pb2.ExecuteShardStatement(
+            database_id="db1", shard_index=0, sql=sql, timeout_ms=30_000, read_only=read, inline_ok=False
+        ),
+    )
+    assert controller.shard_results is not None
+    rows = await open_rows(
+        controller.fleet.streams, controller.shard_results, node_id, 0, command, ResultCaps(), 30
+    )
+    return list((await collect(rows, not read)).rows)
+
+
+async def test_a_second_controller_commands_a_node_held_by_the_first(
+    tmp_path: Path, postgres_databases: PostgresDatabases, redis_server_url: str
+) -> None:
+    store_url = postgres_databases.create()
+    await asyncio.to_thread(upgrade, store_url)  # `a67 migrate`: PostgreSQL is never migrated at start
+    common = {
+        "heartbeat_interval_seconds": HEARTBEAT,
+        "store_url": store_url,
+        "cache_url": redis_server_url,
+        "scale_out": True,
+    }
+    a_settings = controller_settings(tmp_path / "a", **common)
+    b_settings = controller_settings(tmp_path / "b", **common)
+    with processes(tmp_path) as procs:
+        async with running_controller(a_settings) as a:
+            # every controller has the same keys (here: A's development keys, copied)
+            shutil.copytree(a_settings.keys_dir, b_settings.keys_dir)
+            async with (
+                running_controller(b_settings) as b,
+                grpc.aio.insecure_channel(a.address) as channel,
+            ):
+                assert a.relay is not None
+                assert b.relay is not None
+                client = Client(channel, await _user(channel))
+                enrollment = await client.enrollment(uses=1)
+                base = 32000 + (os.getpid() % 50) * 20
+                procs.agent(a.address, enrollment, "eu-west", (base, base + 19))
+                (node,) = await client.wait_ready(1)
+                assert a.fleet.streams.get(node.id) is not None
+                assert b.fleet.streams.get(node.id) is None
+
+                async def held_by_a() -> bool:
+                    async with b.store.session() as session:
+                        holder = (
+                            await session.execute(select(Node.stream_holder).where(Node.id == node.id))
+                        ).scalar_one()
+                    return bool(holder == a_settings.resolved_controller_id())
+
+                while not await held_by_a():  # noqa: ASYNC110 - the store is written by A's writer task
+                    await asyncio.sleep(0.05)
+
+                # B commands the node through A; the rows come straight to B
+                await _statement(b, node.id, "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)", read=False)
+                long_value = "x" * (SQL_INLINE_MAX_BYTES + 1000)  # the text rides beside the command
+                await _statement(
+                    b, node.id, f"INSERT INTO t (id, v) VALUES (1, 'short'), (2, '{long_value}')", read=False
+                )
+                rows = await _statement(b, node.id, "SELECT id, length(v) FROM t ORDER BY id", read=True)
+                assert rows == [(1, 5), (2, len(long_value))]
+                assert b.relay.relayed == 3
+                assert a.relay.served == 3
+                assert b.shard_results is not None
+                assert b.shard_results.received_rows >= 2  # pushed to B, not to A
+                # A's own command for its own node does not touch the relay
+                assert await _statement(a, node.id, "SELECT count(*) FROM t", read=True) == [(2,)]
+                assert a.relay.relayed == 0
+
+
+async def test_scale_out_needs_postgresql_and_redis_and_a_second_controller_needs_scale_out(
+    tmp_path: Path, postgres_databases: PostgresDatabases, redis_server_url: str
+) -> None:
+    with pytest.raises(ValueError, match="A67_SCALE_OUT: several controllers share one PostgreSQL store"):
+        controller_settings(tmp_path / "x", scale_out=True)
+    with pytest.raises(ValueError, match="A67_SCALE_OUT"):
+        controller_settings(tmp_path / "y", scale_out=True, store_url=postgres_databases.create())
+    store_url = postgres_databases.create()
+    await asyncio.to_thread(upgrade, store_url)
+    first = controller_settings(
+        tmp_path / "a", store_url=store_url, cache_url=redis_server_url, auto_migrate=True
+    )
+    async with running_controller(first):
+        shutil.copytree(first.keys_dir, tmp_path / "b" / "keys")
+        second: Settings = controller_settings(
+            tmp_path / "b", store_url=store_url, cache_url=redis_server_url
+        )
+        with pytest.raises(FailedPrecondition, match="Several controllers need A67_SCALE_OUT=1"):
+            async with running_controller(second):
+                pass
