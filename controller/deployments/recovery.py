@@ -46,6 +46,8 @@ class Recovery:
         self.rate = recovery_per_second
         self._listed: set[str] = set()
         """The deployments the last :meth:`sync` listed (a row gone since was deleted)."""
+        self._remote: dict[str, str] = {}
+        """The stored status of replicas' nodes another live controller watches (this pass)."""
 
     # -- recovery -------------------------------------------------------------------------------
 
@@ -97,6 +99,13 @@ class Recovery:
         facts = {}
         for node_id in node_ids:
             state = fleet.state_of(node_id)
+            remote = self._remote.get(node_id) if state is None else None
+            if remote is not None:  # watched by another live controller: its stream is there
+                facts[node_id] = decide.NodeFact(
+                    state=NodeState(remote) if remote in NodeState.__members__.values() else None,
+                    connected=True,
+                )
+                continue
             facts[node_id] = decide.NodeFact(
                 state=state,
                 connected=fleet.streams.get(node_id) is not None,
@@ -144,6 +153,24 @@ class Recovery:
         self._listed = present
         return listed
 
+    async def _load_remote(self) -> None:
+        """Before a pass: the status of the replicas' nodes this controller does not watch,
+        if another live controller does (one read; none when every node is watched here)."""
+        h = self.h
+        fleet = h.fleet
+        unknown = {
+            r.node_id
+            for known in h.index.values()
+            for r in known.assignments.values()
+            if r.node_id and fleet.state_of(r.node_id) is None
+        }
+        self._remote = {}
+        if not unknown or not fleet.live_peers:
+            return
+        for node_id, (status, holder) in (await fleet.nodes.states_of(sorted(unknown))).items():
+            if fleet.watched_elsewhere(holder):
+                self._remote[node_id] = status
+
     async def reconcile(self) -> None:
         """Compare desired and current state; resume rollouts, deploy missing replicas."""
         h = self.h
@@ -151,6 +178,7 @@ class Recovery:
             return
         h.stop_sent = fencing.prune_sent(h.stop_sent, h.clock())
         listed = await self.sync()
+        await self._load_remote()
         now = h.wall()
         for version in listed:
             if (

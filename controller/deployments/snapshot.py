@@ -24,6 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from sqlalchemy import select
 
@@ -53,6 +54,27 @@ def node_types_of(node: Node, fleet: Fleet) -> frozenset[str]:
     return frozenset(DEFAULT_NODE_TYPES)
 
 
+def stored_metrics(stored: Mapping[str, Any]) -> Metrics | None:
+    """A node's metrics as its watcher stored them (``nodes.metrics_current``); None if unusable.
+
+    >>> stored_metrics({"cpu_percent": 10, "memory_percent": 20.5, "disk_percent": 30}).memory_percent
+    20.5
+    >>> stored_metrics({"cpu_percent": "x"}) is None
+    True
+    """
+    try:
+        return Metrics(
+            cpu_percent=float(stored.get("cpu_percent", 0.0)),
+            memory_percent=float(stored.get("memory_percent", 0.0)),
+            disk_percent=float(stored.get("disk_percent", 0.0)),
+            active_requests=int(stored.get("active_requests", 0)),
+            error_rate=float(stored.get("error_rate", 0.0)),
+            avg_response_time_ms=float(stored.get("avg_response_time_ms", 0.0)),
+        )
+    except (TypeError, ValueError):
+        return None
+
+
 def node_view(node: Node, fleet: Fleet, reserved: Resources, history: NodeHistory | None = None) -> NodeView:
     """One node as placement sees it."""
     state = fleet.state_of(node.id)
@@ -62,8 +84,10 @@ def node_view(node: Node, fleet: Fleet, reserved: Resources, history: NodeHistor
         except ValueError:
             state = NodeState.SUSPECT
     session = fleet.streams.get(node.id)
-    if session is None and state in (NodeState.READY, NodeState.BUSY):
+    elsewhere = session is None and fleet.watched_elsewhere(node.stream_holder)
+    if session is None and not elsewhere and state in (NodeState.READY, NodeState.BUSY):
         # A node without a stream cannot receive the replica: placement sees it as suspect.
+        # (One whose stream another live controller holds is commanded through it.)
         state = NodeState.SUSPECT
     live = fleet.live.get(node.id)
     announced = fleet.announced.get(node.id)
@@ -95,6 +119,8 @@ def node_view(node: Node, fleet: Fleet, reserved: Resources, history: NodeHistor
             error_rate=m.error_rate,
             avg_response_time_ms=m.avg_response_time_ms,
         )
+    elif elsewhere and node.metrics_current:
+        metrics = stored_metrics(node.metrics_current)  # written by its watcher (at most a minute old)
     return NodeView(
         node_id=node.id,
         user_id=node.user_id,

@@ -163,6 +163,9 @@ class Fleet:
     peers: Callable[[], Awaitable[set[str]]] | None = None
     """The controllers serving the store now (ids, this one's included): nodes another of
     them watches are not watched here. None: this controller is alone."""
+    live_peers: frozenset[str] = frozenset()
+    """The other controllers serving the store, as of the last pass of the node watchers
+    (:mod:`controller.nodes.watchers`): a node one of them watches is connected there."""
     view_listeners: list[Callable[[str], None]] = field(default_factory=list)
     """Called with a node id when what placement sees of it may have changed (a heartbeat,
     a hello, its stream, its removal): the deployments' live scheduler view."""
@@ -367,6 +370,11 @@ class Fleet:
             draining=state == NodeState.DRAINING,
         )
         self._view_changed(node_id)
+
+    def watched_elsewhere(self, holder: str | None) -> bool:
+        """Whether a node whose watcher (``nodes.stream_holder``) is ``holder`` is watched by
+        another live controller: its stream is there, its state and metrics are in the store."""
+        return holder is not None and holder != self.holder_id and holder in self.live_peers
 
     def hand_over(self, node_id: str) -> bool:
         """Stop watching a node another controller watches now; whether it was watched here."""

@@ -409,6 +409,21 @@ class NodeRepository:
             )
             return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
+    async def states_of(self, node_ids: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+        """``{node id: (status, stream_holder)}`` of these nodes (what the reconciler needs of
+        nodes another controller watches)."""
+        found: dict[str, tuple[str, str | None]] = {}
+        ids = list(node_ids)
+        async with self._store.session() as session:
+            for start in range(0, len(ids), HOLDER_BATCH):
+                rows = await session.execute(
+                    select(Node.id, Node.status, Node.stream_holder).where(
+                        Node.id.in_(ids[start : start + HOLDER_BATCH])
+                    )
+                )
+                found.update({r[0]: (r[1], r[2]) for r in rows})
+        return found
+
     async def claim_watch(self, node_id: str, holder: str, was: str) -> bool:
         """Make ``holder`` the node's watcher if its watcher is still ``was`` (a controller
         that is gone); whether it did."""

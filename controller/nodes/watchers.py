@@ -89,6 +89,7 @@ class NodeWatchers:
         fleet = self.fleet
         alive = await self.peers()
         others = alive - {self.me}
+        fleet.live_peers = frozenset(others)
         rows = await fleet.nodes.watch_rows()
         orphans = [r for r in rows if r[4] is not None and r[4] not in alive]
         turn = await my_turn(self.leases, WATCHERS_LEASE, self.interval) if orphans else False

@@ -15,6 +15,8 @@ from controller.deployments.harness import Harness, set_replicas
 from controller.deployments.records import DeploymentStatus, Replica, ReplicaStatus
 from controller.deployments.recovery import Recovery
 from controller.deployments.rollout import Rollouts
+from controller.nodes.health import NodeState
+from controller.nodes.repository import NodeRepository
 from controller.store.models import Deployment
 from tests.integration.test_deployment_leases import T0, Wall, _deployment, _harness, _settled
 from tests.support import migrated_store
@@ -101,3 +103,35 @@ async def test_a_deployment_indexed_here_before_its_row_is_listed_is_kept(
     b.remember(row)
     await sync_b()
     assert "d-new" in b.index
+
+
+async def test_the_reconciler_sees_nodes_another_controller_watches_as_connected(
+    pair: tuple[Harness, Harness, Wall],
+) -> None:
+    """A node whose stream a live peer holds is known to the reconciler by its stored state
+    and as connected (through that peer); once the peer is gone, it is neither."""
+    a, _, _ = pair
+    d = await _deployment(a.store, DeploymentStatus.RUNNING, [Replica(0, "n1", 10, ReplicaStatus.STARTING)])
+    row = await a.repo.get(d)
+    assert row is not None
+    await NodeRepository(a.store).create(
+        user_id=row.user_id,
+        provider="test",
+        endpoint="http://n1",
+        region="eu",
+        capabilities={},
+        node_id="n1",
+        status="ready",
+    )
+    await NodeRepository(a.store).record_stream_holders("B", ["n1"])
+    a.fleet.holder_id = "A"
+    a.fleet.live_peers = frozenset({"B"})
+    recovery = Recovery(a, Rollouts(a))
+    await recovery.sync()
+    await recovery._load_remote()
+    fact = recovery._facts({"n1"})["n1"]
+    assert (fact.state, fact.connected, fact.recovery_due) == (NodeState.READY, True, False)
+    a.fleet.live_peers = frozenset()  # B is gone
+    await recovery._load_remote()
+    fact = recovery._facts({"n1"})["n1"]
+    assert (fact.state, fact.connected) == (None, False)

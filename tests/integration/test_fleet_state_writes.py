@@ -39,9 +39,9 @@ class CountingNodes(NodeRepository):
         super().__init__(store)
         self.batches = []
 
-    async def record_states(self, rows: Any) -> None:
+    async def record_states(self, rows: Any, holder: str | None = None) -> None:
         self.batches.append(len(rows))
-        await super().record_states(rows)
+        await super().record_states(rows, holder)
 
 
 @pytest.fixture
