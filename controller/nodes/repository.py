@@ -399,12 +399,14 @@ class NodeRepository:
                     .values(stream_holder=holder)
                 )
 
-    async def watch_rows(self) -> list[tuple[str, str, str, datetime | None, str | None]]:
-        """``(id, user_id, status, last_heartbeat, stream_holder)`` of every node not removed."""
+    async def watch_rows(self, not_by: str) -> list[tuple[str, str, str, datetime | None, str | None]]:
+        """``(id, user_id, status, last_heartbeat, stream_holder)`` of every node not removed
+        and not watched by ``not_by`` (a controller alone reads only its never-connected nodes)."""
         async with self._store.session() as session:
             rows = await session.execute(
                 select(Node.id, Node.user_id, Node.status, Node.last_heartbeat, Node.stream_holder).where(
-                    Node.status != STATUS_REMOVED
+                    Node.status != STATUS_REMOVED,
+                    or_(Node.stream_holder.is_(None), Node.stream_holder != not_by),
                 )
             )
             return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]

@@ -90,7 +90,7 @@ class NodeWatchers:
         alive = await self.peers()
         others = alive - {self.me}
         fleet.live_peers = frozenset(others)
-        rows = await fleet.nodes.watch_rows()
+        rows = await fleet.nodes.watch_rows(not_by=self.me)
         orphans = [r for r in rows if r[4] is not None and r[4] not in alive]
         turn = await my_turn(self.leases, WATCHERS_LEASE, self.interval) if orphans else False
         handed = adopted = 0
