@@ -44,6 +44,7 @@ import base64
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -59,8 +60,18 @@ log = logging.getLogger("a67.nodes")
 CHANNEL = "a67:relay:"
 """Each controller's channel: this prefix and its id (after the cache's key prefix)."""
 
+HOLDER_SECONDS = 2.0
+"""How long the asker keeps a node's holder as read from the store. An answer that the
+holder has no stream for the node, or no holder listening, drops it at once."""
+
 RELAY_MARGIN_SECONDS = 2.0
 """How much longer than the command's own wait the asker waits for the holder's answer."""
+
+MAX_HOLDERS_KEPT = 100_000
+"""Nodes whose holder is kept at most (past it, all are forgotten at once)."""
+
+FORGET_HOLDER_ON = frozenset({"NODE_NOT_CONNECTED", "NODE_HOLDER_GONE", "NODE_DISCONNECTED", "RELAY_TIMEOUT"})
+"""Reasons of a relayed command's failure that say the kept holder may be wrong."""
 
 RECONNECT_SECONDS = 1.0
 SOCKET_TIMEOUT_SECONDS = 3.0
@@ -115,6 +126,8 @@ class CommandRelay:
         key_prefix: str = "",
         margin_seconds: float = RELAY_MARGIN_SECONDS,
         reply_to: str = "",
+        holder_seconds: float = HOLDER_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.controller_id = controller_id
         self.reply_to = reply_to
@@ -124,6 +137,10 @@ class CommandRelay:
         self._holder_of = holder_of
         self._prefix = key_prefix + CHANNEL
         self._margin = margin_seconds
+        self._holder_seconds = holder_seconds
+        self._clock = clock
+        self._holders: dict[str, tuple[str | None, float]] = {}
+        """Per node: its holder as last read, and until when it is trusted."""
         self._waiting: dict[str, asyncio.Future[node_pb2.CommandResult]] = {}
         self._publisher: Redis | None = None
         self._task: asyncio.Task[None] | None = None
@@ -174,6 +191,20 @@ class CommandRelay:
         self, node_id: str, command: node_pb2.NodeCommand, wait_seconds: float
     ) -> node_pb2.CommandResult:
         """Send ``command`` to ``node_id`` through the controller holding its stream."""
+        holder = await self._holder(node_id)
+        try:
+            return await self._send(node_id, holder, command, wait_seconds)
+        except ControllerError as exc:
+            if exc.reason in FORGET_HOLDER_ON:
+                self._holders.pop(node_id, None)  # the node moved, or its holder is gone: read again
+            raise
+
+    async def _holder(self, node_id: str) -> str | None:
+        """The controller holding the node's stream (kept :data:`HOLDER_SECONDS`)."""
+        now = self._clock()
+        kept = self._holders.get(node_id)
+        if kept is not None and kept[1] > now:
+            return kept[0]
         try:
             holder = await self._holder_of(node_id)
         except ControllerError:
@@ -183,6 +214,14 @@ class CommandRelay:
                 f"Node {node_id}: where its stream is held cannot be read ({type(exc).__name__})",
                 reason="NODE_HOLDER_UNKNOWN",
             ) from exc
+        if len(self._holders) >= MAX_HOLDERS_KEPT:
+            self._holders.clear()
+        self._holders[node_id] = (holder, now + self._holder_seconds)
+        return holder
+
+    async def _send(
+        self, node_id: str, holder: str | None, command: node_pb2.NodeCommand, wait_seconds: float
+    ) -> node_pb2.CommandResult:
         if holder is None or holder == self.controller_id:
             # None: no controller holds it. This one: the store is behind (the stream just
             # ended here, or its opening is not written yet): the node is not connected here.

@@ -151,3 +151,46 @@ async def test_many_commands_in_flight_each_get_their_own_answer(controllers: Co
             s.close("test over")
         with contextlib.suppress(Exception):
             await asyncio.gather(*nodes)
+
+
+async def test_the_holder_is_read_once_and_read_again_when_the_node_moved(
+    redis_server_url: str, redis_key_prefix: str
+) -> None:
+    """Each asker keeps a node's holder for a while (a relayed command costs no store read);
+    an answer that the holder has no stream for the node makes it read the store again."""
+    holders = {"n1": "A"}
+    reads: list[str] = []
+
+    async def holder_of(node_id: str) -> str | None:
+        reads.append(node_id)
+        return holders.get(node_id)
+
+    a, b = StreamRegistry(), StreamRegistry()
+    relays = []
+    for name, streams in (("A", a), ("B", b)):
+        relay = CommandRelay(
+            redis_server_url, name, streams.send_local, holder_of, key_prefix=redis_key_prefix
+        )
+        await relay.listening()
+        streams.relay = relay
+        relays.append(relay)
+    session = a.open("n1", "u1")
+    node = asyncio.create_task(_node(session))
+    try:
+        for _ in range(3):
+            assert (await b.send_command("n1", _command(), 10)).ok
+        assert reads == ["n1"]  # one read for three commands
+        session.close("the node left A")
+        await node
+        a.release(session, "gone")
+        del holders["n1"]  # and no controller holds it now
+        with pytest.raises(Unavailable) as moved:  # B still thinks A: A says it has no stream
+            await b.send_command("n1", _command(), 10)
+        assert moved.value.message == "Node n1 is not connected"
+        with pytest.raises(Unavailable) as nobody:  # read again: no holder at all
+            await b.send_command("n1", _command(), 10)
+        assert nobody.value.message == "Node n1 is not connected to any controller"
+        assert reads == ["n1", "n1"]
+    finally:
+        for relay in relays:
+            await relay.close()
