@@ -98,6 +98,11 @@ class ControllerRegistry:
         self.stale_seconds = stale_seconds
         self.allow_peers = allow_peers
         """Scale-out (``A67_SCALE_OUT``): other live controllers may serve the store too."""
+        self.node_endpoint: str | None = None
+        """This controller's node port as nodes dial it (:meth:`set_node_endpoint`)."""
+        self.node_endpoints: tuple[str, ...] = ()
+        """The node ports of the controllers serving the store (this one's first), as of the
+        last refresh: what nodes are told, to reconnect elsewhere when theirs goes away."""
         self._task: asyncio.Task[None] | None = None
         self.lost = False
         """Another controller took the store while this one was away (see :meth:`refresh`)."""
@@ -106,8 +111,37 @@ class ControllerRegistry:
 
     def _row(self, now: datetime) -> ControllerProcess:
         return ControllerProcess(
-            id=self.id, instance=self.instance, host=self.host, pid=self.pid, started_at=now, seen_at=now
+            id=self.id,
+            instance=self.instance,
+            host=self.host,
+            pid=self.pid,
+            started_at=now,
+            seen_at=now,
+            node_endpoint=self.node_endpoint,
         )
+
+    async def set_node_endpoint(self, endpoint: str) -> None:
+        """Record where nodes reach this controller (once its node port is bound)."""
+        self.node_endpoint = endpoint
+        async with self.store.session() as session:
+            await session.execute(
+                update(ControllerProcess)
+                .where(ControllerProcess.id == self.id, ControllerProcess.instance == self.instance)
+                .values(node_endpoint=endpoint)
+            )
+        await self._read_endpoints()
+
+    async def _read_endpoints(self) -> None:
+        now = self.wall()
+        async with self.store.session() as session:
+            rows = list((await session.execute(select(ControllerProcess))).scalars())
+        others = sorted(
+            r.node_endpoint
+            for r in rows
+            if r.node_endpoint and r.instance != self.instance and self._alive(r, now) is not False
+        )
+        mine = (self.node_endpoint,) if self.node_endpoint else ()
+        self.node_endpoints = (*mine, *(e for e in others if e not in mine))
 
     def _alive(self, row: ControllerProcess, now: datetime) -> bool | None:
         """True: alive; False: gone; None: on another host and seen lately (wait and see)."""
@@ -174,6 +208,8 @@ class ControllerRegistry:
             await asyncio.sleep(self.refresh_seconds)
             try:
                 await self.refresh()
+                if self.allow_peers:
+                    await self._read_endpoints()
             except asyncio.CancelledError:
                 raise
             except Exception:  # the store is away: try again next time

@@ -370,6 +370,7 @@ async def start_controller(settings: Settings) -> Controller:
             credentials=node_credentials,
             replica_logs=replica_logs.slots,
             watch=node_watch,
+            controller_endpoints=lambda: registry.node_endpoints,
         ),
         # FetchChunk sends serialized messages as they are
         raw_storage_messages(server),
@@ -445,6 +446,8 @@ async def start_controller(settings: Settings) -> Controller:
             await registry.release()
             await store.close()
             raise Unavailable(f"Cannot listen for xDS: {exc}", reason="BIND_FAILED") from exc
+    if node_port is not None:
+        await registry.set_node_endpoint(registrar.controller_endpoint)  # told to nodes (scale-out)
     relay: CommandRelay | None = None
     if settings.cache_url.startswith(("redis://", "rediss://", "unix://")):
         # Several controllers share Redis: commands for nodes held by another go through it.

@@ -257,6 +257,7 @@ class _AgentState:
     _storage: grpc.aio.Channel | None
     _data: grpc.aio.Channel | None
     _elsewhere: dict[tuple[str, str], grpc.aio.Channel]
+    _endpoints: list[str]
 
     def _capabilities_now(self) -> common_pb2.NodeCapabilities:
         if self._capabilities is None:

@@ -113,6 +113,8 @@ class _Session(_Commands, _NodePort):
         if first.WhichOneof("message") != "hello_ack":
             raise _ProtocolError(f"the controller answered the hello with {first.WhichOneof('message')}")
         ack = first.hello_ack
+        if ack.controller_endpoints:  # several controllers: where to go if this one goes away
+            self._endpoints = list(dict.fromkeys([endpoint, *ack.controller_endpoints]))
         self._generation = ack.generation
         if ack.heartbeat_interval_ms > 0:
             self._interval_ms = ack.heartbeat_interval_ms

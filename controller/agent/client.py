@@ -38,6 +38,7 @@ accept (same numbers, plus the minimum ping interval it tolerates).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import random
@@ -147,6 +148,9 @@ class Agent(_Session, _Enrollment):
         self._data: grpc.aio.Channel | None = None
         self._elsewhere: dict[tuple[str, str], grpc.aio.Channel] = {}
         """Channels to other controllers' node ports (relayed commands' ``reply_to``)."""
+        self._endpoints: list[str] = []
+        """Every controller's node port as the last hello's answer listed them (the current
+        one first): a connection that fails moves to the next (several controllers)."""
         self.on_connected: list[Callable[[], None]] = []
         """Called, in order, after each accepted hello (storage reports its inventory then;
         shards roll back the transactions an earlier stream left open)."""
@@ -245,6 +249,27 @@ class Agent(_Session, _Enrollment):
 
     # ----------------------------------------------------------------- the stream
 
+    async def _next_controller(self, enrollment: Enrollment) -> Enrollment:
+        """The controller could not be reached: dial the next one the last hello's answer
+        listed (several controllers sharing a store). The node-port channels of the old one
+        are closed; those of the new one open on first use."""
+        endpoints = self._endpoints
+        current = enrollment.controller_endpoint
+        following = (
+            endpoints[(endpoints.index(current) + 1) % len(endpoints)]
+            if current in endpoints
+            else endpoints[0]
+        )
+        log.warning("controller %s cannot be reached: trying controller %s", current, following)
+        enrollment = dataclasses.replace(enrollment, controller_endpoint=following)
+        self._enrollment = enrollment
+        for name in ("_bulk", "_data", "_storage"):
+            channel = getattr(self, name)
+            setattr(self, name, None)
+            if channel is not None:
+                await channel.close()
+        return enrollment
+
     async def _stay_connected(self, enrollment: Enrollment, stop: asyncio.Event) -> None:
         backoff = self._backoff()
         while not stop.is_set():
@@ -283,5 +308,7 @@ class Agent(_Session, _Enrollment):
                     enrollment.node_id,
                     self.identity.data_dir,
                 )
+            if not end.acked and len(self._endpoints) > 1:
+                enrollment = await self._next_controller(enrollment)
             if await _sleep_unless_stopped(stop, delay):
                 break

@@ -82,8 +82,11 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         credentials: NodeCredentialsService | None = None,
         replica_logs: ReplicaLogSlots | None = None,
         watch: NodeWatch | None = None,
+        controller_endpoints: Callable[[], Sequence[str]] | None = None,
     ) -> None:
         self._fleet = fleet
+        self._controller_endpoints = controller_endpoints
+        """Every live controller's node port (told to nodes in their hello's answer)."""
         self._nodes = nodes
         self._enrollment = enrollment
         self._registrar = registrar
@@ -422,7 +425,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         log.info("node %s connected (generation %d)", node.id, session.generation)
         yield node_pb2.ConnectResponse(
             hello_ack=node_pb2.HelloAck(
-                generation=session.generation, heartbeat_interval_ms=self._interval_ms
+                generation=session.generation,
+                heartbeat_interval_ms=self._interval_ms,
+                controller_endpoints=self._controller_endpoints() if self._controller_endpoints else (),
             )
         )
         # One reader task per stream: it acknowledges each heartbeat itself with

@@ -538,8 +538,8 @@ class NodeCredentialState(Base):
 
 class ControllerProcess(Base):
     """A controller serving this store (``controller/registry.py``): which process, since when,
-    last seen when. One controller per store until scale-out lands: a second one refuses to
-    start while the first is alive."""
+    last seen when, where nodes reach it. A second one refuses to start while the first is
+    alive, unless both run with ``A67_SCALE_OUT`` (docs/operations.md)."""
 
     __tablename__ = "controllers"
 
@@ -549,6 +549,9 @@ class ControllerProcess(Base):
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    node_endpoint: Mapped[str | None] = mapped_column(String(255), default=None)
+    """Its node port as nodes dial it (migration 0013): nodes are told every live
+    controller's, and reconnect to another when theirs goes away."""
 
 
 class ShardWrite(Base):

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from automator67.v1 import node_pb2
+from automator67.v1 import common_pb2, node_pb2
 from sqlalchemy import select
 
 from controller.config import Settings
 from controller.errors import FailedPrecondition
 from controller.federation.shards import ResultCaps, collect, open_rows
 from controller.limits import SQL_INLINE_MAX_BYTES
-from controller.server import Controller
+from controller.server import Controller, start_controller
 from controller.store.migrate import upgrade
 from controller.store.models import Node
 from tests.conftest import PostgresDatabases
@@ -128,3 +128,53 @@ async def test_scale_out_needs_postgresql_and_redis_and_a_second_controller_need
         with pytest.raises(FailedPrecondition, match="Several controllers need A67_SCALE_OUT=1"):
             async with running_controller(second):
                 pass
+
+
+async def test_a_node_moves_to_another_controller_when_its_own_goes_away(
+    tmp_path: Path, postgres_databases: PostgresDatabases, redis_server_url: str
+) -> None:
+    """The hello's answer lists every controller's node port; when the node's controller
+    stops, the node reconnects to the other one, which watches it from then on, and the
+    node is never declared failed."""
+    store_url = postgres_databases.create()
+    await asyncio.to_thread(upgrade, store_url)
+    common = {"heartbeat_interval_seconds": HEARTBEAT, "store_url": store_url, "cache_url": redis_server_url}
+    a_settings = controller_settings(tmp_path / "a", scale_out=True, **common)
+    b_settings = controller_settings(tmp_path / "b", scale_out=True, **common)
+    with processes(tmp_path) as procs:
+        a = await start_controller(a_settings)
+        try:
+            shutil.copytree(a_settings.keys_dir, b_settings.keys_dir)
+            async with running_controller(b_settings) as b, grpc.aio.insecure_channel(b.address) as channel:
+                assert a.registry is not None
+                assert b.registry is not None
+                await a.registry._read_endpoints()  # as its next refresh would: B is listed
+                assert a.registry.node_endpoints[1:] == (b.registry.node_endpoint,)
+                client = Client(channel, await _user(channel))
+                enrollment = await client.enrollment(uses=1)
+                base = 33000 + (os.getpid() % 50) * 20
+                procs.agent(a.address, enrollment, "eu-west", (base, base + 19))  # registers with A
+                (node,) = await client.wait_ready(1)
+                assert a.fleet.streams.get(node.id) is not None
+                statuses: list[int] = []
+
+                async def on_b() -> bool:
+                    statuses.extend(n.status for n in await client.list_nodes())
+                    return b.fleet.streams.get(node.id) is not None
+
+                await a.stop(grace=0.5)  # its stream ends; A cannot be reached any more
+                deadline = asyncio.get_running_loop().time() + 60
+                while not await on_b():
+                    assert asyncio.get_running_loop().time() < deadline, "the node did not move to B"
+                    await asyncio.sleep(0.05)
+                async with b.store.session() as session:
+                    holder = (
+                        await session.execute(select(Node.stream_holder).where(Node.id == node.id))
+                    ).scalar_one()
+                assert holder == b_settings.resolved_controller_id()
+                assert await _statement(b, node.id, "SELECT 1", read=True) == [(1,)]
+                assert b.relay is not None
+                assert b.relay.relayed == 0  # B holds the stream now: nothing relayed
+                assert common_pb2.NODE_STATUS_FAILED not in statuses
+        finally:
+            await a.stop(grace=0.5)

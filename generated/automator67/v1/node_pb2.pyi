@@ -442,20 +442,29 @@ class HelloAck(_message.Message):
 
     GENERATION_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    CONTROLLER_ENDPOINTS_FIELD_NUMBER: _builtins.int
     generation: _builtins.int
     """Increases with every accepted connection of the node; messages of older
     generations are ignored.
     """
     heartbeat_interval_ms: _builtins.int
+    @_builtins.property
+    def controller_endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The node ports of every controller serving the store, this one's first (several
+        controllers: A67_SCALE_OUT). When its stream breaks and this controller cannot be
+        reached again, the node reconnects to the next.
+        """
+
     def __init__(
         self,
         *,
         generation: _builtins.int = ...,
         heartbeat_interval_ms: _builtins.int = ...,
+        controller_endpoints: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "heartbeat_interval_ms", b"heartbeat_interval_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["controller_endpoints", b"controller_endpoints", "generation", b"generation", "heartbeat_interval_ms", b"heartbeat_interval_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

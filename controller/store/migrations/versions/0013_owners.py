@@ -1,5 +1,5 @@
 """Which controller holds what, for several controllers on one store: a node's stream, a
-transaction, an upload's pending chunks.
+transaction, an upload's pending chunks; and where nodes reach each controller.
 
 Revision ID: 0013
 Revises: 0012
@@ -20,6 +20,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("controllers") as batch:
+        batch.add_column(sa.Column("node_endpoint", sa.String(255), nullable=True))
     with op.batch_alter_table("nodes") as batch:
         batch.add_column(sa.Column("stream_holder", sa.String(64), nullable=True))
     with op.batch_alter_table("database_transactions") as batch:
@@ -35,3 +37,5 @@ def downgrade() -> None:
         batch.drop_column("controller_id")
     with op.batch_alter_table("nodes") as batch:
         batch.drop_column("stream_holder")
+    with op.batch_alter_table("controllers") as batch:
+        batch.drop_column("node_endpoint")
