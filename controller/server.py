@@ -252,6 +252,7 @@ async def start_controller(settings: Settings) -> Controller:
     loop_leases = LoopLeases(store, controller_id)
     rewrapper.loop_leases = loop_leases
     deployments.loop_leases = loop_leases
+    deployments.share_packages = settings.scale_out  # any controller can hand a node any package
     storage = StorageService(
         store=store,
         controller_id=controller_id,

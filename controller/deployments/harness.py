@@ -31,7 +31,7 @@ from typing import Any
 from automator67.v1 import deployment_pb2, node_pb2
 
 from controller.deployments.alerts import Alerts
-from controller.deployments.blobs import PackageStore
+from controller.deployments.blobs import PackageStore, Stored
 from controller.deployments.commands import NodeCommands
 from controller.deployments.decide import drained
 from controller.deployments.fencing import SentKey
@@ -60,7 +60,7 @@ from controller.nodes.fleet import Fleet
 from controller.nodes.monitor import StateChange
 from controller.scheduling import NodeHistory, Placement, ReplicaRequest, Resources
 from controller.store.db import Store
-from controller.store.models import Deployment, utcnow
+from controller.store.models import Deployment, DeploymentPackage, utcnow
 from controller.timestamps import timestamp
 from controller.vault import Vault
 
@@ -181,6 +181,9 @@ class Harness:
         """UTC wall-clock time: what is stored (started_at, deployed_at, last_scaled_at)."""
         self.packages = packages or PackageStore(tempfile.mkdtemp(prefix="a67-packages-"))
         self.sources = Sources(self.packages, self.repo)
+        self.share_packages = False
+        """Several controllers (``A67_SCALE_OUT``): a package's bytes are kept in the store
+        too, so that any controller can hand it to a node (:meth:`package_row`)."""
         """Builds packages from users' sources and finds them on disk."""
         self.deploy_margin = deploy_margin_seconds
         self.nodes = NodeCommands(lambda: fleet.streams)
@@ -251,6 +254,13 @@ class Harness:
             log.error("deployment task failed", exc_info=error)
 
     # -- index ----------------------------------------------------------------------------------
+
+    async def package_row(self, package: Stored, now: datetime) -> DeploymentPackage:
+        """The store's row for a package just built: its bytes too when the packages are
+        shared (another controller writes it to its disk before a node needs it:
+        :meth:`Sources.package_file`), else only its digest and size (it is on this disk)."""
+        data = await asyncio.to_thread(package.path.read_bytes) if self.share_packages else b""
+        return DeploymentPackage(sha256=package.sha256, data=data, size=package.size, created_at=now)
 
     def remember(self, row: Deployment) -> None:
         view = view_of(row)

@@ -59,7 +59,7 @@ from controller.nodes.fleet import Fleet
 from controller.nodes.health import is_routable
 from controller.scheduling import ReplicaTarget, pick_endpoint
 from controller.store.db import Store
-from controller.store.models import Deployment, DeploymentPackage, new_id, utcnow
+from controller.store.models import Deployment, new_id, utcnow
 from controller.timestamps import timestamp
 from controller.vault import Vault
 
@@ -130,6 +130,15 @@ class DeploymentService:
     @on_change.setter
     def on_change(self, callback: Callable[[str, Deployment | None], None] | None) -> None:
         self._h.on_change = callback
+
+    @property
+    def share_packages(self) -> bool:
+        """Several controllers: packages' bytes are kept in the store too (Harness.package_row)."""
+        return self._h.share_packages
+
+    @share_packages.setter
+    def share_packages(self, share: bool) -> None:
+        self._h.share_packages = share
 
     @property
     def drain_seconds(self) -> float:
@@ -293,9 +302,7 @@ class DeploymentService:
             ],
         )
         try:
-            await self.repo.create(
-                row, DeploymentPackage(sha256=package.sha256, data=b"", size=package.size, created_at=now)
-            )
+            await self.repo.create(row, await h.package_row(package, now))
         except RequestIdTaken:
             existing = await self.repo.get_by_request_id(user_id, request.request_id)
             assert existing is not None

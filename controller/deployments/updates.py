@@ -24,7 +24,7 @@ from controller.deployments.plans import Plan
 from controller.deployments.records import ACTIVE, DeploymentView, request_of
 from controller.deployments.rollout import Rollouts
 from controller.errors import ControllerError, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
-from controller.store.models import Deployment, DeploymentPackage
+from controller.store.models import Deployment
 
 log = logging.getLogger("a67.deployments")
 
@@ -194,11 +194,7 @@ class Updates:
         record["package_sha256"] = package_sha256
         record["source_sha256"] = source_digest
         if package is not None:
-            await self.h.repo.add_package(
-                DeploymentPackage(
-                    sha256=package.sha256, data=b"", size=package.size, created_at=self.h.wall()
-                )
-            )
+            await self.h.repo.add_package(await self.h.package_row(package, self.h.wall()))
         return await self.begin(row.id, record=record, target=None)
 
     async def begin(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from automator67.v1 import common_pb2, node_pb2
+from automator67.v1 import common_pb2, deployment_pb2, node_pb2
 from sqlalchemy import select
 
 from controller.config import Settings
@@ -26,8 +26,15 @@ from controller.server import Controller, start_controller
 from controller.store.migrate import upgrade
 from controller.store.models import Node
 from tests.conftest import PostgresDatabases
-from tests.integration.test_deployments_real import HEARTBEAT, Client, _user, processes
-from tests.support import controller_settings, running_controller
+from tests.integration.test_deployments_real import (
+    HEARTBEAT,
+    Client,
+    _user,
+    app_manifest,
+    app_source,
+    processes,
+)
+from tests.support import bearer, controller_settings, running_controller
 
 pytestmark = pytest.mark.postgres
 
@@ -178,3 +185,51 @@ async def test_a_node_moves_to_another_controller_when_its_own_goes_away(
                 assert common_pb2.NODE_STATUS_FAILED not in statuses
         finally:
             await a.stop(grace=0.5)
+
+
+async def test_a_deployment_made_on_one_controller_runs_on_a_node_held_by_the_other(
+    tmp_path: Path, postgres_databases: PostgresDatabases, redis_server_url: str
+) -> None:
+    """B places a deployment on a node whose stream A holds (its state and metrics from the
+    store), sends DeployReplica through A, and the node fetches the package from B
+    (``reply_to``); the package's bytes are in the store too, so A can hand it to a node."""
+    store_url = postgres_databases.create()
+    await asyncio.to_thread(upgrade, store_url)
+    common = {"heartbeat_interval_seconds": HEARTBEAT, "store_url": store_url, "cache_url": redis_server_url}
+    a_settings = controller_settings(tmp_path / "a", scale_out=True, **common)
+    b_settings = controller_settings(tmp_path / "b", scale_out=True, **common)
+    with processes(tmp_path) as procs:
+        async with running_controller(a_settings) as a:
+            shutil.copytree(a_settings.keys_dir, b_settings.keys_dir)
+            async with (
+                running_controller(b_settings) as b,
+                grpc.aio.insecure_channel(a.address) as on_a,
+                grpc.aio.insecure_channel(b.address) as on_b,
+            ):
+                token = await _user(on_a)
+                enrollment = await Client(on_a, token).enrollment(uses=1)
+                base = 34000 + (os.getpid() % 50) * 20
+                procs.agent(a.address, enrollment, "eu-west", (base, base + 19))
+                client = Client(on_b, token)  # the user talks to B from now on
+                (node,) = await client.wait_ready(1)
+                assert a.fleet.streams.get(node.id) is not None
+                deadline = asyncio.get_running_loop().time() + 60
+                while not b.fleet.watched_elsewhere(a_settings.resolved_controller_id()):
+                    assert asyncio.get_running_loop().time() < deadline, "B's watchers never saw A"
+                    await asyncio.sleep(0.05)
+                created = await client.deployments.CreateDeployment(
+                    deployment_pb2.CreateDeploymentRequest(
+                        manifest=app_manifest(1), source_tar_gz=app_source("v1")
+                    ),
+                    metadata=bearer(token),
+                )
+                d = await client.wait_answering(created.deployment_id, 1, "v1", within=60)
+                assert d.node_assignments[0].node_id == node.id
+                assert b.relay is not None
+                assert b.relay.relayed >= 1  # DeployReplica went through A
+                # the package is in the store: A writes it to its own disk when it needs it
+                sha256 = next(iter(b.deployments.packages.packages_dir.iterdir())).name
+                assert a.deployments.packages.package(sha256) is None
+                found = await a.deployments._h.sources.package_file(sha256)
+                assert found is not None
+                assert found.size == b.deployments.packages.package(sha256).size  # type: ignore[union-attr]
