@@ -103,6 +103,8 @@ class ControllerRegistry:
         self.node_endpoints: tuple[str, ...] = ()
         """The node ports of the controllers serving the store (this one's first), as of the
         last refresh: what nodes are told, to reconnect elsewhere when theirs goes away."""
+        self.endpoints_version = 0
+        """Grows when :attr:`node_endpoints` changes (nodes are told again with their next ack)."""
         self._task: asyncio.Task[None] | None = None
         self.lost = False
         """Another controller took the store while this one was away (see :meth:`refresh`)."""
@@ -141,7 +143,10 @@ class ControllerRegistry:
             if r.node_endpoint and r.instance != self.instance and self._alive(r, now) is not False
         )
         mine = (self.node_endpoint,) if self.node_endpoint else ()
-        self.node_endpoints = (*mine, *(e for e in others if e not in mine))
+        endpoints = (*mine, *(e for e in others if e not in mine))
+        if endpoints != self.node_endpoints:
+            self.node_endpoints = endpoints
+            self.endpoints_version += 1
 
     def _alive(self, row: ControllerProcess, now: datetime) -> bool | None:
         """True: alive; False: gone; None: on another host and seen lately (wait and see)."""

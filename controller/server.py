@@ -371,7 +371,7 @@ async def start_controller(settings: Settings) -> Controller:
             credentials=node_credentials,
             replica_logs=replica_logs.slots,
             watch=node_watch,
-            controller_endpoints=lambda: registry.node_endpoints,
+            controller_endpoints=lambda: (registry.endpoints_version, registry.node_endpoints),
         ),
         # FetchChunk sends serialized messages as they are
         raw_storage_messages(server),

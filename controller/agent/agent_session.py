@@ -205,6 +205,9 @@ class _Session(_Commands, _NodePort):
         if ack.status and ack.status != self._node_status:
             log.info("the controller reports node %s as %s", self._node_id, _status_name(ack.status))
             self._node_status = ack.status
+        if ack.controller_endpoints:  # the controllers serving the store changed
+            self._endpoints = list(ack.controller_endpoints)
+            log.info("controllers: %s", ", ".join(self._endpoints))
 
     async def _heartbeat_loop(
         self, outbox: asyncio.PriorityQueue[tuple[int, int, node_pb2.ConnectRequest]]

@@ -272,6 +272,8 @@ class Agent(_Session, _Enrollment):
 
     async def _stay_connected(self, enrollment: Enrollment, stop: asyncio.Event) -> None:
         backoff = self._backoff()
+        tried: set[str] = set()
+        """The controllers that could not be reached since the last accepted stream."""
         while not stop.is_set():
             try:
                 end = await self._session(enrollment, stop)
@@ -285,10 +287,20 @@ class Agent(_Session, _Enrollment):
             if stayed_healthy(end, self._interval_ms / 1000):
                 backoff.reset()
             delay = backoff.next_delay()
+            failed = enrollment
+            if end.acked:
+                tried.clear()
+            elif len(self._endpoints) > 1:
+                # another controller shares the store: dial it, at the base delay the first
+                # time in this outage (the grown backoff is for controllers tried already)
+                tried.add(failed.controller_endpoint)
+                enrollment = await self._next_controller(enrollment)
+                if enrollment.controller_endpoint not in tried:
+                    delay = min(delay, self._backoff().next_delay())
             if end.acked:
                 log.warning(
                     "disconnected from %s after %.1fs: %s; reconnecting in %.2fs",
-                    enrollment.controller_endpoint,
+                    failed.controller_endpoint,
                     end.lasted_s,
                     end.reason,
                     delay,
@@ -296,7 +308,7 @@ class Agent(_Session, _Enrollment):
             else:
                 log.warning(
                     "could not connect to %s: %s; retrying in %.2fs (attempt %d)",
-                    enrollment.controller_endpoint,
+                    failed.controller_endpoint,
                     end.reason,
                     delay,
                     backoff.attempt,
@@ -308,7 +320,5 @@ class Agent(_Session, _Enrollment):
                     enrollment.node_id,
                     self.identity.data_dir,
                 )
-            if not end.acked and len(self._endpoints) > 1:
-                enrollment = await self._next_controller(enrollment)
             if await _sleep_unless_stopped(stop, delay):
                 break

@@ -82,11 +82,12 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         credentials: NodeCredentialsService | None = None,
         replica_logs: ReplicaLogSlots | None = None,
         watch: NodeWatch | None = None,
-        controller_endpoints: Callable[[], Sequence[str]] | None = None,
+        controller_endpoints: Callable[[], tuple[int, Sequence[str]]] | None = None,
     ) -> None:
         self._fleet = fleet
         self._controller_endpoints = controller_endpoints
-        """Every live controller's node port (told to nodes in their hello's answer)."""
+        """``(version, every live controller's node port)``: told to nodes in their hello's
+        answer, and again in a heartbeat's answer when the version changed."""
         self._nodes = nodes
         self._enrollment = enrollment
         self._registrar = registrar
@@ -423,13 +424,11 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self._fleet.stream_connected(node.id)
         self._fleet.replicas_reported(node.id, first.hello.replicas, complete=True)
         log.info("node %s connected (generation %d)", node.id, session.generation)
-        yield node_pb2.ConnectResponse(
-            hello_ack=node_pb2.HelloAck(
-                generation=session.generation,
-                heartbeat_interval_ms=self._interval_ms,
-                controller_endpoints=self._controller_endpoints() if self._controller_endpoints else (),
-            )
-        )
+        hello_ack = node_pb2.HelloAck(generation=session.generation, heartbeat_interval_ms=self._interval_ms)
+        if self._controller_endpoints is not None:
+            session.endpoints_told, endpoints = self._controller_endpoints()
+            hello_ack.controller_endpoints.extend(endpoints)
+        yield node_pb2.ConnectResponse(hello_ack=hello_ack)
         # One reader task per stream: it acknowledges each heartbeat itself with
         # context.write (no queue, no second task woken per heartbeat); this loop writes
         # the commands queued by other tasks. The session's write lock keeps the two from
@@ -459,6 +458,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         ack written directly (next request read once it is sent: back-pressure)."""
         fleet = self._fleet
         node_id = session.node_id
+        endpoints = self._controller_endpoints
         try:
             async for request in requests:
                 if not fleet.streams.is_current(session):
@@ -476,6 +476,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                             sequence=heartbeat.sequence, status=STATUS_ENUM[state]
                         )
                     )
+                    if endpoints is not None and endpoints()[0] != session.endpoints_told:
+                        session.endpoints_told, listed = endpoints()  # the controllers changed
+                        ack.heartbeat_ack.controller_endpoints.extend(listed)
                     if session.closed.is_set():
                         return
                     async with session.write_lock:

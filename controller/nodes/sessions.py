@@ -67,6 +67,8 @@ class NodeSession:
     last_rtt_ms: float | None = None
     """The stream's smoothed heartbeat round-trip time in ms (see :meth:`record_rtt`);
     ``None`` until the node reported one."""
+    endpoints_told: int = 0
+    """The version of the controllers' node ports the node was last told (scale-out)."""
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held while a message is written to the stream (one write in flight per call)."""
 

@@ -517,17 +517,25 @@ class HeartbeatAck(_message.Message):
 
     SEQUENCE_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    CONTROLLER_ENDPOINTS_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     status: _common_pb2.NodeStatus.ValueType
+    @_builtins.property
+    def controller_endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Set only when the controllers serving the store changed since the node was last told
+        (HelloAck.controller_endpoints): every live controller's node port, this one's first.
+        """
+
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
         status: _common_pb2.NodeStatus.ValueType = ...,
+        controller_endpoints: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sequence", b"sequence", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["controller_endpoints", b"controller_endpoints", "sequence", b"sequence", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
