@@ -140,9 +140,10 @@ async def test_scale_out_needs_postgresql_and_redis_and_a_second_controller_need
 async def test_a_node_moves_to_another_controller_when_its_own_goes_away(
     tmp_path: Path, postgres_databases: PostgresDatabases, redis_server_url: str
 ) -> None:
-    """The hello's answer lists every controller's node port; when the node's controller
-    stops, the node reconnects to the other one, which watches it from then on, and the
-    node is never declared failed."""
+    """A node connected before a second controller started hears of it (a heartbeat's
+    answer lists every controller's node port once the list changed); when its own
+    controller stops, it reconnects to the other one, which watches it from then on, and
+    the node is never declared failed."""
     store_url = postgres_databases.create()
     await asyncio.to_thread(upgrade, store_url)
     common = {"heartbeat_interval_seconds": HEARTBEAT, "store_url": store_url, "cache_url": redis_server_url}
@@ -151,18 +152,25 @@ async def test_a_node_moves_to_another_controller_when_its_own_goes_away(
     with processes(tmp_path) as procs:
         a = await start_controller(a_settings)
         try:
+            async with grpc.aio.insecure_channel(a.address) as on_a:
+                token = await _user(on_a)
+                enrollment = await Client(on_a, token).enrollment(uses=1)
+                base = 33000 + (os.getpid() % 50) * 20
+                procs.agent(a.address, enrollment, "eu-west", (base, base + 19))  # only A exists yet
+                (node,) = await Client(on_a, token).wait_ready(1)
             shutil.copytree(a_settings.keys_dir, b_settings.keys_dir)
             async with running_controller(b_settings) as b, grpc.aio.insecure_channel(b.address) as channel:
                 assert a.registry is not None
                 assert b.registry is not None
                 await a.registry._read_endpoints()  # as its next refresh would: B is listed
                 assert a.registry.node_endpoints[1:] == (b.registry.node_endpoint,)
-                client = Client(channel, await _user(channel))
-                enrollment = await client.enrollment(uses=1)
-                base = 33000 + (os.getpid() % 50) * 20
-                procs.agent(a.address, enrollment, "eu-west", (base, base + 19))  # registers with A
-                (node,) = await client.wait_ready(1)
-                assert a.fleet.streams.get(node.id) is not None
+                agent_log = tmp_path / "agent-eu-west.log"
+                told = f"controllers: {a.registry.node_endpoint}, {b.registry.node_endpoint}"
+                deadline = asyncio.get_running_loop().time() + 60
+                while told not in agent_log.read_text():
+                    assert asyncio.get_running_loop().time() < deadline, "the node never heard of B"
+                    await asyncio.sleep(0.05)
+                client = Client(channel, token)
                 statuses: list[int] = []
 
                 async def on_b() -> bool:
@@ -170,9 +178,8 @@ async def test_a_node_moves_to_another_controller_when_its_own_goes_away(
                     return b.fleet.streams.get(node.id) is not None
 
                 await a.stop(grace=0.5)  # its stream ends; A cannot be reached any more
-                deadline = asyncio.get_running_loop().time() + 60
                 while not await on_b():
-                    assert asyncio.get_running_loop().time() < deadline, "the node did not move to B"
+                    assert asyncio.get_running_loop().time() < deadline + 60, "the node did not move to B"
                     await asyncio.sleep(0.05)
                 async with b.store.session() as session:
                     holder = (
