@@ -114,7 +114,7 @@ class _Session(_Commands, _NodePort):
             raise _ProtocolError(f"the controller answered the hello with {first.WhichOneof('message')}")
         ack = first.hello_ack
         if ack.controller_endpoints:  # several controllers: where to go if this one goes away
-            self._endpoints = list(dict.fromkeys([endpoint, *ack.controller_endpoints]))
+            self._set_endpoints([endpoint, *ack.controller_endpoints])
         self._generation = ack.generation
         if ack.heartbeat_interval_ms > 0:
             self._interval_ms = ack.heartbeat_interval_ms
@@ -206,8 +206,14 @@ class _Session(_Commands, _NodePort):
             log.info("the controller reports node %s as %s", self._node_id, _status_name(ack.status))
             self._node_status = ack.status
         if ack.controller_endpoints:  # the controllers serving the store changed
-            self._endpoints = list(ack.controller_endpoints)
-            log.info("controllers: %s", ", ".join(self._endpoints))
+            self._set_endpoints(list(ack.controller_endpoints))
+
+    def _set_endpoints(self, endpoints: list[str]) -> None:
+        """The controllers' node ports the controller listed (this one's first)."""
+        endpoints = list(dict.fromkeys(endpoints))
+        if endpoints != self._endpoints:
+            self._endpoints = endpoints
+            log.info("controllers: %s", ", ".join(endpoints))
 
     async def _heartbeat_loop(
         self, outbox: asyncio.PriorityQueue[tuple[int, int, node_pb2.ConnectRequest]]
