@@ -214,6 +214,30 @@ class Recovery:
 
     # -- the fence ------------------------------------------------------------------------------
 
+    async def _catch_up_on(self, replicas: Sequence[node_pb2.ReplicaState]) -> None:
+        """Before the fence judges a node's replicas by the index: read again from the store
+        the deployments it reports that the index does not know, or knows at an older
+        generation — made or moved by another controller sharing the store since this one's
+        last pass (:meth:`sync`). Without it, a replica another controller just started
+        would be taken for a deleted deployment's, or a stale one, and stopped. Alone, a
+        controller reads only deployments deleted while their node was away."""
+        h = self.h
+        behind: set[str] = set()
+        for s in replicas:
+            known = h.index.get(s.deployment_id)
+            assigned = known.assignments.get(s.replica_index) if known is not None else None
+            if assigned is None or assigned.generation < s.generation:
+                behind.add(s.deployment_id)
+        if not behind:
+            return
+        for row in await h.repo.get_many(sorted(behind)):
+            if row.status in ENDED or row.id in h.rolling:
+                continue
+            async with h.locks[row.id]:
+                fresh = await h.row(row.id, row)
+                if fresh is not None and fresh.status not in ENDED:
+                    h.remember(fresh)
+
     async def on_replicas_reported(
         self, node_id: str, replicas: Sequence[node_pb2.ReplicaState], complete: bool
     ) -> None:
@@ -221,6 +245,7 @@ class Recovery:
         h = self.h
         if not h.loaded or h.closing:
             return
+        await self._catch_up_on(replicas)
         plan = fencing.fence(
             node_id,
             [

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
+from automator67.v1 import node_pb2
 
 from controller.deployments.harness import Harness, set_replicas
 from controller.deployments.records import DeploymentStatus, Replica, ReplicaStatus
@@ -135,3 +136,22 @@ async def test_the_reconciler_sees_nodes_another_controller_watches_as_connected
     await recovery._load_remote()
     fact = recovery._facts({"n1"})["n1"]
     assert (fact.state, fact.connected) == (None, False)
+
+
+async def test_a_replica_another_controller_just_started_is_not_taken_for_a_deleted_ones(
+    pair: tuple[Harness, Harness, Wall],
+) -> None:
+    """A node held here reports a replica of a deployment another controller created since
+    this one's last pass: the fence reads it from the store instead of removing it."""
+    a, _, _ = pair
+    a.loaded = True
+    d = await _deployment(a.store, DeploymentStatus.DEPLOYING, [Replica(0, "n1", 1, ReplicaStatus.STARTING)])
+    assert d not in a.index
+    reported = node_pb2.ReplicaState(deployment_id=d, replica_index=0, generation=1, status="running")
+    await Recovery(a, Rollouts(a)).on_replicas_reported("n1", [reported], complete=False)
+    assert d in a.index
+    assert not a.tasks  # no RemoveDeployment or StopReplica sent
+    # a deployment that is really gone still is removed from the node
+    gone = node_pb2.ReplicaState(deployment_id="d-deleted", replica_index=0, generation=1, status="running")
+    await Recovery(a, Rollouts(a)).on_replicas_reported("n1", [gone], complete=False)
+    assert len(a.tasks) == 1

@@ -57,23 +57,31 @@ async def _statement(
     return list((await collect(rows, not read)).rows)
 
 
+async def _pair(tmp_path: Path, databases: PostgresDatabases, redis_url: str) -> tuple[Settings, Settings]:
+    """Two controllers' settings for one migrated PostgreSQL store (``a67 migrate``: a
+    PostgreSQL store is never migrated at start) and one Redis, with ``A67_SCALE_OUT``.
+    Start the first, then copy its keys to the second's data directory with :func:`_same_keys`."""
+    store_url = databases.create()
+    await asyncio.to_thread(upgrade, store_url)
+    common = {"heartbeat_interval_seconds": HEARTBEAT, "store_url": store_url, "cache_url": redis_url}
+    return (
+        controller_settings(tmp_path / "a", scale_out=True, **common),
+        controller_settings(tmp_path / "b", scale_out=True, **common),
+    )
+
+
+def _same_keys(first: Settings, second: Settings) -> None:
+    """Every controller has the same keys (here: the first's development keys, copied)."""
+    shutil.copytree(first.keys_dir, second.keys_dir)
+
+
 async def test_a_second_controller_commands_a_node_held_by_the_first(
     tmp_path: Path, postgres_databases: PostgresDatabases, redis_server_url: str
 ) -> None:
-    store_url = postgres_databases.create()
-    await asyncio.to_thread(upgrade, store_url)  # `a67 migrate`: PostgreSQL is never migrated at start
-    common = {
-        "heartbeat_interval_seconds": HEARTBEAT,
-        "store_url": store_url,
-        "cache_url": redis_server_url,
-        "scale_out": True,
-    }
-    a_settings = controller_settings(tmp_path / "a", **common)
-    b_settings = controller_settings(tmp_path / "b", **common)
+    a_settings, b_settings = await _pair(tmp_path, postgres_databases, redis_server_url)
     with processes(tmp_path) as procs:
         async with running_controller(a_settings) as a:
-            # every controller has the same keys (here: A's development keys, copied)
-            shutil.copytree(a_settings.keys_dir, b_settings.keys_dir)
+            _same_keys(a_settings, b_settings)
             async with (
                 running_controller(b_settings) as b,
                 grpc.aio.insecure_channel(a.address) as channel,
@@ -144,11 +152,7 @@ async def test_a_node_moves_to_another_controller_when_its_own_goes_away(
     answer lists every controller's node port once the list changed); when its own
     controller stops, it reconnects to the other one, which watches it from then on, and
     the node is never declared failed."""
-    store_url = postgres_databases.create()
-    await asyncio.to_thread(upgrade, store_url)
-    common = {"heartbeat_interval_seconds": HEARTBEAT, "store_url": store_url, "cache_url": redis_server_url}
-    a_settings = controller_settings(tmp_path / "a", scale_out=True, **common)
-    b_settings = controller_settings(tmp_path / "b", scale_out=True, **common)
+    a_settings, b_settings = await _pair(tmp_path, postgres_databases, redis_server_url)
     with processes(tmp_path) as procs:
         a = await start_controller(a_settings)
         try:
@@ -158,7 +162,7 @@ async def test_a_node_moves_to_another_controller_when_its_own_goes_away(
                 base = 33000 + (os.getpid() % 50) * 20
                 procs.agent(a.address, enrollment, "eu-west", (base, base + 19))  # only A exists yet
                 (node,) = await Client(on_a, token).wait_ready(1)
-            shutil.copytree(a_settings.keys_dir, b_settings.keys_dir)
+            _same_keys(a_settings, b_settings)
             async with running_controller(b_settings) as b, grpc.aio.insecure_channel(b.address) as channel:
                 assert a.registry is not None
                 assert b.registry is not None
@@ -200,14 +204,10 @@ async def test_a_deployment_made_on_one_controller_runs_on_a_node_held_by_the_ot
     """B places a deployment on a node whose stream A holds (its state and metrics from the
     store), sends DeployReplica through A, and the node fetches the package from B
     (``reply_to``); the package's bytes are in the store too, so A can hand it to a node."""
-    store_url = postgres_databases.create()
-    await asyncio.to_thread(upgrade, store_url)
-    common = {"heartbeat_interval_seconds": HEARTBEAT, "store_url": store_url, "cache_url": redis_server_url}
-    a_settings = controller_settings(tmp_path / "a", scale_out=True, **common)
-    b_settings = controller_settings(tmp_path / "b", scale_out=True, **common)
+    a_settings, b_settings = await _pair(tmp_path, postgres_databases, redis_server_url)
     with processes(tmp_path) as procs:
         async with running_controller(a_settings) as a:
-            shutil.copytree(a_settings.keys_dir, b_settings.keys_dir)
+            _same_keys(a_settings, b_settings)
             async with (
                 running_controller(b_settings) as b,
                 grpc.aio.insecure_channel(a.address) as on_a,
