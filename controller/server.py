@@ -450,8 +450,9 @@ async def start_controller(settings: Settings) -> Controller:
     if node_port is not None:
         await registry.set_node_endpoint(registrar.controller_endpoint)  # told to nodes (scale-out)
     relay: CommandRelay | None = None
-    if settings.cache_url.startswith(("redis://", "rediss://", "unix://")):
-        # Several controllers share Redis: commands for nodes held by another go through it.
+    if settings.scale_out:
+        # Commands for nodes whose stream another controller holds go through it, over the
+        # Redis cache (A67_SCALE_OUT is refused without one).
         relay = CommandRelay(
             settings.cache_url,
             controller_id,
