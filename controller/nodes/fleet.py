@@ -34,7 +34,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -371,10 +371,12 @@ class Fleet:
         )
         self._view_changed(node_id)
 
-    def watched_elsewhere(self, holder: str | None) -> bool:
+    def watched_elsewhere(self, holder: str | None, peers: Collection[str] | None = None) -> bool:
         """Whether a node whose watcher (``nodes.stream_holder``) is ``holder`` is watched by
-        another live controller: its stream is there, its state and metrics are in the store."""
-        return holder is not None and holder != self.holder_id and holder in self.live_peers
+        another live controller — of ``peers``, else of :attr:`live_peers` (as of the last
+        pass of the node watchers): its stream is there, its state and metrics are in the store."""
+        live = self.live_peers if peers is None else peers
+        return holder is not None and holder != self.holder_id and holder in live
 
     def hand_over(self, node_id: str) -> bool:
         """Stop watching a node another controller watches now; whether it was watched here."""
@@ -484,7 +486,7 @@ class Fleet:
             await self._write_cache(node_id)
 
     async def _on_failure(self, node_id: str, user_id: str) -> None:
-        if await self._watched_elsewhere(node_id):
+        if await self._moved_elsewhere(node_id):
             return
         self.events.append(
             FleetEvent(self.clock(), "recovery", node_id, user_id, "node failed: recovery triggered")
@@ -493,14 +495,16 @@ class Fleet:
         if self.recovery_handler is not None:
             await self.recovery_handler(node_id, user_id)
 
-    async def _watched_elsewhere(self, node_id: str) -> bool:
+    async def _moved_elsewhere(self, node_id: str) -> bool:
         """With other controllers: whether another live one watches the node now (its stream
         moved there before this controller noticed). It is handed over, not recovered."""
         if self.peers is None or self.holder_id is None:
             return False
         try:
             holder = await self.nodes.stream_holder(node_id)
-            elsewhere = holder is not None and holder != self.holder_id and holder in await self.peers()
+            elsewhere = self.watched_elsewhere(
+                holder, await self.peers()
+            )  # read now, not as of the last pass
         except Exception:  # the store is away: recover (replicas are fenced by generation)
             log.warning("could not read who watches node %s", node_id, exc_info=True)
             return False

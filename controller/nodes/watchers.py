@@ -14,7 +14,7 @@ or died is known as such.
   **handed over**: this controller stops watching it, silently (no transition, no
   recovery). Until then, its state writes are refused by the store (a status is written
   only by the node's watcher), and a failure it sees is checked against the store before
-  recovery starts (:meth:`~controller.nodes.fleet.Fleet._watched_elsewhere`);
+  recovery starts (:meth:`~controller.nodes.fleet.Fleet._moved_elsewhere`);
 * a node whose watcher is gone — the controller stopped (its row in ``controllers`` is
   removed) or died (its row went stale) — is **adopted** by the controller holding the
   ``node-watchers`` loop lease (:mod:`controller.leases`): claimed in the store
@@ -98,7 +98,7 @@ class NodeWatchers:
         for node_id, user_id, status, last_heartbeat, holder in rows:
             if fleet.streams.get(node_id) is not None:
                 continue  # its stream is here: this controller watches it
-            if holder in others:
+            if fleet.watched_elsewhere(holder, others):
                 if fleet.hand_over(node_id):
                     handed += 1
                     log.info(
