@@ -67,6 +67,9 @@ MAX_REBUILD_PAUSE_SECONDS = 1.0
 """The longest such pause: a change is routed at most about this much later than now."""
 WEIGHT_HYSTERESIS = 10
 """A node's endpoint weight changes only when its score moved by more than this (of 100)."""
+WEIGHT_SECONDS = 1.0
+"""How often the endpoint weights of the nodes hosting routed replicas are worked out again
+(their routable state is looked at on every pass)."""
 ROUTED_STATUSES = frozenset({"pending", "deploying", "running", "failing", "failed", "scaling"})
 """Deployments that have routes (every one but a deleted, ``stopped`` one). Without a
 routable replica a route answers 503 from Envoy."""
@@ -101,7 +104,16 @@ class IngressService:
         self.public_url = public_url
         self.xds = XdsServer(options, clock=clock)
         self.traffic = TrafficStats(clock=clock)
+        self._clock = clock
         self._rows: dict[str, _Row] = {}
+        self._changed: set[str] = set()
+        """Deployments whose row changed (or went) since the routes were last built."""
+        self._on_node: dict[str, set[str]] = {}
+        """Node id -> the routed deployments with an assignment on it."""
+        self._node_seen: dict[str, tuple[bool, int]] = {}
+        """Node id -> (routable, endpoint weight) as the routes were last built."""
+        self._weighed_at = -float("inf")
+        self._sorted: tuple[AppRoute, ...] = ()
         self._handles: dict[str, str] = {}
         self._weights: dict[str, int] = {}
         self._routes: tuple[AppRoute, ...] | None = None
@@ -118,11 +130,13 @@ class IngressService:
 
     def deployment_changed(self, deployment_id: str, row: Deployment | None) -> None:
         """The deployments service stored ``row`` (None: deleted). Cheap; the loop does the work."""
+        before = self._rows.get(deployment_id)
         if row is None or row.status not in ROUTED_STATUSES:
             if self._rows.pop(deployment_id, None) is not None:
                 self.traffic.forget_deployment(deployment_id)
+            after = None
         else:
-            self._rows[deployment_id] = _Row(
+            after = self._rows[deployment_id] = _Row(
                 name=row.name,
                 user_id=row.user_id,
                 status=row.status,
@@ -136,6 +150,19 @@ class IngressService:
                     for a in row.node_assignments
                 ),
             )
+        was_on = {a[1] for a in before.assignments} if before is not None else set()
+        now_on = {a[1] for a in after.assignments} if after is not None else set()
+        for node_id in was_on - now_on:
+            hosted = self._on_node.get(node_id)
+            if hosted is not None:
+                hosted.discard(deployment_id)
+                if not hosted:  # no route points at the node any more: forget it
+                    del self._on_node[node_id]
+                    self._node_seen.pop(node_id, None)
+                    self._weights.pop(node_id, None)
+        for node_id in now_on - was_on:
+            self._on_node.setdefault(node_id, set()).add(deployment_id)
+        self._changed.add(deployment_id)
         self._dirty.set()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -228,34 +255,60 @@ class IngressService:
         return state is None or is_routable(state)
 
     async def current_routes(self) -> tuple[AppRoute, ...]:
+        """Every routed deployment's route, by deployment id.
+
+        A pass costs in proportion to what changed, not to what is routed: the routes of
+        deployments whose row changed, and of those on a node whose routable state or
+        endpoint weight changed, are built again; every other route is the same object as
+        before (and so is the tuple, when nothing changed). Weights are worked out every
+        :data:`WEIGHT_SECONDS`; routable states on every pass."""
         self._dirty.clear()
-        routes: list[AppRoute] = []
+        changed, self._changed = self._changed, set()
+        now = self._clock()
+        reweigh = now - self._weighed_at >= WEIGHT_SECONDS
+        if reweigh:
+            self._weighed_at = now
+        seen = self._node_seen
+        for node_id, hosted in self._on_node.items():
+            last = seen.get(node_id)
+            weight = self._node_weight(node_id) if reweigh or last is None else last[1]
+            key = (self._routable(node_id), weight)
+            if key != last:
+                seen[node_id] = key
+                changed.update(hosted)
+        if not changed:
+            return self._sorted
         replicas: dict[str, Replica] = {}
-        handles = self._handles
-        previous = self._route_of
-        current: dict[str, AppRoute] = {}
-        for deployment_id, row in list(self._rows.items()):
+        current = self._route_of
+        moved = False
+        for deployment_id in changed:
+            row = self._rows.get(deployment_id)
+            if row is None:
+                moved = current.pop(deployment_id, None) is not None or moved
+                continue
             endpoints: list[Endpoint] = []
             for index, node_id, status, endpoint in row.assignments:
-                if status != "running" or not endpoint or not self._routable(node_id):
+                routable, weight = seen.get(node_id, (False, 0))
+                if status != "running" or not endpoint or not routable:
                     continue
                 address = split_endpoint(endpoint)
                 if address is None:
                     continue
-                endpoints.append(Endpoint(address[0], address[1], self._node_weight(node_id), node_id, index))
+                endpoints.append(Endpoint(address[0], address[1], weight, node_id, index))
                 replicas[f"{address[0]}:{address[1]}"] = Replica(deployment_id, index, node_id)
-            handle = handles.get(row.user_id)
+            handle = self._handles.get(row.user_id)
             if handle is None:  # the store is asked once per user, not once per deployment
                 handle = await self.handle(row.user_id)
             route = AppRoute(deployment_id, row.name, handle, tuple(endpoints))
-            before = previous.get(deployment_id)
-            if before is not None and before == route:
-                route = before
-            current[deployment_id] = route
-            routes.append(route)
-        self._route_of = current
-        self.traffic.set_replicas(replicas)
-        return tuple(sorted(routes, key=_deployment_id))
+            before = current.get(deployment_id)
+            if before is None or before != route:
+                current[deployment_id] = route
+                moved = True
+        if replicas:
+            self.traffic.set_replicas(replicas)
+        if moved:
+            self._sorted = tuple(current[key] for key in sorted(current))
+        return self._sorted
 
     async def refresh(self) -> bool:
         """Rebuild the routes; publish them if they changed. True if a new version went out.
@@ -263,7 +316,7 @@ class IngressService:
         Only the deployments whose routes changed are rebuilt (:class:`SnapshotBuilder`).
         """
         routes = await self.current_routes()
-        if routes == self._routes:
+        if routes is self._routes or routes == self._routes:
             return False
         self._routes = routes
         published = self.xds.publish(self._builder.build(routes))

@@ -21,9 +21,11 @@ Pure: no I/O, no clock. Feeding it is the caller's job (``controller/deployments
 
 from __future__ import annotations
 
+import heapq
 import math
 from bisect import bisect_left, insort
 from collections.abc import Collection, Iterable
+from typing import cast
 
 from controller.scheduling.feasible import RESOURCE_EPSILON
 from controller.scheduling.snapshot import (
@@ -35,21 +37,35 @@ from controller.scheduling.snapshot import (
     build_regions,
 )
 
+_FREE = (3, 4, 5)
+"""The free CPU cores, memory MB and disk MB columns of a :data:`PlacementRow`."""
+
 
 class _LiveTypeIndex:
     """The rows of one node type by region, kept sorted as views change; and what tells,
     without walking every node, which nodes can be infeasible for a request of the type:
     the nodes outside the order (not schedulable, or not of the type), and the least free
-    CPU, memory and disk among those in it."""
+    CPU, memory and disk among those in it (a heap per resource, stale entries dropped
+    when they reach the top: O(log n) per change, whatever left)."""
 
-    __slots__ = ("_least", "node_type", "outside", "regions")
+    __slots__ = ("_heaps", "_rows", "node_type", "outside", "regions")
 
     def __init__(self, nodes: Iterable[NodeView], node_type: str) -> None:
         self.node_type = node_type
         nodes = tuple(nodes)
-        self.regions = build_regions(nodes, node_type, by_node_id=True)
+        self.regions = build_regions(nodes, node_type)
         self.outside = {view.node_id for view in nodes if not self._member(view)}
-        self._least: tuple[float, float, float] | None = None  # None: to be computed
+        self._rows: dict[str, PlacementRow] = {}
+        self._heaps: tuple[list[tuple[float, str]], ...] = ([], [], [])
+        self._rebuild_heaps({row[1]: row for rows in self.regions.values() for row in rows[:-1]})
+
+    def _rebuild_heaps(self, rows: dict[str, PlacementRow]) -> None:
+        self._rows = rows
+        self._heaps = tuple(
+            [(cast(float, row[column]), node_id) for node_id, row in rows.items()] for column in _FREE
+        )
+        for heap in self._heaps:
+            heapq.heapify(heap)
 
     def _member(self, view: NodeView | None) -> bool:
         return view is not None and view.state in SCHEDULABLE and self.node_type in view.node_types
@@ -57,15 +73,17 @@ class _LiveTypeIndex:
     def least_free(self) -> tuple[float, float, float]:
         """The least free CPU cores, memory MB and disk MB among the nodes in the order
         (each on its own; infinite when the order is empty)."""
-        if self._least is None:
-            least = [math.inf, math.inf, math.inf]
-            for rows in self.regions.values():
-                for row in rows[:-1]:  # not the sentinel
-                    least[0] = min(least[0], row[3])
-                    least[1] = min(least[1], row[4])
-                    least[2] = min(least[2], row[5])
-            self._least = (least[0], least[1], least[2])
-        return self._least
+        rows = self._rows
+        least = [math.inf, math.inf, math.inf]
+        for i, (column, heap) in enumerate(zip(_FREE, self._heaps, strict=True)):
+            while heap:
+                value, node_id = heap[0]
+                row = rows.get(node_id)
+                if row is not None and row[column] == value:
+                    least[i] = value
+                    break
+                heapq.heappop(heap)  # the node left the order, or its free resources changed
+        return (least[0], least[1], least[2])
 
     def replace(self, old: NodeView | None, new: NodeView | None) -> None:
         was_in, is_in = self._member(old), self._member(new)
@@ -84,9 +102,7 @@ class _LiveTypeIndex:
                 rows.remove(row)
             if len(rows) == 1:  # only the sentinel is left
                 del self.regions[row[2]]
-            least = self._least
-            if least is not None and (row[3] <= least[0] or row[4] <= least[1] or row[5] <= least[2]):
-                self._least = None  # it may have been the least: computed again when asked
+            self._rows.pop(row[1], None)
         if is_in:
             assert new is not None
             row = new.placement_row
@@ -95,9 +111,11 @@ class _LiveTypeIndex:
                 self.regions[row[2]] = [row, SENTINEL]
             else:
                 insort(found, row, 0, len(found) - 1)
-            least = self._least
-            if least is not None:
-                self._least = (min(least[0], row[3]), min(least[1], row[4]), min(least[2], row[5]))
+            self._rows[row[1]] = row
+            for column, heap in zip(_FREE, self._heaps, strict=True):
+                heapq.heappush(heap, (cast(float, row[column]), row[1]))
+            if len(self._heaps[0]) > 2 * len(self._rows) + 64:  # mostly stale entries: start over
+                self._rebuild_heaps(self._rows)
 
 
 class LiveSnapshot:
@@ -173,20 +191,24 @@ class LiveSnapshot:
             index = self._indexes[node_type] = _LiveTypeIndex(self._views.values(), node_type)
         return index
 
+    def room_for_all(self, request: ReplicaRequest) -> bool:
+        """Whether every node in the type's placement order has room for ``request``."""
+        cpu, memory, disk = self._index(request.node_type).least_free()
+        return (
+            cpu >= request.cpu_cores - RESOURCE_EPSILON
+            and memory >= request.memory_mb - RESOURCE_EPSILON
+            and disk >= request.disk_mb - RESOURCE_EPSILON
+        )
+
     def maybe_infeasible(self, request: ReplicaRequest, exclude: Collection[str]) -> list[NodeView] | None:
         """The nodes that can be infeasible for ``request`` with ``exclude``, in :attr:`nodes`
         order — those outside the type's order and the excluded ones — when every node in the
         order has room for it; else None (any node may be: walk them all). Rejections are
         reported with every placement, and in a large fleet with room to spare this is a
         handful of nodes instead of all of them."""
-        index = self._index(request.node_type)
-        cpu, memory, disk = index.least_free()
-        if (
-            cpu < request.cpu_cores - RESOURCE_EPSILON
-            or memory < request.memory_mb - RESOURCE_EPSILON
-            or disk < request.disk_mb - RESOURCE_EPSILON
-        ):
+        if not self.room_for_all(request):
             return None
+        index = self._index(request.node_type)
         views = self._views
         candidates = index.outside.union(node_id for node_id in exclude if node_id in views)
         return [views[node_id] for node_id in sorted(candidates)]

@@ -53,7 +53,6 @@ from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import islice
-from operator import itemgetter
 
 from automator67.v1 import deployment_pb2
 
@@ -99,9 +98,6 @@ class Choice:
     """Chosen from the ``avoid`` set because the other feasible nodes were too few."""
 
 
-_BY_NODE_ID = itemgetter(1)
-
-
 def tie_order(seed: str, score: float, region: str, group: list[PlacementRow]) -> Iterator[PlacementRow]:
     """The rows of one region's group of equal scores, given in node id order, shuffled.
 
@@ -131,9 +127,15 @@ def _walk_region(
     seed: str,
     exclude: Collection[str],
     avoid: Collection[str],
+    roomy: bool = False,
 ) -> tuple[list[PlacementRow], list[PlacementRow]]:
     """The first ``quota`` feasible rows of one region in placement order, and up to
-    ``quota`` avoided ones met on the way: (preferred, last resort)."""
+    ``quota`` avoided ones met on the way: (preferred, last resort).
+
+    ``rows`` are in ``(-score, node id)`` order (a group of equal scores is in node id
+    order). ``roomy``: every row has room for ``request`` (the live view knows its least
+    free resources), so a group of equal scores is filtered by ``exclude`` alone — in a
+    fleet of alike nodes one group can be every node."""
     need_cpu = request.cpu_cores - RESOURCE_EPSILON
     need_memory = request.memory_mb - RESOURCE_EPSILON
     need_disk = request.disk_mb - RESOURCE_EPSILON
@@ -155,14 +157,17 @@ def _walk_region(
             while rows[end][0] == score:
                 end += 1
             skip_to = end
-            group = [
-                tied
-                for tied in sorted(rows[k:end], key=_BY_NODE_ID)
-                if tied[3] >= need_cpu
-                and tied[4] >= need_memory
-                and tied[5] >= need_disk
-                and tied[1] not in exclude
-            ]
+            if roomy:
+                group = [tied for tied in rows[k:end] if tied[1] not in exclude] if exclude else rows[k:end]
+            else:
+                group = [
+                    tied
+                    for tied in rows[k:end]
+                    if tied[3] >= need_cpu
+                    and tied[4] >= need_memory
+                    and tied[5] >= need_disk
+                    and tied[1] not in exclude
+                ]
             candidates = tie_order(seed, -score, region, group) if len(group) > 1 else group
         for candidate in candidates:
             if candidate[1] in avoid:
@@ -380,8 +385,9 @@ def place(
         raise ValueError(f"replicas must be at least 1, got {replicas}")
     preferred: dict[str, list[PlacementRow]] = {}
     spare: dict[str, list[PlacementRow]] = {}
+    roomy = snapshot.room_for_all(request)
     for region, rows in snapshot.regions(request.node_type).items():
-        chosen, avoided = _walk_region(rows, region, request, replicas, seed, exclude, avoid)
+        chosen, avoided = _walk_region(rows, region, request, replicas, seed, exclude, avoid, roomy)
         if chosen:
             preferred[region] = chosen
         if avoided:

@@ -31,7 +31,6 @@ import math
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
-from operator import itemgetter
 from typing import Protocol, TypeVar, cast
 
 from controller.nodes.health import Metrics, NodeState, is_schedulable, metrics_problem
@@ -292,6 +291,12 @@ class Snapshot:
         :func:`build_regions`), computed once per snapshot and node type."""
         return self.memo(f"regions:{node_type}", lambda s: build_regions(s.nodes, node_type))
 
+    def room_for_all(self, request: ReplicaRequest) -> bool:
+        """Whether every node in :meth:`regions` is known to have room for ``request``
+        without looking; a snapshot keeps no index for it: False (the live view knows:
+        :meth:`~controller.scheduling.live.LiveSnapshot.room_for_all`)."""
+        return False
+
     def maybe_infeasible(self, request: ReplicaRequest, exclude: Collection[str]) -> list[NodeView] | None:
         """The nodes that can be infeasible for ``request``, when fewer than all of them can
         be told cheaply; a snapshot keeps no index for it: None, check every node (the live
@@ -333,20 +338,15 @@ class NodeSet(Protocol):
         """See :meth:`Snapshot.maybe_infeasible`."""
         ...
 
+    def room_for_all(self, request: ReplicaRequest) -> bool:
+        """See :meth:`Snapshot.room_for_all`."""
+        ...
 
-_BY_SCORE = itemgetter(0)
 
-
-def build_regions(
-    nodes: Iterable[NodeView], node_type: str, *, by_node_id: bool = False
-) -> dict[str, list[PlacementRow]]:
+def build_regions(nodes: Iterable[NodeView], node_type: str) -> dict[str, list[PlacementRow]]:
     """The schedulable nodes of ``node_type`` by region, each region's :attr:`NodeView.placement_row`
-    tuples best score first, each list ended by :data:`SENTINEL`.
-
-    Sorted by score only (stable: equal scores stay in ``nodes`` order; sorting on a
-    float key is twice as fast as on the tuple), or with ``by_node_id`` by ``(-score,
-    node_id)``: the order a list kept sorted by insertion needs. Placement orders a
-    group of equal scores by node id itself, so both give the same decisions.
+    tuples in ``(-score, node id)`` order (best first; a group of equal scores in node id
+    order, as placement reads it), each list ended by :data:`SENTINEL`.
     """
     regions: dict[str, list[PlacementRow]] = {}
     for node in nodes:
@@ -358,9 +358,6 @@ def build_regions(
             else:
                 rows.append(row)
     for rows in regions.values():
-        if by_node_id:
-            rows.sort()
-        else:
-            rows.sort(key=_BY_SCORE)
+        rows.sort()
         rows.append(SENTINEL)
     return regions

@@ -25,7 +25,8 @@ all are ``running`` with all replicas. Reported: CreateDeployment latency
 p50/p99/max, accepted per second (accepted / time from first call to last
 answer), time from the first call until all are running, placements/s =
 replicas running / that time, errors by code, and the DeployReplica commands
-the nodes answered.
+the nodes answered; then (``--rest``, default 10 s) the controller's CPU at rest with
+every deployment running and the nodes heartbeating.
 
 ``recovery``: 3 real agents (``python -m controller.cli agent``) in 3 regions,
 one deployment with 1 replica of a real tiny HTTP app (health check ``/``,
@@ -479,6 +480,13 @@ def burst(args: argparse.Namespace) -> None:
                 spy.wait(timeout=60)
             cpu1 = ctl_ps.cpu_times()
             ctl_cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+            rest_cpu = None
+            if args.rest > 0:  # the controller with every deployment running and nothing changing
+                time.sleep(1.0)
+                before = ctl_ps.cpu_times()
+                time.sleep(args.rest)
+                after = ctl_ps.cpu_times()
+                rest_cpu = (after.user + after.system) - (before.user + before.system)
             stop.set()
             results = [queue.get(timeout=120) for _ in procs]
         finally:
@@ -522,6 +530,9 @@ def burst(args: argparse.Namespace) -> None:
           f"other commands: {sum(r.other_commands for r in results)}")  # fmt: skip
     print(f"controller CPU during burst+poll: {ctl_cpu:.1f} s over {wall:.1f} s "
           f"({100 * ctl_cpu / wall:.0f} % of one core); peak RSS {rss_peak[0] / 2**20:.0f} MiB")  # fmt: skip
+    if rest_cpu is not None:
+        print(f"controller CPU at rest afterwards ({accepted} deployments running, nodes heartbeating): "
+              f"{100 * rest_cpu / args.rest:.1f} % of one core over {args.rest:g} s")  # fmt: skip
     print(f"node workers CPU (whole life): {sum(r.cpu_seconds for r in results):.1f} s")
     print(f"errors (client): {out['errors'] or 'none'}")
     for code, debug in dict(out["first_debug"]).items():  # type: ignore[call-overload]
@@ -745,6 +756,12 @@ def main() -> None:
         "--pyspy-gil", action="store_true", help="sample only the thread holding the GIL (Python's CPU)"
     )
     b.add_argument("--settle", type=float, default=3.0)
+    b.add_argument(
+        "--rest",
+        type=float,
+        default=10.0,
+        help="then the controller's CPU with nothing changing, over this many s",
+    )
     b.add_argument("--timeout", type=float, default=180.0)
     r = sub.choices["recovery"]
     r.add_argument("--runs", type=int, default=20)

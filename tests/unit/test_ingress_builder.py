@@ -169,3 +169,56 @@ async def test_the_service_asks_for_each_user_once_and_publishes_only_changes() 
     fresh = build_snapshot(second, service.options)
     assert _wire(service.xds._snapshot) == _wire(fresh)
     assert sorted(asked) == ["user0", "user1"]
+
+
+def _metrics(cpu: float) -> Any:
+    return SimpleNamespace(
+        metrics=SimpleNamespace(cpu_percent=cpu, memory_percent=10.0, active_requests=0),
+        capabilities=SimpleNamespace(max_concurrent_requests=100),
+    )
+
+
+async def test_a_pass_rebuilds_only_what_a_row_node_state_or_weight_changed() -> None:
+    from controller.nodes.health import NodeState
+
+    now = [0.0]
+    states = {"n1": NodeState.READY, "n2": NodeState.READY}
+    fleet = SimpleNamespace(live={"n1": _metrics(5.0), "n2": _metrics(5.0)}, streams={}, state_of=states.get)
+
+    class Users:
+        async def get(self, user_id: str) -> Any:
+            return SimpleNamespace(email=f"{user_id}@example.com")
+
+    service = IngressService(
+        fleet=fleet,  # type: ignore[arg-type]
+        users=Users(),  # type: ignore[arg-type]
+        listen_address="127.0.0.1:0",
+        options=IngressOptions(),
+        clock=lambda: now[0],
+    )
+    for i, node in enumerate(["n1", "n2"]):
+        row = _row(f"app{i}", "u", 20000 + i)
+        row.node_assignments[0]["node_id"] = node
+        service.deployment_changed(f"d{i}", row)
+    first = await service.current_routes()
+    assert [[e.weight for e in r.endpoints] for r in first] == [[85], [85]]
+    assert await service.current_routes() is first  # nothing changed: the same tuple
+
+    states["n1"] = NodeState.SUSPECT  # looked at on every pass
+    second = await service.current_routes()
+    assert second[0].endpoints == ()
+    assert second[1] is first[1]
+    states["n1"] = NodeState.READY
+    assert [len(r.endpoints) for r in await service.current_routes()] == [1, 1]
+
+    fleet.live["n2"] = _metrics(95.0)  # a weight moves at most every WEIGHT_SECONDS
+    assert [e.weight for e in (await service.current_routes())[1].endpoints] == [85]
+    now[0] += 1.0
+    third = await service.current_routes()
+    assert [e.weight for e in third[1].endpoints] == [60]
+    assert third[0].endpoints[0].weight == 85
+
+    service.deployment_changed("d1", None)  # gone: its route and its node with it
+    assert [r.deployment_id for r in await service.current_routes()] == ["d0"]
+    assert "n2" not in service._on_node
+    assert "n2" not in service._node_seen
