@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from automator67.v1 import deployment_pb2, node_pb2
 
@@ -56,6 +56,7 @@ from controller.deployments.records import (
 from controller.deployments.repository import Conflict, DeploymentRepository
 from controller.deployments.snapshot import LiveFleetView
 from controller.deployments.sources import Sources
+from controller.errors import Aborted
 from controller.nodes.fleet import Fleet
 from controller.nodes.monitor import StateChange
 from controller.scheduling import NodeHistory, Placement, ReplicaRequest, Resources
@@ -73,6 +74,11 @@ PACKAGE_BYTES_PER_SECOND = 20e6
 """A DeployReplica's deadline grows by the package's size at this rate (the node fetches it)."""
 WATCH_QUEUE_SIZE = 1000
 ENV_PURPOSE = "deployment-env"
+CONFLICT_TRIES = 3
+"""Reads of a deployment a user's call decides on before it gives up with ``ABORTED``
+(:meth:`Harness.fresh_on_conflict`)."""
+
+T = TypeVar("T")
 
 Watchers = set[asyncio.Queue[deployment_pb2.WatchDeploymentResponse | None]]
 
@@ -473,6 +479,24 @@ class Harness:
                         raise
                 return row, plan
             raise AssertionError("unreachable")
+
+    async def fresh_on_conflict(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run ``attempt`` — a user's call that reads the deployment's row (:meth:`row`) and
+        writes it, under its lock — again on a fresh read when the write finds the row changed
+        in the store meanwhile: the copy this controller kept was stale (another controller
+        wrote it, or a concurrent call here). Still conflicting after :data:`CONFLICT_TRIES`
+        reads: ``ABORTED``, and nothing was written (the caller may try again)."""
+        for tries in range(1, CONFLICT_TRIES + 1):
+            try:
+                return await attempt()
+            except Conflict:
+                if tries == CONFLICT_TRIES:
+                    raise Aborted(
+                        "The deployment kept changing while this call was deciding; nothing was "
+                        "changed: try again",
+                        reason="DEPLOYMENT_CHANGED",
+                    ) from None
+        raise AssertionError("unreachable")
 
     def carry_out(self, row: Deployment, plan: Plan) -> None:
         """Publish ``plan``'s reason and send its commands (in the background)."""

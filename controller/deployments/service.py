@@ -40,7 +40,7 @@ from controller.deployments.harness import (
     view_of,
 )
 from controller.deployments.manifest import MAX_REPLICAS, validate_manifest, with_effective_values
-from controller.deployments.plans import Stop
+from controller.deployments.plans import Plan, Stop
 from controller.deployments.records import (
     ACTIVE,
     STATUS_ENUM,
@@ -466,21 +466,29 @@ class DeploymentService:
         """Stop every replica (waiting for the nodes, bounded), remove the replicas' directories
         on their nodes (RemoveDeployment), then delete the deployment."""
         h = self._h
-        async with h.locks[row.id]:
-            fresh = await h.row(row.id)
-            if fresh is None:
-                return
-            view = view_of(fresh)
-            stops = [
-                Stop.of(row.id, r)
-                for r in view.replicas
-                if r.status in ACTIVE or r.status == ReplicaStatus.FAILED
-            ]
-            nodes = sorted({r.node_id for r in view.replicas if r.node_id})
-            fresh.status = DeploymentStatus.STOPPED.value
-            await h.save(fresh)
-            h.forget(row.id)
-            h.publish(fresh, "deleting: stopping every replica")
+
+        async def attempt() -> tuple[list[Stop], list[str]] | None:
+            async with h.locks[row.id]:
+                fresh = await h.row(row.id)
+                if fresh is None:
+                    return None
+                view = view_of(fresh)
+                stops = [
+                    Stop.of(row.id, r)
+                    for r in view.replicas
+                    if r.status in ACTIVE or r.status == ReplicaStatus.FAILED
+                ]
+                nodes = sorted({r.node_id for r in view.replicas if r.node_id})
+                fresh.status = DeploymentStatus.STOPPED.value
+                await h.save(fresh)
+                h.forget(row.id)
+                h.publish(fresh, "deleting: stopping every replica")
+                return stops, nodes
+
+        stopping = await h.fresh_on_conflict(attempt)
+        if stopping is None:
+            return
+        stops, nodes = stopping
         await h.stop_all(stops)
         # then the replicas' directories on every node that held one; a node that is away now
         # is told when it reports the deployment's replicas again (on_replicas_reported)
@@ -501,23 +509,28 @@ class DeploymentService:
                 "Invalid replica count",
                 field_violations=[FieldViolation("replicas", f"must be between 1 and {MAX_REPLICAS}")],
             )
-        async with h.locks[row.id]:
-            fresh = await h.row(row.id)
-            if fresh is None:
-                raise NotFound(f"Deployment {row.id!r} was not found", reason="DEPLOYMENT_NOT_FOUND")
-            view = view_of(fresh)
-            placed: list[str] = []
-            if replicas > view.desired_replicas:
-                placement = await h.place(
-                    fresh.user_id,
-                    request_of(view.meta),
-                    replicas - view.desired_replicas,
-                    seed=f"{fresh.id}|scale|{view.generation}",
-                    hosting=[r.node_id for r in view.replicas if r.status in ACTIVE],
-                )
-                placed = list(placement.node_ids)
-            plan = decide.scale(view, replicas, placed, h.wall())
-            await h.commit(fresh, plan)
+
+        async def attempt() -> tuple[Deployment, Plan]:
+            async with h.locks[row.id]:
+                fresh = await h.row(row.id)
+                if fresh is None:
+                    raise NotFound(f"Deployment {row.id!r} was not found", reason="DEPLOYMENT_NOT_FOUND")
+                view = view_of(fresh)
+                placed: list[str] = []
+                if replicas > view.desired_replicas:
+                    placement = await h.place(
+                        fresh.user_id,
+                        request_of(view.meta),
+                        replicas - view.desired_replicas,
+                        seed=f"{fresh.id}|scale|{view.generation}",
+                        hosting=[r.node_id for r in view.replicas if r.status in ACTIVE],
+                    )
+                    placed = list(placement.node_ids)
+                plan = decide.scale(view, replicas, placed, h.wall())
+                await h.commit(fresh, plan)
+                return fresh, plan
+
+        fresh, plan = await h.fresh_on_conflict(attempt)
         log.info("deployment %s: %s", fresh.id, plan.reason)
         h.carry_out(fresh, plan)
         if plan.rollout:

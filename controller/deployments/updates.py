@@ -202,15 +202,22 @@ class Updates:
     ) -> Deployment:
         """Record the new current version and start the rolling update to it."""
         h = self.h
-        async with h.locks[deployment_id]:
-            fresh = await h.row(deployment_id)
-            if fresh is None:
-                raise NotFound(f"Deployment {deployment_id!r} was not found", reason="DEPLOYMENT_NOT_FOUND")
-            plan, goal, current, earlier = versions.begin(
-                view_of(fresh), rolling=deployment_id in h.rolling, record=record, target=target
-            )
-            await h.commit(fresh, plan)
-            h.rolling.add(deployment_id)
+
+        async def attempt() -> tuple[Deployment, Plan, int, int, int]:
+            async with h.locks[deployment_id]:
+                fresh = await h.row(deployment_id)
+                if fresh is None:
+                    raise NotFound(
+                        f"Deployment {deployment_id!r} was not found", reason="DEPLOYMENT_NOT_FOUND"
+                    )
+                plan, goal, current, earlier = versions.begin(
+                    view_of(fresh), rolling=deployment_id in h.rolling, record=record, target=target
+                )
+                await h.commit(fresh, plan)
+                h.rolling.add(deployment_id)
+                return fresh, plan, goal, current, earlier
+
+        fresh, plan, goal, current, earlier = await h.fresh_on_conflict(attempt)
         h.carry_out(fresh, plan)
         log.info("deployment %s: %s", deployment_id, plan.reason)
         h.spawn(self._rolling_update(deployment_id, goal, current, earlier))

@@ -12,10 +12,12 @@ from datetime import timedelta
 import pytest
 from automator67.v1 import node_pb2
 
-from controller.deployments.harness import Harness, set_replicas
+from controller.deployments.harness import Harness, set_replicas, view_of
 from controller.deployments.records import DeploymentStatus, Replica, ReplicaStatus
 from controller.deployments.recovery import Recovery
+from controller.deployments.repository import Conflict
 from controller.deployments.rollout import Rollouts
+from controller.errors import Aborted
 from controller.nodes.health import NodeState
 from controller.nodes.repository import NodeRepository
 from controller.store.models import Deployment
@@ -155,3 +157,42 @@ async def test_a_replica_another_controller_just_started_is_not_taken_for_a_dele
     gone = node_pb2.ReplicaState(deployment_id="d-deleted", replica_index=0, generation=1, status="running")
     await Recovery(a, Rollouts(a)).on_replicas_reported("n1", [gone], complete=False)
     assert len(a.tasks) == 1
+
+
+async def test_a_users_call_on_a_stale_copy_decides_again_on_a_fresh_read(
+    pair: tuple[Harness, Harness, Wall],
+) -> None:
+    a, b, wall = pair
+    d = await _deployment(a.store, DeploymentStatus.RUNNING, [Replica(0, "n1", 10, ReplicaStatus.RUNNING)])
+    async with b.locks[d]:
+        assert await b.row(d) is not None  # B keeps a copy of the row
+    wall.now = T0 + timedelta(seconds=1)
+    row = await a.repo.get(d)
+    assert row is not None
+    set_replicas(row, [Replica(0, "n2", 11, ReplicaStatus.RUNNING)])
+    await a.save(row)  # A moves the replica: B's copy is stale
+    wall.now = T0 + timedelta(seconds=2)
+    seen: list[str] = []
+
+    async def scale_up() -> Deployment:  # what a user's call on B does: read, decide, write
+        async with b.locks[d]:
+            fresh = await b.row(d)
+            assert fresh is not None
+            seen.append(view_of(fresh).replicas[0].node_id)
+            fresh.status = DeploymentStatus.SCALING.value
+            await b.save(fresh)
+            return fresh
+
+    await b.fresh_on_conflict(scale_up)
+    assert seen == ["n1", "n2"]  # decided on the stale copy, refused, decided again on the store's
+    stored = await a.repo.get(d)
+    assert stored is not None
+    assert stored.status == DeploymentStatus.SCALING.value
+    assert view_of(stored).replicas[0].node_id == "n2"  # A's change kept
+
+    async def always_stale() -> None:
+        raise Conflict(f"deployment {d} changed in the store meanwhile")
+
+    with pytest.raises(Aborted) as refused:
+        await b.fresh_on_conflict(always_stale)
+    assert refused.value.reason == "DEPLOYMENT_CHANGED"
