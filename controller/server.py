@@ -397,6 +397,7 @@ async def start_controller(settings: Settings) -> Controller:
                 max_result_rows=settings.max_result_rows,
                 collect_shard_bytes=settings.collect_shard_max_bytes,
                 merge_workers=merge_workers,
+                shared_write_order=settings.scale_out,
             )
         ),
         server,

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from controller.errors import AlreadyExists
-from controller.store.db import Store
+from controller.store.db import Store, is_unavailable_error, store_unavailable
 from controller.store.models import DatabaseInstance, utcnow
 from controller.store.paging import keyset_page
+
+WRITE_ORDER_WAIT_SECONDS = 10.0
+"""The longest a write waits for another controller's write to the same database."""
 
 
 class DatabaseRepository:
@@ -82,6 +87,44 @@ class DatabaseRepository:
                 .where(DatabaseInstance.id == database_id)
                 .values(schema_info=schema_info, last_synced=now or utcnow())
             )
+
+    @asynccontextmanager
+    async def write_order(
+        self, database_id: str, wait_seconds: float = WRITE_ORDER_WAIT_SECONDS
+    ) -> AsyncIterator[dict[str, Any] | None]:
+        """Hold the database's write order across controllers, and give its stored
+        ``replication`` (None: the row is gone) as of the moment it was taken.
+
+        On PostgreSQL: a session advisory lock on a connection of its own, held until the
+        block ends — or until the connection drops, so a controller that dies holding it
+        frees it at once; waiting for it longer than ``wait_seconds`` is ``UNAVAILABLE``
+        (``lock_timeout``), never a hang behind a paused controller. On SQLite (one
+        controller per store) only the row is read."""
+        key = f"a67:database-writes:{database_id}"
+        try:
+            async with self._store.engine.connect() as conn:
+                postgres = conn.dialect.name == "postgresql"
+                if postgres:
+                    await conn.execute(text(f"SET lock_timeout = {max(1, int(wait_seconds * 1000))}"))
+                    await conn.execute(
+                        text("SELECT pg_advisory_lock(hashtextextended(:key, 0))"), {"key": key}
+                    )
+                stored = await conn.scalar(
+                    select(DatabaseInstance.replication).where(DatabaseInstance.id == database_id)
+                )
+                await conn.commit()  # no transaction stays open while the lock is held
+                try:
+                    yield stored
+                finally:
+                    if postgres and not conn.closed and not conn.invalidated:
+                        await conn.execute(
+                            text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), {"key": key}
+                        )
+                        await conn.commit()
+        except Exception as exc:
+            if is_unavailable_error(exc):
+                raise store_unavailable(exc) from exc
+            raise
 
     async def set_replication(self, database_id: str, replication: dict[str, Any]) -> None:
         async with self._store.session() as session:

@@ -15,6 +15,7 @@ cached as ``db:schema:{db_id}`` for 24 hours (spec §7).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -165,8 +166,12 @@ class DatabaseService:
         collect_shard_bytes: int = COLLECT_SHARD_BYTES,
         merge_workers: MergeWorkers | None = None,
         write_log: WriteLog | None = None,
+        shared_write_order: bool = False,
     ) -> None:
         self._databases = databases
+        self._shared_write_order = shared_write_order
+        """Several controllers serve the store: writes to a database with replicas are
+        ordered across them (:meth:`DatabaseRepository.write_order`)."""
         self.write_log: WriteLog = write_log if write_log is not None else _write_log_of(databases)
         """The shards' write logs replayed to stale replicas: in the store, beside the databases."""
         self.shard_results = shard_results if shard_results is not None else ShardResults()
@@ -497,7 +502,7 @@ class DatabaseService:
         if not with_replicas:
             return await manager.commit(txn)
         state = loaded.replication
-        async with state.lock:  # the replicas' log must follow the primaries' commit order
+        async with state.hold():  # the replicas' log must follow the primaries' commit order
             marked = await self._mark_stale(loaded, with_replicas)
             await manager.commit(txn)
             executor = self._replica_executor(loaded)
@@ -696,6 +701,8 @@ class DatabaseService:
         if replication is None:
             # the stale replicas and their positions in the write log (none in older rows)
             replication = ReplicationState.from_json(row.replication or {})
+            if self._shared_write_order:
+                replication.shared = functools.partial(self._databases.write_order, row.id)
             self._replication[row.id] = replication
         return _Loaded(row, layout, replication, tables, version, collations)
 

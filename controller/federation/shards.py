@@ -44,15 +44,15 @@ The write log
     writes it missed are no longer in the log (a very long outage).
 
 Concurrency
-    One write at a time per database in this process (``ReplicationState.lock``):
-    it allocates the sequences and keeps the log in the primaries' order; a
-    catch-up holds it too, so no write slips in between the replay and the
-    replica rejoining. Several controllers writing the same database would need a
-    cross-process lock (a lease, or a row lock on the database) held across the
-    primary's write and the log's append; it is not built. Without it the store's
-    primary key still keeps two controllers from taking the same sequence (the
-    loser re-reads the newest and retries), but not the log in the primaries'
-    order, and each controller's stale set and positions are its own copy.
+    One write at a time per database (``ReplicationState.hold``): it allocates the
+    sequences and keeps the log in the primaries' order; a catch-up holds it too, so
+    no write slips in between the replay and the replica rejoining. In one process an
+    asyncio lock; with several controllers on one store (``A67_SCALE_OUT``) also a
+    PostgreSQL advisory lock per database, held across the primary's write, the
+    replicas' and the log's append, and each holder first reads the stale replicas
+    and their positions again from the store, where the previous holder (on any
+    controller) left them. The store's primary key on the log still keeps two writers
+    from taking the same sequence.
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ import json
 import logging
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -402,6 +403,34 @@ class ReplicationState:
         }
         self.pending: set[tuple[int, str]] = set()
         self.lock = asyncio.Lock()
+        self.shared: Callable[[], AbstractAsyncContextManager[Mapping[str, Any] | None]] | None = None
+        """With several controllers on one store: the database's write order across them
+        (:meth:`DatabaseRepository.write_order`), giving the stored state as it was taken."""
+
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        """One write (or catch-up) at a time for the database: in this process, and with
+        :attr:`shared`, across controllers too — then the stale replicas and positions are
+        first read again from the store, where the previous holder left them."""
+        async with self.lock:
+            if self.shared is None:
+                yield
+                return
+            async with self.shared() as stored:
+                self.refresh(stored)
+                yield
+
+    def refresh(self, stored: Mapping[str, Any] | None) -> None:
+        """Take the stale replicas and their positions from the stored ``replication`` JSON."""
+        if stored is None:
+            return
+        fresh = ReplicationState(
+            [],
+            {int(k): set(v) for k, v in (stored.get("stale") or {}).items()},
+            {int(k): dict(v) for k, v in (stored.get("applied") or {}).items()},
+        )
+        self.stale, self.applied = fresh.stale, fresh.applied
+        self.pending.clear()
 
     @classmethod
     def from_json(cls, stored: Mapping[str, Any]) -> ReplicationState:
@@ -554,7 +583,7 @@ class NodeShardExecutor:
 
     async def _write(self, nodes: ShardNodes, sql: str, deadline: float) -> ShardResult:
         state = self._replication
-        async with state.lock:  # one write at a time per database keeps the log in order
+        async with state.hold():  # one write at a time per database keeps the log in order
             command_id = str(uuid.uuid4())
             result: ShardResult | None = None
             last_error: ShardError | None = None
@@ -608,11 +637,12 @@ class NodeShardExecutor:
         its position; whether it is usable. Holds the database's write lock meanwhile, so
         no write goes by the replica between the replay and its rejoining."""
         state = self._replication
-        if replica not in state.stale.get(shard, set()):
-            return True
-        if state.position(shard, replica) is None:
-            return False  # where it stopped is unknown: only a re-seed helps
-        async with state.lock:
+        if state.shared is None:  # else another controller may have marked it: ask the store
+            if replica not in state.stale.get(shard, set()):
+                return True
+            if state.position(shard, replica) is None:
+                return False  # where it stopped is unknown: only a re-seed helps
+        async with state.hold():
             if replica not in state.stale.get(shard, set()):
                 return True  # caught up meanwhile
             start = state.position(shard, replica)
