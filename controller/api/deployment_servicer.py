@@ -140,7 +140,7 @@ class DeploymentServicer(deployment_pb2_grpc.DeploymentServiceServicer):
                     )
                 yield message.chunk
 
-        stored = await self._service.packages.receive(
+        stored = await self._service.sources.receive(
             user_id, chunks(), expected_size=first.metadata.size, expected_sha256=first.metadata.sha256
         )
         return deployment_pb2.UploadSourceResponse(sha256=stored.sha256, size=stored.size)
@@ -154,6 +154,6 @@ class DeploymentServicer(deployment_pb2_grpc.DeploymentServiceServicer):
             async for message in request_iterator:
                 yield message.data
 
-        stored = await self._service.packages.receive(user_id, chunks())
+        stored = await self._service.sources.receive(user_id, chunks())
         await set_http_status(context, 201)
         return deployment_pb2.UploadSourceBodyResponse(sha256=stored.sha256, size=stored.size)

@@ -235,6 +235,24 @@ class PackageStore:
 
         return await asyncio.to_thread(store)
 
+    async def put_source_bytes(self, user_id: str, sha256: str, data: bytes) -> Stored:
+        """Write a user's source kept in the store (uploaded through another controller)."""
+        user_dir = self._user_dir(user_id)
+
+        def write() -> Stored:
+            sink = _Sink(self.tmp_dir)
+            try:
+                sink.write(data)
+                if sink.hasher.hexdigest() != sha256:
+                    raise ValueError(f"stored source {sha256} does not match its checksum")
+                sink.commit(user_dir / sha256)
+            except BaseException:
+                sink.discard()
+                raise
+            return Stored(sha256, len(data), user_dir / sha256)
+
+        return await asyncio.to_thread(write)
+
     # -- packages -------------------------------------------------------------------------
 
     def package_path(self, sha256: str) -> Path:

@@ -187,10 +187,10 @@ class Harness:
         """UTC wall-clock time: what is stored (started_at, deployed_at, last_scaled_at)."""
         self.packages = packages or PackageStore(tempfile.mkdtemp(prefix="a67-packages-"))
         self.sources = Sources(self.packages, self.repo)
+        """Builds packages from users' sources and finds them on disk."""
         self.share_packages = False
         """Several controllers (``A67_SCALE_OUT``): a package's bytes are kept in the store
         too, so that any controller can hand it to a node (:meth:`package_row`)."""
-        """Builds packages from users' sources and finds them on disk."""
         self.deploy_margin = deploy_margin_seconds
         self.nodes = NodeCommands(lambda: fleet.streams)
         self.history = NodeHistory()

@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 
 from controller.errors import AlreadyExists, Unavailable
 from controller.store.db import Store
-from controller.store.models import Deployment, DeploymentPackage, utcnow
+from controller.store.models import Deployment, DeploymentPackage, DeploymentSource, utcnow
 from controller.store.paging import DEFAULT_PAGE_SIZE, keyset_page
 
 NAME_TAKEN = "DEPLOYMENT_NAME_TAKEN"
@@ -362,6 +362,19 @@ class DeploymentRepository:
                     session.add(package)
         except IntegrityError:  # a concurrent insert of the same package
             pass
+
+    async def add_source(self, source: DeploymentSource) -> None:
+        """Keep a user's source unless the user already has one with its checksum."""
+        try:
+            async with self._store.session() as session:
+                if await session.get(DeploymentSource, (source.user_id, source.sha256)) is None:
+                    session.add(source)
+        except IntegrityError:  # a concurrent upload of the same source
+            pass
+
+    async def get_source(self, user_id: str, sha256: str) -> DeploymentSource | None:
+        async with self._store.session() as session:
+            return await session.get(DeploymentSource, (user_id, sha256))
 
     async def get_package(self, sha256: str) -> DeploymentPackage | None:
         async with self._store.session() as session:

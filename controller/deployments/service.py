@@ -52,6 +52,7 @@ from controller.deployments.records import (
 from controller.deployments.recovery import RECOVERY_PER_SECOND, Recovery
 from controller.deployments.repository import NAME_TAKEN, RequestIdTaken
 from controller.deployments.rollout import ROLLOUT_DEADLINE_SECONDS, Rollouts
+from controller.deployments.sources import Sources
 from controller.deployments.updates import Updates, version_record
 from controller.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound, PermissionDenied
 from controller.leases import LoopLeases, my_turn
@@ -133,12 +134,19 @@ class DeploymentService:
 
     @property
     def share_packages(self) -> bool:
-        """Several controllers: packages' bytes are kept in the store too (Harness.package_row)."""
+        """Several controllers: packages' and sources' bytes are kept in the store too
+        (Harness.package_row, Sources.receive)."""
         return self._h.share_packages
 
     @share_packages.setter
     def share_packages(self, share: bool) -> None:
         self._h.share_packages = share
+        self._h.sources.share = share
+
+    @property
+    def sources(self) -> Sources:
+        """Users' sources: uploads received, found by digest (:class:`Sources`)."""
+        return self._h.sources
 
     @property
     def drain_seconds(self) -> float:

@@ -9,6 +9,7 @@ written out from its row on first use.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from controller.deployments.blobs import PackageStore, Stored, is_sha256
 from controller.deployments.package import PackageLimits, build_package_file
 from controller.deployments.repository import DeploymentRepository
 from controller.errors import FieldViolation, InvalidArgument, NotFound
+from controller.store.models import DeploymentSource
 
 
 class Sources:
@@ -25,6 +27,37 @@ class Sources:
         self.packages = packages
         self.repo = repo
         self.package_limits = PackageLimits(max_compressed_bytes=packages.max_bytes)
+        self.share = False
+        """Several controllers (``A67_SCALE_OUT``): sources are kept in the store as well as
+        on the disk of the controller that received them, so a deployment by digest can go
+        through any controller."""
+
+    async def receive(
+        self, user_id: str, chunks: AsyncIterable[bytes], *, expected_size: int = 0, expected_sha256: str = ""
+    ) -> Stored:
+        """An upload (``UploadSource``, ``UploadSourceBody``): on disk, and in the store when shared."""
+        stored = await self.packages.receive(
+            user_id, chunks, expected_size=expected_size, expected_sha256=expected_sha256
+        )
+        await self._keep(user_id, stored)
+        return stored
+
+    async def _keep(self, user_id: str, stored: Stored) -> None:
+        if self.share:
+            data = await asyncio.to_thread(stored.path.read_bytes)
+            await self.repo.add_source(
+                DeploymentSource(user_id=user_id, sha256=stored.sha256, data=data, size=stored.size)
+            )
+
+    async def _find(self, user_id: str, digest: str) -> Stored | None:
+        """The user's source by digest: on this disk, else (shared) from the store to this disk."""
+        found = self.packages.source(user_id, digest)
+        if found is not None or not self.share:
+            return found
+        row = await self.repo.get_source(user_id, digest)
+        if row is None:
+            return None
+        return await self.packages.put_source_bytes(user_id, digest, bytes(row.data))
 
     async def build_with_source(
         self, user_id: str, valid: Any, inline: bytes, source_sha256: str
@@ -41,6 +74,7 @@ class Sources:
             )
         if inline:
             source = await self.packages.receive_bytes(user_id, inline)
+            await self._keep(user_id, source)  # an inline source can be referred to by digest later
         else:
             digest = source_sha256.strip().lower()
             if not is_sha256(digest):
@@ -48,7 +82,7 @@ class Sources:
                     "Invalid source digest",
                     field_violations=[FieldViolation("source_sha256", "must be 64 hexadecimal characters")],
                 )
-            found = self.packages.source(user_id, digest)
+            found = await self._find(user_id, digest)
             if found is None:
                 raise NotFound(
                     f"Source {digest} was not found: upload it first (UploadSource)",

@@ -434,6 +434,20 @@ class DeploymentPackage(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class DeploymentSource(Base):
+    """A user's uploaded source, kept in the store when several controllers serve it
+    (``A67_SCALE_OUT``): whichever controller a deployment by digest lands on writes it to
+    its own disk from here. One controller alone keeps sources on its disk only."""
+
+    __tablename__ = "deployment_sources"
+
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class UserMfa(Base):
     """A user's TOTP authenticator (issue 16; spec §3.1 ``mfa_enabled``).
 

@@ -69,7 +69,7 @@ def _set_revision(url: str, revision: str) -> None:
 
 
 def test_head_revision_is_the_latest_migration() -> None:
-    assert head_revision() == "0013"
+    assert head_revision() == "0014"
 
 
 def test_upgrade_from_empty_reaches_head_and_creates_every_table(store_url: str) -> None:
