@@ -105,7 +105,8 @@ class DatabaseRepository:
             async with self._store.engine.connect() as conn:
                 postgres = conn.dialect.name == "postgresql"
                 if postgres:
-                    await conn.execute(text(f"SET lock_timeout = {max(1, int(wait_seconds * 1000))}"))
+                    # for this transaction only: the connection goes back to the pool afterwards
+                    await conn.execute(text(f"SET LOCAL lock_timeout = {max(1, int(wait_seconds * 1000))}"))
                     await conn.execute(
                         text("SELECT pg_advisory_lock(hashtextextended(:key, 0))"), {"key": key}
                     )

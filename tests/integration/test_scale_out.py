@@ -18,15 +18,16 @@ from pathlib import Path
 import grpc
 import pytest
 from automator67.v1 import common_pb2, deployment_pb2, node_pb2, query_pb2, query_pb2_grpc
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from controller.config import Settings
-from controller.errors import FailedPrecondition
+from controller.errors import FailedPrecondition, Unavailable
+from controller.federation.repository import DatabaseRepository
 from controller.federation.shards import ResultCaps, collect, open_rows
 from controller.limits import SQL_INLINE_MAX_BYTES
 from controller.server import Controller, start_controller
 from controller.store.migrate import upgrade
-from controller.store.models import DatabaseInstance, Node
+from controller.store.models import DatabaseInstance, Node, User
 from tests.conftest import PostgresDatabases
 from tests.integration.test_deployments_real import (
     HEARTBEAT,
@@ -36,7 +37,7 @@ from tests.integration.test_deployments_real import (
     app_source,
     processes,
 )
-from tests.support import bearer, controller_settings, running_controller
+from tests.support import bearer, controller_settings, migrated_store, running_controller
 
 pytestmark = pytest.mark.postgres
 
@@ -313,3 +314,36 @@ async def test_writes_through_two_controllers_reach_the_replica_in_the_primarys_
                     )
                 assert not (replication or {}).get("stale")  # the replica took every write
                 assert value(replica) == value(primary)
+
+
+async def test_a_write_waits_for_another_controllers_write_to_the_same_database_boundedly(
+    postgres_databases: PostgresDatabases,
+) -> None:
+    url = postgres_databases.create()
+    await asyncio.to_thread(upgrade, url)
+    async with migrated_store(url) as one, migrated_store(url) as other:
+        async with one.session() as session:
+            session.add(User(id="u1", email="ada@example.com", password_hash="x"))
+            await session.flush()
+            session.add(
+                DatabaseInstance(
+                    id="db1",
+                    user_id="u1",
+                    name="d",
+                    provider="sqlite",
+                    connection={},
+                    replication={"stale": {"0": ["n2"]}},
+                )
+            )
+        first, second = DatabaseRepository(one), DatabaseRepository(other)
+        async with first.write_order("db1") as stored:
+            assert stored == {"stale": {"0": ["n2"]}}
+            with pytest.raises(Unavailable):  # the other controller's write waits, then gives up
+                async with second.write_order("db1", wait_seconds=0.2):
+                    pass
+            async with second.write_order("db2", wait_seconds=0.2) as missing:  # another database
+                assert missing is None
+        async with second.write_order("db1", wait_seconds=0.2):  # free again
+            pass
+        async with other.engine.connect() as conn:  # the wait's bound left the pool as it was
+            assert await conn.scalar(text("SHOW lock_timeout")) == "0"
