@@ -203,17 +203,22 @@ class Topology:
             raise RuntimeError(f"a67 nodes enroll failed: {made.stderr}")
         return str(json.loads(made.stdout)["token"])
 
-    def add_agent(self, token: str) -> subprocess.Popen[bytes]:
+    def add_agent(
+        self,
+        token: str,
+        *,
+        controller: ControllerProcess | None = None,
+        ports: tuple[int, int] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """An ``a67 agent`` enrolled with ``token``, dialling ``controller`` (default: the
+        first), its replicas on ``ports`` (first, last; default: the agent's own range);
+        its data directory and log ``agent-<i>`` in the topology's directory, region ``r<i>``."""
         i = len(self.agents)
         args = [sys.executable, "-m", "controller.cli", "agent", "--data-dir", str(self.root / f"agent-{i}")]
-        args += [
-            "--region",
-            f"r{i}",
-            "--controller",
-            self.controllers[0].address,
-            "--advertise-host",
-            "127.0.0.1",
-        ]
+        args += ["--region", f"r{i}", "--controller", (controller or self.controllers[0]).address]
+        args += ["--advertise-host", "127.0.0.1"]
+        if ports is not None:
+            args += ["--replica-port-range", f"{ports[0]}-{ports[1]}"]
         with (self.root / f"agent-{i}.log").open("ab") as log:
             agent = subprocess.Popen(
                 args,
@@ -225,7 +230,8 @@ class Topology:
         self.agents.append(agent)
         return agent
 
-    def stop(self) -> None:
+    def stop_agents(self) -> None:
+        """SIGTERM every agent (they stop their replicas), SIGKILL those still up after 15 s."""
         for agent in self.agents:
             if agent.poll() is None:
                 agent.send_signal(signal.SIGTERM)
@@ -235,6 +241,9 @@ class Topology:
             except subprocess.TimeoutExpired:
                 agent.kill()
                 agent.wait()
+
+    def stop(self) -> None:
+        self.stop_agents()
         for controller in self.controllers:
             controller.stop()
         with psycopg.connect(self.admin_url, autocommit=True) as admin:

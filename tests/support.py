@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import ModuleType
 
 from automator67.v1 import auth_pb2, auth_pb2_grpc
 
@@ -58,3 +61,16 @@ async def register(
     stub: auth_pb2_grpc.AuthServiceStub, email: str = "ada@example.com"
 ) -> auth_pb2.RegisterResponse:
     return await stub.Register(auth_pb2.RegisterRequest(email=email, password_hash=PASSWORD))
+
+
+def scale_out_script() -> ModuleType:
+    """``scripts/scale_out.py`` (its ``Topology``: controllers, a user and agents as processes)."""
+    spec = importlib.util.spec_from_file_location(
+        "scale_out", Path(__file__).resolve().parents[1] / "scripts" / "scale_out.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["scale_out"] = module
+    spec.loader.exec_module(module)
+    return module

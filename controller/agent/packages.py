@@ -14,7 +14,7 @@ connection of their own (never the node stream). :class:`PackageCache`:
   fails the deploy), fsyncs and renames it into place: a cached file is always whole.
 
 A cached package is verified again when a replica is unpacked from it
-(:func:`controller.deployments.package.unpack_package`); if it was corrupted on disk,
+(:func:`controller.deployments.package_unpack.unpack_package`); if it was corrupted on disk,
 :meth:`PackageCache.evict` drops it and the replica fetches it again.
 """
 

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 
 from controller.agent.replica_process import _Replica, _with_tail
 from controller.agent.replica_spec import FAILED, RUNNING, UNHEALTHY
-from controller.deployments.manifest import HealthCheckSpec
+from controller.deployments.manifest_health import HealthCheckSpec
 
 log = logging.getLogger("controller.agent.replicas")
 

@@ -50,7 +50,7 @@ from typing import BinaryIO
 
 from controller.agent.hardening import ensure_traversable
 from controller.agent.replica_spec import FAILED, STARTING, STOPPED, AppSpec, _Key, read_app_spec
-from controller.deployments.package import unpack_package
+from controller.deployments.package_unpack import unpack_package
 from controller.redact import redact
 
 log = logging.getLogger("controller.agent.replicas")

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from controller.deployments.manifest import HealthCheckSpec
+from controller.deployments.manifest_health import HealthCheckSpec
 
 STARTING = "starting"
 RUNNING = "running"

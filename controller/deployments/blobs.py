@@ -237,19 +237,22 @@ class PackageStore:
 
     async def put_source_bytes(self, user_id: str, sha256: str, data: bytes) -> Stored:
         """Write a user's source kept in the store (uploaded through another controller)."""
-        user_dir = self._user_dir(user_id)
+        return await self._put_verified(self._user_dir(user_id) / sha256, sha256, data, "source")
+
+    async def _put_verified(self, target: Path, sha256: str, data: bytes, what: str) -> Stored:
+        """Write ``data`` to ``target`` whole (fsync, rename) if it has the SHA-256 ``sha256``."""
 
         def write() -> Stored:
             sink = _Sink(self.tmp_dir)
             try:
                 sink.write(data)
                 if sink.hasher.hexdigest() != sha256:
-                    raise ValueError(f"stored source {sha256} does not match its checksum")
-                sink.commit(user_dir / sha256)
+                    raise ValueError(f"stored {what} {sha256} does not match its checksum")
+                sink.commit(target)
             except BaseException:
                 sink.discard()
                 raise
-            return Stored(sha256, len(data), user_dir / sha256)
+            return Stored(sha256, len(data), target)
 
         return await asyncio.to_thread(write)
 
@@ -278,20 +281,7 @@ class PackageStore:
 
     async def put_package_bytes(self, sha256: str, data: bytes) -> Stored:
         """Write a package kept in the store by an earlier version (its bytes in the row)."""
-
-        def write() -> Stored:
-            sink = _Sink(self.tmp_dir)
-            try:
-                sink.write(data)
-                if sink.hasher.hexdigest() != sha256:
-                    raise ValueError(f"stored package {sha256} does not match its checksum")
-                sink.commit(self.package_path(sha256))
-            except BaseException:
-                sink.discard()
-                raise
-            return Stored(sha256, len(data), self.package_path(sha256))
-
-        return await asyncio.to_thread(write)
+        return await self._put_verified(self.package_path(sha256), sha256, data, "package")
 
     async def read_package(self, sha256: str, offset: int = 0) -> AsyncIterator[tuple[int, bytes, int]]:
         """``(offset, data, total size)`` chunks of package ``sha256`` from ``offset``.

@@ -2,10 +2,10 @@
 
 State lives in the store (one ``deployments`` row per deployment; packages in
 ``deployment_packages``). The harness keeps an in-memory index of every replica
-assignment (deployment, replica index → :class:`Replica`) so that heartbeats
-can be checked against it without a store read, and the live bookkeeping of
-work in progress in this controller (rollouts, attempts in flight, surge and
-draining replicas, retry backoffs, stops sent recently).
+assignment (deployment, replica index → :class:`Replica`; see ``harness_index.py``)
+so that heartbeats can be checked against it without a store read, and the live
+bookkeeping of work in progress in this controller (rollouts, attempts in flight,
+surge and draining replicas, retry backoffs, stops sent recently).
 
 :meth:`Harness.mutate` is how every decision is applied: under the deployment's
 lock, read the row, build its :class:`DeploymentView`, call the decision, write
@@ -23,8 +23,7 @@ import logging
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -35,22 +34,18 @@ from controller.deployments.blobs import PackageStore, Stored
 from controller.deployments.commands import NodeCommands
 from controller.deployments.decide import drained
 from controller.deployments.fencing import SentKey
+from controller.deployments.harness_index import HarnessIndex, Known, view_of
 from controller.deployments.leases import LEASE_SECONDS, LeaseLost, Leases, default_controller_id
 from controller.deployments.plan import plan as place_replicas
 from controller.deployments.plans import Plan, Stop
+from controller.deployments.protos import assignment_proto
 from controller.deployments.records import (
     ACTIVE,
-    DRAINING,
     STATUS_ENUM,
-    SURGING,
-    DeploymentStatus,
     DeploymentView,
     Replica,
-    draining_of,
     endpoints,
     ordered,
-    resources_of,
-    surging_of,
     with_draining,
 )
 from controller.deployments.repository import Conflict, DeploymentRepository
@@ -59,7 +54,7 @@ from controller.deployments.sources import Sources
 from controller.errors import Aborted
 from controller.nodes.fleet import Fleet
 from controller.nodes.monitor import StateChange
-from controller.scheduling import NodeHistory, Placement, ReplicaRequest, Resources
+from controller.scheduling import NodeHistory, Placement, ReplicaRequest
 from controller.store.db import Store
 from controller.store.models import Deployment, DeploymentPackage, utcnow
 from controller.timestamps import timestamp
@@ -81,48 +76,6 @@ CONFLICT_TRIES = 3
 T = TypeVar("T")
 
 Watchers = set[asyncio.Queue[deployment_pb2.WatchDeploymentResponse | None]]
-
-
-@dataclass
-class Known:
-    """A deployment as the in-memory index holds it."""
-
-    user_id: str
-    request: Resources
-    assignments: dict[int, Replica] = field(default_factory=dict)
-    name: str = ""
-    packages: frozenset[str] = frozenset()
-    """The package digests of every version (what its nodes may fetch)."""
-    surging: frozenset[int] = frozenset()
-    """Indexes with a surge replica recorded (``meta["surging"]``)."""
-    draining: frozenset[tuple[str, int, int]] = frozenset()
-    """(node, index, generation) of replicas recorded draining (``meta["draining"]``)."""
-
-
-def view_of(row: Deployment) -> DeploymentView:
-    return DeploymentView(
-        id=row.id,
-        user_id=row.user_id,
-        name=row.name,
-        status=DeploymentStatus(row.status),
-        desired_replicas=int(row.desired_replicas),
-        replicas=ordered(Replica.from_dict(a) for a in row.node_assignments),
-        meta=dict(row.manifest),
-        deployed_at=row.deployed_at,
-    )
-
-
-def _routed(row: Deployment) -> tuple[Any, ...]:
-    """What the ingress reads of a row (IngressService.deployment_changed)."""
-    return (
-        row.name,
-        row.user_id,
-        row.status,
-        tuple(
-            (a["replica_index"], a["node_id"], a["status"], a.get("endpoint") or "")
-            for a in row.node_assignments
-        ),
-    )
 
 
 def set_replicas(row: Deployment, replicas: Iterable[Replica]) -> None:
@@ -149,19 +102,7 @@ def apply_plan(row: Deployment, plan: Plan) -> None:
         row.last_scaled_at = plan.last_scaled_at
 
 
-def assignment_proto(r: Replica) -> deployment_pb2.NodeAssignment:
-    return deployment_pb2.NodeAssignment(
-        node_id=r.node_id,
-        replica_index=r.replica_index,
-        status=r.status.value,
-        started_at=timestamp(datetime.fromisoformat(r.started_at)) if r.started_at else None,
-        error_message=r.error_message,
-        generation=r.generation,
-        endpoint=r.endpoint,
-    )
-
-
-class Harness:
+class Harness(HarnessIndex):
     """The deployments' shared state and the machinery that applies plans and sends commands."""
 
     def __init__(
@@ -259,7 +200,7 @@ class Harness:
         else:
             log.error("deployment task failed", exc_info=error)
 
-    # -- index ----------------------------------------------------------------------------------
+    # -- packages -------------------------------------------------------------------------------
 
     async def package_row(self, package: Stored, now: datetime) -> DeploymentPackage:
         """The store's row for a package just built: its bytes too when the packages are
@@ -267,81 +208,6 @@ class Harness:
         :meth:`Sources.package_file`), else only its digest and size (it is on this disk)."""
         data = await asyncio.to_thread(package.path.read_bytes) if self.share_packages else b""
         return DeploymentPackage(sha256=package.sha256, data=data, size=package.size, created_at=now)
-
-    def remember(self, row: Deployment) -> None:
-        view = view_of(row)
-        known = Known(
-            user_id=row.user_id,
-            request=resources_of(row.manifest),
-            assignments={r.replica_index: r for r in view.replicas},
-            packages=view.packages(),
-            name=row.name,
-        )
-        old = self.index.get(row.id)
-        self._reservations(row.id, old, known)
-        self._work_in_progress(row.id, old, known, view.meta)
-        self.index[row.id] = known
-        self.names[(row.user_id, row.name)] = row.id
-        routed = _routed(row)
-        if self.on_change is not None and self._routed.get(row.id) != routed:
-            # only when what the ingress routes by changed: it rebuilds its routes each time
-            self._routed[row.id] = routed
-            self.on_change(row.id, row)
-
-    def forget(self, deployment_id: str) -> None:
-        old = self.index.pop(deployment_id, None)
-        self._reservations(deployment_id, old, None)
-        self._work_in_progress(deployment_id, old, None, None)
-        if old is not None and self.names.get((old.user_id, old.name)) == deployment_id:
-            del self.names[(old.user_id, old.name)]
-        self._routed.pop(deployment_id, None)
-        if self.on_change is not None:
-            self.on_change(deployment_id, None)
-
-    def _work_in_progress(
-        self, deployment_id: str, old: Known | None, known: Known | None, meta: Mapping[str, Any] | None
-    ) -> None:
-        """Keep :attr:`surging` and :attr:`draining` equal to what the row's metadata records."""
-        if old is not None and (old.surging or old.draining):
-            for index in old.surging:
-                self.surging.pop((deployment_id, index), None)
-            for node_id, index, generation in old.draining:
-                self.draining.pop((node_id, deployment_id, index, generation), None)
-        if known is not None and meta is not None and (SURGING in meta or DRAINING in meta):
-            surging, draining = surging_of(meta), draining_of(meta)
-            for index, target in surging.items():
-                self.surging[(deployment_id, index)] = target
-            for (node_id, index, generation), until in draining.items():
-                self.draining[(node_id, deployment_id, index, generation)] = until
-            known.surging, known.draining = frozenset(surging), frozenset(draining)
-
-    def draining_now(self) -> set[SentKey]:
-        """The replicas still within their drain time (the fence leaves them running)."""
-        now = self.wall()
-        return {key for key, until in self.draining.items() if until > now}
-
-    def _reservations(self, deployment_id: str, old: Known | None, new: Known | None) -> None:
-        """Tell the live view which nodes the deployment's active replicas hold resources on."""
-        before = {i: r.node_id for i, r in old.assignments.items() if r.status in ACTIVE} if old else {}
-        after = {i: r.node_id for i, r in new.assignments.items() if r.status in ACTIVE} if new else {}
-        for index, node_id in before.items():
-            if after.get(index) != node_id:
-                self.live.release(node_id, (deployment_id, index))
-        if new is not None:
-            for index, node_id in after.items():
-                self.live.reserve(node_id, (deployment_id, index), new.request)
-
-    def reserved(self, user_id: str, skip: tuple[str, int] | None = None) -> dict[str, Resources]:
-        """What the active replicas of ``user_id``'s deployments reserve, per node (without
-        replica ``skip``): the sums the live view keeps, recomputed from the index."""
-        reserved: dict[str, Resources] = {}
-        for dep_id, known in self.index.items():
-            if known.user_id != user_id:
-                continue
-            for index, r in known.assignments.items():
-                if r.status in ACTIVE and (dep_id, index) != skip:
-                    reserved[r.node_id] = reserved.get(r.node_id, Resources()) + known.request
-        return reserved
 
     # -- placement ------------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ from typing import Any
 from automator67.v1 import deployment_pb2, node_pb2
 
 from controller.agent.replica_logs import LINE_CHARS, MAX_TAIL_LINES
-from controller.deployments.harness import view_of
+from controller.deployments.harness_index import view_of
 from controller.deployments.records import SERVING, Replica
 from controller.errors import ControllerError, FieldViolation, InvalidArgument, NotFound
 from controller.federation.results import PushedSlots, QueuedSlot

@@ -58,12 +58,20 @@ import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from types import MappingProxyType
 from typing import Any
 
 from automator67.v1 import deployment_pb2
 
+from controller.deployments.manifest_health import (
+    DEFAULT_HEALTH_PATH,
+    DEFAULT_INTERVAL_SECONDS,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT_SECONDS,
+    HealthCheckSpec,
+    _validate_health,
+)
+from controller.deployments.manifest_units import parse_cpu, parse_size_mb
 from controller.errors import FieldViolation, require_fields
 from controller.scheduling.snapshot import ReplicaRequest
 
@@ -77,15 +85,6 @@ NAME_PATTERN = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 MAX_ENTRYPOINT_CHARS = 1024
 """Longest entrypoint, in characters."""
-
-MAX_MEMORY_MB = 64 * 1024
-"""Largest memory (and storage) a replica may ask for: 64 GB."""
-
-MAX_CPU_CORES = 64.0
-"""Most CPU cores a replica may ask for."""
-
-MIN_CPU_CORES = 0.001
-"""Fewest CPU cores a replica may ask for (1 millicore); CPU is kept to 3 decimals."""
 
 DEFAULT_STORAGE = "1GB"
 """Disk a replica gets when ``resources.storage`` is empty."""
@@ -111,23 +110,6 @@ RESERVED_ENV_PREFIX = "A67_"
 
 ENV_NAME_PATTERN = re.compile(r"[A-Z_][A-Z0-9_]*")
 
-DEFAULT_HEALTH_PATH = "/health"
-"""The HTTP health check path of a backend app that names none."""
-
-MAX_HEALTH_PATH_CHARS = 256
-HEALTH_PATH_PATTERN = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@%/?]*")
-"""An absolute URL path with an optional query: RFC 3986 path and query characters."""
-
-DEFAULT_INTERVAL_SECONDS = 10
-MIN_INTERVAL_SECONDS = 2
-MAX_INTERVAL_SECONDS = 300
-DEFAULT_TIMEOUT_SECONDS = 2
-MIN_TIMEOUT_SECONDS = 1
-MAX_TIMEOUT_SECONDS = 60
-DEFAULT_RETRIES = 3
-MIN_RETRIES = 1
-MAX_RETRIES = 10
-
 APP_TYPES: Mapping[int, str] = MappingProxyType(
     {deployment_pb2.APP_TYPE_BACKEND: "backend", deployment_pb2.APP_TYPE_WORKER: "worker"}
 )
@@ -135,12 +117,8 @@ APP_TYPES: Mapping[int, str] = MappingProxyType(
 gives it (env ``PORT``) and is health-checked over HTTP; ``worker`` runs without a
 port. ``cron`` is refused until the manifest can carry a schedule."""
 
-_SIZE = re.compile(r"(\d{1,12}(?:\.\d{1,6})?|\.\d{1,6})\s*([a-z]*)")
-_SIZE_UNITS_MB = {"m": 1, "mb": 1, "mi": 1, "mib": 1, "g": 1024, "gb": 1024, "gi": 1024, "gib": 1024}
-_CPU = re.compile(r"(\d{1,6}(?:\.\d{1,6})?|\.\d{1,6})(m?)")
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_SIZE_HINT = "must be a size like 512MB, 1GB, 256Mi or 1Gi"
 
 
 @dataclass(frozen=True)
@@ -186,18 +164,6 @@ RUNTIMES: Mapping[str, Runtime] = MappingProxyType(
     }
 )
 """The supported runtimes by name."""
-
-
-@dataclass(frozen=True, slots=True)
-class HealthCheckSpec:
-    """How the agent checks a replica, defaults filled in."""
-
-    path: str
-    """HTTP GET path; empty means no HTTP check (healthy while the process runs)."""
-    interval_seconds: int
-    timeout_seconds: int
-    retries: int
-    """Failed checks in a row before the replica counts as unhealthy."""
 
 
 @dataclass(frozen=True)
@@ -252,54 +218,6 @@ class ValidManifest:
     def public_json(self) -> str:
         """:meth:`public_dict` as canonical JSON (sorted keys, two-space indent, newline)."""
         return json.dumps(self.public_dict(), sort_keys=True, indent=2) + "\n"
-
-
-def parse_size_mb(text: str) -> int | str:
-    """MB in a size such as ``512MB`` or ``1.5Gi`` (rounded up), or what is wrong with it.
-
-    >>> parse_size_mb("512MB"), parse_size_mb("1gi"), parse_size_mb("1.5 GB"), parse_size_mb("0.1GB")
-    (512, 1024, 1536, 103)
-    >>> parse_size_mb("512")
-    'must have a unit, like 512MB or 1GB'
-    """
-    match = _SIZE.fullmatch(text.strip().lower())
-    if match is None:
-        return _SIZE_HINT
-    number, unit = match.groups()
-    if not unit:
-        return "must have a unit, like 512MB or 1GB"
-    factor = _SIZE_UNITS_MB.get(unit)
-    if factor is None:
-        return f"has an unknown unit {unit!r}: use MB, GB, Mi or Gi"
-    value = (Decimal(number) * factor).to_integral_value(rounding=ROUND_CEILING)
-    if value <= 0:
-        return "must be more than 0"
-    if value > MAX_MEMORY_MB:
-        return f"must be at most 64GB (got {value} MB)"
-    return int(value)
-
-
-def parse_cpu(text: str) -> float | str:
-    """CPU cores in ``0.5``, ``2`` or ``500m``, or what is wrong with it.
-
-    >>> parse_cpu("0.5"), parse_cpu("2"), parse_cpu("250m")
-    (0.5, 2.0, 0.25)
-    """
-    match = _CPU.fullmatch(text.strip().lower())
-    if match is None:
-        return "must be CPU cores like 0.5, 2 or 500m"
-    number, milli = match.groups()
-    try:
-        cores = Decimal(number) / (1000 if milli else 1)
-    except InvalidOperation:  # pragma: no cover - the pattern admits only decimals
-        return "must be CPU cores like 0.5, 2 or 500m"
-    if cores <= 0:
-        return "must be more than 0"
-    if cores < Decimal(str(MIN_CPU_CORES)):
-        return "must be at least 0.001 (1m)"
-    if cores > Decimal(str(MAX_CPU_CORES)):
-        return f"must be at most {MAX_CPU_CORES:g} cores"
-    return float(round(cores, 3))
 
 
 def _relative_path_problem(path: str) -> str | None:
@@ -396,63 +314,6 @@ def _validate_env(env: Mapping[str, str], violations: list[FieldViolation]) -> N
                 f"names and values must total at most {MAX_ENV_TOTAL_BYTES} bytes (got {total})",
             )
         )
-
-
-def _bounded(
-    value: int, default: int, low: int, high: int, where: str, violations: list[FieldViolation]
-) -> int:
-    if value == 0:
-        return default
-    if not low <= value <= high:
-        violations.append(FieldViolation(where, f"must be between {low} and {high} (got {value})"))
-    return value
-
-
-def _validate_health(
-    check: deployment_pb2.HealthCheck, app_type: str | None, violations: list[FieldViolation]
-) -> HealthCheckSpec:
-    prefix = "manifest.health_check"
-    path = check.path.strip()
-    if not path:
-        path = "" if app_type == "worker" else DEFAULT_HEALTH_PATH
-    elif len(path) > MAX_HEALTH_PATH_CHARS:
-        violations.append(
-            FieldViolation(f"{prefix}.path", f"must be at most {MAX_HEALTH_PATH_CHARS} characters")
-        )
-    elif not path.startswith("/"):
-        violations.append(FieldViolation(f"{prefix}.path", "must start with '/', like /health"))
-    elif not HEALTH_PATH_PATTERN.fullmatch(path):
-        violations.append(FieldViolation(f"{prefix}.path", "must contain only URL path characters"))
-    interval = _bounded(
-        check.interval_seconds,
-        DEFAULT_INTERVAL_SECONDS,
-        MIN_INTERVAL_SECONDS,
-        MAX_INTERVAL_SECONDS,
-        f"{prefix}.interval_seconds",
-        violations,
-    )
-    timeout = _bounded(
-        check.timeout_seconds,
-        DEFAULT_TIMEOUT_SECONDS,
-        MIN_TIMEOUT_SECONDS,
-        MAX_TIMEOUT_SECONDS,
-        f"{prefix}.timeout_seconds",
-        violations,
-    )
-    if (
-        MIN_TIMEOUT_SECONDS <= timeout <= MAX_TIMEOUT_SECONDS
-        and MIN_INTERVAL_SECONDS <= interval <= MAX_INTERVAL_SECONDS
-        and timeout >= interval
-    ):
-        violations.append(
-            FieldViolation(
-                f"{prefix}.timeout_seconds", f"must be less than interval_seconds ({interval}), got {timeout}"
-            )
-        )
-    retries = _bounded(
-        check.retries, DEFAULT_RETRIES, MIN_RETRIES, MAX_RETRIES, f"{prefix}.retries", violations
-    )
-    return HealthCheckSpec(path=path, interval_seconds=interval, timeout_seconds=timeout, retries=retries)
 
 
 def validate_manifest(manifest: deployment_pb2.DeploymentManifest, *, source_size: int) -> ValidManifest:

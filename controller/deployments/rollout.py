@@ -15,7 +15,8 @@ import logging
 from automator67.v1 import node_pb2
 
 from controller.deployments import decide
-from controller.deployments.harness import Harness, view_of
+from controller.deployments.harness import Harness
+from controller.deployments.harness_index import view_of
 from controller.deployments.plans import Plan
 from controller.deployments.records import ACTIVE, ENDED, DeploymentView, ReplicaStatus, request_of
 from controller.errors import ControllerError

@@ -17,50 +17,40 @@ replica; see :class:`~controller.deployments.records.Replica`).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import datetime
 
 from automator67.v1 import deployment_pb2, node_pb2
-from google.protobuf import json_format
 
 from controller.deployments import decide
 from controller.deployments.blobs import PackageStore, Stored, is_sha256
-from controller.deployments.harness import (
-    DEPLOY_MARGIN_SECONDS,
-    ENV_PURPOSE,
-    WATCH_QUEUE_SIZE,
-    Harness,
-    assignment_proto,
-    set_replicas,
-    view_of,
-)
-from controller.deployments.manifest import MAX_REPLICAS, validate_manifest, with_effective_values
+from controller.deployments.creates import Creates
+from controller.deployments.harness import DEPLOY_MARGIN_SECONDS, WATCH_QUEUE_SIZE, Harness
+from controller.deployments.harness_index import view_of
+from controller.deployments.manifest import MAX_REPLICAS
 from controller.deployments.plans import Plan, Stop
+from controller.deployments.protos import deployment_proto
 from controller.deployments.records import (
     ACTIVE,
     STATUS_ENUM,
     DeploymentStatus,
-    Replica,
     ReplicaStatus,
     request_of,
 )
 from controller.deployments.recovery import RECOVERY_PER_SECOND, Recovery
-from controller.deployments.repository import NAME_TAKEN, RequestIdTaken
 from controller.deployments.rollout import ROLLOUT_DEADLINE_SECONDS, Rollouts
 from controller.deployments.sources import Sources
-from controller.deployments.updates import Updates, version_record
-from controller.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound, PermissionDenied
+from controller.deployments.updates import Updates
+from controller.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
 from controller.leases import LoopLeases, my_turn
 from controller.nodes.fleet import Fleet
 from controller.nodes.health import is_routable
 from controller.scheduling import ReplicaTarget, pick_endpoint
 from controller.store.db import Store
-from controller.store.models import Deployment, new_id, utcnow
+from controller.store.models import Deployment, utcnow
 from controller.timestamps import timestamp
 from controller.vault import Vault
 
@@ -68,14 +58,6 @@ log = logging.getLogger("a67.deployments")
 
 RECONCILE_LEASE = "deployments-reconciler"
 """The reconciler's loop lease: one controller sharing the store reconciles at a time."""
-
-MAX_STORED_REJECTED = 50
-"""Rejected nodes kept in a deployment's placement explanations."""
-
-PROTO_CACHE_SIZE = 10_000
-"""Deployment protos kept, by (id, updated_at) (see :meth:`DeploymentService.to_proto`)."""
-
-_PROTOS: dict[tuple[str, datetime], deployment_pb2.Deployment] = {}
 
 __all__ = ["STATUS_ENUM", "DeploymentService"]
 
@@ -111,6 +93,7 @@ class DeploymentService:
         self._rollouts = Rollouts(self._h, rollout_deadline_seconds=rollout_deadline_seconds)
         self._recovery = Recovery(self._h, self._rollouts, recovery_per_second=recovery_per_second)
         self._updates = Updates(self._h, self._rollouts)
+        self._creates = Creates(self._h, self._rollouts)
         self._interval = reconcile_interval_seconds
         self._loop_task: asyncio.Task[None] | None = None
         self.loop_leases: LoopLeases | None = None
@@ -244,92 +227,7 @@ class DeploymentService:
 
     async def create(self, user_id: str, request: deployment_pb2.CreateDeploymentRequest) -> tuple[str, str]:
         """Validate, package, place and persist; the rollout runs in the background."""
-        h = self._h
-        if len(request.request_id) > 255:
-            raise InvalidArgument(
-                "Invalid request",
-                field_violations=[FieldViolation("request_id", "must be at most 255 characters")],
-            )
-        valid = validate_manifest(request.manifest, source_size=self._source_size(request))
-        if request.request_id:
-            existing = await self.repo.get_by_request_id(user_id, request.request_id)
-            if existing is not None:  # a retried create: the answer the first call got (AIP-155)
-                return existing.id, DeploymentStatus.PENDING.value
-        # a name this controller knows is taken is refused before packaging; any other is
-        # settled by the store's unique constraint when the row is inserted
-        if (user_id, valid.name) in h.names:
-            raise AlreadyExists(
-                f"A deployment named {valid.name!r} already exists",
-                reason=NAME_TAKEN,
-                metadata={"name": valid.name},
-            )
-        package, source_sha256 = await h.sources.build_with_source(
-            user_id, valid, request.source_tar_gz, request.source_sha256
-        )
-        deployment_id = new_id()
-        placement = await h.place(user_id, valid.replica_request(), valid.replicas, seed=deployment_id)
-        spec = deployment_pb2.DeploymentManifest()
-        spec.CopyFrom(request.manifest)
-        spec.ClearField("env")
-        now = h.wall()
-        meta: dict[str, Any] = {
-            **version_record(valid, spec),
-            "env_sealed": h.vault.encrypt_str(
-                json.dumps(dict(valid.env)), owner=deployment_id, purpose=ENV_PURPOSE
-            ),
-            "package_sha256": package.sha256,
-            "source_sha256": source_sha256,
-            "placement": placement.explanation_dicts(max_rejected=MAX_STORED_REJECTED),
-            "version": 1,
-            "generation": len(placement.selected),
-            "message": "placed",
-        }
-        row = Deployment(
-            id=deployment_id,
-            user_id=user_id,
-            name=valid.name,
-            app_type=valid.app_type,
-            status=DeploymentStatus.PENDING.value,
-            manifest=meta,
-            node_assignments=[],
-            current_replicas=0,
-            desired_replicas=valid.replicas,
-            endpoints=[],
-            request_id=request.request_id or None,
-            created_at=now,
-            updated_at=now,
-            # the initial rollout's lease, taken with the insert
-            lease_owner=h.leases.me,
-            lease_until=now + timedelta(seconds=h.leases.seconds),
-        )
-        set_replicas(
-            row,
-            [
-                Replica(index, choice.node_id, index + 1, ReplicaStatus.PENDING)
-                for index, choice in enumerate(placement.selected)
-            ],
-        )
-        try:
-            await self.repo.create(row, await h.package_row(package, now))
-        except RequestIdTaken:
-            existing = await self.repo.get_by_request_id(user_id, request.request_id)
-            assert existing is not None
-            return existing.id, DeploymentStatus.PENDING.value
-        h.rows[row.id] = row
-        h.remember(row)
-        log.info("deployment %s (%s) placed on %s", deployment_id, valid.name, ", ".join(placement.node_ids))
-        self._rollouts.start(deployment_id, list(range(valid.replicas)), initial=True)
-        return deployment_id, DeploymentStatus.PENDING.value
-
-    @staticmethod
-    def _source_size(
-        request: deployment_pb2.CreateDeploymentRequest | deployment_pb2.UpdateDeploymentRequest,
-    ) -> int:
-        """What the manifest validator checks as the source's size: the inline bytes' length
-        (at most 10 MiB), or 1 for an uploaded source (its own limit was checked at upload)."""
-        if request.source_sha256 and not request.source_tar_gz:
-            return 1
-        return len(request.source_tar_gz)
+        return await self._creates.create(user_id, request)
 
     # -- packages ---------------------------------------------------------------------------
 
@@ -378,50 +276,9 @@ class DeploymentService:
     # -- read -----------------------------------------------------------------------------------
 
     def to_proto(self, row: Deployment) -> deployment_pb2.Deployment:
-        """The deployment as the API returns it (a copy: the caller may add to it). Built once
-        per stored version of the row (``updated_at``) and kept: ListDeployments and
-        GetDeployment of an unchanged deployment parse no JSON."""
-        if row.updated_at is None:  # not a stored row: nothing identifies its version
-            return DeploymentService._build_proto(row)
-        key = (row.id, row.updated_at)
-        built = _PROTOS.get(key)
-        if built is None:
-            built = DeploymentService._build_proto(row)
-            if len(_PROTOS) >= PROTO_CACHE_SIZE:
-                _PROTOS.pop(next(iter(_PROTOS)))
-            _PROTOS[key] = built
-        copy = deployment_pb2.Deployment()
-        copy.CopyFrom(built)
-        return copy
-
-    @staticmethod
-    def _build_proto(row: Deployment) -> deployment_pb2.Deployment:
-        meta = row.manifest
-        manifest = json_format.ParseDict(meta.get("spec", {}), deployment_pb2.DeploymentManifest())
-        manifest.replicas = row.desired_replicas  # scaling changes it after the manifest was given
-        with_effective_values(manifest)  # what runs: defaults filled in, not zeros
-        return deployment_pb2.Deployment(
-            id=row.id,
-            user_id=row.user_id,
-            name=row.name,
-            app_type=manifest.app_type,
-            status=STATUS_ENUM.get(row.status, deployment_pb2.DEPLOYMENT_STATUS_UNSPECIFIED),
-            manifest=manifest,
-            node_assignments=[assignment_proto(Replica.from_dict(a)) for a in row.node_assignments],
-            current_replicas=row.current_replicas,
-            desired_replicas=row.desired_replicas,
-            endpoints=list(row.endpoints),
-            placement=[
-                json_format.ParseDict(e, deployment_pb2.PlacementExplanation())
-                for e in meta.get("placement", [])
-            ],
-            created_at=timestamp(row.created_at),
-            updated_at=timestamp(row.updated_at),
-            deployed_at=timestamp(row.deployed_at),
-            last_scaled_at=timestamp(row.last_scaled_at),
-            package_sha256=str(meta.get("package_sha256", "")),
-            version=int(meta.get("version", 1)),
-        )
+        """The deployment as the API returns it (a copy: the caller may add to it), built once
+        per stored version of the row (:func:`~controller.deployments.protos.deployment_proto`)."""
+        return deployment_proto(row)
 
     def resolve(self, row: Deployment) -> deployment_pb2.ResolveEndpointResponse:
         """The endpoint for the next request: two random choices among healthy replicas."""

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from controller.deployments.blobs import PackageStore, Stored, is_sha256
-from controller.deployments.package import PackageLimits, build_package_file
+from controller.deployments.package import build_package_file
+from controller.deployments.package_unpack import PackageLimits
 from controller.deployments.repository import DeploymentRepository
 from controller.errors import FieldViolation, InvalidArgument, NotFound
 from controller.store.models import DeploymentSource

@@ -18,7 +18,8 @@ from google.protobuf import json_format
 from controller.deployments import versions
 from controller.deployments.alerts import UPDATE_REVERTED
 from controller.deployments.blobs import Stored
-from controller.deployments.harness import ENV_PURPOSE, Harness, view_of
+from controller.deployments.harness import ENV_PURPOSE, Harness
+from controller.deployments.harness_index import view_of
 from controller.deployments.manifest import validate_manifest
 from controller.deployments.plans import Plan
 from controller.deployments.records import ACTIVE, DeploymentView, request_of

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import multiprocessing
 import os
 import platform
@@ -43,16 +42,7 @@ import psutil  # noqa: E402
 
 from tests.bench import bench_hot_paths as hp  # noqa: E402
 from tests.bench.stats import describe  # noqa: E402
-
-
-def _scale_out() -> Any:
-    spec = importlib.util.spec_from_file_location("scale_out", ROOT / "scripts" / "scale_out.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["scale_out"] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.support import scale_out_script  # noqa: E402
 
 
 def measure(
@@ -91,7 +81,7 @@ def measure(
 
 
 def run(n: int, args: argparse.Namespace, pool: multiprocessing.pool.Pool) -> dict[str, dict[str, Any]]:
-    scale_out = _scale_out()
+    scale_out = scale_out_script()
     with tempfile.TemporaryDirectory(prefix=f"a67-bench-scale-out-{n}-") as tmp:
         root = Path(tmp)
         topology = scale_out.Topology(

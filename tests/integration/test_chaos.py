@@ -22,18 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import itertools
 import os
 import random
-import signal
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 import grpc
 import psutil
@@ -50,7 +45,7 @@ from automator67.v1 import (
 )
 
 from tests.integration.test_deployments_real import app_manifest, app_source
-from tests.support import bearer, register
+from tests.support import bearer, register, scale_out_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,16 +61,6 @@ LIVE = (common_pb2.NODE_STATUS_READY, common_pb2.NODE_STATUS_BUSY)
 EXPECTED_ERRORS = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED"}
 """What a call may answer while controllers die: a controller gone mid-call, a node whose
 controller is gone, a decision that kept meeting another's writes. Anything else is a bug."""
-
-
-def _scale_out() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("scale_out", ROOT / "scripts" / "scale_out.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["scale_out"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclass(frozen=True)
@@ -179,7 +164,7 @@ def _replica_processes(deployment_ids: set[str]) -> Counter[tuple[str, str]]:
 async def test_controllers_killed_at_random_lose_nothing_and_run_nothing_twice(
     tmp_path: Path, postgres_admin_url: str, redis_server_url: str
 ) -> None:
-    scale_out = _scale_out()
+    scale_out = scale_out_script()
     topology = scale_out.Topology(
         tmp_path,
         controllers=3,
@@ -187,7 +172,6 @@ async def test_controllers_killed_at_random_lose_nothing_and_run_nothing_twice(
         redis_url=redis_server_url,
         heartbeat_interval_seconds=HEARTBEAT_SECONDS,
     )
-    agents: list[subprocess.Popen[bytes]] = []
     users: Users | None = None
     record = Record()
     try:
@@ -204,7 +188,9 @@ async def test_controllers_killed_at_random_lose_nothing_and_run_nothing_twice(
         )
         base = 26000 + (os.getpid() % 40) * 100
         for i in range(3):
-            agents.append(_agent(tmp_path, i, controllers[i].address, enrollment.token, base + i * 30))
+            topology.add_agent(
+                enrollment.token, controller=controllers[i], ports=(base + i * 30, base + i * 30 + 29)
+            )
 
         async def all_live() -> str | None:
             nodes = (await users.nodes(0).ListNodes(node_pb2.ListNodesRequest(), metadata=md)).nodes
@@ -292,15 +278,7 @@ async def test_controllers_killed_at_random_lose_nothing_and_run_nothing_twice(
     finally:
         if users is not None:
             await users.close()
-        for agent in agents:
-            if agent.poll() is None:
-                agent.send_signal(signal.SIGTERM)
-        for agent in agents:
-            try:
-                agent.wait(15)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.wait()
+        topology.stop_agents()
         _kill_replicas(set(record.desired))
         topology.stop()
 
@@ -309,17 +287,6 @@ def _manifest(name: str) -> deployment_pb2.DeploymentManifest:
     manifest = app_manifest(1)
     manifest.name = name
     return manifest
-
-
-def _agent(root: Path, i: int, controller: str, token: str, first_port: int) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "controller.cli", "agent", "--data-dir", str(root / f"agent-{i}")]
-    args += ["--region", f"r{i}", "--controller", controller, "--advertise-host", "127.0.0.1"]
-    args += ["--replica-port-range", f"{first_port}-{first_port + 29}"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("A67_")}
-    with (root / f"agent-{i}.log").open("ab") as log:
-        return subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env={**env, "A67_AGENT_TOKEN": token}, cwd=ROOT
-        )
 
 
 def _kill_replicas(deployment_ids: set[str]) -> None:

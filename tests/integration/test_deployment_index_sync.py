@@ -12,7 +12,8 @@ from datetime import timedelta
 import pytest
 from automator67.v1 import node_pb2
 
-from controller.deployments.harness import Harness, set_replicas, view_of
+from controller.deployments.harness import Harness, set_replicas
+from controller.deployments.harness_index import view_of
 from controller.deployments.records import DeploymentStatus, Replica, ReplicaStatus
 from controller.deployments.recovery import Recovery
 from controller.deployments.repository import Conflict

@@ -20,7 +20,8 @@ import pytest
 from controller.cache.memory import MemoryCache
 from controller.deployments import decide, fencing, versions
 from controller.deployments.blobs import PackageStore
-from controller.deployments.harness import Harness, set_replicas, view_of
+from controller.deployments.harness import Harness, set_replicas
+from controller.deployments.harness_index import view_of
 from controller.deployments.leases import LeaseLost
 from controller.deployments.records import DeploymentStatus, Replica, ReplicaStatus
 from controller.deployments.recovery import Recovery

@@ -8,15 +8,14 @@ ready (or busy).
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import sys
 from datetime import datetime
 from pathlib import Path
-from types import ModuleType
 
 import psycopg
 import pytest
+
+from tests.support import scale_out_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,16 +23,6 @@ pytestmark = pytest.mark.postgres
 
 SERVING = ("NODE_STATUS_READY", "NODE_STATUS_BUSY")
 """Ready, or busy (real agents report the machine's CPU, above 90 % on a loaded machine)."""
-
-
-def _scale_out() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("scale_out", ROOT / "scripts" / "scale_out.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["scale_out"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _connected_after(log: Path, node_address: str, after: float) -> bool:
@@ -47,7 +36,7 @@ def _connected_after(log: Path, node_address: str, after: float) -> bool:
 async def test_nodes_survive_the_sigkill_of_their_controller(
     tmp_path: Path, postgres_admin_url: str, redis_server_url: str
 ) -> None:
-    scale_out = _scale_out()
+    scale_out = scale_out_script()
     topology = scale_out.Topology(
         tmp_path, controllers=2, postgres_admin_url=postgres_admin_url, redis_url=redis_server_url
     )

@@ -29,7 +29,7 @@ import pytest
 from automator67.v1 import storage_pb2, storage_pb2_grpc
 from sqlalchemy import event, select, text
 
-from controller.agent.chunks import HEADER_BYTES
+from controller.agent.chunk_store import HEADER_BYTES
 from controller.cache.memory import MemoryCache
 from controller.errors import ResourceExhausted
 from controller.federation.storage import StorageLimits, StorageService

@@ -16,20 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 import grpc
 import pytest
@@ -43,7 +40,7 @@ from automator67.v1 import (
     query_pb2_grpc,
 )
 
-from tests.support import bearer, register
+from tests.support import bearer, register, scale_out_script
 
 ROOT = Path(__file__).resolve().parents[2]
 LIVE = (common_pb2.NODE_STATUS_READY, common_pb2.NODE_STATUS_BUSY)
@@ -165,16 +162,6 @@ class PrivateRedis:
             self.process.wait()
 
 
-def _scale_out() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("scale_out", ROOT / "scripts" / "scale_out.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["scale_out"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @dataclass
 class Setup:
     topology: object
@@ -195,16 +182,6 @@ class Setup:
         return bearer(self.token)
 
 
-def _agent(root: Path, i: int, controller: str, token: str) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "controller.cli", "agent", "--data-dir", str(root / f"agent-{i}")]
-    args += ["--region", f"r{i}", "--controller", controller, "--advertise-host", "127.0.0.1"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("A67_")}
-    with (root / f"agent-{i}.log").open("ab") as log:
-        return subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env={**env, "A67_AGENT_TOKEN": token}, cwd=ROOT
-        )
-
-
 async def _until(check, within: float, what: str) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + within
     last = "not checked"
@@ -223,13 +200,12 @@ async def _until(check, within: float, what: str) -> None:  # type: ignore[no-un
 @pytest.fixture
 async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
     pg, redis = PrivatePostgres(), PrivateRedis()
-    agents: list[subprocess.Popen[bytes]] = []
     channels: list[grpc.aio.Channel] = []
     topology = None
     try:
         await asyncio.to_thread(pg.init)
         redis.start()
-        topology = _scale_out().Topology(
+        topology = scale_out_script().Topology(
             tmp_path, controllers=2, postgres_admin_url=pg.admin_url, redis_url=redis.url
         )
         await topology.start()
@@ -244,7 +220,7 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
             node_pb2.CreateEnrollmentTokenRequest(max_uses=2), metadata=md
         )
         for i in range(2):  # one agent on each controller: half the commands are relayed
-            agents.append(_agent(tmp_path, i, controllers[i].address, enrollment.token))
+            topology.add_agent(enrollment.token, controller=controllers[i])
 
         async def live() -> str | None:
             listed = (await nodes.ListNodes(node_pb2.ListNodesRequest(), metadata=md)).nodes
@@ -281,16 +257,8 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
     finally:
         for channel in channels:
             await channel.close()
-        for agent in agents:
-            if agent.poll() is None:
-                agent.send_signal(signal.SIGTERM)
-        for agent in agents:
-            try:
-                agent.wait(15)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.wait()
         if topology is not None:
+            topology.stop_agents()
             for controller in topology.controllers:
                 controller.stop()
             with contextlib.suppress(Exception):

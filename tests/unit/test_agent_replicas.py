@@ -35,13 +35,13 @@ from controller.agent import replicas as replicas_module
 from controller.agent.cli import add_agent_parser
 from controller.agent.client import server_keepalive_options
 from controller.agent.handlers import CommandHandlers
+from controller.agent.replica_process import _ReplicaLog
 from controller.agent.replicas import (
     FAILED,
     RUNNING,
     STOPPED,
     UNHEALTHY,
     ReplicaSupervisor,
-    _ReplicaLog,
     http_health_check,
     launcher_prefix,
     port_is_free,
@@ -50,7 +50,7 @@ from controller.agent.replicas import (
     startup_deadline_seconds,
 )
 from controller.deployments import Package, build_package, validate_manifest
-from controller.deployments.manifest import HealthCheckSpec
+from controller.deployments.manifest_health import HealthCheckSpec
 from tests.unit.test_agent_client import INTERVAL_MS, OAUTH, TOKEN, FakeNodeService, Pki
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -11,13 +11,14 @@ from automator67.v1 import deployment_pb2 as pb
 from google.rpc import error_details_pb2
 
 from controller.deployments import manifest as manifest_module
+from controller.deployments import manifest_units
 from controller.deployments.manifest import (
     MAX_SOURCE_BYTES,
     RUNTIMES,
-    HealthCheckSpec,
     ValidManifest,
     validate_manifest,
 )
+from controller.deployments.manifest_health import HealthCheckSpec
 from controller.errors import InvalidArgument
 from controller.scheduling import ReplicaRequest
 
@@ -488,3 +489,4 @@ def test_runtimes_table_documents_each_runtime() -> None:
 
 def test_docstring_examples_run() -> None:
     assert doctest.testmod(manifest_module).failed == 0
+    assert doctest.testmod(manifest_units).failed == 0

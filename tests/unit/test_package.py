@@ -15,12 +15,11 @@ import pytest
 from automator67.v1 import deployment_pb2 as pb
 
 from controller.deployments.manifest import ValidManifest, validate_manifest
-from controller.deployments.package import (
+from controller.deployments.package import build_package, render_dockerfile
+from controller.deployments.package_unpack import (
     MAX_MEMBERS,
     MAX_UNPACKED_BYTES,
     PackageLimits,
-    build_package,
-    render_dockerfile,
     unpack_package,
     verify_package,
 )

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from automator67.v1 import node_pb2
 
-from controller.agent import chunks
+from controller.agent import chunk_store, chunks
 from controller.errors import PermissionDenied
 from controller.federation.storage import crypto, plan, transfers
 from controller.federation.storage.plan import ChunkView, KnownChunk, NodeCondition, ReportedCopy
@@ -208,7 +208,7 @@ def test_fetch_chunk_data_reads_the_bytes_of_a_serialized_message(size: int) -> 
 
 
 def test_a_streamed_copy_is_kept_only_when_complete_and_verified(tmp_path: Path) -> None:
-    store = chunks.ChunkStore(tmp_path / "chunks")
+    store = chunk_store.ChunkStore(tmp_path / "chunks")
     data = os.urandom(5000)
     sha = hashlib.sha256(data).hexdigest()
     chunk_id = str(uuid.uuid4())
@@ -245,7 +245,7 @@ def test_concurrent_copies_share_directory_fsyncs(tmp_path: Path, monkeypatch: p
     """While one directory fsync runs, every copy renamed meanwhile waits for the next
     one, which covers them all: 1 + 1 fsyncs for 8 copies, and none returns before its
     rename is covered."""
-    store = chunks.ChunkStore(tmp_path / "chunks")
+    store = chunk_store.ChunkStore(tmp_path / "chunks")
     real_fsync = os.fsync
     directory_syncs: list[int] = []
     first_may_finish = threading.Event()
@@ -257,7 +257,7 @@ def test_concurrent_copies_share_directory_fsyncs(tmp_path: Path, monkeypatch: p
                 assert first_may_finish.wait(10)
         real_fsync(fd)
 
-    monkeypatch.setattr(chunks.os, "fsync", fsync)
+    monkeypatch.setattr(chunk_store.os, "fsync", fsync)
     data = b"abc"
     sha = hashlib.sha256(data).hexdigest()
     finished: list[str] = []
@@ -290,17 +290,17 @@ def test_concurrent_copies_share_directory_fsyncs(tmp_path: Path, monkeypatch: p
     [
         0,
         1,
-        chunks.ALIGN - chunks.HEADER_BYTES,  # the file exactly one block
-        chunks.ALIGN,
-        chunks.STAGING_BYTES - chunks.HEADER_BYTES,  # exactly one staging buffer
-        chunks.STAGING_BYTES,
-        2 * chunks.STAGING_BYTES + 12345,
+        chunk_store.ALIGN - chunk_store.HEADER_BYTES,  # the file exactly one block
+        chunk_store.ALIGN,
+        chunk_store.STAGING_BYTES - chunk_store.HEADER_BYTES,  # exactly one staging buffer
+        chunk_store.STAGING_BYTES,
+        2 * chunk_store.STAGING_BYTES + 12345,
     ],
 )
 def test_a_copy_written_around_the_page_cache_has_the_usual_layout(tmp_path: Path, size: int) -> None:
     """Whatever its length (the last block padded, then cut), a copy's file is the header
     and the bytes, as read, inventoried and scrubbed; staging buffers are reused."""
-    store = chunks.ChunkStore(tmp_path / "chunks")
+    store = chunk_store.ChunkStore(tmp_path / "chunks")
     for _ in range(2):
         data = os.urandom(size)
         sha = hashlib.sha256(data).hexdigest()
@@ -313,7 +313,7 @@ def test_a_copy_written_around_the_page_cache_has_the_usual_layout(tmp_path: Pat
         finally:
             writer.close()
         raw = (tmp_path / "chunks" / chunk_id).read_bytes()
-        assert raw == chunks.MAGIC + sha.encode() + b"\n" + data
+        assert raw == chunk_store.MAGIC + sha.encode() + b"\n" + data
         assert store.read(chunk_id, sha) == data
         assert store.scrub_one(chunk_id) is None
     assert len(store._buffers) == 1  # the second copy reused the first one's buffer
@@ -323,7 +323,7 @@ def test_a_copy_written_around_the_page_cache_has_the_usual_layout(tmp_path: Pat
 def test_a_file_system_that_refuses_direct_writes_gets_them_through_the_page_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = chunks.ChunkStore(tmp_path / "chunks")
+    store = chunk_store.ChunkStore(tmp_path / "chunks")
     real_write = os.write
     refused: list[int] = []
 
@@ -333,8 +333,8 @@ def test_a_file_system_that_refuses_direct_writes_gets_them_through_the_page_cac
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_write(fd, data)
 
-    monkeypatch.setattr(chunks.os, "write", write)
-    data = os.urandom(chunks.STAGING_BYTES + 100)
+    monkeypatch.setattr(chunk_store.os, "write", write)
+    data = os.urandom(chunk_store.STAGING_BYTES + 100)
     sha = hashlib.sha256(data).hexdigest()
     for _ in range(2):
         chunk_id = str(uuid.uuid4())
