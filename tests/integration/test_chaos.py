@@ -14,7 +14,7 @@ controllers are killed (SIGKILL) and restarted at random. Afterwards every invar
 The run is bounded and seeded: ``A67_CHAOS_SEED`` (default 67) fixes when which
 controller is killed, for how long, and the sequence of operations; a failure names its
 seed, and ``A67_CHAOS_SEED=<seed> pytest tests/integration/test_chaos.py`` replays that
-schedule (the timing of the machine can still differ). ``A67_CHAOS_SECONDS`` (default 40)
+schedule (the timing of the machine can still differ). ``A67_CHAOS_SECONDS`` (default 30)
 is the length of the chaos phase.
 """
 
@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.postgres
 
 SEED = int(os.environ.get("A67_CHAOS_SEED", "67"))
-CHAOS_SECONDS = float(os.environ.get("A67_CHAOS_SECONDS", "40"))
+CHAOS_SECONDS = float(os.environ.get("A67_CHAOS_SECONDS", "30"))
 HEARTBEAT_SECONDS = 1.0
 SETTLE_SECONDS = 150.0
 """How long the system has, once every controller is back, to converge."""
