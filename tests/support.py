@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 
-from automator67.v1 import auth_pb2, auth_pb2_grpc
+from automator67.v1 import auth_pb2, auth_pb2_grpc, query_pb2, query_pb2_grpc
 
 from controller.config import Settings
 from controller.server import Controller, start_controller
@@ -74,3 +74,36 @@ def scale_out_script() -> ModuleType:
     sys.modules["scale_out"] = module
     spec.loader.exec_module(module)
     return module
+
+
+async def hash_sharded_database(
+    create_with: query_pb2_grpc.QueryServiceStub,
+    apply_with: query_pb2_grpc.QueryServiceStub,
+    md: tuple[tuple[str, str], ...],
+    name: str,
+    primaries: list[str],
+    ddl: str,
+) -> str:
+    """A SQLite database hash-sharded on ``id``, shard i's primary on ``primaries[i]``, with
+    ``ddl`` applied (the two calls may go to different controllers); its id."""
+    database = (
+        await create_with.CreateDatabase(
+            query_pb2.CreateDatabaseRequest(
+                name=name,
+                dialect="sqlite",
+                sharding=query_pb2.Sharding(
+                    strategy=query_pb2.SHARDING_STRATEGY_HASH, shard_count=len(primaries), sharding_key="id"
+                ),
+                shards=[
+                    query_pb2.ShardPlacement(shard_index=i, primary_node_id=n)
+                    for i, n in enumerate(primaries)
+                ],
+            ),
+            metadata=md,
+            timeout=30,
+        )
+    ).database
+    await apply_with.ApplySchema(
+        query_pb2.ApplySchemaRequest(db_id=database.id, ddl=ddl), metadata=md, timeout=30
+    )
+    return str(database.id)

@@ -45,7 +45,7 @@ from automator67.v1 import (
 )
 
 from tests.integration.test_deployments_real import app_manifest, app_source
-from tests.support import bearer, register, scale_out_script
+from tests.support import bearer, hash_sharded_database, register, scale_out_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -201,28 +201,13 @@ async def test_controllers_killed_at_random_lose_nothing_and_run_nothing_twice(
         nodes = (await users.nodes(0).ListNodes(node_pb2.ListNodesRequest(), metadata=md)).nodes
         node_ids = sorted(n.id for n in nodes)
 
-        database = (
-            await users.query(1).CreateDatabase(
-                query_pb2.CreateDatabaseRequest(
-                    name="chaos",
-                    dialect="sqlite",
-                    sharding=query_pb2.Sharding(
-                        strategy=query_pb2.SHARDING_STRATEGY_HASH, shard_count=2, sharding_key="id"
-                    ),
-                    shards=[
-                        query_pb2.ShardPlacement(shard_index=i, primary_node_id=node_ids[i]) for i in range(2)
-                    ],
-                ),
-                metadata=md,
-                timeout=30,
-            )
-        ).database
-        await users.query(2).ApplySchema(
-            query_pb2.ApplySchemaRequest(
-                db_id=database.id, ddl="CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)"
-            ),
-            metadata=md,
-            timeout=30,
+        db_id = await hash_sharded_database(
+            users.query(1),
+            users.query(2),
+            md,
+            "chaos",
+            node_ids[:2],
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)",
         )
         for i in range(2):
             created = await users.deployments(i).CreateDeployment(
@@ -236,7 +221,7 @@ async def test_controllers_killed_at_random_lose_nothing_and_run_nothing_twice(
 
         stop = asyncio.Event()
         work = [
-            asyncio.create_task(_workload(users, md, database.id, record, stop)),
+            asyncio.create_task(_workload(users, md, db_id, record, stop)),
             asyncio.create_task(_watch_nodes(users, md, record, stop)),
         ]
         try:
@@ -256,7 +241,7 @@ async def test_controllers_killed_at_random_lose_nothing_and_run_nothing_twice(
             return await _check_deployments(users, md, record)
 
         await _until(converged, SETTLE_SECONDS, "deployments converged")
-        await _check_rows(users, md, database.id, record)
+        await _check_rows(users, md, db_id, record)
         assert not record.stale_reads, (
             f"seed {SEED}: reads missed acknowledged writes: {record.stale_reads[:5]}"
         )

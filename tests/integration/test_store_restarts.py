@@ -40,7 +40,7 @@ from automator67.v1 import (
     query_pb2_grpc,
 )
 
-from tests.support import bearer, register, scale_out_script
+from tests.support import bearer, hash_sharded_database, register, scale_out_script
 
 ROOT = Path(__file__).resolve().parents[2]
 LIVE = (common_pb2.NODE_STATUS_READY, common_pb2.NODE_STATUS_BUSY)
@@ -231,29 +231,11 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
             n.id for n in (await nodes.ListNodes(node_pb2.ListNodesRequest(), metadata=md)).nodes
         )
         query = query_pb2_grpc.QueryServiceStub(channels[1])
-        database = (
-            await query.CreateDatabase(
-                query_pb2.CreateDatabaseRequest(
-                    name="restarts",
-                    dialect="sqlite",
-                    sharding=query_pb2.Sharding(
-                        strategy=query_pb2.SHARDING_STRATEGY_HASH, shard_count=2, sharding_key="id"
-                    ),
-                    shards=[
-                        query_pb2.ShardPlacement(shard_index=i, primary_node_id=node_ids[i]) for i in range(2)
-                    ],
-                ),
-                metadata=md,
-                timeout=30,
-            )
-        ).database
-        await query.ApplySchema(
-            query_pb2.ApplySchemaRequest(db_id=database.id, ddl="CREATE TABLE t (id INTEGER PRIMARY KEY)"),
-            metadata=md,
-            timeout=30,
+        db_id = await hash_sharded_database(
+            query, query, md, "restarts", node_ids, "CREATE TABLE t (id INTEGER PRIMARY KEY)"
         )
         pids = [c.process.pid for c in controllers]
-        yield Setup(topology, pg, redis, channels, token, database.id, node_ids, pids)
+        yield Setup(topology, pg, redis, channels, token, db_id, node_ids, pids)
     finally:
         for channel in channels:
             await channel.close()
