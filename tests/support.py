@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import importlib.util
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
 
+import grpc
 from automator67.v1 import auth_pb2, auth_pb2_grpc, query_pb2, query_pb2_grpc
 
 from controller.config import Settings
@@ -107,3 +108,22 @@ async def hash_sharded_database(
         query_pb2.ApplySchemaRequest(db_id=database.id, ddl=ddl), metadata=md, timeout=30
     )
     return str(database.id)
+
+
+async def until_answered(
+    check: Callable[[], Awaitable[str | None]], within: float, what: str, pause: float = 0.3
+) -> None:
+    """Until ``check`` returns None (an RPC error counts as its answer); past ``within``
+    seconds an ``AssertionError`` says ``what`` and the last thing still wrong."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    wrong: str | None = "not checked"
+    while loop.time() < deadline:
+        try:
+            wrong = await check()
+        except grpc.aio.AioRpcError as exc:
+            wrong = f"{exc.code().name}: {exc.details()}"
+        if wrong is None:
+            return
+        await asyncio.sleep(pause)
+    raise AssertionError(f"{what} within {within:g} s: {wrong}")

@@ -45,7 +45,7 @@ from automator67.v1 import (
 )
 
 from tests.integration.test_deployments_real import app_manifest, app_source
-from tests.support import bearer, hash_sharded_database, register, scale_out_script
+from tests.support import bearer, hash_sharded_database, register, scale_out_script, until_answered
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -132,19 +132,7 @@ class Users:
 
 
 async def _until(check: Callable[[], Awaitable[str | None]], within: float, what: str) -> None:
-    """Until ``check`` returns None (its last answer says what is still wrong)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    wrong: str | None = "not checked"
-    while loop.time() < deadline:
-        try:
-            wrong = await check()
-        except grpc.aio.AioRpcError as exc:
-            wrong = f"{exc.code().name}: {exc.details()}"
-        if wrong is None:
-            return
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"seed {SEED}: {what} within {within:g} s: {wrong}")
+    await until_answered(check, within, f"seed {SEED}: {what}", pause=0.5)
 
 
 def _replica_processes(deployment_ids: set[str]) -> Counter[tuple[str, str]]:

@@ -13,6 +13,7 @@ import os
 import shutil
 import sqlite3
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -32,6 +33,7 @@ from tests.conftest import PostgresDatabases
 from tests.integration.test_deployments_real import (
     HEARTBEAT,
     Client,
+    Processes,
     _user,
     app_manifest,
     app_source,
@@ -76,6 +78,19 @@ async def _pair(tmp_path: Path, databases: PostgresDatabases, redis_url: str) ->
 def _same_keys(first: Settings, second: Settings) -> None:
     """Every controller has the same keys (here: the first's development keys, copied)."""
     shutil.copytree(first.keys_dir, second.keys_dir)
+
+
+@contextlib.asynccontextmanager
+async def _two_controllers(
+    tmp_path: Path, databases: PostgresDatabases, redis_url: str
+) -> AsyncIterator[tuple[Controller, Controller, Processes]]:
+    """Two running controllers (:func:`_pair`, the same keys) and the test's processes."""
+    a_settings, b_settings = await _pair(tmp_path, databases, redis_url)
+    with processes(tmp_path) as procs:
+        async with running_controller(a_settings) as a:
+            _same_keys(a_settings, b_settings)
+            async with running_controller(b_settings) as b:
+                yield a, b, procs
 
 
 async def test_a_second_controller_commands_a_node_held_by_the_first(
@@ -248,72 +263,66 @@ async def test_a_deployment_made_on_one_controller_runs_on_a_node_held_by_the_ot
 async def test_writes_through_two_controllers_reach_the_replica_in_the_primarys_order(
     tmp_path: Path, postgres_databases: PostgresDatabases, redis_server_url: str
 ) -> None:
-    a_settings, b_settings = await _pair(tmp_path, postgres_databases, redis_server_url)
-    with processes(tmp_path) as procs:
-        async with running_controller(a_settings) as a:
-            _same_keys(a_settings, b_settings)
-            async with (
-                running_controller(b_settings) as b,
-                grpc.aio.insecure_channel(a.address) as to_a,
-                grpc.aio.insecure_channel(b.address) as to_b,
-            ):
-                client = Client(to_a, await _user(to_a))
-                md = bearer(client.token)
-                enrollment = await client.enrollment(uses=2)
-                base = 33000 + (os.getpid() % 50) * 20
-                procs.agent(a.address, enrollment, "eu-west", (base, base + 9))
-                procs.agent(b.address, enrollment, "us-east", (base + 10, base + 19))
-                region = {n.id: n.region for n in await client.wait_ready(2)}
-                primary, replica = sorted(region)
-                stubs = [query_pb2_grpc.QueryServiceStub(c) for c in (to_a, to_b)]
-                database = (
-                    await stubs[0].CreateDatabase(
-                        query_pb2.CreateDatabaseRequest(
-                            name="ordered",
-                            dialect="sqlite",
-                            sharding=query_pb2.Sharding(
-                                strategy=query_pb2.SHARDING_STRATEGY_HASH, shard_count=1, sharding_key="id"
-                            ),
-                            shards=[
-                                query_pb2.ShardPlacement(
-                                    shard_index=0, primary_node_id=primary, replica_node_ids=[replica]
-                                )
-                            ],
-                        ),
-                        metadata=md,
-                    )
-                ).database
-                await stubs[1].ApplySchema(
-                    query_pb2.ApplySchemaRequest(
-                        db_id=database.id, ddl="CREATE TABLE t (id INTEGER PRIMARY KEY, v INTEGER NOT NULL)"
+    async with (
+        _two_controllers(tmp_path, postgres_databases, redis_server_url) as (a, b, procs),
+        grpc.aio.insecure_channel(a.address) as to_a,
+        grpc.aio.insecure_channel(b.address) as to_b,
+    ):
+        client = Client(to_a, await _user(to_a))
+        md = bearer(client.token)
+        enrollment = await client.enrollment(uses=2)
+        base = 33000 + (os.getpid() % 50) * 20
+        procs.agent(a.address, enrollment, "eu-west", (base, base + 9))
+        procs.agent(b.address, enrollment, "us-east", (base + 10, base + 19))
+        region = {n.id: n.region for n in await client.wait_ready(2)}
+        primary, replica = sorted(region)
+        stubs = [query_pb2_grpc.QueryServiceStub(c) for c in (to_a, to_b)]
+        database = (
+            await stubs[0].CreateDatabase(
+                query_pb2.CreateDatabaseRequest(
+                    name="ordered",
+                    dialect="sqlite",
+                    sharding=query_pb2.Sharding(
+                        strategy=query_pb2.SHARDING_STRATEGY_HASH, shard_count=1, sharding_key="id"
                     ),
-                    metadata=md,
-                )
+                    shards=[
+                        query_pb2.ShardPlacement(
+                            shard_index=0, primary_node_id=primary, replica_node_ids=[replica]
+                        )
+                    ],
+                ),
+                metadata=md,
+            )
+        ).database
+        await stubs[1].ApplySchema(
+            query_pb2.ApplySchemaRequest(
+                db_id=database.id, ddl="CREATE TABLE t (id INTEGER PRIMARY KEY, v INTEGER NOT NULL)"
+            ),
+            metadata=md,
+        )
 
-                async def run(stub: query_pb2_grpc.QueryServiceStub, sql: str) -> None:
-                    await stub.ExecuteQuery(
-                        query_pb2.ExecuteQueryRequest(db_id=database.id, query=sql), metadata=md
-                    )
+        async def run(stub: query_pb2_grpc.QueryServiceStub, sql: str) -> None:
+            await stub.ExecuteQuery(query_pb2.ExecuteQueryRequest(db_id=database.id, query=sql), metadata=md)
 
-                await run(stubs[0], "INSERT INTO t (id, v) VALUES (1, 0)")
+        await run(stubs[0], "INSERT INTO t (id, v) VALUES (1, 0)")
 
-                async def writer(stub: query_pb2_grpc.QueryServiceStub, first: int) -> None:
-                    for k in range(first, first + 25):  # v * 3 + k: the result depends on the order
-                        await run(stub, f"UPDATE t SET v = (v * 3 + {k}) % 1000000007 WHERE id = 1")
+        async def writer(stub: query_pb2_grpc.QueryServiceStub, first: int) -> None:
+            for k in range(first, first + 25):  # v * 3 + k: the result depends on the order
+                await run(stub, f"UPDATE t SET v = (v * 3 + {k}) % 1000000007 WHERE id = 1")
 
-                await asyncio.gather(writer(stubs[0], 1), writer(stubs[1], 1000))
+        await asyncio.gather(writer(stubs[0], 1), writer(stubs[1], 1000))
 
-                def value(node_id: str) -> int:
-                    path = tmp_path / region[node_id] / "shards" / database.id / "0.sqlite3"
-                    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-                        return int(db.execute("SELECT v FROM t WHERE id = 1").fetchone()[0])
+        def value(node_id: str) -> int:
+            path = tmp_path / region[node_id] / "shards" / database.id / "0.sqlite3"
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                return int(db.execute("SELECT v FROM t WHERE id = 1").fetchone()[0])
 
-                async with a.store.session() as session:
-                    replication = await session.scalar(
-                        select(DatabaseInstance.replication).where(DatabaseInstance.id == database.id)
-                    )
-                assert not (replication or {}).get("stale")  # the replica took every write
-                assert value(replica) == value(primary)
+        async with a.store.session() as session:
+            replication = await session.scalar(
+                select(DatabaseInstance.replication).where(DatabaseInstance.id == database.id)
+            )
+        assert not (replication or {}).get("stale")  # the replica took every write
+        assert value(replica) == value(primary)
 
 
 async def test_a_write_waits_for_another_controllers_write_to_the_same_database_boundedly(

@@ -40,7 +40,7 @@ from automator67.v1 import (
     query_pb2_grpc,
 )
 
-from tests.support import bearer, hash_sharded_database, register, scale_out_script
+from tests.support import bearer, hash_sharded_database, register, scale_out_script, until_answered
 
 ROOT = Path(__file__).resolve().parents[2]
 LIVE = (common_pb2.NODE_STATUS_READY, common_pb2.NODE_STATUS_BUSY)
@@ -182,21 +182,6 @@ class Setup:
         return bearer(self.token)
 
 
-async def _until(check, within: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + within
-    last = "not checked"
-    while time.monotonic() < deadline:
-        try:
-            result = await check()
-        except grpc.aio.AioRpcError as exc:
-            result = f"{exc.code().name}: {exc.details()}"
-        if result is None:
-            return
-        last = result
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"{what} within {within:g} s: {last}")
-
-
 @pytest.fixture
 async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
     pg, redis = PrivatePostgres(), PrivateRedis()
@@ -226,7 +211,7 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
             listed = (await nodes.ListNodes(node_pb2.ListNodesRequest(), metadata=md)).nodes
             return None if sum(n.status in LIVE for n in listed) == 2 else f"{[n.status for n in listed]}"
 
-        await _until(live, 90, "two live nodes")
+        await until_answered(live, 90, "two live nodes")
         node_ids = sorted(
             n.id for n in (await nodes.ListNodes(node_pb2.ListNodesRequest(), metadata=md)).nodes
         )
@@ -316,7 +301,7 @@ async def _everything_works(s: Setup) -> None:
             )
             return None
 
-        await _until(works, RECOVER_SECONDS, "every call works again")
+        await until_answered(works, RECOVER_SECONDS, "every call works again")
     reply = await query_pb2_grpc.QueryServiceStub(s.channels[0]).ExecuteQuery(
         query_pb2.ExecuteQueryRequest(db_id=s.db_id, query="SELECT id FROM t"),
         metadata=s.md,
@@ -391,4 +376,4 @@ async def test_redis_restarted_under_load(setup: Setup) -> None:
             raise
         return "the other controller still accepts the token"
 
-    await _until(refused, 10, "the logout seen by the other controller")
+    await until_answered(refused, 10, "the logout seen by the other controller")
