@@ -281,33 +281,38 @@ class IngressService:
         replicas: dict[str, Replica] = {}
         current = self._route_of
         moved = False
-        for deployment_id in changed:
-            row = self._rows.get(deployment_id)
-            if row is None:
-                moved = current.pop(deployment_id, None) is not None or moved
-                continue
-            endpoints: list[Endpoint] = []
-            for index, node_id, status, endpoint in row.assignments:
-                routable, weight = seen.get(node_id, (False, 0))
-                if status != "running" or not endpoint or not routable:
+        try:
+            for deployment_id in changed:
+                row = self._rows.get(deployment_id)
+                if row is None:
+                    moved = current.pop(deployment_id, None) is not None or moved
                     continue
-                address = split_endpoint(endpoint)
-                if address is None:
-                    continue
-                endpoints.append(Endpoint(address[0], address[1], weight, node_id, index))
-                replicas[f"{address[0]}:{address[1]}"] = Replica(deployment_id, index, node_id)
-            handle = self._handles.get(row.user_id)
-            if handle is None:  # the store is asked once per user, not once per deployment
-                handle = await self.handle(row.user_id)
-            route = AppRoute(deployment_id, row.name, handle, tuple(endpoints))
-            before = current.get(deployment_id)
-            if before is None or before != route:
-                current[deployment_id] = route
-                moved = True
+                endpoints: list[Endpoint] = []
+                for index, node_id, status, endpoint in row.assignments:
+                    routable, weight = seen.get(node_id, (False, 0))
+                    if status != "running" or not endpoint or not routable:
+                        continue
+                    address = split_endpoint(endpoint)
+                    if address is None:
+                        continue
+                    endpoints.append(Endpoint(address[0], address[1], weight, node_id, index))
+                    replicas[f"{address[0]}:{address[1]}"] = Replica(deployment_id, index, node_id)
+                handle = self._handles.get(row.user_id)
+                if handle is None:  # the store is asked once per user, not once per deployment
+                    handle = await self.handle(row.user_id)
+                route = AppRoute(deployment_id, row.name, handle, tuple(endpoints))
+                before = current.get(deployment_id)
+                if before is None or before != route:
+                    current[deployment_id] = route
+                    moved = True
+        except BaseException:  # e.g. the store, asked for a user's handle: built again next pass
+            self._changed.update(changed)
+            raise
+        finally:
+            if moved:
+                self._sorted = tuple(current[key] for key in sorted(current))
         if replicas:
             self.traffic.set_replicas(replicas)
-        if moved:
-            self._sorted = tuple(current[key] for key in sorted(current))
         return self._sorted
 
     async def refresh(self) -> bool:

@@ -222,3 +222,27 @@ async def test_a_pass_rebuilds_only_what_a_row_node_state_or_weight_changed() ->
     assert [r.deployment_id for r in await service.current_routes()] == ["d0"]
     assert "n2" not in service._on_node
     assert "n2" not in service._node_seen
+
+
+async def test_a_pass_that_fails_leaves_its_deployments_for_the_next() -> None:
+    down = [True]
+
+    class Users:
+        async def get(self, user_id: str) -> Any:
+            if down[0]:
+                raise RuntimeError("the store is unavailable")
+            return SimpleNamespace(email=f"{user_id}@example.com")
+
+    fleet = SimpleNamespace(live={}, streams={}, state_of=lambda node_id: None)
+    service = IngressService(
+        fleet=fleet,  # type: ignore[arg-type]
+        users=Users(),  # type: ignore[arg-type]
+        listen_address="127.0.0.1:0",
+        options=IngressOptions(),
+    )
+    service.deployment_changed("d0", _row("app0", "u0", 20000))
+    with pytest.raises(RuntimeError):
+        await service.refresh()
+    down[0] = False
+    assert await service.refresh()  # built on the next pass, not lost
+    assert [r.deployment_id for r in await service.current_routes()] == ["d0"]
