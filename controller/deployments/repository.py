@@ -356,20 +356,20 @@ class DeploymentRepository:
 
     async def add_package(self, package: DeploymentPackage) -> None:
         """Keep ``package`` unless a package with its checksum is already kept."""
-        try:
-            async with self._store.session() as session:
-                if await session.get(DeploymentPackage, package.sha256) is None:
-                    session.add(package)
-        except IntegrityError:  # a concurrent insert of the same package
-            pass
+        await self._add_once(package, package.sha256)
 
     async def add_source(self, source: DeploymentSource) -> None:
         """Keep a user's source unless the user already has one with its checksum."""
+        await self._add_once(source, (source.user_id, source.sha256))
+
+    async def _add_once(self, row: DeploymentPackage | DeploymentSource, key: object) -> None:
+        """Insert ``row`` unless a row with its primary ``key`` is there (content-addressed:
+        the one there is the same)."""
         try:
             async with self._store.session() as session:
-                if await session.get(DeploymentSource, (source.user_id, source.sha256)) is None:
-                    session.add(source)
-        except IntegrityError:  # a concurrent upload of the same source
+                if await session.get(type(row), key) is None:
+                    session.add(row)
+        except IntegrityError:  # a concurrent insert of the same content
             pass
 
     async def get_source(self, user_id: str, sha256: str) -> DeploymentSource | None:

@@ -43,9 +43,11 @@ class Sources:
         await self._keep(user_id, stored)
         return stored
 
-    async def _keep(self, user_id: str, stored: Stored) -> None:
+    async def _keep(self, user_id: str, stored: Stored, data: bytes | None = None) -> None:
+        """Shared: the source's bytes to the store too (``data``, if the caller has them)."""
         if self.share:
-            data = await asyncio.to_thread(stored.path.read_bytes)
+            if data is None:
+                data = await asyncio.to_thread(stored.path.read_bytes)
             await self.repo.add_source(
                 DeploymentSource(user_id=user_id, sha256=stored.sha256, data=data, size=stored.size)
             )
@@ -75,7 +77,7 @@ class Sources:
             )
         if inline:
             source = await self.packages.receive_bytes(user_id, inline)
-            await self._keep(user_id, source)  # an inline source can be referred to by digest later
+            await self._keep(user_id, source, inline)  # it can be referred to by digest later
         else:
             digest = source_sha256.strip().lower()
             if not is_sha256(digest):

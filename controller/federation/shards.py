@@ -424,11 +424,7 @@ class ReplicationState:
         """Take the stale replicas and their positions from the stored ``replication`` JSON."""
         if stored is None:
             return
-        fresh = ReplicationState(
-            [],
-            {int(k): set(v) for k, v in (stored.get("stale") or {}).items()},
-            {int(k): dict(v) for k, v in (stored.get("applied") or {}).items()},
-        )
+        fresh = ReplicationState.from_json({"stale": stored.get("stale"), "applied": stored.get("applied")})
         self.stale, self.applied = fresh.stale, fresh.applied
         self.pending.clear()
 

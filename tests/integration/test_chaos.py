@@ -44,7 +44,7 @@ from automator67.v1 import (
     query_pb2_grpc,
 )
 
-from tests.integration.test_deployments_real import app_manifest, app_source
+from tests.integration.test_deployments_real import _environ, app_manifest, app_source
 from tests.support import bearer, hash_sharded_database, register, scale_out_script, until_answered
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,12 +140,9 @@ def _replica_processes(deployment_ids: set[str]) -> Counter[tuple[str, str]]:
     running as root put their replicas' directories outside their own: found by environment)."""
     found: Counter[tuple[str, str]] = Counter()
     for process in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, OSError):
-            if process.status() == psutil.STATUS_ZOMBIE:
-                continue
-            env = process.environ()
-            if env.get("A67_DEPLOYMENT_ID") in deployment_ids:
-                found[(env["A67_DEPLOYMENT_ID"], env.get("A67_REPLICA_INDEX", ""))] += 1
+        env = _environ(process)  # empty for a zombie or a process gone meanwhile
+        if env.get("A67_DEPLOYMENT_ID") in deployment_ids:
+            found[(env["A67_DEPLOYMENT_ID"], env.get("A67_REPLICA_INDEX", ""))] += 1
     return found
 
 
@@ -264,8 +261,8 @@ def _manifest(name: str) -> deployment_pb2.DeploymentManifest:
 
 def _kill_replicas(deployment_ids: set[str]) -> None:
     for process in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, OSError):
-            if process.environ().get("A67_DEPLOYMENT_ID") in deployment_ids:
+        if _environ(process).get("A67_DEPLOYMENT_ID") in deployment_ids:
+            with contextlib.suppress(psutil.Error):
                 process.kill()
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import time
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -137,21 +139,35 @@ def _row(name: str, user_id: str, port: int) -> Any:
     )
 
 
-async def test_the_service_asks_for_each_user_once_and_publishes_only_changes() -> None:
-    asked: list[str] = []
+class _Users:
+    """Users as the store gives them: ``asked``, every id looked up; ``down``, the store away."""
 
-    class Users:
-        async def get(self, user_id: str) -> Any:
-            asked.append(user_id)
-            return SimpleNamespace(email=f"{user_id}@example.com")
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.down = False
 
-    fleet = SimpleNamespace(live={}, streams={}, state_of=lambda node_id: None)
-    service = IngressService(
-        fleet=fleet,  # type: ignore[arg-type]
-        users=Users(),  # type: ignore[arg-type]
+    async def get(self, user_id: str) -> Any:
+        if self.down:
+            raise RuntimeError("the store is unavailable")
+        self.asked.append(user_id)
+        return SimpleNamespace(email=f"{user_id}@example.com")
+
+
+def _service(users: _Users, fleet: Any = None, clock: Callable[[], float] = time.monotonic) -> IngressService:
+    return IngressService(
+        fleet=fleet or SimpleNamespace(live={}, streams={}, state_of=lambda node_id: None),
+        users=users,  # type: ignore[arg-type]
         listen_address="127.0.0.1:0",
         options=IngressOptions(),
+        clock=clock,
     )
+
+
+async def test_the_service_asks_for_each_user_once_and_publishes_only_changes() -> None:
+
+    users = _Users()
+    asked = users.asked
+    service = _service(users)
     for i in range(6):
         service.deployment_changed(f"d{i}", _row(f"app{i}", f"user{i % 2}", 20000 + i))
     assert await service.refresh()
@@ -184,18 +200,7 @@ async def test_a_pass_rebuilds_only_what_a_row_node_state_or_weight_changed() ->
     now = [0.0]
     states = {"n1": NodeState.READY, "n2": NodeState.READY}
     fleet = SimpleNamespace(live={"n1": _metrics(5.0), "n2": _metrics(5.0)}, streams={}, state_of=states.get)
-
-    class Users:
-        async def get(self, user_id: str) -> Any:
-            return SimpleNamespace(email=f"{user_id}@example.com")
-
-    service = IngressService(
-        fleet=fleet,  # type: ignore[arg-type]
-        users=Users(),  # type: ignore[arg-type]
-        listen_address="127.0.0.1:0",
-        options=IngressOptions(),
-        clock=lambda: now[0],
-    )
+    service = _service(_Users(), fleet, clock=lambda: now[0])
     for i, node in enumerate(["n1", "n2"]):
         row = _row(f"app{i}", "u", 20000 + i)
         row.node_assignments[0]["node_id"] = node
@@ -225,24 +230,12 @@ async def test_a_pass_rebuilds_only_what_a_row_node_state_or_weight_changed() ->
 
 
 async def test_a_pass_that_fails_leaves_its_deployments_for_the_next() -> None:
-    down = [True]
-
-    class Users:
-        async def get(self, user_id: str) -> Any:
-            if down[0]:
-                raise RuntimeError("the store is unavailable")
-            return SimpleNamespace(email=f"{user_id}@example.com")
-
-    fleet = SimpleNamespace(live={}, streams={}, state_of=lambda node_id: None)
-    service = IngressService(
-        fleet=fleet,  # type: ignore[arg-type]
-        users=Users(),  # type: ignore[arg-type]
-        listen_address="127.0.0.1:0",
-        options=IngressOptions(),
-    )
+    users = _Users()
+    users.down = True
+    service = _service(users)
     service.deployment_changed("d0", _row("app0", "u0", 20000))
     with pytest.raises(RuntimeError):
         await service.refresh()
-    down[0] = False
+    users.down = False
     assert await service.refresh()  # built on the next pass, not lost
     assert [r.deployment_id for r in await service.current_routes()] == ["d0"]
